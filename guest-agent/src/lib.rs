@@ -1,0 +1,62 @@
+//! `dbvm-agent`: the daemon inside each database VM. It dials the broker, verifies every
+//! command it is given against the control plane's keys, runs it at most once, and
+//! reports the outcome. This crate is a library so tests drive it in-process; `main.rs`
+//! is a thin wrapper.
+
+pub mod config;
+pub mod dispatch;
+pub mod identity;
+pub mod journal;
+pub mod link;
+pub mod ops;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    State(#[from] identity::StateError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+}
+
+/// Builds an agent from validated configuration: opens its state, marks interrupted
+/// commands, and returns the link ready to run.
+pub fn build(v: config::Validated, dispatcher: dispatch::Dispatcher) -> Result<Arc<link::Agent>, AgentError> {
+    let state = identity::StateDir::open(&v.config.state_dir)?;
+    let sealing_key = state.sealing_key()?;
+    let mut journal = journal::Journal::open(&state.journal_path())?;
+    let interrupted = journal.interrupt_unfinished()?;
+    if interrupted > 0 {
+        tracing::warn!(interrupted, "commands were running when the agent last stopped; they are reported interrupted");
+    }
+    let pruned = journal.prune(dbvm_protocol::now_ms())?;
+    tracing::debug!(pruned, "journal pruned");
+    let mut verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str()).with_skew_ms(v.config.link.clock_skew_ms);
+    for (id, key) in &v.keys {
+        verifier = verifier.trust(id.clone(), *key);
+    }
+    if v.config.link.insecure_skip_signature_check {
+        tracing::warn!("link.insecure_skip_signature_check is on: commands are NOT verified (benchmarks only)");
+        verifier = verifier.insecure_skip_signature_for_benchmarks();
+    }
+    Ok(link::Agent::new(
+        v.agent_id.clone(),
+        v.server_name.clone(),
+        v.config.broker.address.clone(),
+        v.ca_pem.clone(),
+        v.config.broker.enrollment_token_file.clone(),
+        state,
+        verifier,
+        dispatcher,
+        sealing_key,
+        journal,
+        (
+            Duration::from_millis(v.config.link.initial_backoff_ms),
+            Duration::from_millis(v.config.link.max_backoff_ms),
+        ),
+    ))
+}

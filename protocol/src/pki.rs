@@ -228,10 +228,25 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
 
 /// Validity window of a PEM certificate, in Unix milliseconds.
 pub fn validity_ms(cert_pem: &str) -> Result<(i64, i64), PkiError> {
-    let der = first_cert_der(cert_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    validity_ms_der(&first_cert_der(cert_pem)?)
+}
+
+/// Validity window of a DER certificate, in Unix milliseconds.
+pub fn validity_ms_der(der: &[u8]) -> Result<(i64, i64), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
     let v = cert.validity();
     Ok((v.not_before.timestamp() * 1000, v.not_after.timestamp() * 1000))
+}
+
+/// Whether the first certificate in `cert_pem` is for the private key in `key_pem`.
+pub fn cert_matches_key(cert_pem: &str, key_pem: &str) -> bool {
+    let (Ok(der), Ok(key)) = (first_cert_der(cert_pem), KeyPair::from_pem(key_pem)) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return false;
+    };
+    cert.public_key().raw == key.public_key_der().as_slice()
 }
 
 /// DER bytes of the first certificate in a PEM text.
@@ -256,7 +271,10 @@ mod tests {
         let (csr, _key) = make_csr(&id).unwrap();
         let cert = ca.sign_agent_csr(&csr, &id, Duration::from_secs(60)).unwrap();
         let der = first_cert_der(&cert).unwrap();
-        assert_eq!(identity_of(&der).unwrap(), Identity::Agent(id));
+        assert_eq!(identity_of(&der).unwrap(), Identity::Agent(id.clone()));
+        assert!(cert_matches_key(&cert, &_key));
+        let (_, other_key) = make_csr(&id).unwrap();
+        assert!(!cert_matches_key(&cert, &other_key));
         let (nb, na) = validity_ms(&cert).unwrap();
         assert!(na - nb >= 60_000 && na - nb <= 130_000);
 

@@ -1,0 +1,506 @@
+//! The agent link: the mTLS listener agents dial into, one session per connected agent.
+//!
+//! A session delivers the agent's stored commands (respecting admission slots), records
+//! acks, progress and results (a result is acknowledged only once it is durable), relays
+//! events, renews the agent's certificate, and closes a connection that stays silent for
+//! `missed_heartbeats` intervals.
+
+use crate::enroll;
+use crate::hub::{Hub, SessionCommand};
+use crate::metrics::Metrics;
+use crate::store::{AgentRecord, CommandRecord, Finish};
+use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
+use dbvm_protocol::frame::{self, FrameError};
+use dbvm_protocol::messages::{
+    peek_hello_version, AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode, Welcome,
+};
+use dbvm_protocol::pki::{identity_of, validity_ms_der, Identity};
+use dbvm_protocol::{AgentId, SignedCommand, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Reader = ReadHalf<TlsStream<TcpStream>>;
+type Writer = WriteHalf<TlsStream<TcpStream>>;
+
+/// Accepts agent connections until `shutdown`. Per-connection errors stay per connection.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "agent listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let hub = hub.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake");
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake_timeout");
+                        return;
+                    }
+                };
+                connection(tls, hub, shutdown).await;
+            }
+            .instrument(tracing::debug_span!("agent_conn", %peer)),
+        );
+    }
+}
+
+async fn send(wr: &mut Writer, msg: &BrokerMessage, max: usize) -> Result<(), FrameError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, frame::write_frame(wr, msg, max)).await {
+        Ok(r) => r,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "agent did not read its frames for 10 s",
+        ))),
+    }
+}
+
+async fn refuse(wr: &mut Writer, hub: &Hub, code: RefuseCode, message: String) {
+    let reason = format!("{code:?}").to_lowercase();
+    Metrics::count(&hub.metrics.link_errors, "reason", &reason);
+    tracing::info!(code = ?code, %message, "refusing agent connection");
+    let _ = send(wr, &BrokerMessage::Refused { code, message }, frame::MAX_FRAME_LEN).await;
+    let _ = wr.shutdown().await;
+}
+
+async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: CancellationToken) {
+    let peer_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    let max = hub.settings.max_frame_bytes;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+
+    let payload = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, frame::read_payload(&mut rd, max)).await {
+        Ok(Ok(Some(p))) => p,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, format!("first frame refused: {e}")).await;
+            return;
+        }
+        Err(_) => {
+            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, "no Hello within 10 s".into()).await;
+            return;
+        }
+    };
+    if let Some((major, minor)) = peek_hello_version(&payload) {
+        if major != PROTOCOL_MAJOR {
+            let msg = format!(
+                "agent speaks protocol {major}.{minor}; this broker speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}: upgrade the older side"
+            );
+            refuse(&mut wr, &hub, RefuseCode::UnsupportedVersion, msg).await;
+            return;
+        }
+    }
+    let first: AgentMessage = match frame::decode(&payload) {
+        Ok(m) => m,
+        Err(e) => {
+            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, format!("first frame refused: {e}")).await;
+            return;
+        }
+    };
+    match first {
+        AgentMessage::Enroll(req) => match enroll::enroll(&hub, req).await {
+            Ok(reply) => {
+                let _ = send(&mut wr, &reply, frame::MAX_FRAME_LEN).await;
+                let _ = wr.shutdown().await;
+            }
+            Err((code, message)) => refuse(&mut wr, &hub, code, message).await,
+        },
+        AgentMessage::Hello(hello) => {
+            let Some(der) = peer_cert else {
+                let msg = "no client certificate: this agent must enroll first".to_string();
+                refuse(&mut wr, &hub, RefuseCode::CertificateRequired, msg).await;
+                return;
+            };
+            let agent = match identity_of(&der) {
+                Ok(Identity::Agent(id)) => id,
+                Ok(Identity::ControlPlane(name)) => {
+                    let msg = format!("certificate is for control plane {name:?}, not an agent");
+                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
+                    return;
+                }
+                Err(e) => {
+                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, e.to_string()).await;
+                    return;
+                }
+            };
+            if hello.agent_id != agent.as_str() {
+                let msg = format!(
+                    "Hello claims agent {:?} but the client certificate is for agent {:?}",
+                    hello.agent_id,
+                    agent.as_str()
+                );
+                refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
+                return;
+            }
+            let not_after = validity_ms_der(&der).ok().map(|(_, na)| na);
+            let span = tracing::info_span!("agent", agent = %agent);
+            session(hub, agent, hello, not_after, rd, wr, shutdown).instrument(span).await;
+        }
+        other => {
+            let msg = format!("first frame must be Hello or Enroll, got {}", kind(&other));
+            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, msg).await;
+        }
+    }
+}
+
+fn kind(m: &AgentMessage) -> &'static str {
+    match m {
+        AgentMessage::Hello(_) => "Hello",
+        AgentMessage::Enroll(_) => "Enroll",
+        AgentMessage::Heartbeat { .. } => "Heartbeat",
+        AgentMessage::Ack { .. } => "Ack",
+        AgentMessage::Progress { .. } => "Progress",
+        AgentMessage::Result(_) => "Result",
+        AgentMessage::Event(_) => "Event",
+        AgentMessage::Renew { .. } => "Renew",
+    }
+}
+
+enum Incoming {
+    Frame(AgentMessage),
+    Closed(Option<String>),
+}
+
+/// Reads frames until the peer closes, errs, or stays silent too long.
+async fn reader(mut rd: Reader, tx: mpsc::Sender<Incoming>, max: usize, dead_after: Duration) {
+    let end = loop {
+        match tokio::time::timeout(dead_after, frame::read_frame::<AgentMessage, _>(&mut rd, max)).await {
+            Ok(Ok(Some(m))) => {
+                if tx.send(Incoming::Frame(m)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Ok(None)) => break None,
+            Ok(Err(e)) => break Some(e.to_string()),
+            Err(_) => break Some(format!("no frame for {} ms: peer considered dead", dead_after.as_millis())),
+        }
+    };
+    let _ = tx.send(Incoming::Closed(end)).await;
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    agent: AgentId,
+    wr: Writer,
+    max: usize,
+    /// Commands to deliver, oldest first.
+    pending: VecDeque<CommandRecord>,
+    /// Commands waiting for an admission slot.
+    blocked: VecDeque<CommandRecord>,
+    /// Delivered commands and the class whose slot they hold.
+    inflight: HashMap<Uuid, OperationClass>,
+    known: HashSet<Uuid>,
+}
+
+async fn session(
+    hub: Arc<Hub>,
+    agent: AgentId,
+    hello: Hello,
+    cert_not_after: Option<i64>,
+    rd: Reader,
+    mut wr: Writer,
+    shutdown: CancellationToken,
+) {
+    let max = hub.settings.max_frame_bytes;
+    let record = AgentRecord {
+        id: agent.to_string(),
+        last_seen_ms: Some(dbvm_protocol::now_ms()),
+        agent_version: Some(hello.agent_version.clone()),
+        protocol: Some(format!("{}.{}", hello.protocol_major, hello.protocol_minor)),
+        operations: hello.operations.clone(),
+        capabilities: hello.capabilities.clone(),
+        sealing_key: Some(dbvm_protocol::seal::public_key_base64(&hello.sealing_key)),
+        db_kind: hello.db_kind.clone(),
+        cert_not_after_ms: cert_not_after,
+    };
+    if let Err(e) = hub.store.upsert_agent(record.clone()).await {
+        refuse(&mut wr, &hub, RefuseCode::Internal, format!("broker store unavailable: {e}")).await;
+        return;
+    }
+    let welcome = BrokerMessage::Welcome(Welcome {
+        protocol_major: PROTOCOL_MAJOR,
+        protocol_minor: PROTOCOL_MINOR,
+        broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        heartbeat_interval_ms: hub.settings.heartbeat_interval_ms,
+    });
+    if send(&mut wr, &welcome, max).await.is_err() {
+        return;
+    }
+    tracing::info!(version = %hello.agent_version, "agent connected");
+
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(64);
+    let (generation, last_seen) = hub.register(record, cmd_tx);
+    let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(16);
+    let dead_after =
+        Duration::from_millis(u64::from(hub.settings.heartbeat_interval_ms) * u64::from(hub.settings.missed_heartbeats));
+    let reader_task = tokio::spawn(reader(rd, in_tx, max, dead_after));
+
+    let mut s = Session {
+        hub: hub.clone(),
+        agent: agent.clone(),
+        wr,
+        max,
+        pending: VecDeque::new(),
+        blocked: VecDeque::new(),
+        inflight: HashMap::new(),
+        known: HashSet::new(),
+    };
+    let mut result = match hub.store.unfinished_for_agent(agent.as_str()).await {
+        Ok(recs) => {
+            for rec in recs {
+                s.enqueue(rec);
+            }
+            s.deliver().await
+        }
+        Err(e) => Err(format!("cannot load queued commands: {e}")),
+    };
+    let mut last_persisted = dbvm_protocol::now_ms();
+
+    while result.is_ok() {
+        let blocked = !s.blocked.is_empty();
+        result = tokio::select! {
+            _ = shutdown.cancelled() => Err("broker shutting down".into()),
+            incoming = in_rx.recv() => match incoming {
+                Some(Incoming::Frame(m)) => {
+                    let now = dbvm_protocol::now_ms();
+                    last_seen.store(now, Ordering::Relaxed);
+                    if now - last_persisted > 60_000 {
+                        last_persisted = now;
+                        let store = hub.store.clone();
+                        let id = agent.to_string();
+                        tokio::spawn(async move { let _ = store.touch_agent(&id, now).await; });
+                    }
+                    s.handle(m).await
+                }
+                Some(Incoming::Closed(reason)) => Err(reason.unwrap_or_else(|| "agent closed the connection".into())),
+                None => Err("reader stopped".into()),
+            },
+            c = cmd_rx.recv() => match c {
+                Some(SessionCommand::Deliver(rec)) => {
+                    s.enqueue(*rec);
+                    s.deliver().await
+                }
+                Some(SessionCommand::Replaced) => Err("replaced by a newer connection of the same agent".into()),
+                None => Err("hub dropped the session".into()),
+            },
+            _ = hub.admission.freed.notified(), if blocked => s.unblock().await,
+            _ = tokio::time::sleep(Duration::from_millis(250)), if blocked => s.unblock().await,
+        };
+    }
+    let reason = result.err().unwrap_or_default();
+    tracing::info!(%reason, "agent disconnected");
+    if reason.contains("peer considered dead") {
+        Metrics::count(&hub.metrics.link_errors, "reason", "dead_peer");
+    } else if reason.contains("frame") {
+        Metrics::count(&hub.metrics.link_errors, "reason", "bad_frame");
+    }
+    reader_task.abort();
+    for (_, class) in s.inflight.drain() {
+        hub.admission.release(class);
+    }
+    hub.unregister(agent.as_str(), generation);
+    let _ = hub.store.touch_agent(agent.as_str(), last_seen.load(Ordering::Relaxed)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.wr.shutdown()).await;
+}
+
+impl Session {
+    fn enqueue(&mut self, rec: CommandRecord) {
+        if self.known.insert(rec.id) {
+            self.pending.push_back(rec);
+        }
+    }
+
+    async fn unblock(&mut self) -> Result<(), String> {
+        while let Some(rec) = self.blocked.pop_back() {
+            self.pending.push_front(rec);
+        }
+        self.deliver().await
+    }
+
+    async fn deliver(&mut self) -> Result<(), String> {
+        let now = dbvm_protocol::now_ms();
+        while let Some(rec) = self.pending.pop_front() {
+            if rec.state == CommandState::Queued && now > rec.not_after_ms {
+                // The expirer marks it expired; never hand out a command past its time.
+                self.known.remove(&rec.id);
+                continue;
+            }
+            if !self.hub.admission.try_acquire(rec.class) {
+                self.blocked.push_back(rec);
+                continue;
+            }
+            let signed = match SignedCommand::from_bytes(&rec.signed) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.hub.admission.release(rec.class);
+                    tracing::error!(id = %rec.id, error = %e, "stored command does not decode");
+                    continue;
+                }
+            };
+            send(&mut self.wr, &BrokerMessage::Deliver(signed), self.max)
+                .await
+                .map_err(|e| format!("delivery failed: {e}"))?;
+            self.inflight.insert(rec.id, rec.class);
+            if rec.state == CommandState::Queued {
+                let store = self.hub.store.clone();
+                let id = rec.id;
+                // Not awaited: "delivered" is informational; a crash before it is written
+                // only means one more delivery, which the agent's journal absorbs.
+                tokio::spawn(async move {
+                    let _ = store
+                        .transition(id, &[CommandState::Queued], CommandState::Delivered, now)
+                        .await;
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, m: AgentMessage) -> Result<(), String> {
+        match m {
+            AgentMessage::Heartbeat { seq } => send(&mut self.wr, &BrokerMessage::HeartbeatAck { seq }, self.max)
+                .await
+                .map_err(|e| e.to_string()),
+            AgentMessage::Ack { id } => {
+                let store = self.hub.store.clone();
+                tokio::spawn(async move {
+                    let _ = store
+                        .transition(
+                            id,
+                            &[CommandState::Queued, CommandState::Delivered],
+                            CommandState::Running,
+                            dbvm_protocol::now_ms(),
+                        )
+                        .await;
+                });
+                self.hub.publish("command.state", self.agent.as_str(), Some(id), || {
+                    serde_json::json!({ "state": "running" })
+                });
+                Ok(())
+            }
+            AgentMessage::Progress { id, percent, message } => {
+                let store = self.hub.store.clone();
+                let progress = Progress {
+                    percent: percent.min(100),
+                    message: message.clone(),
+                };
+                tokio::spawn(async move {
+                    let _ = store.progress(id, progress).await;
+                });
+                self.hub.publish("command.progress", self.agent.as_str(), Some(id), || {
+                    serde_json::json!({ "percent": percent, "message": message })
+                });
+                Ok(())
+            }
+            AgentMessage::Result(result) => self.result(result).await,
+            AgentMessage::Event(e) => {
+                self.hub.publish("agent.event", self.agent.as_str(), None, || {
+                    let payload: serde_json::Value =
+                        serde_json::from_str(&e.payload_json).unwrap_or(serde_json::Value::String(e.payload_json.clone()));
+                    serde_json::json!({ "kind": e.kind, "at_ms": e.at_ms, "payload": payload })
+                });
+                Ok(())
+            }
+            AgentMessage::Renew { csr_pem } => {
+                let reply = enroll::renew(&self.hub, &self.agent, &csr_pem);
+                send(&mut self.wr, &reply, self.max).await.map_err(|e| e.to_string())
+            }
+            other @ (AgentMessage::Hello(_) | AgentMessage::Enroll(_)) => {
+                Metrics::count(&self.hub.metrics.link_errors, "reason", "protocol_violation");
+                Err(format!("protocol violation: {} after the session started", kind(&other)))
+            }
+        }
+    }
+
+    async fn result(&mut self, r: CommandResult) -> Result<(), String> {
+        let (state, output_json, error) = match r.outcome {
+            Outcome::Succeeded { output_json } => (CommandState::Succeeded, Some(output_json), None),
+            Outcome::Failed { message } => (
+                CommandState::Failed,
+                None,
+                Some(CommandError {
+                    code: "failed".into(),
+                    message,
+                }),
+            ),
+            Outcome::Rejected { code, message } => (
+                CommandState::Rejected,
+                None,
+                Some(CommandError {
+                    code: code.as_str().into(),
+                    message,
+                }),
+            ),
+            Outcome::Interrupted { message } => (
+                CommandState::Interrupted,
+                None,
+                Some(CommandError {
+                    code: "interrupted".into(),
+                    message,
+                }),
+            ),
+        };
+        let finish = Finish {
+            state,
+            finished_at_ms: r.finished_at_ms,
+            output_json,
+            error,
+        };
+        match self.hub.finish(self.agent.as_str(), r.id, finish).await {
+            Ok(None) => tracing::debug!(id = %r.id, "result for a command already finished or unknown; acknowledged"),
+            Ok(Some(_)) => {}
+            // Not acknowledged: the agent keeps the result and sends it again.
+            Err(e) => return Err(format!("cannot store the result of {}: {e}", r.id)),
+        }
+        if let Some(class) = self.inflight.remove(&r.id) {
+            self.hub.admission.release(class);
+        }
+        self.known.remove(&r.id);
+        send(&mut self.wr, &BrokerMessage::ResultAck { id: r.id }, self.max)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

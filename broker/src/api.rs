@@ -1,0 +1,427 @@
+//! The HTTPS JSON API for control planes (see `broker/openapi.json`).
+//!
+//! Every `/v1` route needs a control-plane client certificate from the fleet CA;
+//! `/healthz`, `/metrics` and `/openapi.json` are open (they carry no secrets).
+
+use crate::hub::{Hub, SubmitError};
+use crate::metrics::Metrics;
+use crate::store::{CommandRecord, StoreError};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use dbvm_protocol::api::{
+    ApiError, CommandState, EnrollmentToken, EnrollmentTokenRequest, OperationClass, SubmitCommand,
+};
+use dbvm_protocol::command::{BODY_FORMAT, DEFAULT_CLOCK_SKEW_MS, MAX_COMMAND_LIFETIME_MS};
+use dbvm_protocol::pki::{identity_of, Identity};
+use dbvm_protocol::{AgentId, SignedCommand};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Deserialize;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+/// Largest signed command body accepted (it must fit in one link frame with room to spare).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+const MAX_WAIT_MS: u64 = 60_000;
+
+/// Every route the API serves, as (method, path). `openapi.json` must list exactly these
+/// (a test checks it), so the document and the code cannot drift apart.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+    ("post", "/v1/commands"),
+    ("get", "/v1/commands/{id}"),
+    ("get", "/v1/commands/{id}/wait"),
+    ("get", "/v1/agents"),
+    ("get", "/v1/agents/{id}"),
+    ("post", "/v1/enrollment-tokens"),
+    ("get", "/v1/events"),
+];
+
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Who is on the other end of an API connection, from its client certificate.
+#[derive(Clone, Debug)]
+pub enum Peer {
+    Anonymous,
+    Identity(Identity),
+    Invalid(String),
+}
+
+/// An API error: status plus the JSON body every error has.
+#[derive(Debug)]
+pub struct ApiFailure(StatusCode, ApiError);
+
+impl ApiFailure {
+    fn new(status: StatusCode, code: &str, error: impl Into<String>) -> Self {
+        Self(
+            status,
+            ApiError {
+                code: code.into(),
+                error: error.into(),
+            },
+        )
+    }
+    fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", error)
+    }
+    fn not_found(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", error)
+    }
+}
+
+impl From<StoreError> for ApiFailure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(id) => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("command {id} was already submitted; a command id is used once"),
+            ),
+            other => {
+                tracing::error!(error = %other, "store error in API");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("broker store: {other}"))
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiFailure>;
+
+fn require_control_plane(peer: &Peer) -> ApiResult<()> {
+    match peer {
+        Peer::Identity(Identity::ControlPlane(_)) => Ok(()),
+        Peer::Anonymous => Err(ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a control-plane client certificate from the fleet CA is required (see `dbvmctl ca init`)",
+        )),
+        Peer::Identity(Identity::Agent(id)) => Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("agent certificate ({id}) may not use the control-plane API"),
+        )),
+        Peer::Invalid(e) => Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("client certificate carries no usable identity: {e}"),
+        )),
+    }
+}
+
+async fn auth(
+    Extension(peer): Extension<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match require_control_plane(&peer) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub fn router(hub: Arc<Hub>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/commands", post(submit))
+        .route("/v1/commands/{id}", get(command))
+        .route("/v1/commands/{id}/wait", get(wait))
+        .route("/v1/agents", get(agents))
+        .route("/v1/agents/{id}", get(agent))
+        .route("/v1/enrollment-tokens", post(enrollment_token))
+        .route("/v1/events", get(events))
+        .layer(axum::middleware::from_fn(auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .merge(v1)
+        .fallback(|| async { ApiFailure::not_found("no such route; see /openapi.json") })
+        .with_state(hub)
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        hub.metrics.render(),
+    )
+}
+
+/// Checks a submission completely before anything is stored.
+pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<CommandRecord> {
+    let signed = SignedCommand::from_base64(&req.signed_command).map_err(ApiFailure::bad_request)?;
+    if signed.body.len() > MAX_BODY_BYTES {
+        return Err(ApiFailure::bad_request(format!(
+            "command body of {} bytes exceeds the maximum of {MAX_BODY_BYTES}",
+            signed.body.len()
+        )));
+    }
+    if signed.signature.len() != 64 {
+        return Err(ApiFailure::bad_request(format!(
+            "signature must be 64 bytes (ed25519), got {}",
+            signed.signature.len()
+        )));
+    }
+    let body = signed
+        .peek_body()
+        .map_err(|e| ApiFailure::bad_request(format!("command body does not decode: {e}")))?;
+    if body.format != BODY_FORMAT {
+        return Err(ApiFailure::bad_request(format!(
+            "command body format {} is not supported (expected {BODY_FORMAT})",
+            body.format
+        )));
+    }
+    let agent = AgentId::new(body.agent_id.clone()).map_err(|e| ApiFailure::bad_request(format!("target: {e}")))?;
+    let op_ok = !body.operation.is_empty()
+        && body.operation.len() <= 64
+        && body
+            .operation
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !op_ok {
+        return Err(ApiFailure::bad_request(format!(
+            "operation {:?} must be 1-64 characters of a-z, 0-9, '_'",
+            body.operation
+        )));
+    }
+    match serde_json::from_str::<serde_json::Value>(&body.args_json) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return Err(ApiFailure::bad_request("args_json must be a JSON object")),
+    }
+    if body.not_after_ms <= now_ms {
+        return Err(ApiFailure::bad_request(format!(
+            "command already expired {} ms ago; sign it again with a later not_after",
+            now_ms - body.not_after_ms
+        )));
+    }
+    if body.issued_at_ms > now_ms + DEFAULT_CLOCK_SKEW_MS {
+        return Err(ApiFailure::bad_request(format!(
+            "command issued {} ms in the future; check the control plane's clock",
+            body.issued_at_ms - now_ms
+        )));
+    }
+    if body.not_after_ms - body.issued_at_ms > MAX_COMMAND_LIFETIME_MS {
+        return Err(ApiFailure::bad_request(format!(
+            "command lifetime exceeds the maximum of {MAX_COMMAND_LIFETIME_MS} ms"
+        )));
+    }
+    Ok(CommandRecord {
+        id: body.id,
+        agent_id: agent.to_string(),
+        class: OperationClass::of(&body.operation),
+        operation: body.operation,
+        state: CommandState::Queued,
+        signed: signed.to_bytes(),
+        submitted_at_ms: now_ms,
+        not_after_ms: body.not_after_ms,
+        delivered_at_ms: None,
+        finished_at_ms: None,
+        progress: None,
+        output_json: None,
+        error: None,
+    })
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+async fn submit(
+    State(hub): State<Arc<Hub>>,
+    Query(q): Query<WaitQuery>,
+    body: Result<Json<SubmitCommand>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let rec = match validate_submission(&req, dbvm_protocol::now_ms()) {
+        Ok(r) => r,
+        Err(e) => {
+            Metrics::count(&hub.metrics.submissions_refused, "reason", "invalid");
+            return Err(e);
+        }
+    };
+    let id = rec.id;
+    let view = rec.view();
+    hub.submit(rec).await.map_err(|e| match e {
+        SubmitError::Store(s) => ApiFailure::from(s),
+        busy @ SubmitError::Busy { .. } => ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "busy", busy.to_string()),
+    })?;
+    let view = match q.wait_ms {
+        Some(ms) if ms > 0 => hub
+            .wait_finished(id, Duration::from_millis(ms.min(MAX_WAIT_MS)))
+            .await?
+            .map(|r| r.view())
+            .unwrap_or(view),
+        _ => view,
+    };
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+fn parse_id(id: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(id).map_err(|_| ApiFailure::bad_request(format!("{id:?} is not a command id (a UUID)")))
+}
+
+async fn command(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    let id = parse_id(&id)?;
+    match hub.store.command(id).await? {
+        Some(rec) => Ok(Json(rec.view())),
+        None => Err(ApiFailure::not_found(format!("no command {id}"))),
+    }
+}
+
+async fn wait(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let id = parse_id(&id)?;
+    let ms = q.timeout_ms.unwrap_or(30_000).min(MAX_WAIT_MS);
+    match hub.wait_finished(id, Duration::from_millis(ms)).await? {
+        Some(rec) => Ok(Json(rec.view())),
+        None => Err(ApiFailure::not_found(format!("no command {id}"))),
+    }
+}
+
+async fn agents(State(hub): State<Arc<Hub>>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(hub.agent_views().await?))
+}
+
+async fn agent(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    AgentId::new(id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    hub.agent_views()
+        .await?
+        .into_iter()
+        .find(|a| a.id == id)
+        .map(Json)
+        .ok_or_else(|| ApiFailure::not_found(format!("agent {id} has never connected and has no commands")))
+}
+
+async fn enrollment_token(
+    State(hub): State<Arc<Hub>>,
+    body: Result<Json<EnrollmentTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(req) = body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let agent = AgentId::new(req.agent_id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    let max = hub.settings.max_token_ttl_seconds;
+    let ttl = req.ttl_seconds.unwrap_or(900);
+    if ttl == 0 || ttl > max {
+        return Err(ApiFailure::bad_request(format!("ttl_seconds must be between 1 and {max}")));
+    }
+    let (token, hash) = crate::enroll::new_token();
+    let expires_at_ms = dbvm_protocol::now_ms() + i64::try_from(ttl * 1000).unwrap_or(i64::MAX / 2);
+    hub.store.insert_token(hash, agent.as_str(), expires_at_ms).await?;
+    tracing::info!(agent = %agent, ttl, "enrollment token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollmentToken {
+            agent_id: agent.to_string(),
+            token,
+            expires_at_ms,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    agent: Option<String>,
+}
+
+async fn events(State(hub): State<Arc<Hub>>, Query(q): Query<EventsQuery>) -> impl IntoResponse {
+    let rx = hub.subscribe();
+    let stream = futures::stream::unfold((rx, q.agent), |(mut rx, agent)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    if agent.as_deref().is_some_and(|a| a != ev.agent_id) {
+                        continue;
+                    }
+                    let data = serde_json::to_string(&ev).unwrap_or_default();
+                    let sse = SseEvent::default().event(ev.kind.clone()).data(data);
+                    return Some((Ok::<_, Infallible>(sse), (rx, agent)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let sse = SseEvent::default().comment(format!("{n} events were dropped: this client reads too slowly"));
+                    return Some((Ok(sse), (rx, agent)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// Serves the API over TLS until `shutdown`. The client certificate (if any) of each
+/// connection becomes a [`Peer`] in every request's extensions.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, _addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "API listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "API TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                None => Peer::Anonymous,
+                Some(der) => match identity_of(der.as_ref()) {
+                    Ok(id) => Peer::Identity(id),
+                    Err(e) => Peer::Invalid(e.to_string()),
+                },
+            };
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                router.clone().oneshot(req)
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(error = %e, "API connection ended with an error") },
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}

@@ -1,0 +1,251 @@
+//! Broker configuration: one TOML file, parsed and validated before anything binds.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is invalid: {1}")]
+    Parse(PathBuf, String),
+    #[error("config key {key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+    #[error("config key {key}: cannot read {path}: {source}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config key {key}: {problem}")]
+    Tls { key: &'static str, problem: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where agents connect (mTLS).
+    pub agent_listen: SocketAddr,
+    /// Where control planes connect (HTTPS, client certificates).
+    pub api_listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub agents: AgentSettings,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Fleet CA certificate (PEM): client certificates must chain to it.
+    pub ca_cert: PathBuf,
+    /// Fleet CA key (PEM): signs agent certificates at enrollment and renewal.
+    pub ca_key: PathBuf,
+    /// The broker's server certificate and key (PEM).
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// Lifetime of agent certificates; agents renew after two thirds of it.
+    pub cert_lifetime_seconds: u64,
+    /// How often agents send a heartbeat.
+    pub heartbeat_interval_ms: u32,
+    /// A connection with no frame for this many intervals is closed.
+    pub missed_heartbeats: u32,
+    /// Longest accepted enrollment token lifetime.
+    pub max_token_ttl_seconds: u64,
+    /// Largest frame accepted from an agent.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            cert_lifetime_seconds: 24 * 3600,
+            heartbeat_interval_ms: 10_000,
+            missed_heartbeats: 3,
+            max_token_ttl_seconds: 24 * 3600,
+            max_frame_bytes: dbvm_protocol::frame::MAX_FRAME_LEN,
+        }
+    }
+}
+
+/// Admission limits by operation class (DSM seed: 8+2 deployments, 8 management,
+/// 5 backups, 5 log uploads).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub deployments_running: u32,
+    pub deployments_waiting: u32,
+    pub management_running: u32,
+    pub backups_running: u32,
+    pub log_uploads_running: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deployments_running: 8,
+            deployments_waiting: 2,
+            management_running: 8,
+            backups_running: 5,
+            log_uploads_running: 5,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info` or `dbvm_broker=debug`.
+    pub level: Option<String>,
+}
+
+/// PEM texts read from the files named in [`TlsFiles`], checked to build.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMaterial { .. }")
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.agents;
+        if a.cert_lifetime_seconds < 3 {
+            return Err(ConfigError::Invalid {
+                key: "agents.cert_lifetime_seconds",
+                problem: "must be at least 3".into(),
+            });
+        }
+        if !(100..=600_000).contains(&a.heartbeat_interval_ms) {
+            return Err(ConfigError::Invalid {
+                key: "agents.heartbeat_interval_ms",
+                problem: "must be between 100 and 600000".into(),
+            });
+        }
+        if a.missed_heartbeats < 2 {
+            return Err(ConfigError::Invalid {
+                key: "agents.missed_heartbeats",
+                problem: "must be at least 2".into(),
+            });
+        }
+        if !(4096..=dbvm_protocol::frame::MAX_FRAME_LEN).contains(&a.max_frame_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "agents.max_frame_bytes",
+                problem: format!("must be between 4096 and {}", dbvm_protocol::frame::MAX_FRAME_LEN),
+            });
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.deployments_running", l.deployments_running),
+            ("limits.management_running", l.management_running),
+            ("limits.backups_running", l.backups_running),
+            ("limits.log_uploads_running", l.log_uploads_running),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "must be at least 1".into(),
+                });
+            }
+        }
+        if self.agent_listen == self.api_listen && self.agent_listen.port() != 0 {
+            return Err(ConfigError::Invalid {
+                key: "api_listen",
+                problem: "must differ from agent_listen".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the TLS files (each error names its key).
+    pub fn tls_material(&self) -> Result<TlsMaterial, ConfigError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let m = TlsMaterial {
+            ca_cert_pem: read("tls.ca_cert", &self.tls.ca_cert)?,
+            ca_key_pem: read("tls.ca_key", &self.tls.ca_key)?,
+            server_cert_pem: read("tls.server_cert", &self.tls.server_cert)?,
+            server_key_pem: read("tls.server_key", &self.tls.server_key)?,
+        };
+        dbvm_protocol::pki::FleetCa::load(&m.ca_cert_pem, &m.ca_key_pem).map_err(|e| ConfigError::Tls {
+            key: "tls.ca_key",
+            problem: format!("CA certificate and key do not load together: {e}"),
+        })?;
+        dbvm_protocol::tls::server_config(
+            &m.server_cert_pem,
+            &m.server_key_pem,
+            &m.ca_cert_pem,
+            dbvm_protocol::tls::ClientAuth::Optional,
+        )
+        .map_err(|e| ConfigError::Tls {
+            key: "tls.server_cert",
+            problem: e.to_string(),
+        })?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let base = r#"
+agent_listen = "127.0.0.1:0"
+api_listen = "127.0.0.1:0"
+data_dir = "/tmp/x"
+[tls]
+ca_cert = "a"
+ca_key = "b"
+server_cert = "c"
+server_key = "d"
+"#;
+        let c: Config = toml::from_str(base).unwrap();
+        c.validate().unwrap();
+        let e = toml::from_str::<Config>(&format!("{base}\n[limits]\nbackups = 3\n")).unwrap_err();
+        assert!(e.to_string().contains("backups"), "{e}");
+        let c: Config = toml::from_str(&format!("{base}\n[limits]\nbackups_running = 0\n")).unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("limits.backups_running"), "{e}");
+    }
+}

@@ -1,0 +1,82 @@
+//! Prometheus metrics of the broker, served at `GET /metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub agents_connected: Gauge,
+    pub link_errors: Family<Labels, Counter>,
+    pub commands_submitted: Family<Labels, Counter>,
+    pub commands_finished: Family<Labels, Counter>,
+    pub submissions_refused: Family<Labels, Counter>,
+    pub enrollments: Family<Labels, Counter>,
+    pub renewals: Family<Labels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics { .. }")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dbvm_broker");
+        let agents_connected = Gauge::default();
+        registry.register("agents_connected", "Agents connected now", agents_connected.clone());
+        let link_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "link_errors",
+            "Agent connections closed for an error, by reason",
+            link_errors.clone(),
+        );
+        let commands_submitted = Family::<Labels, Counter>::default();
+        registry.register("commands_submitted", "Commands accepted, by class", commands_submitted.clone());
+        let commands_finished = Family::<Labels, Counter>::default();
+        registry.register("commands_finished", "Commands finished, by state", commands_finished.clone());
+        let submissions_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "submissions_refused",
+            "Command submissions refused, by reason",
+            submissions_refused.clone(),
+        );
+        let enrollments = Family::<Labels, Counter>::default();
+        registry.register("enrollments", "Enrollment attempts, by result", enrollments.clone());
+        let renewals = Family::<Labels, Counter>::default();
+        registry.register("renewals", "Certificate renewals, by result", renewals.clone());
+        Self {
+            registry,
+            agents_connected,
+            link_errors,
+            commands_submitted,
+            commands_finished,
+            submissions_refused,
+            enrollments,
+            renewals,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn count(family: &Family<Labels, Counter>, key: &'static str, value: &str) {
+        family.get_or_create(&vec![(key, value.to_string())]).inc();
+    }
+}

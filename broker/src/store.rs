@@ -1,0 +1,751 @@
+//! The broker's durable state behind one narrow trait: commands and their results,
+//! agents, enrollment tokens.
+//!
+//! Everything outside this module sees only [`Store`]; nothing else may assume a local
+//! file, so a clustered backend (NATS JetStream is the planned one) can replace
+//! [`SqliteStore`] without touching the link or the API.
+
+use async_trait::async_trait;
+use dbvm_protocol::api::{CommandError, CommandState, CommandView, OperationClass, Progress};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("command {0} already exists")]
+    Conflict(Uuid),
+    #[error("could not open the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("store query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store is shutting down")]
+    Closed,
+    #[error("corrupt record in the store: {0}")]
+    Corrupt(String),
+}
+
+/// A command as stored.
+#[derive(Clone, Debug)]
+pub struct CommandRecord {
+    pub id: Uuid,
+    pub agent_id: String,
+    pub operation: String,
+    pub class: OperationClass,
+    pub state: CommandState,
+    /// The signed command exactly as the control plane submitted it.
+    pub signed: Vec<u8>,
+    pub submitted_at_ms: i64,
+    pub not_after_ms: i64,
+    pub delivered_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub progress: Option<Progress>,
+    pub output_json: Option<String>,
+    pub error: Option<CommandError>,
+}
+
+impl CommandRecord {
+    pub fn view(&self) -> CommandView {
+        CommandView {
+            id: self.id,
+            agent_id: self.agent_id.clone(),
+            operation: self.operation.clone(),
+            class: self.class,
+            state: self.state,
+            submitted_at_ms: self.submitted_at_ms,
+            not_after_ms: self.not_after_ms,
+            delivered_at_ms: self.delivered_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            progress: self.progress.clone(),
+            output: self
+                .output_json
+                .as_deref()
+                .map(|s| serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.to_string()))),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// How a command ended, as recorded.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    pub state: CommandState,
+    pub finished_at_ms: i64,
+    pub output_json: Option<String>,
+    pub error: Option<CommandError>,
+}
+
+/// What the broker remembers of an agent between connections.
+#[derive(Clone, Debug, Default)]
+pub struct AgentRecord {
+    pub id: String,
+    pub last_seen_ms: Option<i64>,
+    pub agent_version: Option<String>,
+    pub protocol: Option<String>,
+    pub operations: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub sealing_key: Option<String>,
+    pub db_kind: Option<String>,
+    pub cert_not_after_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("enrollment token is not known to this broker")]
+    Unknown,
+    #[error("enrollment token was already used")]
+    Used,
+    #[error("enrollment token expired")]
+    Expired,
+    #[error("enrollment token was issued for agent {0:?}, not this one")]
+    OtherAgent(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new command durably. Fails with `Conflict` when the id exists.
+    async fn insert_command(&self, rec: CommandRecord) -> Result<(), StoreError>;
+    async fn command(&self, id: Uuid) -> Result<Option<CommandRecord>, StoreError>;
+    /// Commands not yet finished for an agent, oldest first.
+    async fn unfinished_for_agent(&self, agent: &str) -> Result<Vec<CommandRecord>, StoreError>;
+    /// All unfinished commands (to rebuild admission counts at start).
+    async fn unfinished(&self) -> Result<Vec<(Uuid, OperationClass)>, StoreError>;
+    /// Moves a command to `state` if it is currently in one of `from`. Returns whether it moved.
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &[CommandState],
+        state: CommandState,
+        at_ms: i64,
+    ) -> Result<bool, StoreError>;
+    async fn progress(&self, id: Uuid, progress: Progress) -> Result<(), StoreError>;
+    /// Records the outcome durably, unless the command already finished. Returns the
+    /// command's class and operation when this call finished it.
+    async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<(OperationClass, String)>, StoreError>;
+    /// Expires queued commands whose time ran out; returns them.
+    async fn expire_due(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError>;
+
+    async fn upsert_agent(&self, rec: AgentRecord) -> Result<(), StoreError>;
+    async fn touch_agent(&self, id: &str, last_seen_ms: i64) -> Result<(), StoreError>;
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    async fn queued_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    async fn insert_token(&self, hash: [u8; 32], agent: &str, expires_at_ms: i64) -> Result<(), StoreError>;
+    /// Uses a token once, atomically.
+    async fn consume_token(
+        &self,
+        hash: [u8; 32],
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenRefusal>, StoreError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// SQLite backend.
+//
+// Writes go through one writer thread that batches everything waiting into one
+// transaction and one fsync (group commit): a caller's future resolves only after its
+// write is durable. Reads use their own connection (WAL lets them run beside the writer).
+
+type WriteJob = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> Box<dyn FnOnce() + Send> + Send>;
+
+pub struct SqliteStore {
+    writer: std::sync::mpsc::SyncSender<WriteJob>,
+    reader: Arc<Mutex<rusqlite::Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS commands (
+    id BLOB PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    class TEXT NOT NULL,
+    state TEXT NOT NULL,
+    signed BLOB NOT NULL,
+    submitted_at_ms INTEGER NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    delivered_at_ms INTEGER,
+    finished_at_ms INTEGER,
+    progress_percent INTEGER,
+    progress_message TEXT,
+    output_json TEXT,
+    error_code TEXT,
+    error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_unfinished ON commands(agent_id)
+    WHERE state IN ('queued', 'delivered', 'running');
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    last_seen_ms INTEGER,
+    agent_version TEXT,
+    protocol TEXT,
+    operations TEXT,
+    capabilities TEXT,
+    sealing_key TEXT,
+    db_kind TEXT,
+    cert_not_after_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    hash BLOB PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    used_at_ms INTEGER
+);
+";
+
+fn open(path: &Path) -> Result<rusqlite::Connection, StoreError> {
+    let conn = rusqlite::Connection::open(path).map_err(|source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk when it returns (the WAL is fsynced at every commit).
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `dir/broker.sqlite3`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.to_path_buf(),
+            source: rusqlite::Error::InvalidPath(PathBuf::from(e.to_string())),
+        })?;
+        let path = dir.join("broker.sqlite3");
+        let mut wconn = open(&path)?;
+        wconn.execute_batch(SCHEMA)?;
+        let rconn = open(&path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(8192);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&mut wconn, rx))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the store writer thread: {e}")))?;
+        Ok(Self {
+            writer: tx,
+            reader: Arc::new(Mutex::new(rconn)),
+        })
+    }
+
+    /// Runs `f` inside the next group-commit transaction; resolves after the commit.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, StoreError>>();
+        let job: WriteJob = Box::new(move |txn| {
+            let result = f(txn);
+            Box::new(move || {
+                let _ = tx.send(result);
+            })
+        });
+        let sender = self.writer.clone();
+        // The channel is bounded: if the writer falls behind, block a pool thread, not the runtime.
+        match sender.try_send(job) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                tokio::task::spawn_blocking(move || sender.send(job))
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .map_err(|_| StoreError::Closed)?;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(StoreError::Closed),
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| StoreError::Closed)?;
+            f(&conn)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn writer_loop(conn: &mut rusqlite::Connection, rx: std::sync::mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let txn = match conn.transaction() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "store: cannot begin a transaction");
+                continue; // dropping the jobs resolves their callers with Closed
+            }
+        };
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            // A failing statement (say, a duplicate id) is rolled back alone by SQLite;
+            // the other writes of the batch stay in the transaction.
+            replies.push(job(&txn));
+        }
+        match txn.commit() {
+            Ok(()) => replies.into_iter().for_each(|reply| reply()),
+            Err(e) => {
+                tracing::error!(error = %e, "store: commit failed; the batch is lost and its callers get an error");
+                drop(replies);
+            }
+        }
+    }
+}
+
+fn class_from(s: &str) -> OperationClass {
+    OperationClass::ALL
+        .into_iter()
+        .find(|c| c.as_str() == s)
+        .unwrap_or(OperationClass::Management)
+}
+
+fn uuid_from(bytes: Vec<u8>) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("command id: {e}")))
+}
+
+const COMMAND_COLUMNS: &str = "id, agent_id, operation, class, state, signed, submitted_at_ms, not_after_ms,
+    delivered_at_ms, finished_at_ms, progress_percent, progress_message, output_json, error_code, error_message";
+
+fn command_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CommandRecord, StoreError>> {
+    let id: Vec<u8> = row.get(0)?;
+    let state: String = row.get(4)?;
+    let percent: Option<u8> = row.get(10)?;
+    let message: Option<String> = row.get(11)?;
+    let code: Option<String> = row.get(13)?;
+    let error_message: Option<String> = row.get(14)?;
+    let class: String = row.get(3)?;
+    let rec = (|| {
+        Ok(CommandRecord {
+            id: uuid_from(id)?,
+            agent_id: row.get(1)?,
+            operation: row.get(2)?,
+            class: class_from(&class),
+            state: CommandState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("command state {state:?}")))?,
+            signed: row.get(5)?,
+            submitted_at_ms: row.get(6)?,
+            not_after_ms: row.get(7)?,
+            delivered_at_ms: row.get(8)?,
+            finished_at_ms: row.get(9)?,
+            progress: percent.map(|percent| Progress {
+                percent,
+                message: message.unwrap_or_default(),
+            }),
+            output_json: row.get(12)?,
+            error: code.map(|code| CommandError {
+                code,
+                message: error_message.unwrap_or_default(),
+            }),
+        })
+    })();
+    Ok(rec)
+}
+
+fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
+    let ops: Option<String> = row.get(4)?;
+    let caps: Option<String> = row.get(5)?;
+    Ok(AgentRecord {
+        id: row.get(0)?,
+        last_seen_ms: row.get(1)?,
+        agent_version: row.get(2)?,
+        protocol: row.get(3)?,
+        operations: ops.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default(),
+        capabilities: caps.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default(),
+        sealing_key: row.get(6)?,
+        db_kind: row.get(7)?,
+        cert_not_after_ms: row.get(8)?,
+    })
+}
+
+fn in_list(states: &[CommandState]) -> String {
+    states
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_command(&self, rec: CommandRecord) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            let res = txn.execute(
+                "INSERT INTO commands (id, agent_id, operation, class, state, signed, submitted_at_ms, not_after_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                rusqlite::params![
+                    rec.id.as_bytes().as_slice(),
+                    rec.agent_id,
+                    rec.operation,
+                    rec.class.as_str(),
+                    rec.state.as_str(),
+                    rec.signed,
+                    rec.submitted_at_ms,
+                    rec.not_after_ms,
+                ],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StoreError::Conflict(rec.id))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn command(&self, id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?1"))?;
+            let mut rows = stmt.query([id.as_bytes().as_slice()])?;
+            match rows.next()? {
+                Some(row) => command_from_row(row)?.map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn unfinished_for_agent(&self, agent: &str) -> Result<Vec<CommandRecord>, StoreError> {
+        let agent = agent.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands
+                 WHERE agent_id = ?1 AND state IN ('queued', 'delivered', 'running') ORDER BY rowid"
+            ))?;
+            let rows = stmt.query_map([agent], command_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<(Uuid, OperationClass)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, class FROM commands WHERE state IN ('queued', 'delivered', 'running')",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, class) = row?;
+                out.push((uuid_from(id)?, class_from(&class)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &[CommandState],
+        state: CommandState,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let from = in_list(from);
+        self.write(move |txn| {
+            let delivered = if state == CommandState::Delivered { Some(at_ms) } else { None };
+            let n = txn.execute(
+                &format!(
+                    "UPDATE commands SET state = ?2, delivered_at_ms = COALESCE(?3, delivered_at_ms)
+                     WHERE id = ?1 AND state IN ({from})"
+                ),
+                rusqlite::params![id.as_bytes().as_slice(), state.as_str(), delivered],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn progress(&self, id: Uuid, progress: Progress) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            txn.execute(
+                "UPDATE commands SET progress_percent = ?2, progress_message = ?3
+                 WHERE id = ?1 AND state IN ('delivered', 'running')",
+                rusqlite::params![id.as_bytes().as_slice(), progress.percent, progress.message],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<(OperationClass, String)>, StoreError> {
+        self.write(move |txn| {
+            let mut stmt = txn.prepare_cached(
+                "UPDATE commands SET state = ?2, finished_at_ms = ?3, output_json = ?4, error_code = ?5, error_message = ?6
+                 WHERE id = ?1 AND state IN ('queued', 'delivered', 'running') RETURNING class, operation",
+            )?;
+            let mut rows = stmt.query(
+                rusqlite::params![
+                    id.as_bytes().as_slice(),
+                    finish.state.as_str(),
+                    finish.finished_at_ms,
+                    finish.output_json,
+                    finish.error.as_ref().map(|e| e.code.clone()),
+                    finish.error.as_ref().map(|e| e.message.clone()),
+                ],
+            )?;
+            match rows.next()? {
+                Some(row) => Ok(Some((class_from(&row.get::<_, String>(0)?), row.get(1)?))),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn expire_due(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError> {
+        // Only commands never handed to the agent expire here: one the agent holds
+        // finishes (or is refused as expired) on the agent and reports back.
+        let due = self
+            .read(move |conn| {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {COMMAND_COLUMNS} FROM commands WHERE state = 'queued' AND not_after_ms < ?1"
+                ))?;
+                let rows = stmt.query_map([now_ms], command_from_row)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    out.push(row??);
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut expired = Vec::new();
+        for mut rec in due {
+            let finish = Finish {
+                state: CommandState::Expired,
+                finished_at_ms: now_ms,
+                output_json: None,
+                error: Some(CommandError {
+                    code: "expired".into(),
+                    message: format!(
+                        "command expired before agent {} could take it (not after {} ms)",
+                        rec.agent_id, rec.not_after_ms
+                    ),
+                }),
+            };
+            let id = rec.id;
+            let f = finish.clone();
+            let moved = self
+                .write(move |txn| {
+                    let n = txn.execute(
+                        "UPDATE commands SET state = 'expired', finished_at_ms = ?2, error_code = ?3, error_message = ?4
+                         WHERE id = ?1 AND state = 'queued'",
+                        rusqlite::params![
+                            id.as_bytes().as_slice(),
+                            f.finished_at_ms,
+                            f.error.as_ref().map(|e| e.code.clone()),
+                            f.error.as_ref().map(|e| e.message.clone())
+                        ],
+                    )?;
+                    Ok(n > 0)
+                })
+                .await?;
+            if moved {
+                rec.state = CommandState::Expired;
+                rec.finished_at_ms = Some(now_ms);
+                rec.error = finish.error;
+                expired.push(rec);
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn upsert_agent(&self, rec: AgentRecord) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            txn.execute(
+                "INSERT INTO agents (id, last_seen_ms, agent_version, protocol, operations, capabilities, sealing_key, db_kind, cert_not_after_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms, agent_version = excluded.agent_version,
+                   protocol = excluded.protocol, operations = excluded.operations, capabilities = excluded.capabilities,
+                   sealing_key = excluded.sealing_key, db_kind = excluded.db_kind,
+                   cert_not_after_ms = COALESCE(excluded.cert_not_after_ms, cert_not_after_ms)",
+                rusqlite::params![
+                    rec.id,
+                    rec.last_seen_ms,
+                    rec.agent_version,
+                    rec.protocol,
+                    serde_json::to_string(&rec.operations).unwrap_or_default(),
+                    serde_json::to_string(&rec.capabilities).unwrap_or_default(),
+                    rec.sealing_key,
+                    rec.db_kind,
+                    rec.cert_not_after_ms
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn touch_agent(&self, id: &str, last_seen_ms: i64) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.write(move |txn| {
+            txn.execute(
+                "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
+                rusqlite::params![id, last_seen_ms],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, last_seen_ms, agent_version, protocol, operations, capabilities, sealing_key, db_kind, cert_not_after_ms
+                 FROM agents ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], agent_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn queued_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT agent_id, COUNT(*) FROM commands WHERE state IN ('queued', 'delivered', 'running') GROUP BY agent_id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn insert_token(&self, hash: [u8; 32], agent: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+        let agent = agent.to_string();
+        self.write(move |txn| {
+            txn.execute(
+                "INSERT INTO enrollment_tokens (hash, agent_id, expires_at_ms) VALUES (?1, ?2, ?3)",
+                rusqlite::params![hash.as_slice(), agent, expires_at_ms],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn consume_token(
+        &self,
+        hash: [u8; 32],
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenRefusal>, StoreError> {
+        let agent = agent.to_string();
+        self.write(move |txn| {
+            let row: Option<(String, i64, Option<i64>)> = {
+                let mut stmt = txn.prepare_cached(
+                    "SELECT agent_id, expires_at_ms, used_at_ms FROM enrollment_tokens WHERE hash = ?1",
+                )?;
+                let mut rows = stmt.query([hash.as_slice()])?;
+                match rows.next()? {
+                    Some(r) => Some((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    None => None,
+                }
+            };
+            let Some((token_agent, expires, used)) = row else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            if used.is_some() {
+                return Ok(Err(TokenRefusal::Used));
+            }
+            if now_ms > expires {
+                return Ok(Err(TokenRefusal::Expired));
+            }
+            if token_agent != agent {
+                return Ok(Err(TokenRefusal::OtherAgent(token_agent)));
+            }
+            txn.execute(
+                "UPDATE enrollment_tokens SET used_at_ms = ?2 WHERE hash = ?1",
+                rusqlite::params![hash.as_slice(), now_ms],
+            )?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(agent: &str, not_after: i64) -> CommandRecord {
+        CommandRecord {
+            id: Uuid::new_v4(),
+            agent_id: agent.into(),
+            operation: "ping".into(),
+            class: OperationClass::Query,
+            state: CommandState::Queued,
+            signed: vec![1, 2, 3],
+            submitted_at_ms: 1,
+            not_after_ms: not_after,
+            delivered_at_ms: None,
+            finished_at_ms: None,
+            progress: None,
+            output_json: None,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_survive_reopening_and_finish_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rec("db1", i64::MAX);
+        let b = rec("db1", 10);
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.insert_command(a.clone()).await.unwrap();
+            store.insert_command(b.clone()).await.unwrap();
+            assert!(matches!(store.insert_command(a.clone()).await, Err(StoreError::Conflict(_))));
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let pending = store.unfinished_for_agent("db1").await.unwrap();
+        assert_eq!(pending.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a.id, b.id]);
+        let expired = store.expire_due(100).await.unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].id, b.id);
+        assert!(store
+            .transition(a.id, &[CommandState::Queued], CommandState::Delivered, 5)
+            .await
+            .unwrap());
+        let fin = Finish {
+            state: CommandState::Succeeded,
+            finished_at_ms: 6,
+            output_json: Some("{\"pong\":true}".into()),
+            error: None,
+        };
+        assert!(store.finish(a.id, fin.clone()).await.unwrap().is_some());
+        assert!(store.finish(a.id, fin).await.unwrap().is_none());
+        let got = store.command(a.id).await.unwrap().unwrap();
+        assert_eq!(got.state, CommandState::Succeeded);
+        assert_eq!(got.view().output, Some(serde_json::json!({"pong": true})));
+    }
+
+    #[tokio::test]
+    async fn tokens_are_single_use_and_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.insert_token([1; 32], "db1", 1000).await.unwrap();
+        store.insert_token([2; 32], "db1", 10).await.unwrap();
+        assert_eq!(store.consume_token([1; 32], "db2", 5).await.unwrap(), Err(TokenRefusal::OtherAgent("db1".into())));
+        assert_eq!(store.consume_token([1; 32], "db1", 5).await.unwrap(), Ok(()));
+        assert_eq!(store.consume_token([1; 32], "db1", 6).await.unwrap(), Err(TokenRefusal::Used));
+        assert_eq!(store.consume_token([2; 32], "db1", 50).await.unwrap(), Err(TokenRefusal::Expired));
+        assert_eq!(store.consume_token([3; 32], "db1", 5).await.unwrap(), Err(TokenRefusal::Unknown));
+    }
+}

@@ -1,0 +1,192 @@
+//! Agent configuration: one TOML file, validated (keys, files, addresses) before the
+//! agent touches anything. Environment variables starting with `DBVM_AGENT_` override
+//! a few keys for first boot (see [`Config::apply_env`]).
+
+use dbvm_protocol::command::parse_public_key;
+use dbvm_protocol::AgentId;
+use ed25519_dalek::VerifyingKey;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is invalid: {1}")]
+    Parse(PathBuf, String),
+    #[error("config key {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This VM's agent id (from OVF properties at first boot).
+    pub agent_id: String,
+    /// Where the agent keeps its key, certificate, sealing key and command journal.
+    pub state_dir: PathBuf,
+    pub broker: BrokerSettings,
+    /// Control-plane keys whose signatures the agent accepts.
+    #[serde(default)]
+    pub trusted_keys: Vec<TrustedKey>,
+    #[serde(default)]
+    pub link: LinkSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSettings {
+    /// `host:port` of the broker's agent listener.
+    pub address: String,
+    /// Name in the broker's certificate; defaults to the host part of `address`.
+    pub server_name: Option<String>,
+    /// Fleet CA certificate (PEM) that the broker's certificate must chain to.
+    pub ca_cert: PathBuf,
+    /// File holding a one-time enrollment token (used only while not enrolled).
+    pub enrollment_token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKey {
+    pub key_id: String,
+    /// base64 ed25519 public key.
+    pub public_key: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkSettings {
+    /// First reconnect delay; doubles on each failure (with jitter) up to `max_backoff_ms`.
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Allowed disagreement between this clock and the control plane's.
+    pub clock_skew_ms: i64,
+    /// Benchmarks only: accept commands without checking signatures.
+    pub insecure_skip_signature_check: bool,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 500,
+            max_backoff_ms: 30_000,
+            clock_skew_ms: dbvm_protocol::command::DEFAULT_CLOCK_SKEW_MS,
+            insecure_skip_signature_check: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: Option<String>,
+}
+
+/// The configuration after validation: parsed ids and keys.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    pub config: Config,
+    pub agent_id: AgentId,
+    pub keys: Vec<(String, VerifyingKey)>,
+    pub server_name: String,
+    pub ca_pem: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let mut config: Self =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        config.apply_env();
+        Ok(config)
+    }
+
+    /// `DBVM_AGENT_ID`, `DBVM_AGENT_BROKER`, `DBVM_AGENT_ENROLLMENT_TOKEN_FILE`.
+    pub fn apply_env(&mut self) {
+        if let Ok(v) = std::env::var("DBVM_AGENT_ID") {
+            self.agent_id = v;
+        }
+        if let Ok(v) = std::env::var("DBVM_AGENT_BROKER") {
+            self.broker.address = v;
+        }
+        if let Ok(v) = std::env::var("DBVM_AGENT_ENROLLMENT_TOKEN_FILE") {
+            self.broker.enrollment_token_file = Some(PathBuf::from(v));
+        }
+    }
+
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        let agent_id = AgentId::new(self.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
+        let (host, port) = self
+            .broker
+            .address
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("broker.address", "must be host:port"))?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(invalid("broker.address", format!("{:?} is not host:port", self.broker.address)));
+        }
+        let server_name = self
+            .broker
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
+        rustls::pki_types::ServerName::try_from(server_name.clone())
+            .map_err(|e| invalid("broker.server_name", format!("{server_name:?}: {e}")))?;
+        let ca_pem = std::fs::read_to_string(&self.broker.ca_cert)
+            .map_err(|e| invalid("broker.ca_cert", format!("cannot read {}: {e}", self.broker.ca_cert.display())))?;
+        dbvm_protocol::tls::roots_from_pem(&ca_pem).map_err(|e| invalid("broker.ca_cert", e.to_string()))?;
+        if self.trusted_keys.is_empty() && !self.link.insecure_skip_signature_check {
+            return Err(invalid(
+                "trusted_keys",
+                "no control-plane key is trusted, so no command could ever run; add the [[trusted_keys]] that `dbvmctl keygen` printed",
+            ));
+        }
+        let mut keys = Vec::new();
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            let key = parse_public_key(&k.public_key).map_err(|e| invalid(format!("trusted_keys[{i}].public_key"), e))?;
+            let derived = dbvm_protocol::command::key_id_for(&key);
+            if derived != k.key_id {
+                return Err(invalid(
+                    format!("trusted_keys[{i}].key_id"),
+                    format!("{:?} does not belong to this public key (its id is {derived:?})", k.key_id),
+                ));
+            }
+            keys.push((k.key_id.clone(), key));
+        }
+        let l = &self.link;
+        if l.initial_backoff_ms == 0 || l.max_backoff_ms < l.initial_backoff_ms {
+            return Err(invalid(
+                "link.max_backoff_ms",
+                "initial_backoff_ms must be > 0 and max_backoff_ms at least as large",
+            ));
+        }
+        if !(0..=600_000).contains(&l.clock_skew_ms) {
+            return Err(invalid("link.clock_skew_ms", "must be between 0 and 600000"));
+        }
+        Ok(Validated {
+            config: self,
+            agent_id,
+            keys,
+            server_name,
+            ca_pem,
+        })
+    }
+}
