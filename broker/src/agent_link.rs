@@ -233,6 +233,7 @@ struct Session {
     /// Delivered commands and the class whose slot they hold.
     inflight: HashMap<Uuid, OperationClass>,
     known: HashSet<Uuid>,
+    cert_not_after_ms: Option<i64>,
 }
 
 async fn session(
@@ -287,6 +288,7 @@ async fn session(
         blocked: VecDeque::new(),
         inflight: HashMap::new(),
         known: HashSet::new(),
+        cert_not_after_ms: cert_not_after,
     };
     let mut result = match hub.store.unfinished_for_agent(agent.as_str()).await {
         Ok(recs) => {
@@ -301,7 +303,10 @@ async fn session(
 
     while result.is_ok() {
         let blocked = !s.blocked.is_empty();
+        // A link lives no longer than its certificate unless the agent renews in band.
+        let cert_left = Duration::from_millis(s.cert_not_after_ms.map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms()).max(0) as u64);
         result = tokio::select! {
+            _ = tokio::time::sleep(cert_left) => Err("the agent certificate expired and was not renewed".into()),
             _ = shutdown.cancelled() => Err("broker shutting down".into()),
             incoming = in_rx.recv() => match incoming {
                 Some(Incoming::Frame(m)) => {
@@ -446,6 +451,9 @@ impl Session {
             }
             AgentMessage::Renew { csr_pem } => {
                 let reply = enroll::renew(&self.hub, &self.agent, &csr_pem);
+                if let BrokerMessage::Renewed { cert_pem } = &reply {
+                    self.cert_not_after_ms = dbvm_protocol::pki::validity_ms(cert_pem).ok().map(|(_, na)| na);
+                }
                 send(&mut self.wr, &reply, self.max).await.map_err(|e| e.to_string())
             }
             other @ (AgentMessage::Hello(_) | AgentMessage::Enroll(_)) => {

@@ -425,3 +425,106 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentSettings, Limits};
+    use axum::body::Body;
+    use dbvm_protocol::pki::FleetCa;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn openapi_document_lists_exactly_the_served_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let served: BTreeSet<(String, String)> =
+            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        assert_eq!(documented, served, "broker/openapi.json and api::ROUTES differ");
+    }
+
+    #[tokio::test]
+    async fn every_documented_route_is_served_and_v1_needs_a_control_plane_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).expect("store"));
+        let ca = FleetCa::generate("t", Duration::from_secs(600)).expect("ca");
+        let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
+            .await
+            .expect("hub");
+        let app = router(hub);
+        let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
+        for (method, path) in ROUTES {
+            let path = path.replace("{id}", "00000000-0000-0000-0000-000000000000");
+            let path = if path.ends_with("/wait") { format!("{path}?timeout_ms=1") } else { path };
+            let body = if *method == "post" { Body::from("{}") } else { Body::empty() };
+            let mut req = axum::http::Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(&path)
+                .header("content-type", "application/json")
+                .body(body)
+                .expect("request");
+            req.extensions_mut().insert(cp.clone());
+            if path.starts_with("/v1/") {
+                let mut anon = axum::http::Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&path)
+                    .body(Body::empty())
+                    .expect("request");
+                anon.extensions_mut().insert(Peer::Anonymous);
+                let resp = app.clone().oneshot(anon).await.expect("response");
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {path} without a certificate");
+            }
+            let resp = app.clone().oneshot(req).await.expect("response");
+            let status = resp.status();
+            if path == "/v1/events" {
+                // A stream that never ends: its status and content type are the proof.
+                assert_eq!(status, StatusCode::OK);
+                continue;
+            }
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("no such route"), "{method} {path} is not served: {status} {text}");
+        }
+    }
+
+    #[test]
+    fn submissions_are_validated_before_anything_is_stored() {
+        let signer = dbvm_protocol::command::CommandSigner::generate();
+        let now = dbvm_protocol::now_ms();
+        let body = dbvm_protocol::CommandBody {
+            format: BODY_FORMAT,
+            id: Uuid::new_v4(),
+            agent_id: "db1".into(),
+            issued_at_ms: now,
+            not_after_ms: now + 60_000,
+            operation: "ping".into(),
+            args_json: "{}".into(),
+            reply_key: None,
+        };
+        let ok = SubmitCommand {
+            signed_command: signer.sign(&body).to_base64(),
+        };
+        assert!(validate_submission(&ok, now).is_ok());
+        let bad = |b: dbvm_protocol::CommandBody| SubmitCommand {
+            signed_command: signer.sign(&b).to_base64(),
+        };
+        let mut b = body.clone();
+        b.operation = "Drop Table".into();
+        assert!(validate_submission(&bad(b), now).is_err());
+        let mut b = body.clone();
+        b.args_json = "[1]".into();
+        assert!(validate_submission(&bad(b), now).is_err());
+        let mut b = body.clone();
+        b.not_after_ms = now + dbvm_protocol::command::MAX_COMMAND_LIFETIME_MS + 10;
+        assert!(validate_submission(&bad(b), now).is_err());
+        let junk = SubmitCommand {
+            signed_command: "!!!".into(),
+        };
+        assert!(validate_submission(&junk, now).is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! dbvmctl as a library: what a control plane needs to drive dbvm agents through a broker.
+//!
+//! - [`Home`]: the directory holding the fleet CA, certificates and the control plane's
+//!   keys, and [`keys`] to create them;
+//! - [`sign_command`] and [`parse_args`]: build and sign a command;
+//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, enrollment tokens, events);
+//! - [`reveal()`] and [`redact`]: sealed values in results;
+//! - [`output`]: the human renderings `dbvmctl` prints.
+//!
+//! Wire types come from `dbvm-protocol`; nothing here defines an encoding.
+
+pub mod args;
+pub mod client;
+pub mod home;
+pub mod keys;
+pub mod output;
+pub mod reveal;
+pub mod sign;
+pub mod sse;
+
+pub use args::{parse_args, parse_secrets, seal_secrets, ArgsError};
+pub use client::{Client, ClientError, EventStream};
+pub use home::{Home, HomeError, HomeFile};
+pub use keys::{ca_init, keygen, CaInitOptions, CaInitOutput, KeygenOutput, KeysError};
+pub use reveal::{redact, reveal, RevealError};
+pub use sign::{sign_command, SignError};

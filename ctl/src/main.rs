@@ -1,1 +1,705 @@
-fn main(){}
+//! `dbvmctl`: the reference control-plane command line for dbvm: creates keys and
+//! certificates, signs and sends commands through the broker, lists agents, follows events.
+//!
+//! Thin on purpose: parsing, printing and exit codes live here, everything else in the
+//! `dbvmctl` library.
+
+use anyhow::{Context, Result};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use dbvm_protocol::api::{CommandState, CommandView};
+use dbvm_protocol::seal::{self, SealingKey};
+use dbvm_protocol::AgentId;
+use dbvmctl::client::DEFAULT_BROKER_URL;
+use dbvmctl::{output, CaInitOptions, Client, ClientError, Home};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::RefCell;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use uuid::Uuid;
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success (send, status: the command succeeded)
+  1  the command failed, was rejected, interrupted or expired, or did not finish in time
+  2  usage or local configuration error (flags, home directory, keys, certificates)
+  3  broker, API or connection error";
+
+/// The exit codes, mapped in one place: see [`AFTER_HELP`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Success = 0,
+    CommandFailed = 1,
+    Usage = 2,
+    Broker = 3,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "dbvmctl",
+    version,
+    about = "Reference control plane for dbvm: keys, certificates, signed commands to agents through the broker",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// Directory with the keys and certificates [default: $HOME/.dbvm]
+    #[arg(long, env = "DBVM_HOME", global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Broker API address
+    #[arg(long, env = "DBVM_BROKER", global = true, value_name = "URL", default_value = DEFAULT_BROKER_URL)]
+    broker: String,
+    /// Print what happens while waiting, also when stderr is not a terminal
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the signing (ed25519) and sealing (X25519) key pairs; print the
+    /// [[trusted_keys]] entry agents need
+    Keygen {
+        /// Replace existing keys (agents must then trust the new one)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Fleet CA and certificates
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Ask the broker for a one-time enrollment token for an agent; prints the token alone
+    EnrollToken {
+        agent: AgentId,
+        /// Token lifetime in seconds [default: the broker's, 900]
+        #[arg(long, value_name = "SECONDS")]
+        ttl: Option<u64>,
+        /// Print the whole answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the agents the broker knows
+    Agents {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sign a command, send it to an agent and wait for its result
+    Send(SendArgs),
+    /// Show a command the broker knows, optionally waiting for it to finish
+    ///
+    /// Exit code 0 when it succeeded or (without --wait) is still under way.
+    Status {
+        command_id: Uuid,
+        /// Wait up to this many seconds for the command to finish
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait: u64,
+        #[command(flatten)]
+        show: ShowArgs,
+    },
+    /// Follow the broker's events, one line each
+    Events {
+        /// Only this agent's events
+        #[arg(long, value_name = "ID")]
+        agent: Option<AgentId>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the fleet CA, the broker's server certificate and dbvmctl's client certificate
+    Init {
+        /// DNS names and IP addresses of the broker (repeat, or separate with commas)
+        /// [default: localhost, 127.0.0.1]
+        #[arg(long = "broker-name", value_name = "NAME", num_args = 1.., value_delimiter = ',', action = ArgAction::Append)]
+        broker_names: Vec<String>,
+        /// Name of this control plane in its certificate
+        #[arg(long, value_name = "NAME", default_value = "ops")]
+        control_plane: String,
+        /// Lifetime of the CA and the certificates, in days
+        #[arg(long, value_name = "DAYS", default_value_t = 3650)]
+        ca_days: u32,
+        /// Replace an existing CA (the broker and agents then need new certificates)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    /// Print the command as the broker's JSON
+    #[arg(long)]
+    json: bool,
+    /// Open sealed values in the output with this home's sealing key (prints secrets)
+    #[arg(long)]
+    reveal: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    agent: AgentId,
+    /// Operation name, for example ping or facts
+    operation: String,
+    /// Arguments as key=value; a value that is valid JSON (5432, true, {"a":1}, "quoted")
+    /// is taken as JSON, anything else as a string
+    #[arg(value_name = "KEY=VALUE")]
+    args: Vec<String>,
+    /// A secret argument, sealed to the agent's key before it leaves this machine
+    /// (repeatable)
+    #[arg(long = "secret", value_name = "NAME=VALUE")]
+    secrets: Vec<String>,
+    /// How long the command stays valid, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    ttl: u64,
+    /// How long to wait for the result, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    timeout: u64,
+    /// Return once the broker has accepted the command
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    show: ShowArgs,
+}
+
+/// The agent cannot receive sealed secrets yet (exit code 3: what the broker knows).
+#[derive(Debug, thiserror::Error)]
+#[error("agent {agent} has no usable sealing key ({reason}), so secrets cannot be sealed to it: start its agent, check `dbvmctl agents`, then send again")]
+struct AgentNotReady {
+    agent: AgentId,
+    reason: String,
+}
+
+/// The broker ended the event stream (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("the broker at {0} closed the event stream: run `dbvmctl events` again once it is back")]
+struct StreamClosed(String);
+
+fn exit_code_of(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ClientError>() {
+            return if e.is_local() {
+                Exit::Usage
+            } else {
+                Exit::Broker
+            };
+        }
+        if cause.is::<AgentNotReady>() || cause.is::<StreamClosed>() {
+            return Exit::Broker;
+        }
+    }
+    Exit::Usage
+}
+
+fn main() -> ExitCode {
+    // clap exits with 2 on usage errors and 0 for --help and --version.
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dbvmctl: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(exit) => ExitCode::from(exit as u8),
+        Err(err) => {
+            eprintln!("dbvmctl: {err:#}");
+            ExitCode::from(exit_code_of(&err) as u8)
+        }
+    }
+}
+
+struct Ctx {
+    dir: Option<PathBuf>,
+    broker: String,
+    verbose: bool,
+}
+
+impl Ctx {
+    fn home(&self) -> Result<Home> {
+        Ok(Home::resolve(self.dir.clone())?)
+    }
+
+    fn client(&self, home: &Home) -> Result<Client> {
+        let tls = home.tls_client_config()?;
+        Ok(Client::new(&self.broker, tls)?)
+    }
+}
+
+async fn run(cli: Cli) -> Result<Exit> {
+    let ctx = Ctx {
+        dir: cli.dir,
+        broker: cli.broker,
+        verbose: cli.verbose,
+    };
+    match cli.command {
+        Command::Keygen { force } => keygen(&ctx, force),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    broker_names,
+                    control_plane,
+                    ca_days,
+                    force,
+                },
+        } => {
+            let options = CaInitOptions {
+                broker_names,
+                control_plane,
+                ca_days,
+                force,
+            };
+            ca_init(&ctx, &options)
+        }
+        Command::EnrollToken { agent, ttl, json } => enroll_token(&ctx, &agent, ttl, json).await,
+        Command::Agents { json } => agents(&ctx, json).await,
+        Command::Send(args) => send(&ctx, args).await,
+        Command::Status {
+            command_id,
+            wait,
+            show,
+        } => status(&ctx, command_id, wait, &show).await,
+        Command::Events { agent, json } => events(&ctx, agent.as_ref(), json).await,
+    }
+}
+
+/// Writes to stdout; `false` when the reader went away (`dbvmctl events | head`).
+fn out(text: &str) -> Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("cannot write to stdout"),
+    }
+}
+
+fn out_json(value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("cannot encode the answer as JSON")?;
+    out(&format!("{text}\n"))?;
+    Ok(())
+}
+
+fn keygen(ctx: &Ctx, force: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let made = dbvmctl::keygen(&home, force)?;
+    eprintln!(
+        "wrote signing key {} and sealing key to {}\nadd this to every agent's configuration to trust it:\n",
+        made.key_id,
+        home.dir().display()
+    );
+    // Only the entry goes to stdout, so `dbvmctl keygen >> agent.toml` works.
+    out(&made.trusted_key_toml())?;
+    Ok(Exit::Success)
+}
+
+fn ca_init(ctx: &Ctx, options: &CaInitOptions) -> Result<Exit> {
+    let home = ctx.home()?;
+    let made = dbvmctl::ca_init(&home, options)?;
+    let path = |f| home.path(f).display().to_string();
+    use dbvmctl::HomeFile as F;
+    out(&format!(
+        "fleet CA:                  {} (key {})\n\
+         broker certificate:        {} (key {}) for {}\n\
+         control-plane certificate: {} (key {}) for {:?}\n",
+        path(F::CaCert),
+        path(F::CaKey),
+        path(F::BrokerCert),
+        path(F::BrokerKey),
+        made.broker_names.join(", "),
+        path(F::ControlPlaneCert),
+        path(F::ControlPlaneKey),
+        made.control_plane,
+    ))?;
+    Ok(Exit::Success)
+}
+
+async fn enroll_token(ctx: &Ctx, agent: &AgentId, ttl: Option<u64>, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let token = client
+        .enrollment_token(agent.as_str(), ttl.map(Duration::from_secs))
+        .await?;
+    if json {
+        out_json(&token)?;
+    } else {
+        out(&format!("{}\n", token.token))?;
+    }
+    Ok(Exit::Success)
+}
+
+async fn agents(ctx: &Ctx, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let agents = client.agents().await?;
+    if json {
+        out_json(&agents)?;
+    } else {
+        out(&output::agents_table(&agents, dbvm_protocol::now_ms()))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// Shows the command's progress while waiting: a spinner when stderr is a terminal,
+/// plain lines with --verbose otherwise, nothing else.
+struct Watch {
+    bar: Option<ProgressBar>,
+    lines: bool,
+    last: RefCell<String>,
+}
+
+impl Watch {
+    fn new(verbose: bool) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new_spinner();
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed} {wide_msg}") {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        let lines = bar.is_none() && verbose;
+        Self {
+            bar,
+            lines,
+            last: RefCell::new(String::new()),
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.bar.is_some() || self.lines
+    }
+
+    fn update(&self, view: &CommandView) {
+        if let Some(bar) = &self.bar {
+            let mut line = format!(
+                "{} {} on {}",
+                view.state.as_str(),
+                view.operation,
+                view.agent_id
+            );
+            if let Some(p) = &view.progress {
+                line.push_str(&format!("  {}% {}", p.percent, p.message));
+            }
+            bar.set_message(line);
+            return;
+        }
+        // The final state is printed by the caller.
+        if view.state.is_terminal() {
+            return;
+        }
+        let line = output::command_state_line(view);
+        if self.lines && *self.last.borrow() != line {
+            eprintln!("{line}");
+            *self.last.borrow_mut() = line;
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Waits for a command, showing progress; `None` when interrupted by Ctrl-C.
+async fn wait_for(
+    ctx: &Ctx,
+    client: &Client,
+    view: CommandView,
+    timeout: Duration,
+) -> Result<Option<CommandView>> {
+    if view.state.is_terminal() {
+        return Ok(Some(view));
+    }
+    let watch = Watch::new(ctx.verbose);
+    watch.update(&view);
+    // Short polls only when someone watches the progress; one long poll otherwise.
+    let poll = if watch.active() {
+        Duration::from_secs(1)
+    } else {
+        dbvmctl::client::MAX_POLL
+    };
+    let id = view.id;
+    let waited = tokio::select! {
+        r = client.wait_with_progress(id, timeout, poll, |v| watch.update(v)) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    watch.finish();
+    match waited {
+        Some(view) => Ok(Some(view?)),
+        None => {
+            eprintln!("stopped waiting; command {id} goes on: see it with `dbvmctl status {id}`");
+            Ok(None)
+        }
+    }
+}
+
+/// Prints a command as asked (sealed values hidden unless revealed) and says which exit
+/// code its state means.
+fn show_command(
+    view: &CommandView,
+    show: &ShowArgs,
+    opener: Option<&SealingKey>,
+    waited: Option<Duration>,
+) -> Result<Exit> {
+    let mut value = serde_json::to_value(view).context("cannot encode the command view")?;
+    let revealed = match opener {
+        Some(key) => dbvmctl::reveal(&mut value, key).map(|_| ()),
+        None => {
+            dbvmctl::redact(&mut value);
+            Ok(())
+        }
+    };
+    if revealed.is_err() {
+        // A value that did not open was left sealed: hide those that are still sealed.
+        dbvmctl::redact(&mut value);
+    }
+    if show.json {
+        out_json(&value)?;
+    } else {
+        let shown: CommandView =
+            serde_json::from_value(value).context("cannot decode the command view")?;
+        out(&output::command_report(&shown))?;
+    }
+    revealed.with_context(|| {
+        format!(
+            "command {} is {}, but its output cannot be revealed with the sealing key in this home",
+            view.id,
+            view.state.as_str()
+        )
+    })?;
+    Ok(match view.state {
+        CommandState::Succeeded => Exit::Success,
+        s if s.is_terminal() => Exit::CommandFailed,
+        _ => match waited {
+            Some(after) => {
+                eprintln!(
+                    "command {} is still {} after {} s; it goes on: wait again with `dbvmctl status {} --wait 300`",
+                    view.id,
+                    view.state.as_str(),
+                    after.as_secs(),
+                    view.id
+                );
+                Exit::CommandFailed
+            }
+            None => Exit::Success,
+        },
+    })
+}
+
+async fn send(ctx: &Ctx, a: SendArgs) -> Result<Exit> {
+    // Everything local first: a usage or key problem stops before the broker is asked.
+    let mut args = dbvmctl::parse_args(&a.args)?;
+    let secrets = dbvmctl::parse_secrets(&a.secrets)?;
+    let home = ctx.home()?;
+    let signer = home.signer()?;
+    let reply_key = home.sealing_public_key()?;
+    let opener = if a.show.reveal {
+        Some(home.sealing_key()?)
+    } else {
+        None
+    };
+    let client = ctx.client(&home)?;
+
+    if !secrets.is_empty() {
+        let not_ready = |reason: String| AgentNotReady {
+            agent: a.agent.clone(),
+            reason,
+        };
+        let agent = match client.agent(a.agent.as_str()).await {
+            Ok(agent) => agent,
+            Err(ClientError::Http(status, e)) if status == reqwest::StatusCode::NOT_FOUND => {
+                return Err(not_ready(format!("the broker does not know it: {}", e.error)).into())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key = agent
+            .sealing_key
+            .ok_or_else(|| not_ready("it has never connected to the broker".into()))?;
+        let key = seal::parse_public_key(&key)
+            .map_err(|e| not_ready(format!("the broker reports a bad key: {e}")))?;
+        dbvmctl::seal_secrets(&mut args, &secrets, &key)?;
+    }
+
+    let command = dbvmctl::sign_command(
+        &signer,
+        &a.agent,
+        &a.operation,
+        serde_json::Value::Object(args),
+        Duration::from_secs(a.ttl),
+        Some(reply_key),
+    )?;
+    let view = client.submit(&command).await?;
+    if ctx.verbose {
+        eprintln!(
+            "submitted command {} ({} on {})",
+            view.id, view.operation, view.agent_id
+        );
+    }
+    if a.no_wait {
+        return show_command(&view, &a.show, opener.as_ref(), None);
+    }
+    let timeout = Duration::from_secs(a.timeout);
+    match wait_for(ctx, &client, view, timeout).await? {
+        Some(view) => show_command(&view, &a.show, opener.as_ref(), Some(timeout)),
+        None => Ok(Exit::CommandFailed),
+    }
+}
+
+async fn status(ctx: &Ctx, id: Uuid, wait: u64, show: &ShowArgs) -> Result<Exit> {
+    let home = ctx.home()?;
+    let opener = if show.reveal {
+        Some(home.sealing_key()?)
+    } else {
+        None
+    };
+    let client = ctx.client(&home)?;
+    let view = client.command(id).await?;
+    if wait == 0 {
+        return show_command(&view, show, opener.as_ref(), None);
+    }
+    let timeout = Duration::from_secs(wait);
+    match wait_for(ctx, &client, view, timeout).await? {
+        Some(view) => show_command(&view, show, opener.as_ref(), Some(timeout)),
+        None => Ok(Exit::CommandFailed),
+    }
+}
+
+async fn events(ctx: &Ctx, agent: Option<&AgentId>, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let mut stream = client.events(agent.map(AgentId::as_str)).await?;
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = tokio::signal::ctrl_c() => return Ok(Exit::Success),
+        };
+        let event = match item {
+            None => return Err(StreamClosed(ctx.broker.clone()).into()),
+            Some(Ok(event)) => event,
+            Some(Err(e @ ClientError::EventDecode { .. })) => {
+                eprintln!("dbvmctl: skipped an event: {e}");
+                continue;
+            }
+            Some(Err(e)) => return Err(e.into()),
+        };
+        let mut event = event;
+        dbvmctl::redact(&mut event.data);
+        let line = if json {
+            serde_json::to_string(&event).context("cannot encode the event as JSON")?
+        } else {
+            output::event_line(&event)
+        };
+        if !out(&format!("{line}\n"))? {
+            return Ok(Exit::Success);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed_and_documents_exit_codes() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:"), "{help}");
+        assert!(help.contains("3  broker, API or connection error"));
+    }
+
+    #[test]
+    fn flags_parse_as_documented() {
+        let cli = Cli::try_parse_from([
+            "dbvmctl",
+            "--dir",
+            "/h",
+            "send",
+            "db1",
+            "ping",
+            "a=1",
+            "--secret",
+            "pw=x",
+            "--ttl",
+            "60",
+            "--no-wait",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(cli.dir, Some(PathBuf::from("/h")));
+        let Command::Send(a) = cli.command else {
+            panic!("not send")
+        };
+        assert_eq!(a.agent.as_str(), "db1");
+        assert_eq!(a.args, ["a=1"]);
+        assert_eq!(a.secrets, ["pw=x"]);
+        assert_eq!(
+            (a.ttl, a.timeout, a.no_wait, a.show.json),
+            (60, 120, true, true)
+        );
+
+        let cli = Cli::try_parse_from([
+            "dbvmctl",
+            "ca",
+            "init",
+            "--broker-name",
+            "b1",
+            "10.0.0.1",
+            "--broker-name",
+            "b2,b3",
+        ])
+        .unwrap();
+        let Command::Ca {
+            command:
+                CaCommand::Init {
+                    broker_names,
+                    control_plane,
+                    ca_days,
+                    ..
+                },
+        } = cli.command
+        else {
+            panic!("not ca init")
+        };
+        assert_eq!(broker_names, ["b1", "10.0.0.1", "b2", "b3"]);
+        assert_eq!((control_plane.as_str(), ca_days), ("ops", 3650));
+
+        // a bad agent id is a usage error
+        assert!(Cli::try_parse_from(["dbvmctl", "agents", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["dbvmctl", "enroll-token", "Bad/Id"]).is_err());
+    }
+
+    #[test]
+    fn errors_map_to_exit_codes() {
+        let usage: anyhow::Error = dbvmctl::parse_args(&["x".into()]).unwrap_err().into();
+        assert_eq!(exit_code_of(&usage), Exit::Usage);
+        let api = ClientError::Http(
+            reqwest::StatusCode::TOO_MANY_REQUESTS,
+            dbvm_protocol::api::ApiError {
+                code: "busy".into(),
+                error: "full".into(),
+            },
+        );
+        let api = anyhow::Error::from(api).context("sending");
+        assert_eq!(exit_code_of(&api), Exit::Broker);
+        let not_ready: anyhow::Error = AgentNotReady {
+            agent: AgentId::new("db1").unwrap(),
+            reason: "never connected".into(),
+        }
+        .into();
+        assert_eq!(exit_code_of(&not_ready), Exit::Broker);
+        assert_eq!(Exit::CommandFailed as u8, 1);
+    }
+}

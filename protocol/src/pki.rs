@@ -95,10 +95,12 @@ fn dn(cn: &str) -> DistinguishedName {
     dn
 }
 
-fn validity(params: &mut CertificateParams, lifetime: Duration) {
-    // Back-date by a minute so a peer whose clock is slightly behind accepts it at once.
+fn validity(params: &mut CertificateParams, lifetime: Duration, backdate: bool) {
+    // CA and server certificates are back-dated a minute so a peer whose clock is slightly
+    // behind accepts them at once. Client certificates are not: the broker that issues
+    // them is also the one that checks them, and agents schedule renewal from not_before.
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(1);
+    params.not_before = if backdate { now - time::Duration::minutes(1) } else { now };
     params.not_after = now + time::Duration::seconds(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 4));
 }
 
@@ -111,7 +113,7 @@ impl FleetCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.serial_number = Some(serial());
-        validity(&mut params, lifetime);
+        validity(&mut params, lifetime, true);
         let issuer = params.self_signed(&key)?;
         let cert_pem = issuer.pem();
         Ok(Self {
@@ -152,7 +154,7 @@ impl FleetCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(serial());
-        validity(&mut params, lifetime);
+        validity(&mut params, lifetime, true);
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
         Ok(CertifiedKey {
             cert_pem: cert.pem(),
@@ -193,7 +195,7 @@ fn client_params(identity: &Identity, lifetime: Duration) -> Result<CertificateP
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(serial());
-    validity(&mut params, lifetime);
+    validity(&mut params, lifetime, false);
     Ok(params)
 }
 
@@ -276,7 +278,7 @@ mod tests {
         let (_, other_key) = make_csr(&id).unwrap();
         assert!(!cert_matches_key(&cert, &other_key));
         let (nb, na) = validity_ms(&cert).unwrap();
-        assert!(na - nb >= 60_000 && na - nb <= 130_000);
+        assert!((59_000..=61_000).contains(&(na - nb)), "{}", na - nb);
 
         let cp = ca.issue_client(&Identity::ControlPlane("ops".into()), Duration::from_secs(60)).unwrap();
         let der = first_cert_der(&cp.cert_pem).unwrap();

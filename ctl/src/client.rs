@@ -1,0 +1,542 @@
+//! A typed client for the broker's HTTPS API (`broker/openapi.json`), authenticated by
+//! the control plane's client certificate.
+//!
+//! Every call has a time limit: 10 s to connect, 30 s per request; the long polls of
+//! [`Client::wait`] get their poll time on top, and [`Client::events`] only limits how
+//! long the stream may stay silent (the broker sends a keep-alive every 15 s).
+
+use crate::sse::{SseError, SseParser};
+use dbvm_protocol::api::{
+    AgentView, ApiError, CommandView, EnrollmentToken, EnrollmentTokenRequest, Event, SubmitCommand,
+};
+use dbvm_protocol::command::SignedCommand;
+use futures::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest single long poll the broker serves.
+pub const MAX_POLL: Duration = Duration::from_secs(60);
+/// How long the event stream may carry nothing, not even a keep-alive.
+pub const EVENTS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The broker's address when none is configured.
+pub const DEFAULT_BROKER_URL: &str = "https://localhost:8443";
+
+/// The causes of an error, joined by `: ` (reqwest's own message only names the URL).
+struct Causes<'a>(&'a reqwest::Error);
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut cause = std::error::Error::source(self.0);
+        if cause.is_none() {
+            return write!(f, "{}", self.0);
+        }
+        let mut first = true;
+        while let Some(c) = cause {
+            if !first {
+                f.write_str(": ")?;
+            }
+            write!(f, "{c}")?;
+            first = false;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the broker client. Each message is complete: causes are written into it
+/// rather than chained, so it prints well on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("broker address {url:?} is not usable: {reason}; give an https:// URL with --broker or DBVM_BROKER")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot set up the HTTPS client: {}", Causes(.0))]
+    Build(reqwest::Error),
+    #[error("cannot reach the broker at {url} ({}): check the address (--broker, DBVM_BROKER), that the broker runs and that it trusts this control plane's certificate", Causes(.error))]
+    Connect { url: String, error: reqwest::Error },
+    #[error("{method} {url} did not answer within {} s", .after.as_secs())]
+    Timeout {
+        method: Method,
+        url: String,
+        after: Duration,
+    },
+    #[error("{method} {url} failed: {}", Causes(.error))]
+    Transport {
+        method: Method,
+        url: String,
+        error: reqwest::Error,
+    },
+    /// The broker answered with an error status and its JSON error body (or one made
+    /// up from the status when the body is not the broker's).
+    #[error("broker answered {0}: {code}: {error}", code = .1.code, error = .1.error)]
+    Http(StatusCode, ApiError),
+    #[error("answer to {method} {url} is not what the API describes: {error}")]
+    Decode {
+        method: Method,
+        url: String,
+        error: serde_json::Error,
+    },
+    #[error("event {event:?} from the broker does not decode: {error}")]
+    EventDecode {
+        event: Option<String>,
+        error: serde_json::Error,
+    },
+    #[error("event stream from {url} is malformed: {error}")]
+    EventStream { url: String, error: SseError },
+    #[error("event stream from {url} broke off: {}", Causes(.error))]
+    EventRead { url: String, error: reqwest::Error },
+    #[error("event stream from {url} carried nothing, not even a keep-alive, for {} s", .after.as_secs())]
+    EventsIdle { url: String, after: Duration },
+}
+
+impl ClientError {
+    /// The HTTP status, when the broker answered with an error.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Http(status, _) => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The API's error code (`busy`, `conflict`, ...), when the broker answered with one.
+    pub fn api_code(&self) -> Option<&str> {
+        match self {
+            Self::Http(_, e) => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    /// Whether the fault is in this side's settings (a bad URL) rather than the broker.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::BadUrl { .. } | Self::Build(_))
+    }
+}
+
+/// The stream [`Client::events`] returns. Ends when the broker closes the stream; a
+/// transport error is its last item; an undecodable event is an error item after which
+/// the stream goes on.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, ClientError>> + Send>>;
+
+/// A client of one broker.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+}
+
+impl Client {
+    /// `broker_url` is `https://host:port` (a path prefix is kept); `tls` is usually
+    /// [`crate::Home::tls_client_config`].
+    pub fn new(broker_url: &str, tls: rustls::ClientConfig) -> Result<Self, ClientError> {
+        let bad = |reason: &str| ClientError::BadUrl {
+            url: broker_url.to_string(),
+            reason: reason.to_string(),
+        };
+        let base = Url::parse(broker_url).map_err(|e| bad(&e.to_string()))?;
+        if base.scheme() != "https" {
+            return Err(bad("the broker speaks HTTPS only"));
+        }
+        if base.cannot_be_a_base() || base.host().is_none() {
+            return Err(bad("no host"));
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(bad("a query or fragment does not belong in it"));
+        }
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .https_only(true)
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(Self { http, base })
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// The URL of an API path, each segment escaped.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        // `new` refused URLs that cannot be a base, so path segments are always there.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// `GET` of a plain-text path such as `/metrics` or `/healthz`.
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let url = self.url(&segments);
+        let method = Method::GET;
+        let fail = |error: reqwest::Error| transport_error(&method, &url, REQUEST_TIMEOUT, error);
+        let resp = self
+            .http
+            .get(url.clone())
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(fail)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(fail)?;
+        if !status.is_success() {
+            return Err(http_error(status, &bytes));
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Sends a request and decodes the JSON answer; error statuses become [`ClientError::Http`].
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        timeout: Duration,
+        body: Option<RequestBody<'_>>,
+    ) -> Result<T, ClientError> {
+        let mut req: RequestBuilder = self
+            .http
+            .request(method.clone(), url.clone())
+            .timeout(timeout);
+        req = match body {
+            Some(RequestBody::Submit(b)) => req.json(b),
+            Some(RequestBody::Token(b)) => req.json(b),
+            None => req,
+        };
+        let fail = |error: reqwest::Error| transport_error(&method, &url, timeout, error);
+        let resp = req.send().await.map_err(fail)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(fail)?;
+        if !status.is_success() {
+            return Err(http_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|error| ClientError::Decode {
+            method,
+            url: url.to_string(),
+            error,
+        })
+    }
+
+    /// `POST /v1/commands`.
+    pub async fn submit(&self, command: &SignedCommand) -> Result<CommandView, ClientError> {
+        let body = SubmitCommand {
+            signed_command: command.to_base64(),
+        };
+        let url = self.url(&["v1", "commands"]);
+        self.call(
+            Method::POST,
+            url,
+            REQUEST_TIMEOUT,
+            Some(RequestBody::Submit(&body)),
+        )
+        .await
+    }
+
+    /// `GET /v1/commands/{id}`.
+    pub async fn command(&self, id: Uuid) -> Result<CommandView, ClientError> {
+        let url = self.url(&["v1", "commands", &id.to_string()]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// One long poll: `GET /v1/commands/{id}/wait?timeout_ms=N` (`poll` at most 60 s).
+    pub async fn wait_once(&self, id: Uuid, poll: Duration) -> Result<CommandView, ClientError> {
+        let poll = poll.min(MAX_POLL);
+        let mut url = self.url(&["v1", "commands", &id.to_string(), "wait"]);
+        url.query_pairs_mut()
+            .append_pair("timeout_ms", &poll.as_millis().to_string());
+        self.call(Method::GET, url, poll + REQUEST_TIMEOUT, None)
+            .await
+    }
+
+    /// Waits until the command is in a terminal state or `timeout` has passed, and
+    /// returns its last view (not terminal when the time ran out).
+    pub async fn wait(&self, id: Uuid, timeout: Duration) -> Result<CommandView, ClientError> {
+        self.wait_with_progress(id, timeout, MAX_POLL, |_| {}).await
+    }
+
+    /// Like [`Self::wait`], with long polls of at most `poll` (so `on_view` sees the
+    /// command's progress that often) and `on_view` called with every view received.
+    pub async fn wait_with_progress(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+        poll: Duration,
+        mut on_view: impl FnMut(&CommandView),
+    ) -> Result<CommandView, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let poll = poll.clamp(Duration::from_millis(100), MAX_POLL);
+        loop {
+            let started = Instant::now();
+            let this_poll = deadline.saturating_duration_since(started).min(poll);
+            let view = self.wait_once(id, this_poll).await?;
+            on_view(&view);
+            let now = Instant::now();
+            if view.state.is_terminal() || now >= deadline {
+                return Ok(view);
+            }
+            // A broker that answers long before the poll time is up must not make this
+            // a busy loop.
+            let quick = now.duration_since(started) < this_poll / 2;
+            if quick {
+                let pause = Duration::from_millis(250).min(deadline.saturating_duration_since(now));
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// `GET /v1/agents`.
+    pub async fn agents(&self) -> Result<Vec<AgentView>, ClientError> {
+        let url = self.url(&["v1", "agents"]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `GET /v1/agents/{id}`.
+    pub async fn agent(&self, id: &str) -> Result<AgentView, ClientError> {
+        let url = self.url(&["v1", "agents", id]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `POST /v1/enrollment-tokens`; `ttl` `None` takes the broker's default (15 min).
+    pub async fn enrollment_token(
+        &self,
+        agent: &str,
+        ttl: Option<Duration>,
+    ) -> Result<EnrollmentToken, ClientError> {
+        let body = EnrollmentTokenRequest {
+            agent_id: agent.to_string(),
+            ttl_seconds: ttl.map(|t| t.as_secs()),
+        };
+        let url = self.url(&["v1", "enrollment-tokens"]);
+        self.call(
+            Method::POST,
+            url,
+            REQUEST_TIMEOUT,
+            Some(RequestBody::Token(&body)),
+        )
+        .await
+    }
+
+    /// `GET /v1/events[?agent=ID]`: follows the broker's event stream.
+    pub async fn events(&self, agent: Option<&str>) -> Result<EventStream, ClientError> {
+        let mut url = self.url(&["v1", "events"]);
+        if let Some(agent) = agent {
+            url.query_pairs_mut().append_pair("agent", agent);
+        }
+        let method = Method::GET;
+        // No overall timeout: the stream lasts. The answer's head must come in time,
+        // and the body may not stay silent for long (see below).
+        let send = self
+            .http
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send();
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, send).await {
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    method,
+                    url: url.to_string(),
+                    after: REQUEST_TIMEOUT,
+                })
+            }
+            Ok(r) => r.map_err(|e| transport_error(&method, &url, REQUEST_TIMEOUT, e))?,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Err(http_error(status, &bytes));
+        }
+        let state = EventsState {
+            body: Box::pin(resp.bytes_stream()),
+            parser: SseParser::new(),
+            pending: VecDeque::new(),
+            done: false,
+            url,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, next_event)))
+    }
+}
+
+enum RequestBody<'a> {
+    Submit(&'a SubmitCommand),
+    Token(&'a EnrollmentTokenRequest),
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send>>;
+
+struct EventsState {
+    body: ByteStream,
+    parser: SseParser,
+    pending: VecDeque<Result<Event, ClientError>>,
+    done: bool,
+    url: Url,
+}
+
+async fn next_event(mut st: EventsState) -> Option<(Result<Event, ClientError>, EventsState)> {
+    loop {
+        if let Some(item) = st.pending.pop_front() {
+            return Some((item, st));
+        }
+        if st.done {
+            return None;
+        }
+        let failure = match tokio::time::timeout(EVENTS_IDLE_TIMEOUT, st.body.next()).await {
+            Err(_) => ClientError::EventsIdle {
+                url: st.url.to_string(),
+                after: EVENTS_IDLE_TIMEOUT,
+            },
+            // The broker closed the stream (it shuts down, or dropped this client).
+            Ok(None) => return None,
+            Ok(Some(Err(error))) => ClientError::EventRead {
+                url: st.url.to_string(),
+                error,
+            },
+            Ok(Some(Ok(chunk))) => match st.parser.push(&chunk) {
+                Ok(messages) => {
+                    for m in messages {
+                        let item = serde_json::from_str::<Event>(&m.data).map_err(|error| {
+                            ClientError::EventDecode {
+                                event: m.event,
+                                error,
+                            }
+                        });
+                        st.pending.push_back(item);
+                    }
+                    continue;
+                }
+                Err(error) => ClientError::EventStream {
+                    url: st.url.to_string(),
+                    error,
+                },
+            },
+        };
+        st.done = true;
+        return Some((Err(failure), st));
+    }
+}
+
+fn transport_error(
+    method: &Method,
+    url: &Url,
+    after: Duration,
+    error: reqwest::Error,
+) -> ClientError {
+    // A connection that is not set up within CONNECT_TIMEOUT is a connect error (that
+    // also counts as a timeout): check for it first.
+    if error.is_connect() {
+        ClientError::Connect {
+            url: url.to_string(),
+            error,
+        }
+    } else if error.is_timeout() {
+        ClientError::Timeout {
+            method: method.clone(),
+            url: url.to_string(),
+            after,
+        }
+    } else {
+        ClientError::Transport {
+            method: method.clone(),
+            url: url.to_string(),
+            error,
+        }
+    }
+}
+
+/// The broker's `ApiError` body, or one made from the status and the start of the body
+/// when something else (a proxy) answered.
+fn http_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let error = serde_json::from_slice::<ApiError>(body).unwrap_or_else(|_| {
+        let text = String::from_utf8_lossy(body);
+        let text: String = text.trim().chars().take(200).collect();
+        ApiError {
+            code: status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_lowercase()
+                .replace(' ', "_"),
+            error: if text.is_empty() {
+                "the answer has no error details".to_string()
+            } else {
+                text
+            },
+        }
+    });
+    ClientError::Http(status, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls() -> rustls::ClientConfig {
+        let ca = dbvm_protocol::pki::FleetCa::generate("t", Duration::from_secs(600)).unwrap();
+        dbvm_protocol::tls::client_config(ca.cert_pem(), None).unwrap()
+    }
+
+    #[test]
+    fn urls_are_built_from_the_base_with_escaped_segments() {
+        let c = Client::new("https://broker.example:8443", tls()).unwrap();
+        let id = Uuid::nil();
+        assert_eq!(
+            c.url(&["v1", "commands", &id.to_string(), "wait"]).as_str(),
+            "https://broker.example:8443/v1/commands/00000000-0000-0000-0000-000000000000/wait"
+        );
+        assert_eq!(
+            c.url(&["v1", "agents", "a/b?c"]).as_str(),
+            "https://broker.example:8443/v1/agents/a%2Fb%3Fc"
+        );
+        let c = Client::new("https://h/prefix/", tls()).unwrap();
+        assert_eq!(
+            c.url(&["v1", "agents"]).as_str(),
+            "https://h/prefix/v1/agents"
+        );
+    }
+
+    #[test]
+    fn unusable_broker_addresses_are_refused() {
+        for bad in [
+            "http://localhost:8443",
+            "localhost:8443",
+            "https://",
+            "https://h/?x=1",
+            "not a url",
+        ] {
+            let err = Client::new(bad, tls()).unwrap_err();
+            assert!(matches!(err, ClientError::BadUrl { .. }), "{bad}: {err}");
+            assert!(err.is_local());
+        }
+    }
+
+    #[test]
+    fn error_bodies_become_api_errors() {
+        let err = http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            br#"{"code":"busy","error":"8 deployments run and 2 wait; try again later"}"#,
+        );
+        assert_eq!(err.api_code(), Some("busy"));
+        assert_eq!(err.status(), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(
+            err.to_string(),
+            "broker answered 429 Too Many Requests: busy: 8 deployments run and 2 wait; try again later"
+        );
+        let err = http_error(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>\n");
+        assert_eq!(err.api_code(), Some("bad_gateway"));
+        assert!(
+            err.to_string()
+                .ends_with("bad_gateway: <html>bad gateway</html>"),
+            "{err}"
+        );
+        let err = http_error(StatusCode::NOT_FOUND, b"");
+        assert!(err.to_string().contains("no error details"), "{err}");
+    }
+}

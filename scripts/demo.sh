@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The dbvm demo, end to end on this machine: a fleet CA and control-plane keys, a broker
+# on its embedded store, one agent (the static musl build) enrolled with a one-time
+# token, and signed commands sent through the broker and answered by the agent.
+# Safe to run again: it starts from a clean demo directory each time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+bash scripts/setup.sh
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\n\033[1;34m==> %s\033[0m\n' "$*" >&2; }
+run() { printf '\033[2m$ %s\033[0m\n' "$*" >&2; "$@"; }
+
+say "building dbvm-broker and dbvmctl (release) and the static dbvm-agent (musl)"
+cargo build --release --locked -p dbvm-broker -p dbvmctl
+cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent
+bin="$root/target/release"
+agent_bin="$root/target/x86_64-unknown-linux-musl/release/dbvm-agent"
+file -b "$agent_bin" | cut -d, -f1-2
+
+demo="${DBVM_DEMO_DIR:-$root/demo-data}"
+rm -rf "$demo"
+mkdir -p "$demo"
+export DBVM_HOME="$demo/ctl"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+say "control-plane keys and the fleet CA (dbvmctl keygen, dbvmctl ca init)"
+run "$bin/dbvmctl" keygen > "$demo/keygen.out"
+cat "$demo/keygen.out"
+run "$bin/dbvmctl" ca init --broker-name localhost --broker-name 127.0.0.1
+
+say "starting dbvm-broker on its embedded store (ports chosen by the kernel)"
+cat > "$demo/broker.toml" <<TOML
+agent_listen = "127.0.0.1:0"
+api_listen = "127.0.0.1:0"
+data_dir = "$demo/broker-data"
+[tls]
+ca_cert = "$DBVM_HOME/ca.crt"
+ca_key = "$DBVM_HOME/ca.key"
+server_cert = "$DBVM_HOME/broker.crt"
+server_key = "$DBVM_HOME/broker.key"
+TOML
+"$bin/dbvm-broker" --config "$demo/broker.toml" > "$demo/broker.out" 2> "$demo/broker.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q listening "$demo/broker.out" 2>/dev/null && break; sleep 0.1; done
+line=$(grep listening "$demo/broker.out") || { cat "$demo/broker.log"; exit 1; }
+agent_addr=$(sed -E 's/.*agent=([^ ]+).*/\1/' <<<"$line")
+api_addr=$(sed -E 's/.*api=([^ ]+).*/\1/' <<<"$line")
+echo "$line"
+export DBVM_BROKER="https://localhost:${api_addr##*:}"
+
+say "a one-time enrollment token for agent db-demo (dbvmctl enroll-token)"
+token=$(run "$bin/dbvmctl" enroll-token db-demo --ttl 600)
+echo "${token:0:20}… (shown once; the broker keeps only its hash)"
+printf '%s' "$token" > "$demo/enroll.token"
+
+say "starting dbvm-agent: it makes its own key, enrolls, then dials the broker over mTLS"
+{
+  echo 'agent_id = "db-demo"'
+  echo "state_dir = \"$demo/agent-state\""
+  echo '[broker]'
+  echo "address = \"localhost:${agent_addr##*:}\""
+  echo "ca_cert = \"$DBVM_HOME/ca.crt\""
+  echo "enrollment_token_file = \"$demo/enroll.token\""
+  sed -n '/\[\[trusted_keys\]\]/,$p' "$demo/keygen.out"
+} > "$demo/agent.toml"
+"$agent_bin" --config "$demo/agent.toml" 2> "$demo/agent.log" &
+pids+=($!)
+for _ in $(seq 100); do
+  "$bin/dbvmctl" agents --json 2>/dev/null | grep -q '"connected": *true' && break
+  sleep 0.1
+done
+run "$bin/dbvmctl" agents
+
+say "signed ping (signed here with the control-plane key; the broker only relays it)"
+run "$bin/dbvmctl" send db-demo ping echo=hello
+
+say "signed facts"
+run "$bin/dbvmctl" send db-demo facts
+
+say "a secret sealed to the agent comes back sealed to the control plane (--reveal opens it here)"
+run "$bin/dbvmctl" send db-demo ping --secret secret=demo-s3cret --reveal
+
+say "a command signed by a key the agent does not trust is refused by the agent"
+DBVM_HOME="$demo/stranger" "$bin/dbvmctl" keygen >/dev/null
+for f in ca.crt controlplane.crt controlplane.key; do cp "$DBVM_HOME/$f" "$demo/stranger/"; done
+DBVM_HOME="$demo/stranger" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"
+
+say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
+say "demo complete; logs and config are in $demo (broker.log, agent.log)"

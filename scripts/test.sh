@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up this machine (scripts/setup.sh) and runs every check dbvm has: formatting,
+# clippy with warnings as errors, the static musl build of the agent, and the whole test
+# suite (unit, component and end-to-end tests against real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "static agent: cargo build --release --target x86_64-unknown-linux-musl -p dbvm-agent"
+cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent
+agent=target/x86_64-unknown-linux-musl/release/dbvm-agent
+if ! file "$agent" | grep -Eq 'static(-pie)? linked|statically linked'; then
+  echo "test.sh: $agent is not a static executable: $(file "$agent")" >&2
+  exit 1
+fi
+say "$(file -b "$agent" | cut -d, -f1-2), $(du -h "$agent" | cut -f1)"
+
+say "cargo test --workspace"
+cargo test --workspace --locked -- --test-threads 2

@@ -1,0 +1,202 @@
+//! A throwaway fleet: CA, broker certificate, control-plane certificate and keys in a
+//! temp dir; starts brokers and agents as real processes configured against it.
+
+use crate::proc::{parse_listening, AgentProc, BrokerProc, Proc};
+use dbvm_protocol::command::{CommandBody, CommandSigner, BODY_FORMAT};
+use dbvm_protocol::pki::{CertifiedKey, FleetCa, Identity};
+use dbvm_protocol::seal::SealingKey;
+use dbvm_protocol::SignedCommand;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub ca: FleetCa,
+    pub server: CertifiedKey,
+    pub control_plane: CertifiedKey,
+    pub signer: CommandSigner,
+    pub reply_key: SealingKey,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fleet {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = FleetCa::generate("test fleet CA", Duration::from_secs(24 * 3600)).expect("CA");
+        let server = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(24 * 3600))
+            .expect("server cert");
+        let control_plane = ca
+            .issue_client(&Identity::ControlPlane("tests".into()), Duration::from_secs(24 * 3600))
+            .expect("control-plane cert");
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+        write("ca.crt", ca.cert_pem());
+        write("ca.key", &ca.key_pem());
+        write("broker.crt", &server.cert_pem);
+        write("broker.key", &server.key_pem);
+        Self {
+            dir,
+            ca,
+            server,
+            control_plane,
+            signer: CommandSigner::generate(),
+            reply_key: SealingKey::generate(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts a broker named `name` (its data dir is kept across restarts) on the given
+    /// addresses (`127.0.0.1:0` for any free port). `extra` is appended to its config.
+    pub fn start_broker_at(&self, name: &str, agent: SocketAddr, api: SocketAddr, extra: &str) -> BrokerProc {
+        let config = format!(
+            r#"agent_listen = "{agent}"
+api_listen = "{api}"
+data_dir = "{data}"
+[tls]
+ca_cert = "{d}/ca.crt"
+ca_key = "{d}/ca.key"
+server_cert = "{d}/broker.crt"
+server_key = "{d}/broker.key"
+{extra}
+"#,
+            data = self.path(&format!("{name}-data")).display(),
+            d = self.dir.path().display(),
+        );
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, config).expect("broker config");
+        let log = self.path(&format!("{name}.log"));
+        let (proc, line) = Proc::spawn(name, "dbvm-broker", &["--config", path.to_str().unwrap_or_default()], log, &[]);
+        let line = line.unwrap_or_default();
+        let (agent_addr, api_addr) = parse_listening(&line)
+            .unwrap_or_else(|| panic!("broker did not report its addresses (got {line:?}):\n{}", proc.log_text()));
+        BrokerProc { proc, agent_addr, api_addr }
+    }
+
+    pub fn start_broker(&self, extra: &str) -> BrokerProc {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        self.start_broker_at("broker", any, any, extra)
+    }
+
+    /// Restarts a broker on the same ports and data dir (after it was killed).
+    pub fn restart_broker(&self, old: &BrokerProc, extra: &str) -> BrokerProc {
+        self.start_broker_at(&old.proc.name, old.agent_addr, old.api_addr, extra)
+    }
+
+    /// Writes an agent config and starts the agent. `token` goes into a token file.
+    pub fn start_agent(&self, id: &str, broker: SocketAddr, token: Option<&str>, extra: &str) -> AgentProc {
+        let state_dir = self.path(&format!("agent-{id}"));
+        let token_file = self.path(&format!("agent-{id}.token"));
+        if let Some(t) = token {
+            std::fs::write(&token_file, t).expect("token file");
+        }
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&self.signer.verifying_key());
+        let config = format!(
+            r#"agent_id = "{id}"
+state_dir = "{state}"
+[broker]
+address = "localhost:{port}"
+ca_cert = "{d}/ca.crt"
+enrollment_token_file = "{token}"
+[[trusted_keys]]
+key_id = "{kid}"
+public_key = "{pk}"
+[link]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+{extra}
+"#,
+            state = state_dir.display(),
+            port = broker.port(),
+            d = self.dir.path().display(),
+            token = token_file.display(),
+            kid = key.key_id,
+            pk = key.public_key,
+        );
+        let config_path = self.path(&format!("agent-{id}.toml"));
+        std::fs::write(&config_path, config).expect("agent config");
+        self.run_agent(id, config_path, state_dir)
+    }
+
+    pub fn run_agent(&self, id: &str, config: PathBuf, state_dir: PathBuf) -> AgentProc {
+        let log = self.path(&format!("agent-{id}.log"));
+        let (proc, _) = Proc::spawn(
+            &format!("agent {id}"),
+            "dbvm-agent",
+            &["--config", config.to_str().unwrap_or_default()],
+            log,
+            &[],
+        );
+        AgentProc {
+            proc,
+            id: id.to_string(),
+            config,
+            state_dir,
+        }
+    }
+
+    /// Gives agent `id` a certificate directly (no enrollment), for tests that point it
+    /// at something other than a real broker.
+    pub fn provision_identity(&self, id: &str) {
+        let agent = dbvm_protocol::AgentId::new(id).expect("agent id");
+        let (csr, key) = dbvm_protocol::pki::make_csr(&agent).expect("csr");
+        let cert = self
+            .ca
+            .sign_agent_csr(&csr, &agent, Duration::from_secs(3600))
+            .expect("sign");
+        let dir = self.path(&format!("agent-{id}"));
+        std::fs::create_dir_all(&dir).expect("state dir");
+        std::fs::write(dir.join("identity.pem"), format!("{}\n{}", cert.trim(), key)).expect("identity");
+    }
+
+    /// A client certificate for an arbitrary identity, signed by the fleet CA.
+    pub fn client_cert(&self, identity: Identity) -> CertifiedKey {
+        self.ca.issue_client(&identity, Duration::from_secs(3600)).expect("client cert")
+    }
+
+    /// Starts the same agent again (same config and state) after it was killed.
+    pub fn restart_agent(&self, old: &AgentProc) -> AgentProc {
+        self.run_agent(&old.id, old.config.clone(), old.state_dir.clone())
+    }
+
+    pub fn client(&self, broker: &BrokerProc) -> dbvmctl::Client {
+        client_as(
+            &broker.api_url(),
+            self.ca.cert_pem(),
+            Some((&self.control_plane.cert_pem, &self.control_plane.key_pem)),
+        )
+    }
+
+    pub fn body(&self, agent: &str, operation: &str, args: serde_json::Value) -> CommandBody {
+        let now = dbvm_protocol::now_ms();
+        CommandBody {
+            format: BODY_FORMAT,
+            id: Uuid::new_v4(),
+            agent_id: agent.into(),
+            issued_at_ms: now,
+            not_after_ms: now + 300_000,
+            operation: operation.into(),
+            args_json: args.to_string(),
+            reply_key: Some(self.reply_key.public_key()),
+        }
+    }
+
+    pub fn sign(&self, agent: &str, operation: &str, args: serde_json::Value) -> SignedCommand {
+        self.signer.sign(&self.body(agent, operation, args))
+    }
+}
+
+/// An API client presenting `identity` (or no certificate at all).
+pub fn client_as(url: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> dbvmctl::Client {
+    let tls = dbvm_protocol::tls::client_config(ca_pem, identity).expect("TLS config");
+    dbvmctl::Client::new(url, tls).expect("API client")
+}
