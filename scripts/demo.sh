@@ -17,7 +17,7 @@ cargo build --release --locked -p dbvm-broker -p dbvmctl
 cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent
 bin="$root/target/release"
 agent_bin="$root/target/x86_64-unknown-linux-musl/release/dbvm-agent"
-file -b "$agent_bin" | cut -d, -f1-2
+echo "dbvm-agent: $(file -b "$agent_bin" | grep -o "static-pie linked\|statically linked"), $(du -h "$agent_bin" | cut -f1)"
 
 demo="${DBVM_DEMO_DIR:-$root/demo-data}"
 rm -rf "$demo"
@@ -88,7 +88,7 @@ say "a secret sealed to the agent comes back sealed to the control plane (--reve
 run "$bin/dbvmctl" send db-demo ping --secret secret=demo-s3cret --reveal
 
 say "a command signed by a key the agent does not trust is refused by the agent"
-DBVM_HOME="$demo/stranger" "$bin/dbvmctl" keygen >/dev/null
+DBVM_HOME="$demo/stranger" "$bin/dbvmctl" keygen >/dev/null 2>&1
 for f in ca.crt controlplane.crt controlplane.key; do cp "$DBVM_HOME/$f" "$demo/stranger/"; done
 DBVM_HOME="$demo/stranger" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"
 

@@ -22,7 +22,7 @@ if ! file "$agent" | grep -Eq 'static(-pie)? linked|statically linked'; then
   echo "test.sh: $agent is not a static executable: $(file "$agent")" >&2
   exit 1
 fi
-say "$(file -b "$agent" | cut -d, -f1-2), $(du -h "$agent" | cut -f1)"
+say "dbvm-agent: $(file -b "$agent" | grep -Eo 'static-pie linked|statically linked'), $(du -h "$agent" | cut -f1)"
 
 say "cargo test --workspace"
 cargo test --workspace --locked -- --test-threads 2

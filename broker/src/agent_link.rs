@@ -12,7 +12,8 @@ use crate::store::{AgentRecord, CommandRecord, Finish};
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
 use dbvm_protocol::frame::{self, FrameError};
 use dbvm_protocol::messages::{
-    peek_hello_version, AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode, Welcome,
+    peek_hello_version, AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode,
+    Welcome,
 };
 use dbvm_protocol::pki::{identity_of, validity_ms_der, Identity};
 use dbvm_protocol::{AgentId, SignedCommand, PROTOCOL_MAJOR, PROTOCOL_MINOR};
@@ -65,7 +66,8 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake");
@@ -98,7 +100,12 @@ async fn refuse(wr: &mut Writer, hub: &Hub, code: RefuseCode, message: String) {
     let reason = format!("{code:?}").to_lowercase();
     Metrics::count(&hub.metrics.link_errors, "reason", &reason);
     tracing::info!(code = ?code, %message, "refusing agent connection");
-    let _ = send(wr, &BrokerMessage::Refused { code, message }, frame::MAX_FRAME_LEN).await;
+    let _ = send(
+        wr,
+        &BrokerMessage::Refused { code, message },
+        frame::MAX_FRAME_LEN,
+    )
+    .await;
     let _ = wr.shutdown().await;
 }
 
@@ -112,18 +119,31 @@ async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: Cancella
     let max = hub.settings.max_frame_bytes;
     let (mut rd, mut wr) = tokio::io::split(tls);
 
-    let payload = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, frame::read_payload(&mut rd, max)).await {
-        Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, format!("first frame refused: {e}")).await;
-            return;
-        }
-        Err(_) => {
-            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, "no Hello within 10 s".into()).await;
-            return;
-        }
-    };
+    let payload =
+        match tokio::time::timeout(FIRST_FRAME_TIMEOUT, frame::read_payload(&mut rd, max)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                refuse(
+                    &mut wr,
+                    &hub,
+                    RefuseCode::ProtocolViolation,
+                    format!("first frame refused: {e}"),
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                refuse(
+                    &mut wr,
+                    &hub,
+                    RefuseCode::ProtocolViolation,
+                    "no Hello within 10 s".into(),
+                )
+                .await;
+                return;
+            }
+        };
     if let Some((major, minor)) = peek_hello_version(&payload) {
         if major != PROTOCOL_MAJOR {
             let msg = format!(
@@ -136,7 +156,13 @@ async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: Cancella
     let first: AgentMessage = match frame::decode(&payload) {
         Ok(m) => m,
         Err(e) => {
-            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, format!("first frame refused: {e}")).await;
+            refuse(
+                &mut wr,
+                &hub,
+                RefuseCode::ProtocolViolation,
+                format!("first frame refused: {e}"),
+            )
+            .await;
             return;
         }
     };
@@ -177,7 +203,9 @@ async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: Cancella
             }
             let not_after = validity_ms_der(&der).ok().map(|(_, na)| na);
             let span = tracing::info_span!("agent", agent = %agent);
-            session(hub, agent, hello, not_after, rd, wr, shutdown).instrument(span).await;
+            session(hub, agent, hello, not_after, rd, wr, shutdown)
+                .instrument(span)
+                .await;
         }
         other => {
             let msg = format!("first frame must be Hello or Enroll, got {}", kind(&other));
@@ -207,7 +235,12 @@ enum Incoming {
 /// Reads frames until the peer closes, errs, or stays silent too long.
 async fn reader(mut rd: Reader, tx: mpsc::Sender<Incoming>, max: usize, dead_after: Duration) {
     let end = loop {
-        match tokio::time::timeout(dead_after, frame::read_frame::<AgentMessage, _>(&mut rd, max)).await {
+        match tokio::time::timeout(
+            dead_after,
+            frame::read_frame::<AgentMessage, _>(&mut rd, max),
+        )
+        .await
+        {
             Ok(Ok(Some(m))) => {
                 if tx.send(Incoming::Frame(m)).await.is_err() {
                     return;
@@ -215,7 +248,12 @@ async fn reader(mut rd: Reader, tx: mpsc::Sender<Incoming>, max: usize, dead_aft
             }
             Ok(Ok(None)) => break None,
             Ok(Err(e)) => break Some(e.to_string()),
-            Err(_) => break Some(format!("no frame for {} ms: peer considered dead", dead_after.as_millis())),
+            Err(_) => {
+                break Some(format!(
+                    "no frame for {} ms: peer considered dead",
+                    dead_after.as_millis()
+                ))
+            }
         }
     };
     let _ = tx.send(Incoming::Closed(end)).await;
@@ -258,7 +296,13 @@ async fn session(
         cert_not_after_ms: cert_not_after,
     };
     if let Err(e) = hub.store.upsert_agent(record.clone()).await {
-        refuse(&mut wr, &hub, RefuseCode::Internal, format!("broker store unavailable: {e}")).await;
+        refuse(
+            &mut wr,
+            &hub,
+            RefuseCode::Internal,
+            format!("broker store unavailable: {e}"),
+        )
+        .await;
         return;
     }
     let welcome = BrokerMessage::Welcome(Welcome {
@@ -275,8 +319,9 @@ async fn session(
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(64);
     let (generation, last_seen) = hub.register(record, cmd_tx);
     let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(16);
-    let dead_after =
-        Duration::from_millis(u64::from(hub.settings.heartbeat_interval_ms) * u64::from(hub.settings.missed_heartbeats));
+    let dead_after = Duration::from_millis(
+        u64::from(hub.settings.heartbeat_interval_ms) * u64::from(hub.settings.missed_heartbeats),
+    );
     let reader_task = tokio::spawn(reader(rd, in_tx, max, dead_after));
 
     let mut s = Session {
@@ -304,7 +349,11 @@ async fn session(
     while result.is_ok() {
         let blocked = !s.blocked.is_empty();
         // A link lives no longer than its certificate unless the agent renews in band.
-        let cert_left = Duration::from_millis(s.cert_not_after_ms.map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms()).max(0) as u64);
+        let cert_left = Duration::from_millis(
+            s.cert_not_after_ms
+                .map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms())
+                .max(0) as u64,
+        );
         result = tokio::select! {
             _ = tokio::time::sleep(cert_left) => Err("the agent certificate expired and was not renewed".into()),
             _ = shutdown.cancelled() => Err("broker shutting down".into()),
@@ -347,7 +396,10 @@ async fn session(
         hub.admission.release(class);
     }
     hub.unregister(agent.as_str(), generation);
-    let _ = hub.store.touch_agent(agent.as_str(), last_seen.load(Ordering::Relaxed)).await;
+    let _ = hub
+        .store
+        .touch_agent(agent.as_str(), last_seen.load(Ordering::Relaxed))
+        .await;
     let _ = tokio::time::timeout(Duration::from_secs(1), s.wr.shutdown()).await;
 }
 
@@ -406,9 +458,11 @@ impl Session {
 
     async fn handle(&mut self, m: AgentMessage) -> Result<(), String> {
         match m {
-            AgentMessage::Heartbeat { seq } => send(&mut self.wr, &BrokerMessage::HeartbeatAck { seq }, self.max)
-                .await
-                .map_err(|e| e.to_string()),
+            AgentMessage::Heartbeat { seq } => {
+                send(&mut self.wr, &BrokerMessage::HeartbeatAck { seq }, self.max)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             AgentMessage::Ack { id } => {
                 let store = self.hub.store.clone();
                 tokio::spawn(async move {
@@ -421,12 +475,19 @@ impl Session {
                         )
                         .await;
                 });
-                self.hub.publish("command.state", self.agent.as_str(), Some(id), || {
-                    serde_json::json!({ "state": "running" })
-                });
+                self.hub.publish(
+                    "command.state",
+                    self.agent.as_str(),
+                    Some(id),
+                    || serde_json::json!({ "state": "running" }),
+                );
                 Ok(())
             }
-            AgentMessage::Progress { id, percent, message } => {
+            AgentMessage::Progress {
+                id,
+                percent,
+                message,
+            } => {
                 let store = self.hub.store.clone();
                 let progress = Progress {
                     percent: percent.min(100),
@@ -435,37 +496,54 @@ impl Session {
                 tokio::spawn(async move {
                     let _ = store.progress(id, progress).await;
                 });
-                self.hub.publish("command.progress", self.agent.as_str(), Some(id), || {
-                    serde_json::json!({ "percent": percent, "message": message })
-                });
+                self.hub.publish(
+                    "command.progress",
+                    self.agent.as_str(),
+                    Some(id),
+                    || serde_json::json!({ "percent": percent, "message": message }),
+                );
                 Ok(())
             }
             AgentMessage::Result(result) => self.result(result).await,
             AgentMessage::Event(e) => {
-                self.hub.publish("agent.event", self.agent.as_str(), None, || {
-                    let payload: serde_json::Value =
-                        serde_json::from_str(&e.payload_json).unwrap_or(serde_json::Value::String(e.payload_json.clone()));
-                    serde_json::json!({ "kind": e.kind, "at_ms": e.at_ms, "payload": payload })
-                });
+                self.hub
+                    .publish("agent.event", self.agent.as_str(), None, || {
+                        let payload: serde_json::Value = serde_json::from_str(&e.payload_json)
+                            .unwrap_or(serde_json::Value::String(e.payload_json.clone()));
+                        serde_json::json!({ "kind": e.kind, "at_ms": e.at_ms, "payload": payload })
+                    });
                 Ok(())
             }
             AgentMessage::Renew { csr_pem } => {
                 let reply = enroll::renew(&self.hub, &self.agent, &csr_pem);
                 if let BrokerMessage::Renewed { cert_pem } = &reply {
-                    self.cert_not_after_ms = dbvm_protocol::pki::validity_ms(cert_pem).ok().map(|(_, na)| na);
+                    self.cert_not_after_ms = dbvm_protocol::pki::validity_ms(cert_pem)
+                        .ok()
+                        .map(|(_, na)| na);
                 }
-                send(&mut self.wr, &reply, self.max).await.map_err(|e| e.to_string())
+                send(&mut self.wr, &reply, self.max)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             other @ (AgentMessage::Hello(_) | AgentMessage::Enroll(_)) => {
-                Metrics::count(&self.hub.metrics.link_errors, "reason", "protocol_violation");
-                Err(format!("protocol violation: {} after the session started", kind(&other)))
+                Metrics::count(
+                    &self.hub.metrics.link_errors,
+                    "reason",
+                    "protocol_violation",
+                );
+                Err(format!(
+                    "protocol violation: {} after the session started",
+                    kind(&other)
+                ))
             }
         }
     }
 
     async fn result(&mut self, r: CommandResult) -> Result<(), String> {
         let (state, output_json, error) = match r.outcome {
-            Outcome::Succeeded { output_json } => (CommandState::Succeeded, Some(output_json), None),
+            Outcome::Succeeded { output_json } => {
+                (CommandState::Succeeded, Some(output_json), None)
+            }
             Outcome::Failed { message } => (
                 CommandState::Failed,
                 None,
@@ -498,7 +576,9 @@ impl Session {
             error,
         };
         match self.hub.finish(self.agent.as_str(), r.id, finish).await {
-            Ok(None) => tracing::debug!(id = %r.id, "result for a command already finished or unknown; acknowledged"),
+            Ok(None) => {
+                tracing::debug!(id = %r.id, "result for a command already finished or unknown; acknowledged")
+            }
             Ok(Some(_)) => {}
             // Not acknowledged: the agent keeps the result and sends it again.
             Err(e) => return Err(format!("cannot store the result of {}: {e}", r.id)),
@@ -507,8 +587,12 @@ impl Session {
             self.hub.admission.release(class);
         }
         self.known.remove(&r.id);
-        send(&mut self.wr, &BrokerMessage::ResultAck { id: r.id }, self.max)
-            .await
-            .map_err(|e| e.to_string())
+        send(
+            &mut self.wr,
+            &BrokerMessage::ResultAck { id: r.id },
+            self.max,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }

@@ -91,7 +91,11 @@ impl From<StoreError> for ApiFailure {
             ),
             other => {
                 tracing::error!(error = %other, "store error in API");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("broker store: {other}"))
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("broker store: {other}"),
+                )
             }
         }
     }
@@ -152,7 +156,12 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
-            get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    OPENAPI,
+                )
+            }),
         )
         .merge(v1)
         .fallback(|| async { ApiFailure::not_found("no such route; see /openapi.json") })
@@ -161,14 +170,18 @@ pub fn router(hub: Arc<Hub>) -> Router {
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         hub.metrics.render(),
     )
 }
 
 /// Checks a submission completely before anything is stored.
 pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<CommandRecord> {
-    let signed = SignedCommand::from_base64(&req.signed_command).map_err(ApiFailure::bad_request)?;
+    let signed =
+        SignedCommand::from_base64(&req.signed_command).map_err(ApiFailure::bad_request)?;
     if signed.body.len() > MAX_BODY_BYTES {
         return Err(ApiFailure::bad_request(format!(
             "command body of {} bytes exceeds the maximum of {MAX_BODY_BYTES}",
@@ -190,7 +203,8 @@ pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<Comman
             body.format
         )));
     }
-    let agent = AgentId::new(body.agent_id.clone()).map_err(|e| ApiFailure::bad_request(format!("target: {e}")))?;
+    let agent = AgentId::new(body.agent_id.clone())
+        .map_err(|e| ApiFailure::bad_request(format!("target: {e}")))?;
     let op_ok = !body.operation.is_empty()
         && body.operation.len() <= 64
         && body
@@ -252,7 +266,8 @@ async fn submit(
     Query(q): Query<WaitQuery>,
     body: Result<Json<SubmitCommand>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) = body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let Json(req) =
+        body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
     let rec = match validate_submission(&req, dbvm_protocol::now_ms()) {
         Ok(r) => r,
         Err(e) => {
@@ -264,7 +279,9 @@ async fn submit(
     let view = rec.view();
     hub.submit(rec).await.map_err(|e| match e {
         SubmitError::Store(s) => ApiFailure::from(s),
-        busy @ SubmitError::Busy { .. } => ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "busy", busy.to_string()),
+        busy @ SubmitError::Busy { .. } => {
+            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "busy", busy.to_string())
+        }
     })?;
     let view = match q.wait_ms {
         Some(ms) if ms > 0 => hub
@@ -278,10 +295,14 @@ async fn submit(
 }
 
 fn parse_id(id: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(id).map_err(|_| ApiFailure::bad_request(format!("{id:?} is not a command id (a UUID)")))
+    Uuid::parse_str(id)
+        .map_err(|_| ApiFailure::bad_request(format!("{id:?} is not a command id (a UUID)")))
 }
 
-async fn command(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn command(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let id = parse_id(&id)?;
     match hub.store.command(id).await? {
         Some(rec) => Ok(Json(rec.view())),
@@ -306,30 +327,43 @@ async fn agents(State(hub): State<Arc<Hub>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(hub.agent_views().await?))
 }
 
-async fn agent(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+async fn agent(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     AgentId::new(id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
     hub.agent_views()
         .await?
         .into_iter()
         .find(|a| a.id == id)
         .map(Json)
-        .ok_or_else(|| ApiFailure::not_found(format!("agent {id} has never connected and has no commands")))
+        .ok_or_else(|| {
+            ApiFailure::not_found(format!(
+                "agent {id} has never connected and has no commands"
+            ))
+        })
 }
 
 async fn enrollment_token(
     State(hub): State<Arc<Hub>>,
     body: Result<Json<EnrollmentTokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) = body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
-    let agent = AgentId::new(req.agent_id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    let Json(req) =
+        body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let agent =
+        AgentId::new(req.agent_id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
     let max = hub.settings.max_token_ttl_seconds;
     let ttl = req.ttl_seconds.unwrap_or(900);
     if ttl == 0 || ttl > max {
-        return Err(ApiFailure::bad_request(format!("ttl_seconds must be between 1 and {max}")));
+        return Err(ApiFailure::bad_request(format!(
+            "ttl_seconds must be between 1 and {max}"
+        )));
     }
     let (token, hash) = crate::enroll::new_token();
     let expires_at_ms = dbvm_protocol::now_ms() + i64::try_from(ttl * 1000).unwrap_or(i64::MAX / 2);
-    hub.store.insert_token(hash, agent.as_str(), expires_at_ms).await?;
+    hub.store
+        .insert_token(hash, agent.as_str(), expires_at_ms)
+        .await?;
     tracing::info!(agent = %agent, ttl, "enrollment token issued");
     Ok((
         StatusCode::CREATED,
@@ -360,7 +394,9 @@ async fn events(State(hub): State<Arc<Hub>>, Query(q): Query<EventsQuery>) -> im
                     return Some((Ok::<_, Infallible>(sse), (rx, agent)));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let sse = SseEvent::default().comment(format!("{n} events were dropped: this client reads too slowly"));
+                    let sse = SseEvent::default().comment(format!(
+                        "{n} events were dropped: this client reads too slowly"
+                    ));
                     return Some((Ok(sse), (rx, agent)));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -443,9 +479,14 @@ mod tests {
                 documented.insert((method.clone(), path.clone()));
             }
         }
-        let served: BTreeSet<(String, String)> =
-            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
-        assert_eq!(documented, served, "broker/openapi.json and api::ROUTES differ");
+        let served: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(
+            documented, served,
+            "broker/openapi.json and api::ROUTES differ"
+        );
     }
 
     #[tokio::test]
@@ -460,8 +501,16 @@ mod tests {
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
         for (method, path) in ROUTES {
             let path = path.replace("{id}", "00000000-0000-0000-0000-000000000000");
-            let path = if path.ends_with("/wait") { format!("{path}?timeout_ms=1") } else { path };
-            let body = if *method == "post" { Body::from("{}") } else { Body::empty() };
+            let path = if path.ends_with("/wait") {
+                format!("{path}?timeout_ms=1")
+            } else {
+                path
+            };
+            let body = if *method == "post" {
+                Body::from("{}")
+            } else {
+                Body::empty()
+            };
             let mut req = axum::http::Request::builder()
                 .method(method.to_uppercase().as_str())
                 .uri(&path)
@@ -477,7 +526,11 @@ mod tests {
                     .expect("request");
                 anon.extensions_mut().insert(Peer::Anonymous);
                 let resp = app.clone().oneshot(anon).await.expect("response");
-                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {path} without a certificate");
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} without a certificate"
+                );
             }
             let resp = app.clone().oneshot(req).await.expect("response");
             let status = resp.status();
@@ -486,9 +539,14 @@ mod tests {
                 assert_eq!(status, StatusCode::OK);
                 continue;
             }
-            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .expect("body");
             let text = String::from_utf8_lossy(&bytes);
-            assert!(!text.contains("no such route"), "{method} {path} is not served: {status} {text}");
+            assert!(
+                !text.contains("no such route"),
+                "{method} {path} is not served: {status} {text}"
+            );
         }
     }
 

@@ -136,8 +136,10 @@ impl std::fmt::Debug for TlsMaterial {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -165,7 +167,10 @@ impl Config {
         if !(4096..=dbvm_protocol::frame::MAX_FRAME_LEN).contains(&a.max_frame_bytes) {
             return Err(ConfigError::Invalid {
                 key: "agents.max_frame_bytes",
-                problem: format!("must be between 4096 and {}", dbvm_protocol::frame::MAX_FRAME_LEN),
+                problem: format!(
+                    "must be between 4096 and {}",
+                    dbvm_protocol::frame::MAX_FRAME_LEN
+                ),
             });
         }
         let l = &self.limits;
@@ -206,9 +211,11 @@ impl Config {
             server_cert_pem: read("tls.server_cert", &self.tls.server_cert)?,
             server_key_pem: read("tls.server_key", &self.tls.server_key)?,
         };
-        dbvm_protocol::pki::FleetCa::load(&m.ca_cert_pem, &m.ca_key_pem).map_err(|e| ConfigError::Tls {
-            key: "tls.ca_key",
-            problem: format!("CA certificate and key do not load together: {e}"),
+        dbvm_protocol::pki::FleetCa::load(&m.ca_cert_pem, &m.ca_key_pem).map_err(|e| {
+            ConfigError::Tls {
+                key: "tls.ca_key",
+                problem: format!("CA certificate and key do not load together: {e}"),
+            }
         })?;
         dbvm_protocol::tls::server_config(
             &m.server_cert_pem,
@@ -244,7 +251,8 @@ server_key = "d"
         c.validate().unwrap();
         let e = toml::from_str::<Config>(&format!("{base}\n[limits]\nbackups = 3\n")).unwrap_err();
         assert!(e.to_string().contains("backups"), "{e}");
-        let c: Config = toml::from_str(&format!("{base}\n[limits]\nbackups_running = 0\n")).unwrap();
+        let c: Config =
+            toml::from_str(&format!("{base}\n[limits]\nbackups_running = 0\n")).unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("limits.backups_running"), "{e}");
     }

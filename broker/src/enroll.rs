@@ -45,14 +45,21 @@ pub async fn enroll(hub: &Hub, req: EnrollRequest) -> Result<BrokerMessage, (Ref
         .map_err(|e| refuse(format!("certificate signing request refused: {e}")))?;
     match hub
         .store
-        .consume_token(hash_token(&req.token), agent.as_str(), dbvm_protocol::now_ms())
+        .consume_token(
+            hash_token(&req.token),
+            agent.as_str(),
+            dbvm_protocol::now_ms(),
+        )
         .await
     {
         Ok(Ok(())) => {}
         Ok(Err(refusal)) => return Err(refuse(refusal.to_string())),
         Err(e) => {
             Metrics::count(&hub.metrics.enrollments, "result", "error");
-            return Err((RefuseCode::Internal, format!("enrollment failed inside the broker: {e}")));
+            return Err((
+                RefuseCode::Internal,
+                format!("enrollment failed inside the broker: {e}"),
+            ));
         }
     }
     Metrics::count(&hub.metrics.enrollments, "result", "ok");

@@ -47,7 +47,10 @@ impl Admission {
             (OperationClass::Backup, l.backups_running),
             (OperationClass::LogUpload, l.log_uploads_running),
         ]);
-        let running = OperationClass::ALL.into_iter().map(|c| (c, AtomicU32::new(0))).collect();
+        let running = OperationClass::ALL
+            .into_iter()
+            .map(|c| (c, AtomicU32::new(0)))
+            .collect();
         Self {
             limits,
             running,
@@ -64,13 +67,16 @@ impl Admission {
         };
         let counter = &self.running[&class];
         counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < *limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < *limit).then_some(n + 1)
+            })
             .is_ok()
     }
 
     pub fn release(&self, class: OperationClass) {
         if self.limits.contains_key(&class) {
-            let _ = self.running[&class].fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            let _ = self.running[&class]
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             self.freed.notify_waiters();
         }
     }
@@ -83,14 +89,16 @@ impl Admission {
     fn admit_deployment(&self) -> bool {
         let max = self.deployments_max_outstanding;
         self.deployments_outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
     fn deployment_done(&self) {
-        let _ = self
-            .deployments_outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        let _ =
+            self.deployments_outstanding
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 }
 
@@ -134,7 +142,9 @@ impl Hub {
         // Deployments accepted before a restart still count against the waiting room.
         for (_, class) in store.unfinished().await? {
             if class == OperationClass::Deployment {
-                admission.deployments_outstanding.fetch_add(1, Ordering::AcqRel);
+                admission
+                    .deployments_outstanding
+                    .fetch_add(1, Ordering::AcqRel);
             }
         }
         let (events, _) = broadcast::channel(4096);
@@ -164,7 +174,13 @@ impl Hub {
         self.events.subscribe()
     }
 
-    pub fn publish(&self, kind: &str, agent_id: &str, command_id: Option<Uuid>, data: impl FnOnce() -> serde_json::Value) {
+    pub fn publish(
+        &self,
+        kind: &str,
+        agent_id: &str,
+        command_id: Option<Uuid>,
+        data: impl FnOnce() -> serde_json::Value,
+    ) {
         if self.events.receiver_count() == 0 {
             return;
         }
@@ -179,7 +195,14 @@ impl Hub {
         let _ = self.events.send(event);
     }
 
-    fn publish_state(&self, rec_agent: &str, id: Uuid, operation: &str, state: CommandState, error: Option<&CommandError>) {
+    fn publish_state(
+        &self,
+        rec_agent: &str,
+        id: Uuid,
+        operation: &str,
+        state: CommandState,
+        error: Option<&CommandError>,
+    ) {
         self.publish("command.state", rec_agent, Some(id), || {
             serde_json::json!({
                 "operation": operation,
@@ -196,7 +219,10 @@ impl Hub {
         let deployment = rec.class == OperationClass::Deployment;
         if deployment && !self.admission.admit_deployment() {
             let running = self.admission.running(OperationClass::Deployment);
-            let outstanding = self.admission.deployments_outstanding.load(Ordering::Acquire);
+            let outstanding = self
+                .admission
+                .deployments_outstanding
+                .load(Ordering::Acquire);
             Metrics::count(&self.metrics.submissions_refused, "reason", "busy");
             return Err(SubmitError::Busy {
                 running,
@@ -212,8 +238,18 @@ impl Hub {
             Metrics::count(&self.metrics.submissions_refused, "reason", "store");
             return Err(e.into());
         }
-        Metrics::count(&self.metrics.commands_submitted, "class", rec.class.as_str());
-        self.publish_state(&rec.agent_id, rec.id, &rec.operation, CommandState::Queued, None);
+        Metrics::count(
+            &self.metrics.commands_submitted,
+            "class",
+            rec.class.as_str(),
+        );
+        self.publish_state(
+            &rec.agent_id,
+            rec.id,
+            &rec.operation,
+            CommandState::Queued,
+            None,
+        );
         let tx = self.agents().get(&rec.agent_id).map(|a| a.tx.clone());
         if let Some(tx) = tx {
             // If the session is gone the command stays queued in the store for the next one.
@@ -225,7 +261,12 @@ impl Hub {
     /// Records a command's end durably; wakes waiters; frees the deployment room.
     /// Returns the class of the command when this call finished it, `None` when it had
     /// already finished (a re-sent result) or is unknown.
-    pub async fn finish(&self, agent_id: &str, id: Uuid, finish: Finish) -> Result<Option<OperationClass>, StoreError> {
+    pub async fn finish(
+        &self,
+        agent_id: &str,
+        id: Uuid,
+        finish: Finish,
+    ) -> Result<Option<OperationClass>, StoreError> {
         let state = finish.state;
         let error = finish.error.clone();
         let Some((class, operation)) = self.store.finish(id, finish).await? else {
@@ -245,14 +286,22 @@ impl Hub {
     }
 
     fn wake(&self, id: Uuid) {
-        let senders = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let senders = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         for s in senders.into_iter().flatten() {
             let _ = s.send(());
         }
     }
 
     /// Waits until the command is finished or `timeout` passes; returns its record.
-    pub async fn wait_finished(&self, id: Uuid, timeout: Duration) -> Result<Option<CommandRecord>, StoreError> {
+    pub async fn wait_finished(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> Result<Option<CommandRecord>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -263,7 +312,10 @@ impl Hub {
         let rec = self.store.command(id).await?;
         match &rec {
             None => {
-                self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                self.waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 return Ok(None);
             }
             Some(r) if r.state.is_terminal() => return Ok(rec),
@@ -279,7 +331,13 @@ impl Hub {
         for rec in &expired {
             self.class_finished(rec.class);
             Metrics::count(&self.metrics.commands_finished, "state", "expired");
-            self.publish_state(&rec.agent_id, rec.id, &rec.operation, CommandState::Expired, rec.error.as_ref());
+            self.publish_state(
+                &rec.agent_id,
+                rec.id,
+                &rec.operation,
+                CommandState::Expired,
+                rec.error.as_ref(),
+            );
             self.wake(rec.id);
         }
         Ok(expired.len())
@@ -288,7 +346,11 @@ impl Hub {
     // ----- agents ---------------------------------------------------------------------
 
     /// Registers a session; an older session of the same agent is told to close.
-    pub fn register(&self, record: AgentRecord, tx: mpsc::Sender<SessionCommand>) -> (u64, Arc<AtomicI64>) {
+    pub fn register(
+        &self,
+        record: AgentRecord,
+        tx: mpsc::Sender<SessionCommand>,
+    ) -> (u64, Arc<AtomicI64>) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let last_seen = Arc::new(AtomicI64::new(dbvm_protocol::now_ms()));
         let id = record.id.clone();
@@ -333,7 +395,12 @@ impl Hub {
         let live: HashMap<String, (AgentRecord, i64)> = self
             .agents()
             .iter()
-            .map(|(k, v)| (k.clone(), (v.record.clone(), v.last_seen_ms.load(Ordering::Relaxed))))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    (v.record.clone(), v.last_seen_ms.load(Ordering::Relaxed)),
+                )
+            })
             .collect();
         let mut views: Vec<AgentView> = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -343,11 +410,21 @@ impl Hub {
                 None => (rec.clone(), false, rec.last_seen_ms),
             };
             seen.insert(rec.id.clone());
-            views.push(view(&rec, connected, last_seen, queued.get(&rec.id).copied().unwrap_or(0)));
+            views.push(view(
+                &rec,
+                connected,
+                last_seen,
+                queued.get(&rec.id).copied().unwrap_or(0),
+            ));
         }
         for (id, (rec, seen_ms)) in &live {
             if !seen.contains(id) {
-                views.push(view(rec, true, Some(*seen_ms), queued.get(id).copied().unwrap_or(0)));
+                views.push(view(
+                    rec,
+                    true,
+                    Some(*seen_ms),
+                    queued.get(id).copied().unwrap_or(0),
+                ));
             }
         }
         // Agents that have commands waiting but never connected are worth showing too.

@@ -144,7 +144,10 @@ impl Broker {
         shutdown.cancelled().await;
         let _ = tokio::join!(agents, api, expirer);
         tracker.close();
-        if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some connections did not end within 5 s of shutdown");
         }
     }

@@ -12,7 +12,12 @@ use tokio_util::sync::CancellationToken;
 #[command(version, about)]
 struct Args {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "DBVM_BROKER_CONFIG", default_value = "/etc/dbvm/broker.toml")]
+    #[arg(
+        long,
+        short,
+        env = "DBVM_BROKER_CONFIG",
+        default_value = "/etc/dbvm/broker.toml"
+    )]
     config: PathBuf,
     /// Check the configuration and exit.
     #[arg(long)]
@@ -41,7 +46,10 @@ fn main() -> std::process::ExitCode {
         };
     }
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("dbvm-broker: cannot start the runtime: {e}");
@@ -60,7 +68,9 @@ fn main() -> std::process::ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DBVM_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
+        .or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info"))
+        })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal; journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -79,7 +89,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let broker = Broker::bind(&config).await.context("start-up failed")?;
     tracing::info!(agent_addr = %broker.agent_addr(), api_addr = %broker.api_addr(), data_dir = %config.data_dir.display(), "listening");
     // One machine-readable line for scripts and tests that bind port 0.
-    println!("listening agent={} api={}", broker.agent_addr(), broker.api_addr());
+    println!(
+        "listening agent={} api={}",
+        broker.agent_addr(),
+        broker.api_addr()
+    );
     notify_ready();
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();

@@ -35,7 +35,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dbvm_broker");
         let agents_connected = Gauge::default();
-        registry.register("agents_connected", "Agents connected now", agents_connected.clone());
+        registry.register(
+            "agents_connected",
+            "Agents connected now",
+            agents_connected.clone(),
+        );
         let link_errors = Family::<Labels, Counter>::default();
         registry.register(
             "link_errors",
@@ -43,9 +47,17 @@ impl Metrics {
             link_errors.clone(),
         );
         let commands_submitted = Family::<Labels, Counter>::default();
-        registry.register("commands_submitted", "Commands accepted, by class", commands_submitted.clone());
+        registry.register(
+            "commands_submitted",
+            "Commands accepted, by class",
+            commands_submitted.clone(),
+        );
         let commands_finished = Family::<Labels, Counter>::default();
-        registry.register("commands_finished", "Commands finished, by state", commands_finished.clone());
+        registry.register(
+            "commands_finished",
+            "Commands finished, by state",
+            commands_finished.clone(),
+        );
         let submissions_refused = Family::<Labels, Counter>::default();
         registry.register(
             "submissions_refused",
@@ -53,9 +65,17 @@ impl Metrics {
             submissions_refused.clone(),
         );
         let enrollments = Family::<Labels, Counter>::default();
-        registry.register("enrollments", "Enrollment attempts, by result", enrollments.clone());
+        registry.register(
+            "enrollments",
+            "Enrollment attempts, by result",
+            enrollments.clone(),
+        );
         let renewals = Family::<Labels, Counter>::default();
-        registry.register("renewals", "Certificate renewals, by result", renewals.clone());
+        registry.register(
+            "renewals",
+            "Certificate renewals, by result",
+            renewals.clone(),
+        );
         Self {
             registry,
             agents_connected,

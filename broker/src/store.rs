@@ -60,10 +60,9 @@ impl CommandRecord {
             delivered_at_ms: self.delivered_at_ms,
             finished_at_ms: self.finished_at_ms,
             progress: self.progress.clone(),
-            output: self
-                .output_json
-                .as_deref()
-                .map(|s| serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.to_string()))),
+            output: self.output_json.as_deref().map(|s| {
+                serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.to_string()))
+            }),
             error: self.error.clone(),
         }
     }
@@ -124,7 +123,11 @@ pub trait Store: Send + Sync + 'static {
     async fn progress(&self, id: Uuid, progress: Progress) -> Result<(), StoreError>;
     /// Records the outcome durably, unless the command already finished. Returns the
     /// command's class and operation when this call finished it.
-    async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<(OperationClass, String)>, StoreError>;
+    async fn finish(
+        &self,
+        id: Uuid,
+        finish: Finish,
+    ) -> Result<Option<(OperationClass, String)>, StoreError>;
     /// Expires queued commands whose time ran out; returns them.
     async fn expire_due(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError>;
 
@@ -133,7 +136,12 @@ pub trait Store: Send + Sync + 'static {
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
     async fn queued_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
-    async fn insert_token(&self, hash: [u8; 32], agent: &str, expires_at_ms: i64) -> Result<(), StoreError>;
+    async fn insert_token(
+        &self,
+        hash: [u8; 32],
+        agent: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError>;
     /// Uses a token once, atomically.
     async fn consume_token(
         &self,
@@ -223,7 +231,9 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer_loop(&mut wconn, rx))
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the store writer thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::Corrupt(format!("cannot start the store writer thread: {e}"))
+            })?;
         Ok(Self {
             writer: tx,
             reader: Arc::new(Mutex::new(rconn)),
@@ -317,7 +327,9 @@ fn uuid_from(bytes: Vec<u8>) -> Result<Uuid, StoreError> {
 const COMMAND_COLUMNS: &str = "id, agent_id, operation, class, state, signed, submitted_at_ms, not_after_ms,
     delivered_at_ms, finished_at_ms, progress_percent, progress_message, output_json, error_code, error_message";
 
-fn command_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<CommandRecord, StoreError>> {
+fn command_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Result<CommandRecord, StoreError>> {
     let id: Vec<u8> = row.get(0)?;
     let state: String = row.get(4)?;
     let percent: Option<u8> = row.get(10)?;
@@ -360,8 +372,12 @@ fn agent_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
         last_seen_ms: row.get(1)?,
         agent_version: row.get(2)?,
         protocol: row.get(3)?,
-        operations: ops.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default(),
-        capabilities: caps.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default(),
+        operations: ops
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
+        capabilities: caps
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default(),
         sealing_key: row.get(6)?,
         db_kind: row.get(7)?,
         cert_not_after_ms: row.get(8)?,
@@ -409,7 +425,9 @@ impl Store for SqliteStore {
 
     async fn command(&self, id: Uuid) -> Result<Option<CommandRecord>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?1"))?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COMMAND_COLUMNS} FROM commands WHERE id = ?1"
+            ))?;
             let mut rows = stmt.query([id.as_bytes().as_slice()])?;
             match rows.next()? {
                 Some(row) => command_from_row(row)?.map(Some),
@@ -441,7 +459,9 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare(
                 "SELECT id, class FROM commands WHERE state IN ('queued', 'delivered', 'running')",
             )?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+            })?;
             let mut out = Vec::new();
             for row in rows {
                 let (id, class) = row?;
@@ -461,7 +481,11 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let from = in_list(from);
         self.write(move |txn| {
-            let delivered = if state == CommandState::Delivered { Some(at_ms) } else { None };
+            let delivered = if state == CommandState::Delivered {
+                Some(at_ms)
+            } else {
+                None
+            };
             let n = txn.execute(
                 &format!(
                     "UPDATE commands SET state = ?2, delivered_at_ms = COALESCE(?3, delivered_at_ms)
@@ -486,7 +510,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<(OperationClass, String)>, StoreError> {
+    async fn finish(
+        &self,
+        id: Uuid,
+        finish: Finish,
+    ) -> Result<Option<(OperationClass, String)>, StoreError> {
         self.write(move |txn| {
             let mut stmt = txn.prepare_cached(
                 "UPDATE commands SET state = ?2, finished_at_ms = ?3, output_json = ?4, error_code = ?5, error_message = ?6
@@ -628,7 +656,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_token(&self, hash: [u8; 32], agent: &str, expires_at_ms: i64) -> Result<(), StoreError> {
+    async fn insert_token(
+        &self,
+        hash: [u8; 32],
+        agent: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError> {
         let agent = agent.to_string();
         self.write(move |txn| {
             txn.execute(
@@ -711,11 +744,17 @@ mod tests {
             let store = SqliteStore::open(dir.path()).unwrap();
             store.insert_command(a.clone()).await.unwrap();
             store.insert_command(b.clone()).await.unwrap();
-            assert!(matches!(store.insert_command(a.clone()).await, Err(StoreError::Conflict(_))));
+            assert!(matches!(
+                store.insert_command(a.clone()).await,
+                Err(StoreError::Conflict(_))
+            ));
         }
         let store = SqliteStore::open(dir.path()).unwrap();
         let pending = store.unfinished_for_agent("db1").await.unwrap();
-        assert_eq!(pending.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a.id, b.id]);
+        assert_eq!(
+            pending.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![a.id, b.id]
+        );
         let expired = store.expire_due(100).await.unwrap();
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].id, b.id);
@@ -742,10 +781,25 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         store.insert_token([1; 32], "db1", 1000).await.unwrap();
         store.insert_token([2; 32], "db1", 10).await.unwrap();
-        assert_eq!(store.consume_token([1; 32], "db2", 5).await.unwrap(), Err(TokenRefusal::OtherAgent("db1".into())));
-        assert_eq!(store.consume_token([1; 32], "db1", 5).await.unwrap(), Ok(()));
-        assert_eq!(store.consume_token([1; 32], "db1", 6).await.unwrap(), Err(TokenRefusal::Used));
-        assert_eq!(store.consume_token([2; 32], "db1", 50).await.unwrap(), Err(TokenRefusal::Expired));
-        assert_eq!(store.consume_token([3; 32], "db1", 5).await.unwrap(), Err(TokenRefusal::Unknown));
+        assert_eq!(
+            store.consume_token([1; 32], "db2", 5).await.unwrap(),
+            Err(TokenRefusal::OtherAgent("db1".into()))
+        );
+        assert_eq!(
+            store.consume_token([1; 32], "db1", 5).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store.consume_token([1; 32], "db1", 6).await.unwrap(),
+            Err(TokenRefusal::Used)
+        );
+        assert_eq!(
+            store.consume_token([2; 32], "db1", 50).await.unwrap(),
+            Err(TokenRefusal::Expired)
+        );
+        assert_eq!(
+            store.consume_token([3; 32], "db1", 5).await.unwrap(),
+            Err(TokenRefusal::Unknown)
+        );
     }
 }

@@ -113,9 +113,10 @@ pub struct Validated {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let mut config: Self =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
         config.apply_env();
         Ok(config)
     }
@@ -134,25 +135,34 @@ impl Config {
     }
 
     pub fn validate(self) -> Result<Validated, ConfigError> {
-        let agent_id = AgentId::new(self.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
+        let agent_id =
+            AgentId::new(self.agent_id.clone()).map_err(|e| invalid("agent_id", e.to_string()))?;
         let (host, port) = self
             .broker
             .address
             .rsplit_once(':')
             .ok_or_else(|| invalid("broker.address", "must be host:port"))?;
         if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(invalid("broker.address", format!("{:?} is not host:port", self.broker.address)));
+            return Err(invalid(
+                "broker.address",
+                format!("{:?} is not host:port", self.broker.address),
+            ));
         }
-        let server_name = self
-            .broker
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string());
+        let server_name = self.broker.server_name.clone().unwrap_or_else(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
         rustls::pki_types::ServerName::try_from(server_name.clone())
             .map_err(|e| invalid("broker.server_name", format!("{server_name:?}: {e}")))?;
-        let ca_pem = std::fs::read_to_string(&self.broker.ca_cert)
-            .map_err(|e| invalid("broker.ca_cert", format!("cannot read {}: {e}", self.broker.ca_cert.display())))?;
-        dbvm_protocol::tls::roots_from_pem(&ca_pem).map_err(|e| invalid("broker.ca_cert", e.to_string()))?;
+        let ca_pem = std::fs::read_to_string(&self.broker.ca_cert).map_err(|e| {
+            invalid(
+                "broker.ca_cert",
+                format!("cannot read {}: {e}", self.broker.ca_cert.display()),
+            )
+        })?;
+        dbvm_protocol::tls::roots_from_pem(&ca_pem)
+            .map_err(|e| invalid("broker.ca_cert", e.to_string()))?;
         if self.trusted_keys.is_empty() && !self.link.insecure_skip_signature_check {
             return Err(invalid(
                 "trusted_keys",
@@ -161,12 +171,16 @@ impl Config {
         }
         let mut keys = Vec::new();
         for (i, k) in self.trusted_keys.iter().enumerate() {
-            let key = parse_public_key(&k.public_key).map_err(|e| invalid(format!("trusted_keys[{i}].public_key"), e))?;
+            let key = parse_public_key(&k.public_key)
+                .map_err(|e| invalid(format!("trusted_keys[{i}].public_key"), e))?;
             let derived = dbvm_protocol::command::key_id_for(&key);
             if derived != k.key_id {
                 return Err(invalid(
                     format!("trusted_keys[{i}].key_id"),
-                    format!("{:?} does not belong to this public key (its id is {derived:?})", k.key_id),
+                    format!(
+                        "{:?} does not belong to this public key (its id is {derived:?})",
+                        k.key_id
+                    ),
                 ));
             }
             keys.push((k.key_id.clone(), key));
@@ -179,7 +193,10 @@ impl Config {
             ));
         }
         if !(0..=600_000).contains(&l.clock_skew_ms) {
-            return Err(invalid("link.clock_skew_ms", "must be between 0 and 600000"));
+            return Err(invalid(
+                "link.clock_skew_ms",
+                "must be between 0 and 600000",
+            ));
         }
         Ok(Validated {
             config: self,

@@ -39,7 +39,9 @@ pub struct OpContext {
 
 impl std::fmt::Debug for OpContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpContext").field("command", &self.command.id).finish()
+        f.debug_struct("OpContext")
+            .field("command", &self.command.id)
+            .finish()
     }
 }
 
@@ -71,7 +73,11 @@ impl OpContext {
 #[async_trait]
 pub trait Operation: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    async fn run(&self, ctx: OpContext, args: serde_json::Value) -> Result<serde_json::Value, OpError>;
+    async fn run(
+        &self,
+        ctx: OpContext,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, OpError>;
 }
 
 /// Operations by name.

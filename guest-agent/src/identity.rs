@@ -110,7 +110,8 @@ impl StateDir {
     pub fn sealing_key(&self) -> Result<SealingKey, StateError> {
         let path = self.path.join("sealing.key");
         match std::fs::read_to_string(&path) {
-            Ok(text) => SealingKey::from_seed_base64(&text).map_err(|e| StateError::Damaged(path, e.to_string())),
+            Ok(text) => SealingKey::from_seed_base64(&text)
+                .map_err(|e| StateError::Damaged(path, e.to_string())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = SealingKey::generate();
                 write_atomic(&path, key.seed_base64().as_bytes(), 0o600)?;

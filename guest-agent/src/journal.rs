@@ -14,7 +14,10 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("cannot open the command journal {path}: {source}")]
-    Open { path: PathBuf, source: rusqlite::Error },
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("command journal: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("command journal holds a record that does not decode: {0}")]
@@ -70,9 +73,9 @@ impl Journal {
     pub fn interrupt_unfinished(&mut self) -> Result<usize, JournalError> {
         let now = dbvm_protocol::now_ms();
         let ids: Vec<(Vec<u8>, String, i64)> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT id, operation, received_at_ms FROM commands WHERE result IS NULL")?;
+            let mut stmt = self.conn.prepare(
+                "SELECT id, operation, received_at_ms FROM commands WHERE result IS NULL",
+            )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -94,7 +97,8 @@ impl Journal {
     }
 
     pub fn finish(&mut self, result: &CommandResult) -> Result<(), JournalError> {
-        let bytes = postcard::to_allocvec(result).map_err(|e| JournalError::Corrupt(e.to_string()))?;
+        let bytes =
+            postcard::to_allocvec(result).map_err(|e| JournalError::Corrupt(e.to_string()))?;
         self.conn.execute(
             "UPDATE commands SET result = ?2 WHERE id = ?1",
             rusqlite::params![result.id.as_bytes().as_slice(), bytes],
@@ -123,7 +127,8 @@ impl Journal {
         Ok(Some(match result {
             None => Entry::Running,
             Some(bytes) => Entry::Finished {
-                result: postcard::from_bytes(&bytes).map_err(|e| JournalError::Corrupt(e.to_string()))?,
+                result: postcard::from_bytes(&bytes)
+                    .map_err(|e| JournalError::Corrupt(e.to_string()))?,
                 acked,
             },
         }))
@@ -131,13 +136,15 @@ impl Journal {
 
     /// Results the broker has not acknowledged yet, oldest first.
     pub fn unacked_results(&self) -> Result<Vec<CommandResult>, JournalError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT result FROM commands WHERE result IS NOT NULL AND acked = 0 ORDER BY rowid")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT result FROM commands WHERE result IS NOT NULL AND acked = 0 ORDER BY rowid",
+        )?;
         let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
         let mut out = Vec::new();
         for bytes in rows {
-            out.push(postcard::from_bytes(&bytes?).map_err(|e| JournalError::Corrupt(e.to_string()))?);
+            out.push(
+                postcard::from_bytes(&bytes?).map_err(|e| JournalError::Corrupt(e.to_string()))?,
+            );
         }
         Ok(out)
     }
@@ -164,7 +171,11 @@ impl ReplayGuard for Journal {
         );
         match res {
             Ok(_) => Ok(true),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => Ok(false),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -206,7 +217,10 @@ mod tests {
         assert!(matches!(unacked[0].outcome, Outcome::Interrupted { .. }));
         j.mark_acked(b.id).unwrap();
         assert!(j.unacked_results().unwrap().is_empty());
-        assert!(matches!(j.entry(b.id).unwrap(), Some(Entry::Finished { acked: true, .. })));
+        assert!(matches!(
+            j.entry(b.id).unwrap(),
+            Some(Entry::Finished { acked: true, .. })
+        ));
         assert_eq!(j.prune(KEEP_AFTER_EXPIRY_MS + 100).unwrap(), 1);
     }
 }

@@ -25,22 +25,31 @@ pub enum AgentError {
 
 /// Builds an agent from validated configuration: opens its state, marks interrupted
 /// commands, and returns the link ready to run.
-pub fn build(v: config::Validated, dispatcher: dispatch::Dispatcher) -> Result<Arc<link::Agent>, AgentError> {
+pub fn build(
+    v: config::Validated,
+    dispatcher: dispatch::Dispatcher,
+) -> Result<Arc<link::Agent>, AgentError> {
     let state = identity::StateDir::open(&v.config.state_dir)?;
     let sealing_key = state.sealing_key()?;
     let mut journal = journal::Journal::open(&state.journal_path())?;
     let interrupted = journal.interrupt_unfinished()?;
     if interrupted > 0 {
-        tracing::warn!(interrupted, "commands were running when the agent last stopped; they are reported interrupted");
+        tracing::warn!(
+            interrupted,
+            "commands were running when the agent last stopped; they are reported interrupted"
+        );
     }
     let pruned = journal.prune(dbvm_protocol::now_ms())?;
     tracing::debug!(pruned, "journal pruned");
-    let mut verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str()).with_skew_ms(v.config.link.clock_skew_ms);
+    let mut verifier =
+        dbvm_protocol::Verifier::new(v.agent_id.as_str()).with_skew_ms(v.config.link.clock_skew_ms);
     for (id, key) in &v.keys {
         verifier = verifier.trust(id.clone(), *key);
     }
     if v.config.link.insecure_skip_signature_check {
-        tracing::warn!("link.insecure_skip_signature_check is on: commands are NOT verified (benchmarks only)");
+        tracing::warn!(
+            "link.insecure_skip_signature_check is on: commands are NOT verified (benchmarks only)"
+        );
         verifier = verifier.insecure_skip_signature_for_benchmarks();
     }
     Ok(link::Agent::new(

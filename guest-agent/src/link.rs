@@ -11,7 +11,9 @@ use dbvm_protocol::messages::{
     AgentMessage, BrokerMessage, CommandResult, EnrollRequest, Hello, Outcome, RejectCode,
 };
 use dbvm_protocol::seal::SealingKey;
-use dbvm_protocol::{AgentId, SignedCommand, VerifiedCommand, Verifier, VerifyError, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use dbvm_protocol::{
+    AgentId, SignedCommand, VerifiedCommand, Verifier, VerifyError, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+};
 use rand::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +32,10 @@ const MAX_OUTPUT_BYTES: usize = MAX_FRAME_LEN - 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("cannot reach the broker at {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS with the broker failed: {0}")]
     Tls(std::io::Error),
     #[error("TLS setup: {0}")]
@@ -109,7 +114,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("agent_id", &self.agent_id).finish_non_exhaustive()
+        f.debug_struct("Agent")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -247,8 +254,8 @@ impl Agent {
     /// First boot: trade the one-time token and a CSR for a certificate.
     pub async fn enroll(&self) -> Result<Identity, LinkError> {
         let token = self.read_token()?;
-        let (csr_pem, key_pem) =
-            dbvm_protocol::pki::make_csr(&self.agent_id).map_err(|e| LinkError::Pki(e.to_string()))?;
+        let (csr_pem, key_pem) = dbvm_protocol::pki::make_csr(&self.agent_id)
+            .map_err(|e| LinkError::Pki(e.to_string()))?;
         let mut tls = self.dial(None).await?;
         let req = AgentMessage::Enroll(EnrollRequest {
             protocol_major: PROTOCOL_MAJOR,
@@ -258,27 +265,40 @@ impl Agent {
             csr_pem,
         });
         frame::write_frame(&mut tls, &req, MAX_FRAME_LEN).await?;
-        let reply = tokio::time::timeout(REPLY_TIMEOUT, frame::read_frame::<BrokerMessage, _>(&mut tls, MAX_FRAME_LEN))
-            .await
-            .map_err(|_| LinkError::Timeout("waiting for the enrollment answer"))??;
+        let reply = tokio::time::timeout(
+            REPLY_TIMEOUT,
+            frame::read_frame::<BrokerMessage, _>(&mut tls, MAX_FRAME_LEN),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout("waiting for the enrollment answer"))??;
         match reply {
             Some(BrokerMessage::Enrolled { cert_pem, .. }) => {
                 let identity = Identity::new(cert_pem, key_pem).map_err(LinkError::Pki)?;
                 self.state.store_identity(&identity)?;
-                tracing::info!(not_after_ms = identity.not_after_ms, "enrolled with the broker");
+                tracing::info!(
+                    not_after_ms = identity.not_after_ms,
+                    "enrolled with the broker"
+                );
                 Ok(identity)
             }
-            Some(BrokerMessage::Refused { code, message }) => Err(LinkError::Refused { code, message }),
+            Some(BrokerMessage::Refused { code, message }) => {
+                Err(LinkError::Refused { code, message })
+            }
             Some(other) => Err(LinkError::Unexpected(format!("{other:?}"))),
             None => Err(LinkError::Closed),
         }
     }
 
-    async fn connect_once(self: Arc<Self>, shutdown: CancellationToken) -> Result<SessionEnd, LinkError> {
+    async fn connect_once(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<SessionEnd, LinkError> {
         let identity = match self.state.identity()? {
             Some(id) if !id.expired(dbvm_protocol::now_ms()) => id,
             Some(_) => {
-                tracing::warn!("the agent certificate expired; enrolling again (needs a new enrollment token)");
+                tracing::warn!(
+                    "the agent certificate expired; enrolling again (needs a new enrollment token)"
+                );
                 self.enroll().await?
             }
             None => self.enroll().await?,
@@ -297,12 +317,17 @@ impl Agent {
         });
         frame::write_frame(&mut wr, &hello, MAX_FRAME_LEN).await?;
         let mut rd = rd;
-        let first = tokio::time::timeout(REPLY_TIMEOUT, frame::read_frame::<BrokerMessage, _>(&mut rd, MAX_FRAME_LEN))
-            .await
-            .map_err(|_| LinkError::Timeout("waiting for Welcome"))??;
+        let first = tokio::time::timeout(
+            REPLY_TIMEOUT,
+            frame::read_frame::<BrokerMessage, _>(&mut rd, MAX_FRAME_LEN),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout("waiting for Welcome"))??;
         let welcome = match first {
             Some(BrokerMessage::Welcome(w)) => w,
-            Some(BrokerMessage::Refused { code, message }) => return Err(LinkError::Refused { code, message }),
+            Some(BrokerMessage::Refused { code, message }) => {
+                return Err(LinkError::Refused { code, message })
+            }
             Some(other) => return Err(LinkError::Unexpected(format!("{other:?} before Welcome"))),
             None => return Err(LinkError::Closed),
         };
@@ -468,7 +493,10 @@ impl Agent {
         let now = dbvm_protocol::now_ms();
         let reply = match entry {
             Ok(Ok(Some(Entry::Running))) => AgentMessage::Ack { id },
-            Ok(Ok(Some(Entry::Finished { result, acked: false }))) => AgentMessage::Result(result),
+            Ok(Ok(Some(Entry::Finished {
+                result,
+                acked: false,
+            }))) => AgentMessage::Result(result),
             _ => {
                 tracing::warn!(%id, "replayed command refused: it was already received and answered");
                 AgentMessage::Result(CommandResult {
@@ -515,7 +543,10 @@ impl Agent {
                             let text = v.to_string();
                             if text.len() > MAX_OUTPUT_BYTES {
                                 Outcome::Failed {
-                                    message: format!("output of {} bytes exceeds {MAX_OUTPUT_BYTES}", text.len()),
+                                    message: format!(
+                                        "output of {} bytes exceeds {MAX_OUTPUT_BYTES}",
+                                        text.len()
+                                    ),
                                 }
                             } else {
                                 Outcome::Succeeded { output_json: text }
@@ -597,14 +628,20 @@ impl Renewal {
     }
 
     fn finish(&mut self, state: &StateDir, cert_pem: String) -> Result<(), String> {
-        let key = self.pending_key.take().ok_or("a renewed certificate arrived without a pending request")?;
+        let key = self
+            .pending_key
+            .take()
+            .ok_or("a renewed certificate arrived without a pending request")?;
         let identity = Identity::new(cert_pem, key)?;
         // The new pair must belong together before it replaces the old one.
         if !dbvm_protocol::pki::cert_matches_key(&identity.cert_pem, &identity.key_pem) {
             return Err("renewed certificate is not for the key this agent asked for".into());
         }
         state.store_identity(&identity).map_err(|e| e.to_string())?;
-        tracing::info!(not_after_ms = identity.not_after_ms, "agent certificate renewed; the next connection uses it");
+        tracing::info!(
+            not_after_ms = identity.not_after_ms,
+            "agent certificate renewed; the next connection uses it"
+        );
         self.renew_at_ms = identity.renew_at_ms();
         self.not_after_ms = identity.not_after_ms;
         Ok(())

@@ -11,7 +11,12 @@ use tokio_util::sync::CancellationToken;
 #[command(version, about)]
 struct Args {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "DBVM_AGENT_CONFIG", default_value = "/etc/dbvm/agent.toml")]
+    #[arg(
+        long,
+        short,
+        env = "DBVM_AGENT_CONFIG",
+        default_value = "/etc/dbvm/agent.toml"
+    )]
     config: PathBuf,
     /// Check the configuration and exit.
     #[arg(long)]
@@ -47,7 +52,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
-        let agent = match dbvm_agent::build(validated, dbvm_agent::dispatch::Dispatcher::standard()) {
+        let agent = match dbvm_agent::build(validated, dbvm_agent::dispatch::Dispatcher::standard())
+        {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
@@ -70,7 +76,9 @@ fn main() -> std::process::ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DBVM_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info")))
+        .or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info"))
+        })
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal; journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -86,7 +94,10 @@ fn init_logging(config: &Config) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
         }

@@ -25,9 +25,8 @@ impl OperationClass {
     /// never refused here (the agent says whether it knows them).
     pub fn of(operation: &str) -> Self {
         match operation {
-            "create" | "preconfigure" | "configure" | "restore" | "pitr" | "clone" | "add_replica" => {
-                Self::Deployment
-            }
+            "create" | "preconfigure" | "configure" | "restore" | "pitr" | "clone"
+            | "add_replica" => Self::Deployment,
             "backup" => Self::Backup,
             "log_upload" | "archive_push" => Self::LogUpload,
             "ping" | "facts" | "health" | "status" => Self::Query,

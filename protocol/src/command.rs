@@ -417,36 +417,63 @@ mod tests {
         let mut cmd = s.sign(&body("db1", now));
         let last = cmd.body.len() - 1;
         cmd.body[last] ^= 1;
-        assert!(matches!(v.verify(&cmd, now), Err(VerifyError::BadSignature(_))));
+        assert!(matches!(
+            v.verify(&cmd, now),
+            Err(VerifyError::BadSignature(_))
+        ));
         // unknown key
         let other = CommandSigner::generate();
         let cmd = other.sign(&body("db1", now));
-        assert!(matches!(v.verify(&cmd, now), Err(VerifyError::UnknownKey(_))));
+        assert!(matches!(
+            v.verify(&cmd, now),
+            Err(VerifyError::UnknownKey(_))
+        ));
         // right key id, wrong key
         let mut cmd = other.sign(&body("db1", now));
         cmd.key_id = s.key_id().into();
-        assert!(matches!(v.verify(&cmd, now), Err(VerifyError::BadSignature(_))));
+        assert!(matches!(
+            v.verify(&cmd, now),
+            Err(VerifyError::BadSignature(_))
+        ));
         // another agent
         let cmd = s.sign(&body("db2", now));
-        assert!(matches!(v.verify(&cmd, now), Err(VerifyError::WrongTarget { .. })));
+        assert!(matches!(
+            v.verify(&cmd, now),
+            Err(VerifyError::WrongTarget { .. })
+        ));
         // expired
         let mut b = body("db1", now - 600_000);
         b.not_after_ms = now - 60_000;
-        assert!(matches!(v.verify(&s.sign(&b), now), Err(VerifyError::Expired(_))));
+        assert!(matches!(
+            v.verify(&s.sign(&b), now),
+            Err(VerifyError::Expired(_))
+        ));
         // from the future
         let b = body("db1", now + 120_000);
-        assert!(matches!(v.verify(&s.sign(&b), now), Err(VerifyError::NotYetValid(_))));
+        assert!(matches!(
+            v.verify(&s.sign(&b), now),
+            Err(VerifyError::NotYetValid(_))
+        ));
         // too long-lived
         let mut b = body("db1", now);
         b.not_after_ms = now + MAX_COMMAND_LIFETIME_MS + 1;
-        assert!(matches!(v.verify(&s.sign(&b), now), Err(VerifyError::LifetimeTooLong(_))));
+        assert!(matches!(
+            v.verify(&s.sign(&b), now),
+            Err(VerifyError::LifetimeTooLong(_))
+        ));
         // signed garbage
         let cmd = s.sign_bytes(vec![1, 2, 3]);
-        assert!(matches!(v.verify(&cmd, now), Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            v.verify(&cmd, now),
+            Err(VerifyError::Malformed(_))
+        ));
         // truncated signature
         let mut cmd = s.sign(&body("db1", now));
         cmd.signature.truncate(10);
-        assert!(matches!(v.verify(&cmd, now), Err(VerifyError::BadSignature(_))));
+        assert!(matches!(
+            v.verify(&cmd, now),
+            Err(VerifyError::BadSignature(_))
+        ));
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub enum IdError {
     Empty,
     #[error("agent id {0:?} is longer than 63 characters")]
     TooLong(String),
-    #[error("agent id {0:?} may only hold a-z, 0-9, '-' and '.', and must start with a letter or digit")]
+    #[error(
+        "agent id {0:?} may only hold a-z, 0-9, '-' and '.', and must start with a letter or digit"
+    )]
     BadCharacter(String),
 }
 
@@ -83,6 +85,9 @@ mod tests {
         assert!(matches!(AgentId::new("Db"), Err(IdError::BadCharacter(_))));
         assert!(matches!(AgentId::new("-db"), Err(IdError::BadCharacter(_))));
         assert!(matches!(AgentId::new("a/b"), Err(IdError::BadCharacter(_))));
-        assert!(matches!(AgentId::new("a".repeat(64)), Err(IdError::TooLong(_))));
+        assert!(matches!(
+            AgentId::new("a".repeat(64)),
+            Err(IdError::TooLong(_))
+        ));
     }
 }

@@ -102,14 +102,24 @@ pub struct AgentEvent {
 pub enum AgentMessage {
     Hello(Hello),
     Enroll(EnrollRequest),
-    Heartbeat { seq: u64 },
+    Heartbeat {
+        seq: u64,
+    },
     /// The command is in the agent's journal; the broker will not deliver it again.
-    Ack { id: Uuid },
-    Progress { id: Uuid, percent: u8, message: String },
+    Ack {
+        id: Uuid,
+    },
+    Progress {
+        id: Uuid,
+        percent: u8,
+        message: String,
+    },
     Result(CommandResult),
     Event(AgentEvent),
     /// Ask for a new certificate for a fresh key (sent over the mTLS link).
-    Renew { csr_pem: String },
+    Renew {
+        csr_pem: String,
+    },
 }
 
 /// Why the broker refuses a connection or a request. The connection closes after it.
@@ -135,17 +145,31 @@ pub struct Welcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BrokerMessage {
     Welcome(Welcome),
-    Refused { code: RefuseCode, message: String },
+    Refused {
+        code: RefuseCode,
+        message: String,
+    },
     Deliver(SignedCommand),
     /// The broker stored this result durably; the agent may forget it.
-    ResultAck { id: Uuid },
-    HeartbeatAck { seq: u64 },
+    ResultAck {
+        id: Uuid,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
     /// Enrollment succeeded: the agent's certificate and the fleet CA, both PEM.
-    Enrolled { cert_pem: String, ca_pem: String },
+    Enrolled {
+        cert_pem: String,
+        ca_pem: String,
+    },
     /// Renewal succeeded: the new certificate (PEM) for the key in the renewal CSR.
-    Renewed { cert_pem: String },
+    Renewed {
+        cert_pem: String,
+    },
     /// Renewal failed; the current certificate stays in use.
-    RenewFailed { message: String },
+    RenewFailed {
+        message: String,
+    },
 }
 
 /// Reads the protocol version of a first frame (Hello or Enroll) without decoding the

@@ -100,8 +100,13 @@ fn validity(params: &mut CertificateParams, lifetime: Duration, backdate: bool) 
     // behind accepts them at once. Client certificates are not: the broker that issues
     // them is also the one that checks them, and agents schedule renewal from not_before.
     let now = OffsetDateTime::now_utc();
-    params.not_before = if backdate { now - time::Duration::minutes(1) } else { now };
-    params.not_after = now + time::Duration::seconds(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 4));
+    params.not_before = if backdate {
+        now - time::Duration::minutes(1)
+    } else {
+        now
+    };
+    params.not_after =
+        now + time::Duration::seconds(i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 4));
 }
 
 impl FleetCa {
@@ -146,7 +151,11 @@ impl FleetCa {
     }
 
     /// A server certificate for the broker, for the given DNS names and IP addresses.
-    pub fn issue_server(&self, names: &[String], lifetime: Duration) -> Result<CertifiedKey, PkiError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<CertifiedKey, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         params.distinguished_name = dn(names.first().map(String::as_str).unwrap_or("dbvm-broker"));
@@ -163,7 +172,11 @@ impl FleetCa {
     }
 
     /// A client certificate (with a fresh key) for an identity.
-    pub fn issue_client(&self, identity: &Identity, lifetime: Duration) -> Result<CertifiedKey, PkiError> {
+    pub fn issue_client(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<CertifiedKey, PkiError> {
         let key = KeyPair::generate()?;
         let params = client_params(identity, lifetime)?;
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
@@ -175,7 +188,12 @@ impl FleetCa {
 
     /// Signs an agent's CSR. Everything but the public key is ignored: the identity comes
     /// from the caller (the enrollment token or the mTLS peer), never from the CSR.
-    pub fn sign_agent_csr(&self, csr_pem: &str, agent: &AgentId, lifetime: Duration) -> Result<String, PkiError> {
+    pub fn sign_agent_csr(
+        &self,
+        csr_pem: &str,
+        agent: &AgentId,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         csr.params = client_params(&Identity::Agent(agent.clone()), lifetime)?;
         let cert = csr.signed_by(&self.issuer, &self.key)?;
@@ -210,7 +228,8 @@ pub fn make_csr(agent: &AgentId) -> Result<(String, String), PkiError> {
 
 /// Reads the dbvm identity from a DER certificate.
 pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::Parse(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| PkiError::Parse(e.to_string()))?
@@ -235,9 +254,13 @@ pub fn validity_ms(cert_pem: &str) -> Result<(i64, i64), PkiError> {
 
 /// Validity window of a DER certificate, in Unix milliseconds.
 pub fn validity_ms_der(der: &[u8]) -> Result<(i64, i64), PkiError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse(e.to_string()))?;
     let v = cert.validity();
-    Ok((v.not_before.timestamp() * 1000, v.not_after.timestamp() * 1000))
+    Ok((
+        v.not_before.timestamp() * 1000,
+        v.not_after.timestamp() * 1000,
+    ))
 }
 
 /// Whether the first certificate in `cert_pem` is for the private key in `key_pem`.
@@ -271,7 +294,9 @@ mod tests {
         let ca = FleetCa::generate("test CA", Duration::from_secs(3600)).unwrap();
         let id = AgentId::new("db-1").unwrap();
         let (csr, _key) = make_csr(&id).unwrap();
-        let cert = ca.sign_agent_csr(&csr, &id, Duration::from_secs(60)).unwrap();
+        let cert = ca
+            .sign_agent_csr(&csr, &id, Duration::from_secs(60))
+            .unwrap();
         let der = first_cert_der(&cert).unwrap();
         assert_eq!(identity_of(&der).unwrap(), Identity::Agent(id.clone()));
         assert!(cert_matches_key(&cert, &_key));
@@ -280,11 +305,24 @@ mod tests {
         let (nb, na) = validity_ms(&cert).unwrap();
         assert!((59_000..=61_000).contains(&(na - nb)), "{}", na - nb);
 
-        let cp = ca.issue_client(&Identity::ControlPlane("ops".into()), Duration::from_secs(60)).unwrap();
+        let cp = ca
+            .issue_client(
+                &Identity::ControlPlane("ops".into()),
+                Duration::from_secs(60),
+            )
+            .unwrap();
         let der = first_cert_der(&cp.cert_pem).unwrap();
-        assert_eq!(identity_of(&der).unwrap(), Identity::ControlPlane("ops".into()));
+        assert_eq!(
+            identity_of(&der).unwrap(),
+            Identity::ControlPlane("ops".into())
+        );
 
-        let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(60)).unwrap();
+        let server = ca
+            .issue_server(
+                &["localhost".into(), "127.0.0.1".into()],
+                Duration::from_secs(60),
+            )
+            .unwrap();
         let der = first_cert_der(&server.cert_pem).unwrap();
         assert!(matches!(identity_of(&der), Err(PkiError::NoIdentity)));
     }
@@ -294,7 +332,10 @@ mod tests {
         let ca = FleetCa::generate("test CA", Duration::from_secs(3600)).unwrap();
         let again = FleetCa::load(ca.cert_pem(), &ca.key_pem()).unwrap();
         let client = again
-            .issue_client(&Identity::Agent(AgentId::new("x").unwrap()), Duration::from_secs(60))
+            .issue_client(
+                &Identity::Agent(AgentId::new("x").unwrap()),
+                Duration::from_secs(60),
+            )
             .unwrap();
         // verified by rustls in the tls module tests
         assert!(client.cert_pem.contains("BEGIN CERTIFICATE"));

@@ -177,7 +177,8 @@ impl From<Sealed> for String {
 impl Sealed {
     /// Seals `secret` to the X25519 public key `recipient`.
     pub fn seal(recipient: &[u8; 32], secret: &str) -> Result<Self, SealError> {
-        let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(recipient).map_err(|_| SealError::BadKey)?;
+        let pk =
+            <Kem as hpke::Kem>::PublicKey::from_bytes(recipient).map_err(|_| SealError::BadKey)?;
         let fp = fingerprint_bytes(recipient);
         let (enc, ciphertext) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, Kem, _>(
             &OpModeS::Base,
@@ -268,7 +269,10 @@ mod tests {
         let key = SealingKey::generate();
         let other = SealingKey::generate();
         let sealed = Sealed::seal(&key.public_key(), "s3cret").unwrap();
-        assert!(matches!(other.open(&sealed), Err(SealError::WrongRecipient(_))));
+        assert!(matches!(
+            other.open(&sealed),
+            Err(SealError::WrongRecipient(_))
+        ));
         let mut inner = sealed.inner().unwrap();
         let n = inner.ciphertext.len() - 1;
         inner.ciphertext[n] ^= 1;

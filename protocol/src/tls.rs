@@ -13,7 +13,10 @@ pub enum TlsError {
     #[error("no private key found in {0}")]
     NoKey(String),
     #[error("bad PEM in {what}: {source}")]
-    Pem { what: String, source: std::io::Error },
+    Pem {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client verifier: {0}")]
@@ -77,7 +80,9 @@ pub fn server_config(
         ClientAuth::Required => builder,
         ClientAuth::Optional => builder.allow_unauthenticated(),
     };
-    let verifier = builder.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -92,7 +97,10 @@ pub fn server_config(
 }
 
 /// Client side: trust only `ca_pem`; present a certificate when one is given.
-pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<ClientConfig, TlsError> {
     let roots = roots_from_pem(ca_pem)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -116,10 +124,21 @@ mod tests {
     #[test]
     fn configs_build_from_fleet_certificates() {
         let ca = FleetCa::generate("t", Duration::from_secs(600)).unwrap();
-        let server = ca.issue_server(&["localhost".into()], Duration::from_secs(600)).unwrap();
-        server_config(&server.cert_pem, &server.key_pem, ca.cert_pem(), ClientAuth::Required).unwrap();
+        let server = ca
+            .issue_server(&["localhost".into()], Duration::from_secs(600))
+            .unwrap();
+        server_config(
+            &server.cert_pem,
+            &server.key_pem,
+            ca.cert_pem(),
+            ClientAuth::Required,
+        )
+        .unwrap();
         let client = ca
-            .issue_client(&Identity::ControlPlane("ops".into()), Duration::from_secs(600))
+            .issue_client(
+                &Identity::ControlPlane("ops".into()),
+                Duration::from_secs(600),
+            )
             .unwrap();
         client_config(ca.cert_pem(), Some((&client.cert_pem, &client.key_pem))).unwrap();
         assert!(matches!(

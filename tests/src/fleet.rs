@@ -31,12 +31,19 @@ impl Fleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = FleetCa::generate("test fleet CA", Duration::from_secs(24 * 3600)).expect("CA");
         let server = ca
-            .issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(24 * 3600))
+            .issue_server(
+                &["localhost".into(), "127.0.0.1".into()],
+                Duration::from_secs(24 * 3600),
+            )
             .expect("server cert");
         let control_plane = ca
-            .issue_client(&Identity::ControlPlane("tests".into()), Duration::from_secs(24 * 3600))
+            .issue_client(
+                &Identity::ControlPlane("tests".into()),
+                Duration::from_secs(24 * 3600),
+            )
             .expect("control-plane cert");
-        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+        let write =
+            |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
         write("ca.crt", ca.cert_pem());
         write("ca.key", &ca.key_pem());
         write("broker.crt", &server.cert_pem);
@@ -57,7 +64,13 @@ impl Fleet {
 
     /// Starts a broker named `name` (its data dir is kept across restarts) on the given
     /// addresses (`127.0.0.1:0` for any free port). `extra` is appended to its config.
-    pub fn start_broker_at(&self, name: &str, agent: SocketAddr, api: SocketAddr, extra: &str) -> BrokerProc {
+    pub fn start_broker_at(
+        &self,
+        name: &str,
+        agent: SocketAddr,
+        api: SocketAddr,
+        extra: &str,
+    ) -> BrokerProc {
         let config = format!(
             r#"agent_listen = "{agent}"
 api_listen = "{api}"
@@ -75,11 +88,25 @@ server_key = "{d}/broker.key"
         let path = self.path(&format!("{name}.toml"));
         std::fs::write(&path, config).expect("broker config");
         let log = self.path(&format!("{name}.log"));
-        let (proc, line) = Proc::spawn(name, "dbvm-broker", &["--config", path.to_str().unwrap_or_default()], log, &[]);
+        let (proc, line) = Proc::spawn(
+            name,
+            "dbvm-broker",
+            &["--config", path.to_str().unwrap_or_default()],
+            log,
+            &[],
+        );
         let line = line.unwrap_or_default();
-        let (agent_addr, api_addr) = parse_listening(&line)
-            .unwrap_or_else(|| panic!("broker did not report its addresses (got {line:?}):\n{}", proc.log_text()));
-        BrokerProc { proc, agent_addr, api_addr }
+        let (agent_addr, api_addr) = parse_listening(&line).unwrap_or_else(|| {
+            panic!(
+                "broker did not report its addresses (got {line:?}):\n{}",
+                proc.log_text()
+            )
+        });
+        BrokerProc {
+            proc,
+            agent_addr,
+            api_addr,
+        }
     }
 
     pub fn start_broker(&self, extra: &str) -> BrokerProc {
@@ -93,7 +120,13 @@ server_key = "{d}/broker.key"
     }
 
     /// Writes an agent config and starts the agent. `token` goes into a token file.
-    pub fn start_agent(&self, id: &str, broker: SocketAddr, token: Option<&str>, extra: &str) -> AgentProc {
+    pub fn start_agent(
+        &self,
+        id: &str,
+        broker: SocketAddr,
+        token: Option<&str>,
+        extra: &str,
+    ) -> AgentProc {
         let state_dir = self.path(&format!("agent-{id}"));
         let token_file = self.path(&format!("agent-{id}.token"));
         if let Some(t) = token {
@@ -155,12 +188,18 @@ max_backoff_ms = 1000
             .expect("sign");
         let dir = self.path(&format!("agent-{id}"));
         std::fs::create_dir_all(&dir).expect("state dir");
-        std::fs::write(dir.join("identity.pem"), format!("{}\n{}", cert.trim(), key)).expect("identity");
+        std::fs::write(
+            dir.join("identity.pem"),
+            format!("{}\n{}", cert.trim(), key),
+        )
+        .expect("identity");
     }
 
     /// A client certificate for an arbitrary identity, signed by the fleet CA.
     pub fn client_cert(&self, identity: Identity) -> CertifiedKey {
-        self.ca.issue_client(&identity, Duration::from_secs(3600)).expect("client cert")
+        self.ca
+            .issue_client(&identity, Duration::from_secs(3600))
+            .expect("client cert")
     }
 
     /// Starts the same agent again (same config and state) after it was killed.

@@ -6,6 +6,10 @@
 //!
 //! Processes are killed when their handle drops; their logs are printed when a test fails.
 
+// This crate exists only to be driven by tests: a setup step that cannot work fails the
+// test with a message, which is exactly what `expect` does.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 pub mod fleet;
 pub mod proc;
 pub mod proxy;

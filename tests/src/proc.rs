@@ -16,15 +16,31 @@ pub fn bin_dir() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--bin", "dbvm-broker", "--bin", "dbvm-agent", "--bin", "dbvmctl", "--manifest-path"])
+            .args([
+                "build",
+                "--quiet",
+                "--bin",
+                "dbvm-broker",
+                "--bin",
+                "dbvm-agent",
+                "--bin",
+                "dbvmctl",
+                "--manifest-path",
+            ])
             .arg(&manifest)
             .status()
             .expect("cargo must be runnable to build the binaries under test");
-        assert!(status.success(), "building dbvm-broker, dbvm-agent and dbvmctl failed");
+        assert!(
+            status.success(),
+            "building dbvm-broker, dbvm-agent and dbvmctl failed"
+        );
     });
     let exe = std::env::current_exe().expect("test executable path");
     // target/debug/deps/<test> -> target/debug
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// A running process with its log file.
@@ -35,7 +51,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, bin: &str, args: &[&str], log: PathBuf, env: &[(&str, &str)]) -> (Self, Option<String>) {
+    pub fn spawn(
+        name: &str,
+        bin: &str,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> (Self, Option<String>) {
         let path = bin_dir().join(bin);
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -50,7 +72,9 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
         // The broker prints one "listening ..." line on stdout once bound.
         let first_line = if bin == "dbvm-broker" {
             let stdout = child.stdout.take().expect("stdout");
@@ -87,7 +111,9 @@ impl Proc {
     /// SIGTERM and wait for exit (up to 10 s), returning the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         for _ in 0..200 {
             if let Ok(Some(st)) = c.try_wait() {
                 return Some(st);
@@ -107,7 +133,12 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("===== log of {} ({}) =====\n{}", self.name, self.log.display(), self.log_text());
+            eprintln!(
+                "===== log of {} ({}) =====\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }

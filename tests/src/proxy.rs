@@ -27,22 +27,34 @@ impl Proxy {
                 let bh = bh.clone();
                 let mut cut_rx = cut_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let bh1 = bh.clone();
                     let up = async move {
                         let mut buf = vec![0u8; 16384];
                         while let Ok(n) = cr.read(&mut buf).await {
-                            if n == 0 { break; }
-                            if !bh1.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err() { break; }
+                            if n == 0 {
+                                break;
+                            }
+                            if !bh1.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
                         }
                     };
                     let down = async move {
                         let mut buf = vec![0u8; 16384];
                         while let Ok(n) = sr.read(&mut buf).await {
-                            if n == 0 { break; }
-                            if !bh.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err() { break; }
+                            if n == 0 {
+                                break;
+                            }
+                            if !bh.load(Ordering::SeqCst) && cw.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
                         }
                     };
                     cut_rx.borrow_and_update();
@@ -53,7 +65,12 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, blackhole, cut, task }
+        Self {
+            addr,
+            blackhole,
+            cut,
+            task,
+        }
     }
 
     /// Drop every byte from now on, keeping the sockets open (a dead path, not a reset).

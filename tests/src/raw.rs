@@ -20,8 +20,11 @@ pub async fn connect(
     let config = dbvm_protocol::tls::client_config(ca_pem, identity)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
-    TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+    let name =
+        rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
 }
 
 pub fn hello(agent_id: &str, major: u16) -> AgentMessage {
@@ -39,7 +42,11 @@ pub fn hello(agent_id: &str, major: u16) -> AgentMessage {
 
 /// Sends raw bytes, then reads what the broker answers (None when it only closed).
 /// A TLS-level failure (for example a refused client certificate) is an `Err`.
-pub async fn send_raw(stream: &mut TlsStream<TcpStream>, bytes: &[u8], close_write: bool) -> std::io::Result<Option<BrokerMessage>> {
+pub async fn send_raw(
+    stream: &mut TlsStream<TcpStream>,
+    bytes: &[u8],
+    close_write: bool,
+) -> std::io::Result<Option<BrokerMessage>> {
     stream.write_all(bytes).await?;
     stream.flush().await?;
     if close_write {
@@ -48,9 +55,19 @@ pub async fn send_raw(stream: &mut TlsStream<TcpStream>, bytes: &[u8], close_wri
     read_reply(stream).await
 }
 
-pub async fn read_reply(stream: &mut TlsStream<TcpStream>) -> std::io::Result<Option<BrokerMessage>> {
-    match tokio::time::timeout(Duration::from_secs(15), read_frame::<BrokerMessage, _>(stream, MAX_FRAME_LEN)).await {
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 15 s")),
+pub async fn read_reply(
+    stream: &mut TlsStream<TcpStream>,
+) -> std::io::Result<Option<BrokerMessage>> {
+    match tokio::time::timeout(
+        Duration::from_secs(15),
+        read_frame::<BrokerMessage, _>(stream, MAX_FRAME_LEN),
+    )
+    .await
+    {
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within 15 s",
+        )),
         Ok(Ok(m)) => Ok(m),
         Ok(Err(dbvm_protocol::frame::FrameError::Io(e))) => Err(e),
         Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),

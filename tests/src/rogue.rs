@@ -60,38 +60,55 @@ impl RogueBroker {
             broker_version: "rogue".into(),
             heartbeat_interval_ms: 1000,
         });
-        write_frame(&mut stream, &welcome, MAX_FRAME_LEN).await.expect("welcome");
+        write_frame(&mut stream, &welcome, MAX_FRAME_LEN)
+            .await
+            .expect("welcome");
         RogueSession { stream, hello }
     }
 }
 
 impl RogueSession {
     pub async fn deliver(&mut self, cmd: &SignedCommand) {
-        write_frame(&mut self.stream, &BrokerMessage::Deliver(cmd.clone()), MAX_FRAME_LEN)
-            .await
-            .expect("deliver");
+        write_frame(
+            &mut self.stream,
+            &BrokerMessage::Deliver(cmd.clone()),
+            MAX_FRAME_LEN,
+        )
+        .await
+        .expect("deliver");
     }
 
     /// Reads until a Result arrives (answering heartbeats), acknowledges it, returns it.
     pub async fn next_result(&mut self) -> CommandResult {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let msg = tokio::time::timeout_at(deadline, read_frame::<AgentMessage, _>(&mut self.stream, MAX_FRAME_LEN))
-                .await
-                .expect("no result from the agent within 20 s")
-                .expect("read from agent")
-                .expect("agent closed the connection");
+            let msg = tokio::time::timeout_at(
+                deadline,
+                read_frame::<AgentMessage, _>(&mut self.stream, MAX_FRAME_LEN),
+            )
+            .await
+            .expect("no result from the agent within 20 s")
+            .expect("read from agent")
+            .expect("agent closed the connection");
             match msg {
                 AgentMessage::Result(r) => {
-                    write_frame(&mut self.stream, &BrokerMessage::ResultAck { id: r.id }, MAX_FRAME_LEN)
-                        .await
-                        .expect("ack");
+                    write_frame(
+                        &mut self.stream,
+                        &BrokerMessage::ResultAck { id: r.id },
+                        MAX_FRAME_LEN,
+                    )
+                    .await
+                    .expect("ack");
                     return r;
                 }
                 AgentMessage::Heartbeat { seq } => {
-                    write_frame(&mut self.stream, &BrokerMessage::HeartbeatAck { seq }, MAX_FRAME_LEN)
-                        .await
-                        .expect("heartbeat ack");
+                    write_frame(
+                        &mut self.stream,
+                        &BrokerMessage::HeartbeatAck { seq },
+                        MAX_FRAME_LEN,
+                    )
+                    .await
+                    .expect("heartbeat ack");
                 }
                 _ => {}
             }

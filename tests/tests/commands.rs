@@ -1,6 +1,8 @@
 //! Signed commands end to end through real broker and agent processes: enrollment,
 //! ping and facts, sealed secrets, and every way a command can be refused.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use dbvm_e2e::rogue::RogueBroker;
 use dbvm_e2e::{eventually, Fleet};
 use dbvm_protocol::api::{CommandState, CommandView};
@@ -13,14 +15,24 @@ use std::time::Duration;
 
 async fn run(client: &dbvmctl::Client, cmd: &SignedCommand) -> CommandView {
     let v = client.submit(cmd).await.expect("submit");
-    client.wait(v.id, Duration::from_secs(30)).await.expect("wait")
+    client
+        .wait(v.id, Duration::from_secs(30))
+        .await
+        .expect("wait")
 }
 
 async fn connected(client: &dbvmctl::Client, id: &str) {
-    eventually(Duration::from_secs(30), &format!("agent {id} to connect"), || async {
-        let agents = client.agents().await.ok()?;
-        agents.iter().any(|a| a.id == id && a.connected).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        &format!("agent {id} to connect"),
+        || async {
+            let agents = client.agents().await.ok()?;
+            agents
+                .iter()
+                .any(|a| a.id == id && a.connected)
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -29,7 +41,11 @@ async fn enrolled_agent_answers_signed_ping_and_facts_and_secrets_stay_sealed() 
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let _agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1").await;
 
@@ -43,18 +59,36 @@ async fn enrolled_agent_answers_signed_ping_and_facts_and_secrets_stay_sealed() 
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
     let facts = v.output.expect("facts");
     assert!(facts["cpu_count"].as_u64().unwrap_or(0) >= 1, "{facts}");
-    assert!(facts["memory_total_bytes"].as_u64().unwrap_or(0) > 0, "{facts}");
-    assert!(!facts["kernel"].as_str().unwrap_or("").is_empty(), "{facts}");
+    assert!(
+        facts["memory_total_bytes"].as_u64().unwrap_or(0) > 0,
+        "{facts}"
+    );
+    assert!(
+        !facts["kernel"].as_str().unwrap_or("").is_empty(),
+        "{facts}"
+    );
     assert!(facts["disks"].as_array().is_some(), "{facts}");
 
     // A secret sealed to the agent comes back sealed to the control plane.
-    let agent = client.agents().await.expect("agents").into_iter().find(|a| a.id == "db1").expect("db1");
-    let agent_key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key")).expect("key");
+    let agent = client
+        .agents()
+        .await
+        .expect("agents")
+        .into_iter()
+        .find(|a| a.id == "db1")
+        .expect("db1");
+    let agent_key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
+        .expect("key");
     let secret = "correct-horse-battery-staple";
     let sealed = Sealed::seal(&agent_key, secret).expect("seal");
-    let v = run(&client, &fleet.sign("db1", "ping", json!({ "secret": sealed }))).await;
+    let v = run(
+        &client,
+        &fleet.sign("db1", "ping", json!({ "secret": sealed })),
+    )
+    .await;
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
-    let back: Sealed = serde_json::from_value(v.output.expect("output")["secret"].clone()).expect("sealed reply");
+    let back: Sealed =
+        serde_json::from_value(v.output.expect("output")["secret"].clone()).expect("sealed reply");
     assert_eq!(fleet.reply_key.open(&back).expect("open").expose(), secret);
     // The broker's store and logs hold only ciphertext.
     for entry in std::fs::read_dir(fleet.path("broker-data")).expect("data dir") {
@@ -78,7 +112,11 @@ async fn forged_unknown_key_unsupported_and_bad_args_are_refused_by_the_agent() 
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1").await;
 
@@ -88,23 +126,47 @@ async fn forged_unknown_key_unsupported_and_bad_args_are_refused_by_the_agent() 
     forged.body[n - 3] ^= 0x01;
     let v = run(&client, &forged).await;
     assert_eq!(v.state, CommandState::Rejected, "{v:?}");
-    assert_eq!(v.error.as_ref().expect("error").code, "bad_signature", "{v:?}");
+    assert_eq!(
+        v.error.as_ref().expect("error").code,
+        "bad_signature",
+        "{v:?}"
+    );
 
     // Signed by a key the agent does not trust.
     let stranger = CommandSigner::generate();
-    let v = run(&client, &stranger.sign(&fleet.body("db1", "ping", json!({})))).await;
+    let v = run(
+        &client,
+        &stranger.sign(&fleet.body("db1", "ping", json!({}))),
+    )
+    .await;
     assert_eq!(v.state, CommandState::Rejected);
-    assert_eq!(v.error.as_ref().expect("error").code, "unknown_key", "{v:?}");
+    assert_eq!(
+        v.error.as_ref().expect("error").code,
+        "unknown_key",
+        "{v:?}"
+    );
 
     // An operation this agent does not have.
     let v = run(&client, &fleet.sign("db1", "format_disk", json!({}))).await;
     assert_eq!(v.state, CommandState::Rejected);
-    assert_eq!(v.error.as_ref().expect("error").code, "unsupported_operation", "{v:?}");
+    assert_eq!(
+        v.error.as_ref().expect("error").code,
+        "unsupported_operation",
+        "{v:?}"
+    );
 
     // Arguments the operation does not accept.
-    let v = run(&client, &fleet.sign("db1", "ping", json!({"delay": "soon"}))).await;
+    let v = run(
+        &client,
+        &fleet.sign("db1", "ping", json!({"delay": "soon"})),
+    )
+    .await;
     assert_eq!(v.state, CommandState::Rejected);
-    assert_eq!(v.error.as_ref().expect("error").code, "bad_arguments", "{v:?}");
+    assert_eq!(
+        v.error.as_ref().expect("error").code,
+        "bad_arguments",
+        "{v:?}"
+    );
 
     // Only the two that passed verification reached the journal (and were refused there);
     // the forged and the unknown-key commands left no trace.
@@ -116,7 +178,11 @@ async fn forged_unknown_key_unsupported_and_bad_args_are_refused_by_the_agent() 
         .expect("rows")
         .collect::<Result<_, _>>()
         .expect("ops");
-    assert_eq!(ops, vec!["format_disk".to_string(), "ping".to_string()], "{ops:?}");
+    assert_eq!(
+        ops,
+        vec!["format_disk".to_string(), "ping".to_string()],
+        "{ops:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,13 +195,19 @@ async fn the_broker_refuses_expired_future_replayed_and_malformed_submissions() 
     let mut b = fleet.body("db1", "ping", json!({}));
     b.issued_at_ms = now - 600_000;
     b.not_after_ms = now - 1_000;
-    let e = client.submit(&fleet.signer.sign(&b)).await.expect_err("expired");
+    let e = client
+        .submit(&fleet.signer.sign(&b))
+        .await
+        .expect_err("expired");
     assert!(e.to_string().contains("expired"), "{e}");
 
     let mut b = fleet.body("db1", "ping", json!({}));
     b.issued_at_ms = now + 3_600_000;
     b.not_after_ms = now + 3_700_000;
-    let e = client.submit(&fleet.signer.sign(&b)).await.expect_err("future");
+    let e = client
+        .submit(&fleet.signer.sign(&b))
+        .await
+        .expect_err("future");
     assert!(e.to_string().contains("future"), "{e}");
 
     let cmd = fleet.sign("db1", "ping", json!({}));
@@ -145,7 +217,10 @@ async fn the_broker_refuses_expired_future_replayed_and_malformed_submissions() 
 
     let mut bad_target = fleet.body("db1", "ping", json!({}));
     bad_target.agent_id = "DB/1".into();
-    let e = client.submit(&fleet.signer.sign(&bad_target)).await.expect_err("target");
+    let e = client
+        .submit(&fleet.signer.sign(&bad_target))
+        .await
+        .expect_err("target");
     assert!(e.to_string().contains("agent id"), "{e}");
 
     let garbage = fleet.signer.sign_bytes(vec![9, 9, 9]);
@@ -170,7 +245,11 @@ async fn the_agent_alone_refuses_wrong_target_expired_future_and_replays_even_af
 
     s.deliver(&fleet.sign("db2", "ping", json!({}))).await;
     let r = s.next_result().await;
-    assert_eq!(rejected(&r).map(|x| x.0), Some(RejectCode::WrongTarget), "{r:?}");
+    assert_eq!(
+        rejected(&r).map(|x| x.0),
+        Some(RejectCode::WrongTarget),
+        "{r:?}"
+    );
 
     let now = dbvm_protocol::now_ms();
     let mut b = fleet.body("db1", "ping", json!({}));
@@ -178,20 +257,32 @@ async fn the_agent_alone_refuses_wrong_target_expired_future_and_replays_even_af
     b.not_after_ms = now - 120_000;
     s.deliver(&fleet.signer.sign(&b)).await;
     let r = s.next_result().await;
-    assert_eq!(rejected(&r).map(|x| x.0), Some(RejectCode::Expired), "{r:?}");
+    assert_eq!(
+        rejected(&r).map(|x| x.0),
+        Some(RejectCode::Expired),
+        "{r:?}"
+    );
 
     let mut b = fleet.body("db1", "ping", json!({}));
     b.issued_at_ms = now + 600_000;
     b.not_after_ms = now + 700_000;
     s.deliver(&fleet.signer.sign(&b)).await;
     let r = s.next_result().await;
-    assert_eq!(rejected(&r).map(|x| x.0), Some(RejectCode::NotYetValid), "{r:?}");
+    assert_eq!(
+        rejected(&r).map(|x| x.0),
+        Some(RejectCode::NotYetValid),
+        "{r:?}"
+    );
 
     let mut forged = fleet.sign("db1", "ping", json!({}));
     forged.signature[0] ^= 0xff;
     s.deliver(&forged).await;
     let r = s.next_result().await;
-    assert_eq!(rejected(&r).map(|x| x.0), Some(RejectCode::BadSignature), "{r:?}");
+    assert_eq!(
+        rejected(&r).map(|x| x.0),
+        Some(RejectCode::BadSignature),
+        "{r:?}"
+    );
 
     let good = fleet.sign("db1", "ping", json!({}));
     s.deliver(&good).await;
@@ -211,10 +302,19 @@ async fn the_agent_alone_refuses_wrong_target_expired_future_and_replays_even_af
     let mut s = rogue.accept().await;
     s.deliver(&good).await;
     let r = s.next_result().await;
-    assert_eq!(rejected(&r).map(|x| x.0), Some(RejectCode::Replayed), "{r:?}");
+    assert_eq!(
+        rejected(&r).map(|x| x.0),
+        Some(RejectCode::Replayed),
+        "{r:?}"
+    );
     // It ran exactly once (both runs of the agent append to the same log file).
     assert_eq!(agent.proc.log, agent2.proc.log);
     let log = agent2.proc.log_text();
-    let runs = log.matches(&format!("running command id={}", good.peek_body().expect("body").id)).count();
+    let runs = log
+        .matches(&format!(
+            "running command id={}",
+            good.peek_body().expect("body").id
+        ))
+        .count();
     assert_eq!(runs, 1, "{log}");
 }

@@ -2,6 +2,8 @@
 //! agent killed mid-command, the network path black-holed and cut, commands that expire
 //! in the queue, admission limits, and certificate renewal on a live link.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use dbvm_e2e::proxy::Proxy;
 use dbvm_e2e::{eventually, AgentProc, Fleet};
 use dbvm_protocol::api::{CommandState, CommandView};
@@ -11,17 +13,26 @@ use std::time::Duration;
 use uuid::Uuid;
 
 async fn connected(client: &dbvmctl::Client, id: &str, want: bool) {
-    eventually(Duration::from_secs(30), &format!("agent {id} connected={want}"), || async {
-        let agents = client.agents().await.ok()?;
-        (agents.iter().any(|a| a.id == id && a.connected) == want).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        &format!("agent {id} connected={want}"),
+        || async {
+            let agents = client.agents().await.ok()?;
+            (agents.iter().any(|a| a.id == id && a.connected) == want).then_some(())
+        },
+    )
     .await;
 }
 
 async fn all_finished(client: &dbvmctl::Client, ids: &[Uuid]) -> Vec<CommandView> {
     let mut out = Vec::new();
     for id in ids {
-        out.push(client.wait(*id, Duration::from_secs(60)).await.expect("wait"));
+        out.push(
+            client
+                .wait(*id, Duration::from_secs(60))
+                .await
+                .expect("wait"),
+        );
     }
     out
 }
@@ -30,8 +41,13 @@ async fn all_finished(client: &dbvmctl::Client, ids: &[Uuid]) -> Vec<CommandView
 /// appends to the same log file, so each file is read once).
 fn executions(agents: &[&AgentProc], ids: &[Uuid]) -> Vec<usize> {
     let files: std::collections::BTreeSet<_> = agents.iter().map(|a| a.proc.log.clone()).collect();
-    let log: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default()).collect();
-    ids.iter().map(|id| log.matches(&format!("running command id={id}")).count()).collect()
+    let log: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+        .collect();
+    ids.iter()
+        .map(|id| log.matches(&format!("running command id={id}")).count())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +55,11 @@ async fn broker_killed_with_commands_queued_and_in_flight_delivers_each_exactly_
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let mut agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1", true).await;
 
@@ -48,7 +68,10 @@ async fn broker_killed_with_commands_queued_and_in_flight_delivers_each_exactly_
     connected(&client, "db1", false).await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        let v = client.submit(&fleet.sign("db1", "ping", json!({"echo": i.to_string()}))).await.expect("submit");
+        let v = client
+            .submit(&fleet.sign("db1", "ping", json!({"echo": i.to_string()})))
+            .await
+            .expect("submit");
         assert_eq!(v.state, CommandState::Queued);
         ids.push(v.id);
     }
@@ -58,18 +81,28 @@ async fn broker_killed_with_commands_queued_and_in_flight_delivers_each_exactly_
     let client = fleet.client(&broker);
     let agent2 = fleet.restart_agent(&agent);
     let done = all_finished(&client, &ids).await;
-    assert!(done.iter().all(|v| v.state == CommandState::Succeeded), "{done:?}");
+    assert!(
+        done.iter().all(|v| v.state == CommandState::Succeeded),
+        "{done:?}"
+    );
 
     // In flight: commands delivered and running when the broker dies.
     let mut flying = Vec::new();
     for _ in 0..10 {
-        let v = client.submit(&fleet.sign("db1", "ping", json!({"delay_ms": 1500}))).await.expect("submit");
+        let v = client
+            .submit(&fleet.sign("db1", "ping", json!({"delay_ms": 1500})))
+            .await
+            .expect("submit");
         flying.push(v.id);
     }
-    eventually(Duration::from_secs(20), "commands to be running", || async {
-        let v = client.command(*flying.last()?).await.ok()?;
-        (v.state == CommandState::Running).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "commands to be running",
+        || async {
+            let v = client.command(*flying.last()?).await.ok()?;
+            (v.state == CommandState::Running).then_some(())
+        },
+    )
     .await;
     let mut broker = broker;
     broker.proc.kill();
@@ -77,13 +110,21 @@ async fn broker_killed_with_commands_queued_and_in_flight_delivers_each_exactly_
     let broker = fleet.restart_broker(&broker, "");
     let client = fleet.client(&broker);
     let done = all_finished(&client, &flying).await;
-    assert!(done.iter().all(|v| v.state == CommandState::Succeeded), "{done:?}");
+    assert!(
+        done.iter().all(|v| v.state == CommandState::Succeeded),
+        "{done:?}"
+    );
 
     let all: Vec<Uuid> = ids.iter().chain(flying.iter()).copied().collect();
     let runs = executions(&[&agent, &agent2], &all);
-    assert!(runs.iter().all(|n| *n == 1), "each command must run exactly once: {runs:?}");
+    assert!(
+        runs.iter().all(|n| *n == 1),
+        "each command must run exactly once: {runs:?}"
+    );
     let conn = rusqlite::Connection::open(agent2.journal()).expect("journal");
-    let n: i64 = conn.query_row("SELECT COUNT(*) FROM commands", [], |r| r.get(0)).expect("count");
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM commands", [], |r| r.get(0))
+        .expect("count");
     assert_eq!(n as usize, all.len());
 }
 
@@ -92,11 +133,18 @@ async fn agent_killed_mid_command_reports_it_interrupted_and_never_reruns_it() {
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let mut agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1", true).await;
 
-    let v = client.submit(&fleet.sign("db1", "ping", json!({"delay_ms": 20000}))).await.expect("submit");
+    let v = client
+        .submit(&fleet.sign("db1", "ping", json!({"delay_ms": 20000})))
+        .await
+        .expect("submit");
     eventually(Duration::from_secs(20), "the command to run", || async {
         let v = client.command(v.id).await.ok()?;
         (v.state == CommandState::Running).then_some(())
@@ -104,13 +152,22 @@ async fn agent_killed_mid_command_reports_it_interrupted_and_never_reruns_it() {
     .await;
     agent.proc.kill();
     let agent2 = fleet.restart_agent(&agent);
-    let done = client.wait(v.id, Duration::from_secs(30)).await.expect("wait");
+    let done = client
+        .wait(v.id, Duration::from_secs(30))
+        .await
+        .expect("wait");
     assert_eq!(done.state, CommandState::Interrupted, "{done:?}");
     let err = done.error.expect("error");
     assert!(err.message.contains("not run again"), "{}", err.message);
     // The broker redelivers unfinished commands after reconnecting; the journal absorbs it.
-    let after = client.submit(&fleet.sign("db1", "ping", json!({}))).await.expect("submit");
-    let after = client.wait(after.id, Duration::from_secs(30)).await.expect("wait");
+    let after = client
+        .submit(&fleet.sign("db1", "ping", json!({})))
+        .await
+        .expect("submit");
+    let after = client
+        .wait(after.id, Duration::from_secs(30))
+        .await
+        .expect("wait");
     assert_eq!(after.state, CommandState::Succeeded);
     assert_eq!(executions(&[&agent, &agent2], &[v.id]), vec![1]);
 }
@@ -121,7 +178,11 @@ async fn a_dead_network_path_is_detected_and_the_queue_drains_after_reconnect() 
     let broker = fleet.start_broker("[agents]\nheartbeat_interval_ms = 300\n");
     let client = fleet.client(&broker);
     let proxy = Proxy::start(broker.agent_addr).await;
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let agent = fleet.start_agent("db1", proxy.addr, Some(&token), "");
     connected(&client, "db1", true).await;
 
@@ -130,16 +191,31 @@ async fn a_dead_network_path_is_detected_and_the_queue_drains_after_reconnect() 
     connected(&client, "db1", false).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(client.submit(&fleet.sign("db1", "ping", json!({}))).await.expect("submit").id);
+        ids.push(
+            client
+                .submit(&fleet.sign("db1", "ping", json!({})))
+                .await
+                .expect("submit")
+                .id,
+        );
     }
     proxy.blackhole(false);
     let done = all_finished(&client, &ids).await;
-    assert!(done.iter().all(|v| v.state == CommandState::Succeeded), "{done:?}");
+    assert!(
+        done.iter().all(|v| v.state == CommandState::Succeeded),
+        "{done:?}"
+    );
 
     // A hard cut (connections reset) also heals.
     proxy.cut();
-    let v = client.submit(&fleet.sign("db1", "ping", json!({}))).await.expect("submit");
-    let v = client.wait(v.id, Duration::from_secs(30)).await.expect("wait");
+    let v = client
+        .submit(&fleet.sign("db1", "ping", json!({})))
+        .await
+        .expect("submit");
+    let v = client
+        .wait(v.id, Duration::from_secs(30))
+        .await
+        .expect("wait");
     assert_eq!(v.state, CommandState::Succeeded);
     assert!(agent.proc.log_text().contains("reconnecting"));
     assert_eq!(executions(&[&agent], &ids), vec![1; 5]);
@@ -155,7 +231,10 @@ async fn queued_commands_expire_and_deployments_beyond_the_waiting_room_get_429(
     let mut b = fleet.body("ghost", "ping", json!({}));
     b.not_after_ms = dbvm_protocol::now_ms() + 1000;
     let v = client.submit(&fleet.signer.sign(&b)).await.expect("submit");
-    let v = client.wait(v.id, Duration::from_secs(10)).await.expect("wait");
+    let v = client
+        .wait(v.id, Duration::from_secs(10))
+        .await
+        .expect("wait");
     assert_eq!(v.state, CommandState::Expired, "{v:?}");
 
     // 8 running + 2 waiting deployments are admitted; the 11th is refused, clearly.
@@ -165,13 +244,22 @@ async fn queued_commands_expire_and_deployments_beyond_the_waiting_room_get_429(
             .await
             .unwrap_or_else(|e| panic!("deployment {i} refused: {e}"));
     }
-    let e = client.submit(&fleet.sign("db10", "create", json!({}))).await.expect_err("11th deployment");
+    let e = client
+        .submit(&fleet.sign("db10", "create", json!({})))
+        .await
+        .expect_err("11th deployment");
     let text = e.to_string();
     assert!(text.contains("429") || text.contains("busy"), "{text}");
     assert!(text.contains("8 running + 2 waiting"), "{text}");
     // Other classes are not affected.
-    client.submit(&fleet.sign("db1", "backup", json!({}))).await.expect("backup admitted");
-    client.submit(&fleet.sign("db1", "ping", json!({}))).await.expect("query admitted");
+    client
+        .submit(&fleet.sign("db1", "backup", json!({})))
+        .await
+        .expect("backup admitted");
+    client
+        .submit(&fleet.sign("db1", "ping", json!({})))
+        .await
+        .expect("query admitted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,30 +267,51 @@ async fn management_operations_run_at_most_eight_at_a_time() {
     let fleet = Fleet::new();
     let broker = fleet.start_broker("[limits]\nmanagement_running = 2\n");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let _agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1", true).await;
     // `restart_db` is a management operation this agent does not know: it is refused by the
     // agent, but only after admission let it through, two at a time.
     let mut ids = Vec::new();
     for _ in 0..6 {
-        ids.push(client.submit(&fleet.sign("db1", "restart_db", json!({}))).await.expect("submit").id);
+        ids.push(
+            client
+                .submit(&fleet.sign("db1", "restart_db", json!({})))
+                .await
+                .expect("submit")
+                .id,
+        );
     }
     let done = all_finished(&client, &ids).await;
-    assert!(done.iter().all(|v| v.state == CommandState::Rejected), "{done:?}");
+    assert!(
+        done.iter().all(|v| v.state == CommandState::Rejected),
+        "{done:?}"
+    );
     let metrics = dbvm_e2e::fleet::client_as(&broker.api_url(), fleet.ca.cert_pem(), None)
         .get_text("/metrics")
         .await
         .expect("metrics");
-    assert!(metrics.contains("dbvm_broker_commands_finished_total{state=\"rejected\"} 6"), "{metrics}");
+    assert!(
+        metrics.contains("dbvm_broker_commands_finished_total{state=\"rejected\"} 6"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_commands() {
     let fleet = Fleet::new();
-    let broker = fleet.start_broker("[agents]\ncert_lifetime_seconds = 6\nheartbeat_interval_ms = 1000\n");
+    let broker =
+        fleet.start_broker("[agents]\ncert_lifetime_seconds = 6\nheartbeat_interval_ms = 1000\n");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     let agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1", true).await;
     let first = std::fs::read_to_string(agent.state_dir.join("identity.pem")).expect("identity");
@@ -211,8 +320,14 @@ async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_comm
     let mut seen = HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
-        let v = client.submit(&fleet.sign("db1", "ping", json!({}))).await.expect("submit");
-        let v = client.wait(v.id, Duration::from_secs(10)).await.expect("wait");
+        let v = client
+            .submit(&fleet.sign("db1", "ping", json!({})))
+            .await
+            .expect("submit");
+        let v = client
+            .wait(v.id, Duration::from_secs(10))
+            .await
+            .expect("wait");
         assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
         seen.insert(v.id);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -221,7 +336,12 @@ async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_comm
     assert_ne!(first, now, "the certificate was not renewed");
     assert!(agent.proc.log_text().contains("agent certificate renewed"));
     // One connection throughout: renewal happened in band.
-    assert_eq!(broker.proc.log_text().matches("agent connected").count(), 1, "{}", broker.proc.log_text());
+    assert_eq!(
+        broker.proc.log_text().matches("agent connected").count(),
+        1,
+        "{}",
+        broker.proc.log_text()
+    );
 
     // After the first certificate expired, a restarted agent connects with the renewed one.
     let mut agent = agent;
@@ -229,7 +349,13 @@ async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_comm
     connected(&client, "db1", false).await;
     let _agent2 = fleet.restart_agent(&agent);
     connected(&client, "db1", true).await;
-    let v = client.submit(&fleet.sign("db1", "ping", json!({}))).await.expect("submit");
-    let v = client.wait(v.id, Duration::from_secs(10)).await.expect("wait");
+    let v = client
+        .submit(&fleet.sign("db1", "ping", json!({})))
+        .await
+        .expect("submit");
+    let v = client
+        .wait(v.id, Duration::from_secs(10))
+        .await
+        .expect("wait");
     assert_eq!(v.state, CommandState::Succeeded);
 }

@@ -3,6 +3,8 @@
 //! enrollment tokens that are reused, expired or for someone else. Each gets a clear
 //! refusal and changes nothing; the broker keeps serving well-behaved agents.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use dbvm_e2e::raw::{connect, hello, send_raw};
 use dbvm_e2e::{eventually, Fleet};
 use dbvm_protocol::api::CommandState;
@@ -68,27 +70,47 @@ async fn bad_frames_versions_and_identities_are_refused_and_change_nothing() {
     assert!(msg.contains("enroll"), "{msg}");
 
     // A control-plane certificate is not an agent.
-    let cp = (fleet.control_plane.cert_pem.as_str(), fleet.control_plane.key_pem.as_str());
-    let mut s = connect(broker.agent_addr, ca, Some(cp)).await.expect("connect");
+    let cp = (
+        fleet.control_plane.cert_pem.as_str(),
+        fleet.control_plane.key_pem.as_str(),
+    );
+    let mut s = connect(broker.agent_addr, ca, Some(cp))
+        .await
+        .expect("connect");
     let (code, _) = refused(send_raw(&mut s, &bytes, false).await);
     assert_eq!(code, RefuseCode::IdentityMismatch);
 
     // A certificate from another CA fails the TLS handshake itself.
     let other = FleetCa::generate("another CA", Duration::from_secs(600)).expect("ca");
     let foreign = other
-        .issue_client(&Identity::Agent(AgentId::new("db1").expect("id")), Duration::from_secs(600))
+        .issue_client(
+            &Identity::Agent(AgentId::new("db1").expect("id")),
+            Duration::from_secs(600),
+        )
         .expect("cert");
-    let res = match connect(broker.agent_addr, ca, Some((&foreign.cert_pem, &foreign.key_pem))).await {
+    let res = match connect(
+        broker.agent_addr,
+        ca,
+        Some((&foreign.cert_pem, &foreign.key_pem)),
+    )
+    .await
+    {
         Err(e) => Err(e),
         Ok(mut s) => send_raw(&mut s, &bytes, false).await,
     };
-    assert!(res.is_err() || matches!(res, Ok(None)), "foreign certificate accepted: {res:?}");
+    assert!(
+        res.is_err() || matches!(res, Ok(None)),
+        "foreign certificate accepted: {res:?}"
+    );
 
     // Garbage after a good start ends that session only.
     let mut s = connect(broker.agent_addr, ca, id).await.expect("connect");
     let bytes = encode(&hello("db1", 1), MAX_FRAME_LEN).expect("encode");
     let welcome = send_raw(&mut s, &bytes, false).await.expect("welcome");
-    assert!(matches!(welcome, Some(BrokerMessage::Welcome(_))), "{welcome:?}");
+    assert!(
+        matches!(welcome, Some(BrokerMessage::Welcome(_))),
+        "{welcome:?}"
+    );
     let after = send_raw(&mut s, &[0, 0, 0, 2, 0xee, 0xee], false).await;
     assert!(matches!(after, Ok(None) | Err(_)), "{after:?}");
 
@@ -96,20 +118,40 @@ async fn bad_frames_versions_and_identities_are_refused_and_change_nothing() {
     let url = format!("{}/v1/agents", broker.api_url());
     let anon = dbvm_e2e::fleet::client_as(&broker.api_url(), ca, None);
     let e = anon.agents().await.expect_err("no certificate");
-    assert!(e.to_string().contains("401") || e.to_string().contains("client certificate"), "{url}: {e}");
-    let as_agent = dbvm_e2e::fleet::client_as(&broker.api_url(), ca, Some((&db1.cert_pem, &db1.key_pem)));
+    assert!(
+        e.to_string().contains("401") || e.to_string().contains("client certificate"),
+        "{url}: {e}"
+    );
+    let as_agent =
+        dbvm_e2e::fleet::client_as(&broker.api_url(), ca, Some((&db1.cert_pem, &db1.key_pem)));
     let e = as_agent.agents().await.expect_err("agent certificate");
-    assert!(e.to_string().contains("403") || e.to_string().contains("may not use"), "{e}");
+    assert!(
+        e.to_string().contains("403") || e.to_string().contains("may not use"),
+        "{e}"
+    );
 
     // Nothing was recorded for the refused connections, and the broker still works.
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("db3", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db3", None)
+        .await
+        .expect("token")
+        .token;
     let _agent = fleet.start_agent("db3", broker.agent_addr, Some(&token), "");
-    let v = client.submit(&fleet.sign("db3", "ping", json!({}))).await.expect("submit");
-    let v = client.wait(v.id, Duration::from_secs(30)).await.expect("wait");
+    let v = client
+        .submit(&fleet.sign("db3", "ping", json!({})))
+        .await
+        .expect("submit");
+    let v = client
+        .wait(v.id, Duration::from_secs(30))
+        .await
+        .expect("wait");
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
     let metrics = reqwest_metrics(&broker.api_url(), ca).await;
-    assert!(metrics.contains("dbvm_broker_link_errors_total{reason=\"protocolviolation\"}"), "{metrics}");
+    assert!(
+        metrics.contains("dbvm_broker_link_errors_total{reason=\"protocolviolation\"}"),
+        "{metrics}"
+    );
 }
 
 async fn reqwest_metrics(url: &str, ca: &str) -> String {
@@ -141,7 +183,11 @@ async fn enrollment_tokens_are_single_use_short_lived_and_bound_to_one_agent() {
         send_raw(&mut s, &bytes, false).await
     };
 
-    let token = client.enrollment_token("db1", None).await.expect("token").token;
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
     // For another id: refused, and the token stays good for its own agent.
     let (code, msg) = refused(enroll("db2", token.clone()).await);
     assert_eq!(code, RefuseCode::EnrollmentRefused);
@@ -162,7 +208,11 @@ async fn enrollment_tokens_are_single_use_short_lived_and_bound_to_one_agent() {
     assert_eq!(code, RefuseCode::EnrollmentRefused);
     assert!(msg.contains("already used"), "{msg}");
     // Expired: refused.
-    let short = client.enrollment_token("db4", Some(Duration::from_secs(1))).await.expect("token").token;
+    let short = client
+        .enrollment_token("db4", Some(Duration::from_secs(1)))
+        .await
+        .expect("token")
+        .token;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (code, msg) = refused(enroll("db4", short).await);
     assert_eq!(code, RefuseCode::EnrollmentRefused);
@@ -172,12 +222,18 @@ async fn enrollment_tokens_are_single_use_short_lived_and_bound_to_one_agent() {
     assert!(msg.contains("not known"), "{msg}");
 
     // A real agent with a used token does not get in, and says why in its log.
-    let used = client.enrollment_token("db5", None).await.expect("token").token;
+    let used = client
+        .enrollment_token("db5", None)
+        .await
+        .expect("token")
+        .token;
     let _ = enroll("db5", used.clone()).await;
     let agent = fleet.start_agent("db5", broker.agent_addr, Some(&used), "");
-    eventually(Duration::from_secs(20), "the agent to log the refusal", || async {
-        agent.proc.log_text().contains("already used").then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the agent to log the refusal",
+        || async { agent.proc.log_text().contains("already used").then_some(()) },
+    )
     .await;
     let agents = client.agents().await.expect("agents");
     assert!(!agents.iter().any(|a| a.id == "db5" && a.connected));

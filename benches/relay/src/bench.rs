@@ -129,7 +129,11 @@ fn filesystem_of(path: &Path) -> String {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|t| t.lines().nth(1).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .and_then(|t| {
+            t.lines()
+                .nth(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -159,11 +163,19 @@ pub fn main(args: BenchArgs) -> Result<Report> {
     };
 
     progress(format!("issuing {} agent certificates", args.agents));
-    let mut fleet = Fleet::create(args.agents, args.work_dir.as_deref(), args.heartbeat_interval_ms)?;
+    let mut fleet = Fleet::create(
+        args.agents,
+        args.work_dir.as_deref(),
+        args.heartbeat_interval_ms,
+    )?;
     let certs = std::mem::take(&mut fleet.agents);
     let ids: Vec<String> = certs.iter().map(|a| a.id.clone()).collect();
     // Valid long enough for the slowest run: twice the planned duration plus ten minutes.
-    let planned_secs = if args.rate > 0.0 { args.commands as f64 / args.rate } else { 60.0 };
+    let planned_secs = if args.rate > 0.0 {
+        args.commands as f64 / args.rate
+    } else {
+        60.0
+    };
     let lifetime_ms = (planned_secs * 2000.0) as i64 + 600_000;
     let started = Instant::now();
     let bodies = fleet::presign(&fleet.signer, &ids, args.commands, lifetime_ms)?;
@@ -182,9 +194,20 @@ pub fn main(args: BenchArgs) -> Result<Report> {
     if args.pin {
         builder.worker_threads(1);
     }
-    let runtime = builder.enable_all().build().context("cannot start the tokio runtime")?;
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     let keep = args.keep_dir;
-    let result = runtime.block_on(run(args, &fleet, certs, bodies, setup, &broker_bin, real_agent_bin.as_deref()));
+    let result = runtime.block_on(run(
+        args,
+        &fleet,
+        certs,
+        bodies,
+        setup,
+        &broker_bin,
+        real_agent_bin.as_deref(),
+    ));
     drop(runtime);
     if keep {
         let dir = fleet.dir.keep();
@@ -257,7 +280,14 @@ async fn run(
     progress(format!("connecting {} agents", args.agents));
     let (b0, l0) = (procfs::threads(broker.pid)?, procfs::threads(me)?);
     let t0 = Instant::now();
-    sim_agent::spawn_all(certs, settings, stats.clone(), args.connect_concurrency, shutdown.clone(), &tracker);
+    sim_agent::spawn_all(
+        certs,
+        settings,
+        stats.clone(),
+        args.connect_concurrency,
+        shutdown.clone(),
+        &tracker,
+    );
     let timeout = Duration::from_secs(60 + args.agents as u64 / 200);
     let waited = sim_agent::wait_connected(&stats, args.agents, timeout).await;
     let connect_secs = t0.elapsed().as_secs_f64();
@@ -304,7 +334,10 @@ async fn run(
     let sock_after = procfs::sockstat()?;
     let loadgen_memory = procfs::memory(me)?;
     let per = |after: u64, before: u64| (after as f64 - before as f64) / connected as f64;
-    let conns = sock_after.tcp_inuse.saturating_sub(sock_before.tcp_inuse).max(1);
+    let conns = sock_after
+        .tcp_inuse
+        .saturating_sub(sock_before.tcp_inuse)
+        .max(1);
     let idle = Idle {
         broker_before: mem_before,
         broker_after: mem_after,
@@ -314,7 +347,8 @@ async fn run(
         per_agent_anonymous_kib: per(mem_after.anonymous_kib, mem_before.anonymous_kib),
         sockstat_before: sock_before,
         sockstat_after: sock_after,
-        kernel_kib_per_connection: (sock_after.tcp_mem_pages as f64 - sock_before.tcp_mem_pages as f64)
+        kernel_kib_per_connection: (sock_after.tcp_mem_pages as f64
+            - sock_before.tcp_mem_pages as f64)
             * procfs::PAGE_KIB as f64
             / (conns as f64 / 2.0).max(1.0),
         loadgen_memory,
@@ -349,7 +383,10 @@ async fn run(
     let commands = if bodies.is_empty() {
         None
     } else {
-        let http_version = api.warm_up(warm).await.context("cannot reach the broker's API")?;
+        let http_version = api
+            .warm_up(warm)
+            .await
+            .context("cannot reach the broker's API")?;
         progress(format!(
             "sending {} commands ({}, {http_version})",
             bodies.len(),
@@ -365,13 +402,21 @@ async fn run(
             Some(path) => Some(start_perf(broker.pid, path).await?),
             None => None,
         };
-        let (b0, l0, io0) = (procfs::threads(broker.pid)?, procfs::threads(me)?, procfs::io(broker.pid)?);
+        let (b0, l0, io0) = (
+            procfs::threads(broker.pid)?,
+            procfs::threads(me)?,
+            procfs::io(broker.pid)?,
+        );
         let result = if args.rate > 0.0 {
             load::fixed_rate(api.clone(), bodies, args.rate, args.wait_ms).await
         } else {
             load::closed_loop(api.clone(), bodies, args.concurrency, args.wait_ms).await
         };
-        let (b1, l1, io1) = (procfs::threads(broker.pid)?, procfs::threads(me)?, procfs::io(broker.pid)?);
+        let (b1, l1, io1) = (
+            procfs::threads(broker.pid)?,
+            procfs::threads(me)?,
+            procfs::io(broker.pid)?,
+        );
         if let Some(mut p) = perf {
             let _ = broker::signal(p.id().unwrap_or(0), "INT").await;
             let _ = tokio::time::timeout(Duration::from_secs(30), p.wait()).await;
@@ -446,7 +491,10 @@ async fn run(
     // ---- stop ----------------------------------------------------------------------------
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         progress("some simulated agents did not stop within 10 s");
     }
     drop(api);
@@ -487,7 +535,10 @@ async fn start_perf(pid: u32, path: &Path) -> Result<tokio::process::Child> {
 fn checks(args: &BenchArgs, r: &Report) -> Vec<Check> {
     let mut out = Vec::new();
     // Every command that did not come back `succeeded` is an error.
-    let errors = r.commands.as_ref().map_or(0, |c| (c.sent as u64).saturating_sub(c.ok));
+    let errors = r
+        .commands
+        .as_ref()
+        .map_or(0, |c| (c.sent as u64).saturating_sub(c.ok));
     if let Some(t) = args.target_p99_ms {
         let (measured, pass) = match &r.commands {
             Some(c) => (
@@ -505,7 +556,10 @@ fn checks(args: &BenchArgs, r: &Report) -> Vec<Check> {
     }
     if let Some(t) = args.target_rate {
         let (measured, pass) = match &r.commands {
-            Some(c) => (format!("{:.0} cmd/s, {errors} errors", c.per_sec), c.per_sec >= t && errors == 0),
+            Some(c) => (
+                format!("{:.0} cmd/s, {errors} errors", c.per_sec),
+                c.per_sec >= t && errors == 0,
+            ),
             None => ("not measured".into(), false),
         };
         out.push(Check {
@@ -520,7 +574,10 @@ fn checks(args: &BenchArgs, r: &Report) -> Vec<Check> {
         out.push(Check {
             name: format!("broker RSS per idle agent ({})", r.connect.connected),
             target: format!("< {t} KiB"),
-            measured: format!("{:.1} KiB (Pss {:.1})", i.per_agent_rss_kib, i.per_agent_pss_kib),
+            measured: format!(
+                "{:.1} KiB (Pss {:.1})",
+                i.per_agent_rss_kib, i.per_agent_pss_kib
+            ),
             pass: i.per_agent_rss_kib < t && r.connect.connected == r.config.agents,
         });
     }
@@ -528,7 +585,10 @@ fn checks(args: &BenchArgs, r: &Report) -> Vec<Check> {
         let (measured, pass) = match &r.real_agent {
             Some(a) => {
                 let mib = a.status.vm_rss_kib as f64 / 1024.0;
-                (format!("{mib:.1} MiB (Pss {:.1})", a.memory.pss_kib as f64 / 1024.0), mib < t)
+                (
+                    format!("{mib:.1} MiB (Pss {:.1})", a.memory.pss_kib as f64 / 1024.0),
+                    mib < t,
+                )
             }
             None => ("not measured".into(), false),
         };

@@ -23,7 +23,9 @@ pub struct BrokerProcess {
 
 impl std::fmt::Debug for BrokerProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerProcess").field("pid", &self.pid).finish_non_exhaustive()
+        f.debug_struct("BrokerProcess")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,11 +72,21 @@ pub async fn stop_child(child: &mut Child, pid: u32, grace: Duration) -> Result<
     }
     signal(pid, "TERM").await?;
     match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => Ok(status.context("cannot wait for a child process")?.to_string()),
+        Ok(status) => Ok(status
+            .context("cannot wait for a child process")?
+            .to_string()),
         Err(_) => {
-            child.start_kill().context("cannot SIGKILL a child process")?;
-            let status = child.wait().await.context("cannot wait for a child process")?;
-            Ok(format!("killed after {} s without exiting on SIGTERM ({status})", grace.as_secs()))
+            child
+                .start_kill()
+                .context("cannot SIGKILL a child process")?;
+            let status = child
+                .wait()
+                .await
+                .context("cannot wait for a child process")?;
+            Ok(format!(
+                "killed after {} s without exiting on SIGTERM ({status})",
+                grace.as_secs()
+            ))
         }
     }
 }
@@ -88,7 +100,8 @@ impl BrokerProcess {
                 bin.display()
             );
         }
-        let logf = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let logf = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = match core {
             Some(c) => {
                 let mut cmd = Command::new("taskset");
@@ -103,9 +116,14 @@ impl BrokerProcess {
             .stdout(Stdio::piped())
             .stderr(logf)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
         let pid = child.id().context("the broker exited at once")?;
-        let stdout = child.stdout.take().context("the broker's stdout is not captured")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("the broker's stdout is not captured")?;
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(READY_TIMEOUT, lines.next_line()).await;
         let line = match first {
@@ -124,8 +142,8 @@ impl BrokerProcess {
                 log_tail(&log, 20)
             ),
         };
-        let (agent_addr, api_addr) =
-            parse_listening(&line).with_context(|| format!("cannot parse the broker's first line {line:?}"))?;
+        let (agent_addr, api_addr) = parse_listening(&line)
+            .with_context(|| format!("cannot parse the broker's first line {line:?}"))?;
         // Keep reading stdout so the broker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
@@ -139,8 +157,15 @@ impl BrokerProcess {
 
     /// Fails, with the end of the broker's log, when the broker is no longer running.
     pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait().context("cannot check the broker process")? {
-            bail!("the broker exited ({status}); its log:\n{}", log_tail(&self.log, 20));
+        if let Some(status) = self
+            .child
+            .try_wait()
+            .context("cannot check the broker process")?
+        {
+            bail!(
+                "the broker exited ({status}); its log:\n{}",
+                log_tail(&self.log, 20)
+            );
         }
         Ok(())
     }
@@ -174,9 +199,10 @@ mod tests {
 
     #[test]
     fn the_listening_line_parses() {
-        let (a, b) = parse_listening("listening agent=127.0.0.1:4000 api=127.0.0.1:4001\n").unwrap_or_else(|| {
-            panic!("did not parse");
-        });
+        let (a, b) = parse_listening("listening agent=127.0.0.1:4000 api=127.0.0.1:4001\n")
+            .unwrap_or_else(|| {
+                panic!("did not parse");
+            });
         assert_eq!(a.port(), 4000);
         assert_eq!(b.port(), 4001);
         assert!(parse_listening("starting").is_none());

@@ -61,13 +61,20 @@ fn toml_path(path: &Path) -> String {
 
 impl Fleet {
     /// Creates the fleet in a new temporary directory under `parent` (or the system's).
-    pub fn create(agents: usize, parent: Option<&Path>, heartbeat_interval_ms: u32) -> Result<Self> {
+    pub fn create(
+        agents: usize,
+        parent: Option<&Path>,
+        heartbeat_interval_ms: u32,
+    ) -> Result<Self> {
         let dir = match parent {
-            Some(p) => tempfile::Builder::new().prefix("relay-bench-").tempdir_in(p),
+            Some(p) => tempfile::Builder::new()
+                .prefix("relay-bench-")
+                .tempdir_in(p),
             None => tempfile::Builder::new().prefix("relay-bench-").tempdir(),
         }
         .context("cannot create the temporary fleet directory")?;
-        let ca = FleetCa::generate("relay-bench CA", CERT_LIFETIME).context("cannot create the fleet CA")?;
+        let ca = FleetCa::generate("relay-bench CA", CERT_LIFETIME)
+            .context("cannot create the fleet CA")?;
         let server = ca
             .issue_server(&["localhost".into(), "127.0.0.1".into()], CERT_LIFETIME)
             .context("cannot issue the broker's server certificate")?;
@@ -118,18 +125,25 @@ impl Fleet {
 /// Issues `n` agent certificates, each with its own fresh P-256 key, on `threads`
 /// threads. Each thread loads its own copy of the CA (a reloaded CA issues certificates
 /// that chain to the same root), so `FleetCa` need not be shared between threads.
-fn issue_agent_certs(ca_cert_pem: &str, ca_key_pem: &str, n: usize, threads: usize) -> Result<Vec<AgentCert>> {
+fn issue_agent_certs(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    n: usize,
+    threads: usize,
+) -> Result<Vec<AgentCert>> {
     let threads = threads.clamp(1, n.max(1));
     let mut parts: Vec<Vec<(usize, AgentCert)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || -> Result<Vec<(usize, AgentCert)>> {
-                    let ca = FleetCa::load(ca_cert_pem, ca_key_pem).context("cannot reload the fleet CA")?;
+                    let ca = FleetCa::load(ca_cert_pem, ca_key_pem)
+                        .context("cannot reload the fleet CA")?;
                     (t..n)
                         .step_by(threads)
                         .map(|i| {
                             let id = agent_id(i);
-                            let agent = AgentId::new(id.clone()).with_context(|| format!("agent id {id}"))?;
+                            let agent = AgentId::new(id.clone())
+                                .with_context(|| format!("agent id {id}"))?;
                             let ck = ca
                                 .issue_client(&Identity::Agent(agent), CERT_LIFETIME)
                                 .with_context(|| format!("cannot issue the certificate of {id}"))?;
@@ -148,7 +162,10 @@ fn issue_agent_certs(ca_cert_pem: &str, ca_key_pem: &str, n: usize, threads: usi
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a certificate thread panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a certificate thread panicked"))?
+            })
             .collect::<Result<Vec<_>>>()
     })?;
     let mut all: Vec<(usize, AgentCert)> = parts.drain(..).flatten().collect();
@@ -176,15 +193,27 @@ pub fn submit_body(signer: &CommandSigner, body: &CommandBody) -> Result<Bytes> 
     let req = SubmitCommand {
         signed_command: signer.sign(body).to_base64(),
     };
-    Ok(Bytes::from(serde_json::to_vec(&req).context("cannot encode a submission")?))
+    Ok(Bytes::from(
+        serde_json::to_vec(&req).context("cannot encode a submission")?,
+    ))
 }
 
 /// Signs `m` pings spread round-robin over `agents` (command i goes to agent i mod N),
 /// on every core, and returns the request bodies ready to send. Signing happens here,
 /// before any timed phase, so its cost never shows in the latencies.
-pub fn presign(signer: &CommandSigner, agents: &[String], m: usize, lifetime_ms: i64) -> Result<Vec<Bytes>> {
-    anyhow::ensure!(!agents.is_empty() || m == 0, "commands need at least one agent");
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, m.max(1));
+pub fn presign(
+    signer: &CommandSigner,
+    agents: &[String],
+    m: usize,
+    lifetime_ms: i64,
+) -> Result<Vec<Bytes>> {
+    anyhow::ensure!(
+        !agents.is_empty() || m == 0,
+        "commands need at least one agent"
+    );
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, m.max(1));
     let seed = signer.seed();
     let mut parts: Vec<Vec<(usize, Bytes)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -193,14 +222,25 @@ pub fn presign(signer: &CommandSigner, agents: &[String], m: usize, lifetime_ms:
                     let signer = CommandSigner::from_seed(seed);
                     (t..m)
                         .step_by(threads)
-                        .map(|i| Ok((i, submit_body(&signer, &ping_body(&agents[i % agents.len()], lifetime_ms))?)))
+                        .map(|i| {
+                            Ok((
+                                i,
+                                submit_body(
+                                    &signer,
+                                    &ping_body(&agents[i % agents.len()], lifetime_ms),
+                                )?,
+                            ))
+                        })
                         .collect()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a signing thread panicked"))?)
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a signing thread panicked"))?
+            })
             .collect::<Result<Vec<_>>>()
     })?;
     let mut all: Vec<(usize, Bytes)> = parts.drain(..).flatten().collect();

@@ -12,7 +12,9 @@
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use dbvm_protocol::api::{AgentView, CommandState, CommandView, EnrollmentToken, EnrollmentTokenRequest};
+use dbvm_protocol::api::{
+    AgentView, CommandState, CommandView, EnrollmentToken, EnrollmentTokenRequest,
+};
 use dbvm_protocol::pki::CertifiedKey;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
@@ -44,7 +46,9 @@ pub struct ApiClient {
 
 impl std::fmt::Debug for ApiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiClient").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,8 +69,9 @@ impl ApiClient {
     ) -> Result<Self> {
         let mut clients = Vec::new();
         for _ in 0..connections.max(1) {
-            let mut tls = dbvm_protocol::tls::client_config(ca_pem, Some((&cp.cert_pem, &cp.key_pem)))
-                .context("cannot build the control-plane TLS configuration")?;
+            let mut tls =
+                dbvm_protocol::tls::client_config(ca_pem, Some((&cp.cert_pem, &cp.key_pem)))
+                    .context("cannot build the control-plane TLS configuration")?;
             let builder = reqwest::Client::builder()
                 .resolve("localhost", api)
                 .timeout(request_timeout)
@@ -128,18 +133,27 @@ impl ApiClient {
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Outcome::Failed(format!("timeout after {} s", self.request_timeout.as_secs()))
+                return Outcome::Failed(format!(
+                    "timeout after {} s",
+                    self.request_timeout.as_secs()
+                ))
             }
             Err(e) => return Outcome::Failed(format!("transport: {}", error_chain(&e))),
         };
         let status = resp.status();
         if status != reqwest::StatusCode::ACCEPTED {
             let text = resp.text().await.unwrap_or_default();
-            return Outcome::Failed(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()));
+            return Outcome::Failed(format!(
+                "HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ));
         }
         match resp.json::<CommandView>().await {
             Ok(view) if view.state == CommandState::Succeeded => Outcome::Succeeded,
-            Ok(view) => Outcome::Failed(format!("state {} when the answer came", view.state.as_str())),
+            Ok(view) => Outcome::Failed(format!(
+                "state {} when the answer came",
+                view.state.as_str()
+            )),
             Err(e) => Outcome::Failed(format!("answer does not decode: {}", error_chain(&e))),
         }
     }
@@ -160,23 +174,37 @@ impl ApiClient {
             .with_context(|| format!("POST {url}"))?;
         let status = resp.status();
         if !status.is_success() {
-            bail!("POST {url}: {status}: {}", resp.text().await.unwrap_or_default());
+            bail!(
+                "POST {url}: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
         }
-        let token: EnrollmentToken = resp.json().await.with_context(|| format!("POST {url}: answer"))?;
+        let token: EnrollmentToken = resp
+            .json()
+            .await
+            .with_context(|| format!("POST {url}: answer"))?;
         Ok(token.token)
     }
 
     /// Whether the broker has `agent_id` connected (`GET /v1/agents/{id}`).
     pub async fn agent_connected(&self, agent_id: &str) -> Result<bool> {
         let url = format!("{}/v1/agents/{agent_id}", self.base);
-        let resp = self.client().get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let resp = self
+            .client()
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(false);
         }
         if !resp.status().is_success() {
             bail!("GET {url}: {}", resp.status());
         }
-        let view: AgentView = resp.json().await.with_context(|| format!("GET {url}: answer"))?;
+        let view: AgentView = resp
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: answer"))?;
         Ok(view.connected)
     }
 }
@@ -210,7 +238,8 @@ where
 
 /// 1 µs .. 10 min at 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
-    #[allow(clippy::expect_used)] // constant bounds that satisfy 1 <= low, high >= 2*low, sigfig <= 5
+    #[allow(clippy::expect_used)]
+    // constant bounds that satisfy 1 <= low, high >= 2*low, sigfig <= 5
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
@@ -241,12 +270,15 @@ impl Recorder {
 
     fn record(&mut self, intended: Instant, sent: Instant, done: Instant, outcome: Outcome) {
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
-        self.lag.saturating_record(us(sent.saturating_duration_since(intended)));
+        self.lag
+            .saturating_record(us(sent.saturating_duration_since(intended)));
         match outcome {
             Outcome::Succeeded => {
                 self.ok += 1;
-                self.latency.saturating_record(us(done.saturating_duration_since(intended)));
-                self.service.saturating_record(us(done.saturating_duration_since(sent)));
+                self.latency
+                    .saturating_record(us(done.saturating_duration_since(intended)));
+                self.service
+                    .saturating_record(us(done.saturating_duration_since(sent)));
             }
             Outcome::Failed(text) => {
                 // Group by the text before any detail that varies (ids, sizes).
@@ -272,7 +304,12 @@ fn lock(r: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
 }
 
 /// Open loop at `rate` commands/s.
-pub async fn fixed_rate(api: Arc<ApiClient>, bodies: Vec<Bytes>, rate: f64, wait_ms: u64) -> LoadResult {
+pub async fn fixed_rate(
+    api: Arc<ApiClient>,
+    bodies: Vec<Bytes>,
+    rate: f64,
+    wait_ms: u64,
+) -> LoadResult {
     let recorder = Arc::new(Mutex::new(Recorder::new()));
     let tracker = TaskTracker::new();
     let sent = bodies.len();
@@ -300,14 +337,20 @@ pub async fn fixed_rate(api: Arc<ApiClient>, bodies: Vec<Bytes>, rate: f64, wait
 }
 
 /// Closed loop with `concurrency` commands outstanding.
-pub async fn closed_loop(api: Arc<ApiClient>, bodies: Vec<Bytes>, concurrency: usize, wait_ms: u64) -> LoadResult {
+pub async fn closed_loop(
+    api: Arc<ApiClient>,
+    bodies: Vec<Bytes>,
+    concurrency: usize,
+    wait_ms: u64,
+) -> LoadResult {
     let recorder = Arc::new(Mutex::new(Recorder::new()));
     let bodies = Arc::new(bodies);
     let next = Arc::new(AtomicUsize::new(0));
     let tracker = TaskTracker::new();
     let start = Instant::now();
     for _ in 0..concurrency.max(1) {
-        let (api, bodies, next, recorder) = (api.clone(), bodies.clone(), next.clone(), recorder.clone());
+        let (api, bodies, next, recorder) =
+            (api.clone(), bodies.clone(), next.clone(), recorder.clone());
         tracker.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);

@@ -31,7 +31,8 @@ pub struct Memory {
 pub fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = read(&path)?;
-    let field = |key: &str| kib_field(&text, key).with_context(|| format!("{path} has no {key} line"));
+    let field =
+        |key: &str| kib_field(&text, key).with_context(|| format!("{path} has no {key} line"));
     Ok(Memory {
         rss_kib: field("Rss")?,
         pss_kib: field("Pss")?,
@@ -71,7 +72,10 @@ pub fn thread_affinities(pid: u32) -> Result<Vec<String>> {
     let mut lists: Vec<String> = Vec::new();
     for tid in tids(pid)? {
         if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) {
-            if let Some(l) = text.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+            if let Some(l) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            {
                 let l = l.trim().to_string();
                 if !lists.contains(&l) {
                     lists.push(l);
@@ -118,8 +122,14 @@ pub fn threads(pid: u32) -> Result<Vec<ThreadCpu>> {
         let Ok(sched) = std::fs::read_to_string(format!("{base}/schedstat")) else {
             continue;
         };
-        let mut f = sched.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
-        let (run_ns, wait_ns, slices) = (f.next().unwrap_or(0), f.next().unwrap_or(0), f.next().unwrap_or(0));
+        let mut f = sched
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        let (run_ns, wait_ns, slices) = (
+            f.next().unwrap_or(0),
+            f.next().unwrap_or(0),
+            f.next().unwrap_or(0),
+        );
         let comm = std::fs::read_to_string(format!("{base}/comm"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
@@ -170,9 +180,16 @@ pub fn cpu_delta(before: &[ThreadCpu], after: &[ThreadCpu]) -> CpuDelta {
                 t.wait_ns.saturating_sub(o.wait_ns),
                 t.slices.saturating_sub(o.slices),
                 t.voluntary_switches.saturating_sub(o.voluntary_switches),
-                t.involuntary_switches.saturating_sub(o.involuntary_switches),
+                t.involuntary_switches
+                    .saturating_sub(o.involuntary_switches),
             ),
-            None => (t.run_ns, t.wait_ns, t.slices, t.voluntary_switches, t.involuntary_switches),
+            None => (
+                t.run_ns,
+                t.wait_ns,
+                t.slices,
+                t.voluntary_switches,
+                t.involuntary_switches,
+            ),
         };
         d.run_ms += run as f64 / 1e6;
         d.wait_ms += wait as f64 / 1e6;
@@ -209,7 +226,13 @@ pub fn io(pid: u32) -> Result<Io> {
     let text = read(&path)?;
     let get = |key: &str| {
         text.lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse::<u64>().ok())
+            .find_map(|l| {
+                l.strip_prefix(key)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .unwrap_or(0)
     };
     Ok(Io {

@@ -55,9 +55,13 @@ pub async fn run(
         .with_context(|| format!("real agent binary {}", bin.display()))?
         .len()
         / 1024;
-    let token = api.enrollment_token(AGENT_ID).await.context("cannot get an enrollment token")?;
+    let token = api
+        .enrollment_token(AGENT_ID)
+        .await
+        .context("cannot get an enrollment token")?;
     let token_file = fleet.path("real-1.token");
-    std::fs::write(&token_file, &token).with_context(|| format!("cannot write {}", token_file.display()))?;
+    std::fs::write(&token_file, &token)
+        .with_context(|| format!("cannot write {}", token_file.display()))?;
     let key = PublicKeyFile::from_key(&fleet.signer.verifying_key());
     let state_dir = fleet.path("real-1-state");
     let config = format!(
@@ -72,9 +76,11 @@ pub async fn run(
         pk = toml_str(&key.public_key),
     );
     let config_path = fleet.path("real-1.toml");
-    std::fs::write(&config_path, config).with_context(|| format!("cannot write {}", config_path.display()))?;
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     let log = fleet.path("real-1.log");
-    let logf = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let logf =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut child = Command::new(bin)
         .arg("--config")
         .arg(&config_path)
@@ -89,13 +95,19 @@ pub async fn run(
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait().context("cannot check the real agent")? {
-            bail!("the real agent exited ({status}); its log:\n{}", log_tail(&log, 20));
+            bail!(
+                "the real agent exited ({status}); its log:\n{}",
+                log_tail(&log, 20)
+            );
         }
         if api.agent_connected(AGENT_ID).await? {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the real agent did not connect within 30 s; its log:\n{}", log_tail(&log, 20));
+            bail!(
+                "the real agent did not connect within 30 s; its log:\n{}",
+                log_tail(&log, 20)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -109,7 +121,11 @@ pub async fn run(
         match api.submit(body, wait_ms).await {
             Outcome::Succeeded => {
                 ok += 1;
-                hist.saturating_record(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+                hist.saturating_record(
+                    u64::try_from(sent.elapsed().as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                );
             }
             Outcome::Failed(e) => {
                 if errors.len() < 5 {

@@ -43,7 +43,13 @@ impl Latency {
     fn line(&self) -> String {
         format!(
             "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms  (mean {:.2}, n={})",
-            self.p50_ms, self.p90_ms, self.p99_ms, self.p999_ms, self.max_ms, self.mean_ms, self.count
+            self.p50_ms,
+            self.p90_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.max_ms,
+            self.mean_ms,
+            self.count
         )
     }
 }
@@ -188,7 +194,11 @@ impl Report {
             "pinning   broker CPUs {}, load generator CPUs {}{}; broker data dir on {}",
             c.broker_cpus,
             c.loadgen_cpus,
-            if c.pinned { " (taskset)" } else { " (not pinned)" },
+            if c.pinned {
+                " (taskset)"
+            } else {
+                " (not pinned)"
+            },
             c.data_dir_filesystem
         );
         let s = &self.setup;
@@ -251,7 +261,11 @@ impl Report {
             for (kind, n) in &m.errors {
                 let _ = writeln!(o, "          error x{n}: {kind}");
             }
-            let from = if c.rate > 0.0 { "from scheduled send" } else { "round trip" };
+            let from = if c.rate > 0.0 {
+                "from scheduled send"
+            } else {
+                "round trip"
+            };
             let _ = writeln!(o, "latency   {from}: {}", m.latency.line());
             if c.rate > 0.0 {
                 let _ = writeln!(o, "          from actual send: {}", m.service.line());
@@ -275,7 +289,11 @@ impl Report {
                 );
             }
             if m.broker_cpu.threads_ended > 0 {
-                let _ = writeln!(o, "          ({} threads ended during the run: their CPU is not counted)", m.broker_cpu.threads_ended);
+                let _ = writeln!(
+                    o,
+                    "          ({} threads ended during the run: their CPU is not counted)",
+                    m.broker_cpu.threads_ended
+                );
             }
             let per = |v: u64| v as f64 / m.sent.max(1) as f64;
             let _ = writeln!(
@@ -341,10 +359,16 @@ pub fn summary(dir: &Path) -> Result<String> {
         .collect();
     files.sort();
     let mut o = String::new();
-    let _ = writeln!(o, "{:<44} {:<38} {:<24} {:<14} result", "run", "figure", "measured", "target");
+    let _ = writeln!(
+        o,
+        "{:<44} {:<38} {:<24} {:<14} result",
+        "run", "figure", "measured", "target"
+    );
     for f in files {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()))?;
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()))?;
         let label = v["label"].as_str().unwrap_or("?");
         let checks = v["checks"].as_array().cloned().unwrap_or_default();
         for ch in checks {
@@ -355,7 +379,11 @@ pub fn summary(dir: &Path) -> Result<String> {
                 ch["name"].as_str().unwrap_or("?"),
                 ch["measured"].as_str().unwrap_or("?"),
                 ch["target"].as_str().unwrap_or("?"),
-                if ch["pass"].as_bool().unwrap_or(false) { "PASS" } else { "FAIL" }
+                if ch["pass"].as_bool().unwrap_or(false) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                }
             );
         }
     }

@@ -71,7 +71,10 @@ impl Stats {
     }
 
     pub fn first_error(&self) -> Option<String> {
-        self.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -94,7 +97,10 @@ struct Link {
 impl Link {
     async fn send(&mut self, msg: &AgentMessage) -> Result<()> {
         let bytes = frame::encode(msg, MAX_FRAME_LEN)?;
-        self.tls.write_all(&bytes).await.context("writing to the broker")?;
+        self.tls
+            .write_all(&bytes)
+            .await
+            .context("writing to the broker")?;
         self.tls.flush().await.context("writing to the broker")?;
         Ok(())
     }
@@ -127,7 +133,11 @@ impl Link {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
                 self.buf.reserve(READ_CHUNK);
             }
-            let n = self.tls.read_buf(&mut self.buf).await.context("reading from the broker")?;
+            let n = self
+                .tls
+                .read_buf(&mut self.buf)
+                .await
+                .context("reading from the broker")?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
@@ -152,18 +162,28 @@ fn client_config(settings: &Settings, cert: &AgentCert) -> Result<Arc<ClientConf
     Ok(Arc::new(config))
 }
 
-async fn connect_once(settings: &Settings, config: Arc<ClientConfig>, id: &str) -> Result<(Link, u32)> {
+async fn connect_once(
+    settings: &Settings,
+    config: Arc<ClientConfig>,
+    id: &str,
+) -> Result<(Link, u32)> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(settings.broker))
         .await
         .context("TCP connect timed out")?
         .with_context(|| format!("cannot connect to {}", settings.broker))?;
     tcp.set_nodelay(true).context("cannot set TCP_NODELAY")?;
     let name = ServerName::try_from("localhost").context("server name")?;
-    let tls = tokio::time::timeout(CONNECT_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
-        .await
-        .context("TLS handshake timed out")?
-        .context("TLS handshake failed")?;
-    let mut link = Link { tls, buf: Vec::new() };
+    let tls = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")?
+    .context("TLS handshake failed")?;
+    let mut link = Link {
+        tls,
+        buf: Vec::new(),
+    };
     let hello = AgentMessage::Hello(Hello {
         protocol_major: PROTOCOL_MAJOR,
         protocol_minor: PROTOCOL_MINOR,
@@ -208,7 +228,8 @@ impl Agent {
         let (link, interval_ms) = match connected {
             Ok(c) => c,
             Err(e) => {
-                self.stats.error(&e.context(format!("agent {} could not connect", self.id)));
+                self.stats
+                    .error(&e.context(format!("agent {} could not connect", self.id)));
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 self.stats.changed.notify_waiters();
                 return;
@@ -218,7 +239,8 @@ impl Agent {
         self.stats.changed.notify_waiters();
         if let Err(e) = self.session(link, interval_ms, &shutdown).await {
             if !shutdown.is_cancelled() {
-                self.stats.error(&e.context(format!("agent {} lost its link", self.id)));
+                self.stats
+                    .error(&e.context(format!("agent {} lost its link", self.id)));
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 self.stats.changed.notify_waiters();
             }
@@ -238,7 +260,12 @@ impl Agent {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no connection attempt was made")))
     }
 
-    async fn session(&mut self, mut link: Link, interval_ms: u32, shutdown: &CancellationToken) -> Result<()> {
+    async fn session(
+        &mut self,
+        mut link: Link,
+        interval_ms: u32,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let period = Duration::from_millis(u64::from(interval_ms));
         // Spread the first heartbeats over one interval so 10,000 agents do not beat in step.
         let offset = period.mul_f64(self.index as f64 / self.total.max(1) as f64);
@@ -280,7 +307,8 @@ impl Agent {
             Ok(verified) => {
                 let id = verified.body.id;
                 link.send(&AgentMessage::Ack { id }).await?;
-                let output_json = format!(r#"{{"pong":true,"agent_id":"{}","at_ms":{now}}}"#, self.id);
+                let output_json =
+                    format!(r#"{{"pong":true,"agent_id":"{}","at_ms":{now}}}"#, self.id);
                 (id, Outcome::Succeeded { output_json })
             }
             Err(e) => {
@@ -337,7 +365,8 @@ pub async fn wait_connected(stats: &Stats, n: usize, timeout: Duration) -> Resul
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let changed = stats.changed.notified();
-        let done = stats.connected.load(Ordering::Relaxed) + stats.connect_failures.load(Ordering::Relaxed);
+        let done = stats.connected.load(Ordering::Relaxed)
+            + stats.connect_failures.load(Ordering::Relaxed);
         if done >= n {
             return Ok(());
         }

@@ -16,7 +16,10 @@ pub fn collect() -> serde_json::Value {
     sys.refresh_memory();
     sys.refresh_cpu_all();
     let cpus = sys.cpus();
-    let cpu_model = cpus.first().map(|c| c.brand().trim().to_string()).unwrap_or_default();
+    let cpu_model = cpus
+        .first()
+        .map(|c| c.brand().trim().to_string())
+        .unwrap_or_default();
     let disks = Disks::new_with_refreshed_list();
     let disks: Vec<serde_json::Value> = disks
         .list()
@@ -56,7 +59,11 @@ impl Operation for Facts {
         "facts"
     }
 
-    async fn run(&self, _ctx: OpContext, args: serde_json::Value) -> Result<serde_json::Value, OpError> {
+    async fn run(
+        &self,
+        _ctx: OpContext,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, OpError> {
         let _: Args = parse_args(args)?;
         tokio::task::spawn_blocking(collect)
             .await

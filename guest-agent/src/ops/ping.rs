@@ -27,16 +27,24 @@ impl Operation for Ping {
         "ping"
     }
 
-    async fn run(&self, ctx: OpContext, args: serde_json::Value) -> Result<serde_json::Value, OpError> {
+    async fn run(
+        &self,
+        ctx: OpContext,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, OpError> {
         let args: Args = parse_args(args)?;
         if args.delay_ms > MAX_DELAY_MS {
-            return Err(OpError::BadArguments(format!("delay_ms must be at most {MAX_DELAY_MS}")));
+            return Err(OpError::BadArguments(format!(
+                "delay_ms must be at most {MAX_DELAY_MS}"
+            )));
         }
         let secret_back = match &args.secret {
             None => None,
             Some(sealed) => {
                 let reply_key = ctx.command.reply_key.ok_or_else(|| {
-                    OpError::BadArguments("a secret needs a reply_key so the answer can be sealed".into())
+                    OpError::BadArguments(
+                        "a secret needs a reply_key so the answer can be sealed".into(),
+                    )
                 })?;
                 let secret = ctx
                     .sealing_key
@@ -51,7 +59,10 @@ impl Operation for Ping {
         if args.delay_ms > 0 {
             let steps = 4u64;
             for i in 0..steps {
-                ctx.progress((i * 100 / steps) as u8, format!("waiting {} ms", args.delay_ms));
+                ctx.progress(
+                    (i * 100 / steps) as u8,
+                    format!("waiting {} ms", args.delay_ms),
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(args.delay_ms / steps)).await;
             }
         }
@@ -65,7 +76,8 @@ impl Operation for Ping {
             out["echo"] = serde_json::Value::String(echo);
         }
         if let Some((back, digest)) = secret_back {
-            out["secret_sha256"] = serde_json::Value::String(digest.iter().map(|b| format!("{b:02x}")).collect());
+            out["secret_sha256"] =
+                serde_json::Value::String(digest.iter().map(|b| format!("{b:02x}")).collect());
             out["secret"] = serde_json::Value::String(back.as_str().to_string());
         }
         Ok(out)
