@@ -207,3 +207,63 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, keys: &str) -> String {
+        let ca =
+            dbvm_protocol::pki::FleetCa::generate("t", std::time::Duration::from_secs(60)).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+        format!(
+            "agent_id = \"db1\"\nstate_dir = \"{d}/state\"\n[broker]\naddress = \"localhost:7443\"\nca_cert = \"{d}/ca.crt\"\n{keys}",
+            d = dir.display()
+        )
+    }
+
+    fn check(text: &str) -> Result<Validated, ConfigError> {
+        toml::from_str::<Config>(text)
+            .map_err(|e| ConfigError::Parse("x".into(), e.to_string()))
+            .and_then(Config::validate)
+    }
+
+    #[test]
+    fn a_good_config_validates_and_each_mistake_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = dbvm_protocol::command::CommandSigner::generate();
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&signer.verifying_key());
+        let keys = format!(
+            "[[trusted_keys]]\nkey_id = \"{}\"\npublic_key = \"{}\"\n",
+            key.key_id, key.public_key
+        );
+        let good = config(dir.path(), &keys);
+        let v = check(&good).unwrap();
+        assert_eq!(v.server_name, "localhost");
+        assert_eq!(v.keys.len(), 1);
+
+        let e = check(&config(dir.path(), "")).unwrap_err().to_string();
+        assert!(e.contains("trusted_keys"), "{e}");
+        let wrong_id = keys.replace(&key.key_id, "ed25519:0000000000000000");
+        let e = check(&config(dir.path(), &wrong_id))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trusted_keys[0].key_id"), "{e}");
+        let e = check(&good.replace("agent_id = \"db1\"", "agent_id = \"DB 1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent_id"), "{e}");
+        let e = check(&good.replace("localhost:7443", "localhost"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.address"), "{e}");
+        let e = check(&good.replace("ca.crt", "missing.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.ca_cert"), "{e}");
+        let e = check(&format!("{good}\nsurprise = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("surprise"), "{e}");
+    }
+}

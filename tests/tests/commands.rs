@@ -318,3 +318,46 @@ async fn the_agent_alone_refuses_wrong_target_expired_future_and_replays_even_af
         .count();
     assert_eq!(runs, 1, "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_shows_connections_and_every_state_of_a_command() {
+    use futures::StreamExt;
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let mut events = client.events(Some("db1")).await.expect("event stream");
+    let token = client
+        .enrollment_token("db1", None)
+        .await
+        .expect("token")
+        .token;
+    let _agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
+    let v = client
+        .submit(&fleet.sign("db1", "ping", json!({"delay_ms": 400})))
+        .await
+        .expect("submit");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.contains(&"succeeded".to_string()) {
+        let ev = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .expect("events within 30 s")
+            .expect("stream open")
+            .expect("event");
+        assert_eq!(ev.agent_id, "db1");
+        match ev.kind.as_str() {
+            "agent.connected" => seen.push("connected".into()),
+            "command.state" if ev.command_id == Some(v.id) => {
+                seen.push(ev.data["state"].as_str().unwrap_or("").to_string())
+            }
+            "command.progress" if ev.command_id == Some(v.id) => seen.push("progress".into()),
+            _ => {}
+        }
+    }
+    for want in ["queued", "connected", "running", "progress", "succeeded"] {
+        assert!(
+            seen.iter().any(|s| s == want),
+            "no {want} event in {seen:?}"
+        );
+    }
+}
