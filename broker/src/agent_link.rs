@@ -272,6 +272,8 @@ struct Session {
     inflight: HashMap<Uuid, OperationClass>,
     known: HashSet<Uuid>,
     cert_not_after_ms: Option<i64>,
+    record: AgentRecord,
+    generation: u64,
 }
 
 async fn session(
@@ -317,7 +319,7 @@ async fn session(
     tracing::info!(version = %hello.agent_version, "agent connected");
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(64);
-    let (generation, last_seen) = hub.register(record, cmd_tx);
+    let (generation, last_seen) = hub.register(record.clone(), cmd_tx);
     let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(16);
     let dead_after = Duration::from_millis(
         u64::from(hub.settings.heartbeat_interval_ms) * u64::from(hub.settings.missed_heartbeats),
@@ -334,6 +336,8 @@ async fn session(
         inflight: HashMap::new(),
         known: HashSet::new(),
         cert_not_after_ms: cert_not_after,
+        record,
+        generation,
     };
     let mut result = match hub.store.unfinished_for_agent(agent.as_str()).await {
         Ok(recs) => {
@@ -520,6 +524,13 @@ impl Session {
                     self.cert_not_after_ms = dbvm_protocol::pki::validity_ms(cert_pem)
                         .ok()
                         .map(|(_, na)| na);
+                    self.record.cert_not_after_ms = self.cert_not_after_ms;
+                    self.hub.update_record(self.record.clone(), self.generation);
+                    let store = self.hub.store.clone();
+                    let record = self.record.clone();
+                    tokio::spawn(async move {
+                        let _ = store.upsert_agent(record).await;
+                    });
                 }
                 send(&mut self.wr, &reply, self.max)
                     .await

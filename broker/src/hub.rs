@@ -385,6 +385,15 @@ impl Hub {
         }
     }
 
+    /// Replaces what the hub shows for a connected agent (after a renewal, say).
+    pub fn update_record(&self, record: AgentRecord, generation: u64) {
+        if let Some(a) = self.agents().get_mut(&record.id) {
+            if a.generation == generation {
+                a.record = record;
+            }
+        }
+    }
+
     pub fn is_connected(&self, id: &str) -> bool {
         self.agents().contains_key(id)
     }

@@ -262,22 +262,51 @@ async fn queued_commands_expire_and_deployments_beyond_the_waiting_room_get_429(
         .expect("query admitted");
 }
 
+/// The id of the next command the broker delivers, or None if none comes within 1.5 s.
+async fn next_delivery(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> Option<Uuid> {
+    use dbvm_protocol::messages::BrokerMessage;
+    match tokio::time::timeout(Duration::from_millis(1500), dbvm_e2e::raw::read_reply(s)).await {
+        Ok(Ok(Some(BrokerMessage::Deliver(cmd)))) => Some(cmd.peek_body().expect("body").id),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(_) => None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn management_operations_run_at_most_eight_at_a_time() {
+async fn management_operations_hold_admission_slots_until_their_result_arrives() {
+    use dbvm_e2e::raw::{connect, hello, send_raw};
+    use dbvm_protocol::frame::{encode, MAX_FRAME_LEN};
+    use dbvm_protocol::messages::{AgentMessage, BrokerMessage, CommandResult, Outcome};
+    use dbvm_protocol::pki::Identity;
+
     let fleet = Fleet::new();
     let broker = fleet.start_broker("[limits]\nmanagement_running = 2\n");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token("db1", None)
-        .await
-        .expect("token")
-        .token;
-    let _agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
-    connected(&client, "db1", true).await;
-    // `restart_db` is a management operation this agent does not know: it is refused by the
-    // agent, but only after admission let it through, two at a time.
+    // A hand-driven agent that takes deliveries and answers only when told.
+    let cert = fleet.client_cert(Identity::Agent(
+        dbvm_protocol::AgentId::new("db1").expect("id"),
+    ));
+    let mut s = connect(
+        broker.agent_addr,
+        fleet.ca.cert_pem(),
+        Some((&cert.cert_pem, &cert.key_pem)),
+    )
+    .await
+    .expect("connect");
+    let welcome = send_raw(
+        &mut s,
+        &encode(&hello("db1", 1), MAX_FRAME_LEN).expect("hello"),
+        false,
+    )
+    .await;
+    assert!(
+        matches!(welcome, Ok(Some(BrokerMessage::Welcome(_)))),
+        "{welcome:?}"
+    );
     let mut ids = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..5 {
         ids.push(
             client
                 .submit(&fleet.sign("db1", "restart_db", json!({})))
@@ -286,19 +315,38 @@ async fn management_operations_run_at_most_eight_at_a_time() {
                 .id,
         );
     }
-    let done = all_finished(&client, &ids).await;
-    assert!(
-        done.iter().all(|v| v.state == CommandState::Rejected),
-        "{done:?}"
+    let first = next_delivery(&mut s).await.expect("first delivery");
+    let second = next_delivery(&mut s).await.expect("second delivery");
+    assert_eq!(
+        next_delivery(&mut s).await,
+        None,
+        "a third management command ran beside two"
     );
-    let metrics = dbvm_e2e::fleet::client_as(&broker.api_url(), fleet.ca.cert_pem(), None)
-        .get_text("/metrics")
-        .await
-        .expect("metrics");
+    assert_eq!(vec![first, second], ids[..2].to_vec());
+    // One finishes: exactly one more is delivered.
+    let now = dbvm_protocol::now_ms();
+    let done = AgentMessage::Result(CommandResult {
+        id: first,
+        outcome: Outcome::Succeeded {
+            output_json: "{}".into(),
+        },
+        started_at_ms: now,
+        finished_at_ms: now,
+    });
+    let ack = send_raw(
+        &mut s,
+        &encode(&done, MAX_FRAME_LEN).expect("result"),
+        false,
+    )
+    .await;
     assert!(
-        metrics.contains("dbvm_broker_commands_finished_total{state=\"rejected\"} 6"),
-        "{metrics}"
+        matches!(ack, Ok(Some(BrokerMessage::ResultAck { id })) if id == first),
+        "{ack:?}"
     );
+    assert_eq!(next_delivery(&mut s).await, Some(ids[2]));
+    assert_eq!(next_delivery(&mut s).await, None);
+    let v = client.command(first).await.expect("command");
+    assert_eq!(v.state, CommandState::Succeeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +363,12 @@ async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_comm
     let agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
     connected(&client, "db1", true).await;
     let first = std::fs::read_to_string(agent.state_dir.join("identity.pem")).expect("identity");
+    let first_not_after = client
+        .agent("db1")
+        .await
+        .expect("agent")
+        .cert_not_after_ms
+        .expect("not after");
 
     // Keep commands flowing across the renewals (one every ~4 s).
     let mut seen = HashSet::new();
@@ -335,6 +389,16 @@ async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_comm
     let now = std::fs::read_to_string(agent.state_dir.join("identity.pem")).expect("identity");
     assert_ne!(first, now, "the certificate was not renewed");
     assert!(agent.proc.log_text().contains("agent certificate renewed"));
+    let renewed_not_after = client
+        .agent("db1")
+        .await
+        .expect("agent")
+        .cert_not_after_ms
+        .expect("not after");
+    assert!(
+        renewed_not_after > first_not_after,
+        "the API still shows the first certificate expiry: {first_not_after} {renewed_not_after}"
+    );
     // One connection throughout: renewal happened in band.
     assert_eq!(
         broker.proc.log_text().matches("agent connected").count(),
