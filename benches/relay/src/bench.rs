@@ -264,6 +264,7 @@ async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mem_before = procfs::memory(broker.pid)?;
     let sock_before = procfs::sockstat()?;
+    let slab_before = procfs::socket_slab_bytes();
 
     // ---- connect -------------------------------------------------------------------------
     let settings = Arc::new(sim_agent::Settings {
@@ -332,6 +333,9 @@ async fn run(
     let idle_wall_ms = idle_started.elapsed().as_secs_f64() * 1000.0;
     let mem_after = procfs::memory(broker.pid)?;
     let sock_after = procfs::sockstat()?;
+    let slab_after = procfs::socket_slab_bytes();
+    let slab_delta =
+        slab_after.values().sum::<u64>() as f64 - slab_before.values().sum::<u64>() as f64;
     let loadgen_memory = procfs::memory(me)?;
     let per = |after: u64, before: u64| (after as f64 - before as f64) / connected as f64;
     let conns = sock_after
@@ -351,6 +355,9 @@ async fn run(
             - sock_before.tcp_mem_pages as f64)
             * procfs::PAGE_KIB as f64
             / (conns as f64 / 2.0).max(1.0),
+        kernel_slab_bytes_per_socket: slab_delta / conns as f64,
+        kernel_slab_before: slab_before,
+        kernel_slab_after: slab_after,
         loadgen_memory,
         loadgen_pss_kib_per_agent: loadgen_memory.pss_kib as f64 / connected as f64,
         broker_idle_cpu_pct: idle_cpu_ms * 100.0 / idle_wall_ms,
@@ -407,6 +414,7 @@ async fn run(
             procfs::threads(me)?,
             procfs::io(broker.pid)?,
         );
+        let ticks0 = procfs::cpu_ticks()?;
         let result = if args.rate > 0.0 {
             load::fixed_rate(api.clone(), bodies, args.rate, args.wait_ms).await
         } else {
@@ -417,6 +425,7 @@ async fn run(
             procfs::threads(me)?,
             procfs::io(broker.pid)?,
         );
+        let steal_pct = procfs::steal_pct(&ticks0, &procfs::cpu_ticks()?);
         if let Some(mut p) = perf {
             let _ = broker::signal(p.id().unwrap_or(0), "INT").await;
             let _ = tokio::time::timeout(Duration::from_secs(30), p.wait()).await;
@@ -452,6 +461,7 @@ async fn run(
             broker_cpu,
             broker_io: io1.since(&io0),
             broker_memory_after: procfs::memory(broker.pid)?,
+            steal_pct,
             loadgen_cpu_ms,
             loadgen_cpu_pct: loadgen_cpu_ms / (elapsed * 10.0),
             loadgen_cpu_us_per_command: loadgen_cpu_ms * 1000.0 / result.sent as f64,

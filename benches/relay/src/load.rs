@@ -303,7 +303,10 @@ fn lock(r: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
     r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Open loop at `rate` commands/s.
+/// Open loop at `rate` commands/s. A pacing thread (not the tokio timer, whose 1 ms
+/// granularity would add up to a millisecond of lateness to every command) sleeps until
+/// each scheduled time and hands the request to the runtime; the time from the schedule
+/// to the task's first poll is recorded as the generator's lateness.
 pub async fn fixed_rate(
     api: Arc<ApiClient>,
     bodies: Vec<Bytes>,
@@ -313,18 +316,31 @@ pub async fn fixed_rate(
     let recorder = Arc::new(Mutex::new(Recorder::new()));
     let tracker = TaskTracker::new();
     let sent = bodies.len();
-    let start = Instant::now() + Duration::from_millis(5);
-    for (i, body) in bodies.into_iter().enumerate() {
-        let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(scheduled).await;
-        let api = api.clone();
-        let recorder = recorder.clone();
-        tracker.spawn(async move {
-            let sent = Instant::now();
-            let outcome = api.submit(body, wait_ms).await;
-            lock(&recorder).record(scheduled, sent, Instant::now(), outcome);
-        });
-    }
+    let handle = tokio::runtime::Handle::current();
+    let start = std::time::Instant::now() + Duration::from_millis(5);
+    let pacer = {
+        let (tracker, recorder, api) = (tracker.clone(), recorder.clone(), api.clone());
+        tokio::task::spawn_blocking(move || {
+            for (i, body) in bodies.into_iter().enumerate() {
+                let scheduled = start + Duration::from_secs_f64(i as f64 / rate);
+                let now = std::time::Instant::now();
+                if scheduled > now {
+                    std::thread::sleep(scheduled - now);
+                }
+                let (api, recorder) = (api.clone(), recorder.clone());
+                let scheduled = Instant::from_std(scheduled);
+                tracker.spawn_on(
+                    async move {
+                        let sent = Instant::now();
+                        let outcome = api.submit(body, wait_ms).await;
+                        lock(&recorder).record(scheduled, sent, Instant::now(), outcome);
+                    },
+                    &handle,
+                );
+            }
+        })
+    };
+    let _ = pacer.await;
     tracker.close();
     tracker.wait().await;
     let elapsed = start.elapsed();

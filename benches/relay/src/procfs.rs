@@ -112,6 +112,23 @@ pub struct ThreadCpu {
     pub slices: u64,
     pub voluntary_switches: u64,
     pub involuntary_switches: u64,
+    /// User and system time from `stat`, in clock ticks (10 ms): coarse, but the only
+    /// split between user space and kernel (syscalls: writes, fsync, socket I/O).
+    pub user_ticks: u64,
+    pub sys_ticks: u64,
+}
+
+/// USER_HZ: always 100 on x86-64 Linux.
+const TICK_MS: f64 = 10.0;
+
+/// utime and stime (fields 14 and 15) of a `stat` line; the name in parentheses may
+/// contain spaces, so fields are counted after its closing parenthesis.
+fn stat_times(stat: &str) -> (u64, u64) {
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, i.e. index 11 here.
+    let get = |i: usize| f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (get(11), get(12))
 }
 
 /// Every thread of a process. Threads that end while being read are skipped.
@@ -134,7 +151,11 @@ pub fn threads(pid: u32) -> Result<Vec<ThreadCpu>> {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let status = std::fs::read_to_string(format!("{base}/status")).unwrap_or_default();
+        let (user_ticks, sys_ticks) =
+            stat_times(&std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default());
         out.push(ThreadCpu {
+            user_ticks,
+            sys_ticks,
             tid,
             comm,
             run_ns,
@@ -157,6 +178,9 @@ pub struct ThreadDelta {
     pub slices: u64,
     pub voluntary_switches: u64,
     pub involuntary_switches: u64,
+    /// Split of the time by `stat` ticks (10 ms resolution).
+    pub user_ms: f64,
+    pub sys_ms: f64,
 }
 
 /// CPU used by a process between two readings, in total and by thread (busiest first).
@@ -165,6 +189,9 @@ pub struct CpuDelta {
     pub run_ms: f64,
     pub wait_ms: f64,
     pub slices: u64,
+    /// User / system split from `stat` ticks (10 ms resolution).
+    pub user_ms: f64,
+    pub sys_ms: f64,
     pub threads: Vec<ThreadDelta>,
     /// Threads that ended between the readings: their CPU is missing from the totals.
     pub threads_ended: usize,
@@ -174,23 +201,30 @@ pub fn cpu_delta(before: &[ThreadCpu], after: &[ThreadCpu]) -> CpuDelta {
     let old: HashMap<u32, &ThreadCpu> = before.iter().map(|t| (t.tid, t)).collect();
     let mut d = CpuDelta::default();
     for t in after {
-        let (run, wait, slices, vol, invol) = match old.get(&t.tid) {
-            Some(o) => (
-                t.run_ns.saturating_sub(o.run_ns),
-                t.wait_ns.saturating_sub(o.wait_ns),
-                t.slices.saturating_sub(o.slices),
-                t.voluntary_switches.saturating_sub(o.voluntary_switches),
-                t.involuntary_switches
-                    .saturating_sub(o.involuntary_switches),
-            ),
-            None => (
-                t.run_ns,
-                t.wait_ns,
-                t.slices,
-                t.voluntary_switches,
-                t.involuntary_switches,
-            ),
+        let zero = ThreadCpu {
+            tid: t.tid,
+            comm: String::new(),
+            run_ns: 0,
+            wait_ns: 0,
+            slices: 0,
+            voluntary_switches: 0,
+            involuntary_switches: 0,
+            user_ticks: 0,
+            sys_ticks: 0,
         };
+        let o = old.get(&t.tid).copied().unwrap_or(&zero);
+        let (run, wait, slices, vol, invol) = (
+            t.run_ns.saturating_sub(o.run_ns),
+            t.wait_ns.saturating_sub(o.wait_ns),
+            t.slices.saturating_sub(o.slices),
+            t.voluntary_switches.saturating_sub(o.voluntary_switches),
+            t.involuntary_switches
+                .saturating_sub(o.involuntary_switches),
+        );
+        let user_ms = t.user_ticks.saturating_sub(o.user_ticks) as f64 * TICK_MS;
+        let sys_ms = t.sys_ticks.saturating_sub(o.sys_ticks) as f64 * TICK_MS;
+        d.user_ms += user_ms;
+        d.sys_ms += sys_ms;
         d.run_ms += run as f64 / 1e6;
         d.wait_ms += wait as f64 / 1e6;
         d.slices += slices;
@@ -202,6 +236,8 @@ pub fn cpu_delta(before: &[ThreadCpu], after: &[ThreadCpu]) -> CpuDelta {
             slices,
             voluntary_switches: vol,
             involuntary_switches: invol,
+            user_ms,
+            sys_ms,
         });
     }
     let alive: std::collections::HashSet<u32> = after.iter().map(|t| t.tid).collect();
@@ -291,6 +327,64 @@ pub fn sockstat() -> Result<SockStat> {
     })
 }
 
+/// Per-CPU tick counters from `/proc/stat`: (total, steal) for `cpu0`, `cpu1`, ...
+pub fn cpu_ticks() -> Result<Vec<(u64, u64)>> {
+    let text = read("/proc/stat")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal guest guest_nice; guests are
+            // already inside user and nice.
+            let total: u64 = v.iter().take(8).sum();
+            (total, v.get(7).copied().unwrap_or(0))
+        })
+        .collect())
+}
+
+/// Percent of each CPU's time stolen by the hypervisor between two readings.
+pub fn steal_pct(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|((t0, s0), (t1, s1))| {
+            let total = t1.saturating_sub(*t0);
+            if total == 0 {
+                0.0
+            } else {
+                s1.saturating_sub(*s0) as f64 * 100.0 / total as f64
+            }
+        })
+        .collect()
+}
+
+/// Slab caches that grow by one object per open TCP socket: the socket itself, its
+/// inode, its open file and its epoll registration.
+pub const SOCKET_SLABS: [&str; 4] = ["TCP", "sock_inode_cache", "filp", "eventpoll_epi"];
+
+/// Bytes in use (active objects × object size) of the [`SOCKET_SLABS`] caches, from
+/// `/proc/slabinfo` (root only; empty when unreadable).
+pub fn socket_slab_bytes() -> std::collections::BTreeMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = *f.first()?;
+            if !SOCKET_SLABS.contains(&name) {
+                return None;
+            }
+            let active: u64 = f.get(1)?.parse().ok()?;
+            let size: u64 = f.get(3)?.parse().ok()?;
+            Some((name.to_string(), active * size))
+        })
+        .collect()
+}
+
 /// Page size used by `/proc/net/sockstat` (x86-64 Linux: 4 KiB).
 pub const PAGE_KIB: u64 = 4;
 
@@ -310,7 +404,14 @@ mod tests {
         assert!(status(pid)?.vm_rss_kib > 0);
         io(pid)?;
         sockstat()?;
+        assert!(!cpu_ticks()?.is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn stat_times_skip_a_name_with_spaces() {
+        let line = "42 (a b) c) S 1 2 3 4 5 6 7 8 9 10 77 88 0 0";
+        assert_eq!(stat_times(line), (77, 88));
     }
 
     #[test]

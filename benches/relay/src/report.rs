@@ -104,8 +104,15 @@ pub struct Idle {
     pub per_agent_anonymous_kib: f64,
     pub sockstat_before: SockStat,
     pub sockstat_after: SockStat,
-    /// Kernel TCP memory per connection, both ends counted (loopback), in KiB.
+    /// Kernel TCP buffer memory (sockstat `mem`) per connection, both ends counted
+    /// (loopback), in KiB. Idle sockets hold no data, so this is about 0 and moves with
+    /// other traffic on the machine.
     pub kernel_kib_per_connection: f64,
+    /// Slab memory (socket, inode, file, epoll item) per socket, in bytes: what the
+    /// broker's host pays in the kernel for each agent besides buffers.
+    pub kernel_slab_bytes_per_socket: f64,
+    pub kernel_slab_before: BTreeMap<String, u64>,
+    pub kernel_slab_after: BTreeMap<String, u64>,
     pub loadgen_memory: Memory,
     pub loadgen_pss_kib_per_agent: f64,
     /// Broker CPU while idle (heartbeats only), in percent of one core.
@@ -136,6 +143,8 @@ pub struct Commands {
     pub broker_runqueue_wait_ms: f64,
     pub broker_io: Io,
     pub broker_memory_after: Memory,
+    /// CPU time the hypervisor gave to other guests, per core, during the phase (%).
+    pub steal_pct: Vec<f64>,
     pub loadgen_cpu_ms: f64,
     pub loadgen_cpu_pct: f64,
     pub loadgen_cpu_us_per_command: f64,
@@ -174,7 +183,9 @@ impl Report {
     pub fn text(&self) -> String {
         let mut o = String::new();
         let c = &self.config;
-        let mode = if c.rate > 0.0 {
+        let mode = if c.commands == 0 {
+            "no command phase".to_string()
+        } else if c.rate > 0.0 {
             format!("{} cmd/s fixed rate (open loop)", c.rate)
         } else {
             format!("saturation (closed loop, {} outstanding)", c.concurrency)
@@ -244,6 +255,11 @@ impl Report {
         );
         let _ = writeln!(
             o,
+            "          kernel slab per socket (TCP, sock_inode_cache, filp, eventpoll_epi): {:.0} B (each agent is two sockets here, one per end)",
+            i.kernel_slab_bytes_per_socket
+        );
+        let _ = writeln!(
+            o,
             "          idle broker CPU {:.2} % of a core ({} heartbeats); load generator Pss {} = {:.1} KiB per agent; {} dropped",
             i.broker_idle_cpu_pct,
             i.heartbeats_during_idle,
@@ -273,21 +289,40 @@ impl Report {
             }
             let _ = writeln!(
                 o,
-                "broker    CPU {:.0} ms over {:.2} s = {:.1} % of a core, {:.0} µs per command; waited for a CPU {:.0} ms",
-                m.broker_cpu.run_ms, m.elapsed_secs, m.broker_cpu_pct, m.broker_cpu_us_per_command, m.broker_runqueue_wait_ms
+                "broker    CPU {:.0} ms over {:.2} s = {:.1} % of a core, {:.0} µs per command (user {:.0} / sys {:.0} ms); runnable but waiting for a CPU {:.0} ms (all threads)",
+                m.broker_cpu.run_ms,
+                m.elapsed_secs,
+                m.broker_cpu_pct,
+                m.broker_cpu_us_per_command,
+                m.broker_cpu.user_ms,
+                m.broker_cpu.sys_ms,
+                m.broker_runqueue_wait_ms
             );
             for t in m.broker_cpu.threads.iter().take(6) {
                 let _ = writeln!(
                     o,
-                    "          {:<16} tid {:<7} {:>8.0} ms  {:>5.1} %  switches {} voluntary / {} involuntary",
+                    "          {:<16} tid {:<7} {:>8.0} ms  {:>5.1} %  (user {:.0} / sys {:.0} ms)  switches {} voluntary / {} involuntary",
                     t.comm,
                     t.tid,
                     t.run_ms,
                     if m.broker_cpu.run_ms > 0.0 { t.run_ms * 100.0 / m.broker_cpu.run_ms } else { 0.0 },
+                    t.user_ms,
+                    t.sys_ms,
                     t.voluntary_switches,
                     t.involuntary_switches
                 );
             }
+            let steal: Vec<String> = m
+                .steal_pct
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("cpu{i} {p:.1} %"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "          stolen by the hypervisor during the phase: {}",
+                steal.join(", ")
+            );
             if m.broker_cpu.threads_ended > 0 {
                 let _ = writeln!(
                     o,
