@@ -349,17 +349,26 @@ async fn session(
         Err(e) => Err(format!("cannot load queued commands: {e}")),
     };
     let mut last_persisted = dbvm_protocol::now_ms();
+    // A link lives no longer than its certificate unless the agent renews in band. One
+    // timer, reset only when a renewal changes the expiry (not re-armed every frame).
+    let cert_deadline = |na: Option<i64>| {
+        let left = na
+            .map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms())
+            .max(0) as u64;
+        tokio::time::Instant::now() + Duration::from_millis(left)
+    };
+    let mut armed_for = s.cert_not_after_ms;
+    let cert_timer = tokio::time::sleep_until(cert_deadline(armed_for));
+    tokio::pin!(cert_timer);
 
     while result.is_ok() {
         let blocked = !s.blocked.is_empty();
-        // A link lives no longer than its certificate unless the agent renews in band.
-        let cert_left = Duration::from_millis(
-            s.cert_not_after_ms
-                .map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms())
-                .max(0) as u64,
-        );
+        if s.cert_not_after_ms != armed_for {
+            armed_for = s.cert_not_after_ms;
+            cert_timer.as_mut().reset(cert_deadline(armed_for));
+        }
         result = tokio::select! {
-            _ = tokio::time::sleep(cert_left) => Err("the agent certificate expired and was not renewed".into()),
+            _ = &mut cert_timer => Err("the agent certificate expired and was not renewed".into()),
             _ = shutdown.cancelled() => Err("broker shutting down".into()),
             incoming = in_rx.recv() => match incoming {
                 Some(Incoming::Frame(m)) => {

@@ -275,21 +275,24 @@ async fn submit(
             return Err(e);
         }
     };
-    let id = rec.id;
     let view = rec.view();
-    hub.submit(rec).await.map_err(|e| match e {
+    let refused = |e: SubmitError| match e {
         SubmitError::Store(s) => ApiFailure::from(s),
         busy @ SubmitError::Busy { .. } => {
             ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "busy", busy.to_string())
         }
-    })?;
+    };
     let view = match q.wait_ms {
         Some(ms) if ms > 0 => hub
-            .wait_finished(id, Duration::from_millis(ms.min(MAX_WAIT_MS)))
-            .await?
+            .submit_and_wait(rec, Duration::from_millis(ms.min(MAX_WAIT_MS)))
+            .await
+            .map_err(refused)?
             .map(|r| r.view())
             .unwrap_or(view),
-        _ => view,
+        _ => {
+            hub.submit(rec).await.map_err(refused)?;
+            view
+        }
     };
     Ok((StatusCode::ACCEPTED, Json(view)))
 }

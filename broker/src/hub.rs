@@ -128,7 +128,9 @@ pub struct Hub {
     generation: AtomicU64,
     events: broadcast::Sender<Event>,
     event_seq: AtomicU64,
-    waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<()>>>>,
+    /// Callers waiting for a command to finish; woken with the finished record, so the
+    /// answer to `?wait_ms` needs no read of the store.
+    waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<Arc<CommandRecord>>>>>,
 }
 
 impl Hub {
@@ -269,13 +271,14 @@ impl Hub {
     ) -> Result<Option<OperationClass>, StoreError> {
         let state = finish.state;
         let error = finish.error.clone();
-        let Some((class, operation)) = self.store.finish(id, finish).await? else {
+        let Some(rec) = self.store.finish(id, finish).await? else {
             return Ok(None);
         };
+        let class = rec.class;
         self.class_finished(class);
         Metrics::count(&self.metrics.commands_finished, "state", state.as_str());
-        self.publish_state(agent_id, id, &operation, state, error.as_ref());
-        self.wake(id);
+        self.publish_state(agent_id, id, &rec.operation, state, error.as_ref());
+        self.wake(Arc::new(rec));
         Ok(Some(class))
     }
 
@@ -285,14 +288,51 @@ impl Hub {
         }
     }
 
-    fn wake(&self, id: Uuid) {
+    fn wake(&self, rec: Arc<CommandRecord>) {
         let senders = self
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+            .remove(&rec.id);
         for s in senders.into_iter().flatten() {
-            let _ = s.send(());
+            let _ = s.send(rec.clone());
+        }
+    }
+
+    fn add_waiter(&self, id: Uuid) -> oneshot::Receiver<Arc<CommandRecord>> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let list = waiters.entry(id).or_default();
+        // Waiters that gave up (timed out) leave closed senders behind; drop them here.
+        list.retain(|s| !s.is_closed());
+        list.push(tx);
+        rx
+    }
+
+    fn drop_waiters_if_idle(&self, id: Uuid) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = waiters.get_mut(&id) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                waiters.remove(&id);
+            }
+        }
+    }
+
+    /// Waits for a registered waiter; on timeout reads the record's current state.
+    async fn await_waiter(
+        &self,
+        id: Uuid,
+        mut rx: oneshot::Receiver<Arc<CommandRecord>>,
+        timeout: Duration,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        match tokio::time::timeout(timeout, &mut rx).await {
+            Ok(Ok(rec)) => Ok(Some((*rec).clone())),
+            _ => {
+                drop(rx);
+                self.drop_waiters_if_idle(id);
+                self.store.command(id).await
+            }
         }
     }
 
@@ -302,33 +342,46 @@ impl Hub {
         id: Uuid,
         timeout: Duration,
     ) -> Result<Option<CommandRecord>, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id)
-            .or_default()
-            .push(tx);
-        let rec = self.store.command(id).await?;
-        match &rec {
+        // Register before reading, so a finish between the read and the wait is not missed.
+        let rx = self.add_waiter(id);
+        match self.store.command(id).await? {
             None => {
-                self.waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                return Ok(None);
+                drop(rx);
+                self.drop_waiters_if_idle(id);
+                Ok(None)
             }
-            Some(r) if r.state.is_terminal() => return Ok(rec),
-            Some(_) => {}
+            Some(r) if r.state.is_terminal() => {
+                drop(rx);
+                self.drop_waiters_if_idle(id);
+                Ok(Some(r))
+            }
+            Some(_) => self.await_waiter(id, rx, timeout).await,
         }
-        let _ = tokio::time::timeout(timeout, rx).await;
-        self.store.command(id).await
+    }
+
+    /// Accepts a command and waits up to `timeout` for it to finish. The waiter is
+    /// registered before the command can run, so the finished record comes straight
+    /// from the result write: on the fast path the store is not read at all.
+    pub async fn submit_and_wait(
+        &self,
+        rec: CommandRecord,
+        timeout: Duration,
+    ) -> Result<Option<CommandRecord>, SubmitError> {
+        let id = rec.id;
+        let rx = self.add_waiter(id);
+        if let Err(e) = self.submit(rec).await {
+            drop(rx);
+            self.drop_waiters_if_idle(id);
+            return Err(e);
+        }
+        Ok(self.await_waiter(id, rx, timeout).await?)
     }
 
     /// Expires queued commands whose time ran out (called periodically).
     pub async fn expire_due(&self) -> Result<usize, StoreError> {
         let expired = self.store.expire_due(dbvm_protocol::now_ms()).await?;
-        for rec in &expired {
+        let n = expired.len();
+        for rec in expired {
             self.class_finished(rec.class);
             Metrics::count(&self.metrics.commands_finished, "state", "expired");
             self.publish_state(
@@ -338,9 +391,9 @@ impl Hub {
                 CommandState::Expired,
                 rec.error.as_ref(),
             );
-            self.wake(rec.id);
+            self.wake(Arc::new(rec));
         }
-        Ok(expired.len())
+        Ok(n)
     }
 
     // ----- agents ---------------------------------------------------------------------
