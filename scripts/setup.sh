@@ -11,8 +11,14 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: C toolchain for ring and SQLite, musl for the static agent,
-# iproute2 for network-namespace tests, procps/psmisc for process checks.
-packages=(build-essential pkg-config musl-tools ca-certificates curl iproute2 procps file)
+# iproute2 and nftables for the firewall and network-namespace tests, procps for process
+# checks, the Docker engine (the agent's container runtime), PostgreSQL 15 and MariaDB
+# (their files become the local database images; their clients talk to them in tests and
+# the demo), socat for throwaway listeners in firewall tests, busybox-static for /bin/sh in
+# those images (packaging/images/build-image.sh).
+packages=(build-essential pkg-config musl-tools ca-certificates curl iproute2 procps file
+  nftables docker.io postgresql-15 postgresql-client-15 mariadb-server mariadb-client socat
+  busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
