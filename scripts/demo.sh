@@ -93,4 +93,64 @@ for f in ca.crt controlplane.crt controlplane.key; do cp "$DBVM_HOME/$f" "$demo/
 DBVM_HOME="$demo/stranger" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"
 
 say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
+
+# ---- the database in the guest ------------------------------------------------------
+say "a private Docker engine (host-neutral: no bridge, no iptables) and the local PostgreSQL image"
+sock=$(bash scripts/dockerd.sh start "$demo/docker")
+cleanup_db() {
+  DOCKER_HOST="unix://$sock" docker rm -f db-demo-pg >/dev/null 2>&1 || true
+  bash scripts/dockerd.sh stop "$demo/docker" >/dev/null 2>&1 || true
+  ip netns del "$netns" 2>/dev/null || true
+}
+netns="dbvm-demo-$$"
+trap 'cleanup; cleanup_db' EXIT
+DOCKER_HOST="unix://$sock" bash packaging/images/build-image.sh postgres
+
+say "the VM's network, simulated: namespace $netns with eth0 (management) and eth1 (application)"
+ip netns add "$netns"
+ip -n "$netns" link add eth0 type dummy
+ip -n "$netns" link add eth1 type dummy
+
+say "restarting the agent with a [database] and a [firewall] section"
+kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
+cat >> "$demo/agent.toml" <<TOML
+[database]
+runtime = "docker"
+docker_socket = "$sock"
+data_root = "$demo/db"
+container_name = "db-demo-pg"
+[firewall]
+netns = "$netns"
+TOML
+"$agent_bin" --config "$demo/agent.toml" 2>> "$demo/agent.log" &
+pids[1]=$!
+for _ in $(seq 100); do
+  "$bin/dbvmctl" agents --json 2>/dev/null | grep -q '"connected": *true' && break
+  sleep 0.1
+done
+
+port=$(( 20000 + RANDOM % 20000 ))
+say "create a PostgreSQL database: preconfigure + configure, one signed command (port $port)"
+run "$bin/dbvmctl" send db-demo db.create engine=postgres database=app port=$port \
+  'parameters={"max_connections": 50}' --reveal --json > "$demo/create.json"
+grep -v '"password"' "$demo/create.json"
+password=$(grep -o '"password": *"[^"]*"' "$demo/create.json" | sed -E 's/.*: *"([^"]*)"/\1/')
+echo "dbaas password: ${password:0:4}… (sealed to the control plane; opened here with --reveal)"
+
+say "psql as dbaas with the returned credentials"
+run env PGPASSWORD="$password" psql -h 127.0.0.1 -p "$port" -U dbaas -d app \
+  -c "CREATE TABLE hello (msg text); INSERT INTO hello VALUES ('hello from dbvm')" \
+  -c "SELECT msg, current_user, version() FROM hello"
+
+say "change a parameter live (work_mem) and one that needs a restart (max_connections)"
+run "$bin/dbvmctl" send db-demo db.set_parameters 'parameters={"work_mem": "16MB"}'
+run "$bin/dbvmctl" send db-demo db.set_parameters 'parameters={"max_connections": 80}'
+run "$bin/dbvmctl" send db-demo db.restart
+run env PGPASSWORD="$password" psql -h 127.0.0.1 -p "$port" -U dbaas -d app -Atc \
+  "SELECT 'work_mem=' || current_setting('work_mem') || ' max_connections=' || current_setting('max_connections')"
+
+say "status: container, server, firewall (the live nftables table matches the wanted one)"
+run "$bin/dbvmctl" send db-demo db.status
+run ip netns exec "$netns" nft list table inet dbvm
+
 say "demo complete; logs and config are in $demo (broker.log, agent.log)"

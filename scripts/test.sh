@@ -25,4 +25,7 @@ fi
 say "dbvm-agent: $(file -b "$agent" | grep -Eo 'static-pie linked|statically linked'), $(du -h "$agent" | cut -f1)"
 
 say "cargo test --workspace"
+# The database tests start a private Docker engine under target/dbvm-test-docker (see
+# tests/src/docker.rs); stop it when the tests end, however they end.
+trap 'bash scripts/dockerd.sh stop target/dbvm-test-docker >/dev/null 2>&1 || true' EXIT
 cargo test --workspace --locked -- --test-threads 2

@@ -205,15 +205,17 @@ pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<Comman
     }
     let agent = AgentId::new(body.agent_id.clone())
         .map_err(|e| ApiFailure::bad_request(format!("target: {e}")))?;
+    // Names are words of a-z, 0-9, '_', optionally namespaced with dots (`db.create`).
     let op_ok = !body.operation.is_empty()
         && body.operation.len() <= 64
-        && body
-            .operation
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && body.operation.split('.').all(|w| {
+            !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        });
     if !op_ok {
         return Err(ApiFailure::bad_request(format!(
-            "operation {:?} must be 1-64 characters of a-z, 0-9, '_'",
+            "operation {:?} must be 1-64 characters of a-z, 0-9, '_' in dot-separated words (like db.create)",
             body.operation
         )));
     }

@@ -40,6 +40,13 @@ pub struct Config {
     pub link: LinkSettings,
     #[serde(default)]
     pub log: LogSettings,
+    /// The database this VM runs (absent: the agent manages no database, `db.*`
+    /// commands are refused as unknown operations).
+    #[serde(default)]
+    pub database: Option<crate::db::DbSettings>,
+    /// The VM's firewall (absent: the agent leaves the firewall alone).
+    #[serde(default)]
+    pub firewall: Option<crate::firewall::FirewallConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -197,6 +204,15 @@ impl Config {
                 "link.clock_skew_ms",
                 "must be between 0 and 600000",
             ));
+        }
+        if let Some(db) = &self.database {
+            db.validate().map_err(|(k, p)| invalid(k, p))?;
+        }
+        if let Some(fw) = &self.firewall {
+            fw.validate().map_err(|e| match e {
+                crate::firewall::FirewallError::Config { key, problem } => invalid(key, problem),
+                other => invalid("firewall", other.to_string()),
+            })?;
         }
         Ok(Validated {
             config: self,

@@ -4,11 +4,14 @@
 //! is a thin wrapper.
 
 pub mod config;
+pub mod db;
 pub mod dispatch;
+pub mod firewall;
 pub mod identity;
 pub mod journal;
 pub mod link;
 pub mod ops;
+pub mod runtime;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,43 @@ pub enum AgentError {
     State(#[from] identity::StateError),
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    Database(#[from] db::DbError),
+}
+
+/// The operations this agent offers: `ping` and `facts` always; the `db.*` operations
+/// when the config has a `[database]` section (their manager is returned so the caller
+/// can start its reconciler).
+pub fn operations(
+    v: &config::Validated,
+) -> Result<(dispatch::Dispatcher, Option<Arc<db::DbManager>>), AgentError> {
+    let mut d = dispatch::Dispatcher::standard();
+    let firewall = match &v.config.firewall {
+        Some(cfg) => Some(Arc::new(firewall::Firewall::new(cfg.clone()).map_err(
+            |e| {
+                AgentError::Config(config::ConfigError::Invalid {
+                    key: "firewall".into(),
+                    problem: e.to_string(),
+                })
+            },
+        )?)),
+        None => None,
+    };
+    let hook = firewall.as_ref().map(|f| {
+        Arc::new(ops::firewall::AgentFirewall(f.clone())) as Arc<dyn db::manager::FirewallHook>
+    });
+    let manager = match &v.config.database {
+        Some(settings) => {
+            let m = db::DbManager::open(settings.clone(), &v.config.state_dir, hook)?;
+            ops::database::register(&mut d, &m);
+            Some(m)
+        }
+        None => None,
+    };
+    if let Some(f) = &firewall {
+        ops::firewall::register(&mut d, f, manager.as_ref());
+    }
+    Ok((d, manager))
 }
 
 /// Builds an agent from validated configuration: opens its state, marks interrupted

@@ -52,8 +52,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
-        let agent = match dbvm_agent::build(validated, dbvm_agent::dispatch::Dispatcher::standard())
-        {
+        let built = dbvm_agent::operations(&validated)
+            .and_then(|(ops, db)| Ok((dbvm_agent::build(validated, ops)?, db)));
+        let (agent, db) = match built {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
@@ -63,6 +64,9 @@ fn main() -> std::process::ExitCode {
         };
         notify_ready();
         let shutdown = CancellationToken::new();
+        if let Some(db) = db {
+            db.spawn_reconciler(shutdown.clone());
+        }
         let token = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;

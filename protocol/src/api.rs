@@ -24,12 +24,17 @@ impl OperationClass {
     /// The class of an operation name. Unknown names are management operations: limited,
     /// never refused here (the agent says whether it knows them).
     pub fn of(operation: &str) -> Self {
-        match operation {
+        // The agent's database operations are namespaced (`db.create`); the class goes
+        // by the bare name.
+        let bare = operation.strip_prefix("db.").unwrap_or(operation);
+        match bare {
             "create" | "preconfigure" | "configure" | "restore" | "pitr" | "clone"
             | "add_replica" => Self::Deployment,
             "backup" => Self::Backup,
             "log_upload" | "archive_push" => Self::LogUpload,
-            "ping" | "facts" | "health" | "status" => Self::Query,
+            "ping" | "facts" | "health" | "status" | "export_template" | "firewall.status" => {
+                Self::Query
+            }
             _ => Self::Management,
         }
     }

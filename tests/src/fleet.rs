@@ -127,6 +127,18 @@ server_key = "{d}/broker.key"
         token: Option<&str>,
         extra: &str,
     ) -> AgentProc {
+        self.start_agent_env(id, broker, token, extra, &[])
+    }
+
+    /// [`Self::start_agent`] with extra environment variables for the agent process.
+    pub fn start_agent_env(
+        &self,
+        id: &str,
+        broker: SocketAddr,
+        token: Option<&str>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let state_dir = self.path(&format!("agent-{id}"));
         let token_file = self.path(&format!("agent-{id}.token"));
         if let Some(t) = token {
@@ -157,17 +169,27 @@ max_backoff_ms = 1000
         );
         let config_path = self.path(&format!("agent-{id}.toml"));
         std::fs::write(&config_path, config).expect("agent config");
-        self.run_agent(id, config_path, state_dir)
+        self.run_agent_env(id, config_path, state_dir, env)
     }
 
     pub fn run_agent(&self, id: &str, config: PathBuf, state_dir: PathBuf) -> AgentProc {
+        self.run_agent_env(id, config, state_dir, &[])
+    }
+
+    fn run_agent_env(
+        &self,
+        id: &str,
+        config: PathBuf,
+        state_dir: PathBuf,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let log = self.path(&format!("agent-{id}.log"));
         let (proc, _) = Proc::spawn(
             &format!("agent {id}"),
             "dbvm-agent",
             &["--config", config.to_str().unwrap_or_default()],
             log,
-            &[],
+            env,
         );
         AgentProc {
             proc,

@@ -10,7 +10,10 @@
 // test with a message, which is exactly what `expect` does.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod dbtest;
+pub mod docker;
 pub mod fleet;
+pub mod netns;
 pub mod proc;
 pub mod proxy;
 pub mod raw;

@@ -1,4 +1,6 @@
 //! The operations this agent executes, one module each.
 
+pub mod database;
 pub mod facts;
+pub mod firewall;
 pub mod ping;

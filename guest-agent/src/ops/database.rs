@@ -1,0 +1,148 @@
+//! The database operations (`db.*`): thin adapters from signed commands to the
+//! [`DbManager`]; arguments are decoded strictly (unknown fields refused) before anything runs.
+
+use crate::db::{DatabaseSpec, DbError, DbManager};
+use crate::dispatch::{parse_args, Dispatcher, OpContext, OpError, Operation};
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+impl From<DbError> for OpError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Invalid(m) => OpError::BadArguments(m),
+            other => OpError::Failed(other.to_string()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Create,
+    Preconfigure,
+    Configure,
+    Start,
+    Stop,
+    Restart,
+    Shutdown,
+    Status,
+    SetParameters,
+    Upgrade,
+    ExportTemplate,
+}
+
+const ALL: [(Kind, &str); 11] = [
+    (Kind::Create, "db.create"),
+    (Kind::Preconfigure, "db.preconfigure"),
+    (Kind::Configure, "db.configure"),
+    (Kind::Start, "db.start"),
+    (Kind::Stop, "db.stop"),
+    (Kind::Restart, "db.restart"),
+    (Kind::Shutdown, "db.shutdown"),
+    (Kind::Status, "db.status"),
+    (Kind::SetParameters, "db.set_parameters"),
+    (Kind::Upgrade, "db.upgrade"),
+    (Kind::ExportTemplate, "db.export_template"),
+];
+
+/// Registers every `db.*` operation over one manager.
+pub fn register(d: &mut Dispatcher, manager: &Arc<DbManager>) {
+    for (kind, name) in ALL {
+        d.register(DbOp {
+            kind,
+            name,
+            manager: manager.clone(),
+        });
+    }
+}
+
+struct DbOp {
+    kind: Kind,
+    name: &'static str,
+    manager: Arc<DbManager>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetParametersArgs {
+    parameters: serde_json::Map<String, Value>,
+    #[serde(default)]
+    allow_restart: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeArgs {
+    image: String,
+}
+
+fn no_args(args: Value) -> Result<(), OpError> {
+    if args.is_null() {
+        return Ok(());
+    }
+    parse_args::<NoArgs>(args).map(|_| ())
+}
+
+#[async_trait]
+impl Operation for DbOp {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn run(&self, ctx: OpContext, args: Value) -> Result<Value, OpError> {
+        let progress_ctx = ctx.clone();
+        let progress = move |p: u8, m: &str| progress_ctx.progress(p, m);
+        let m = &self.manager;
+        let out = match self.kind {
+            Kind::Create | Kind::Preconfigure | Kind::Configure => {
+                let spec: DatabaseSpec = parse_args(args)?;
+                let (pre, conf) = match self.kind {
+                    Kind::Create => (true, true),
+                    Kind::Preconfigure => (true, false),
+                    _ => (false, true),
+                };
+                m.create(spec, pre, conf, ctx.command.reply_key, &progress)
+                    .await?
+            }
+            Kind::Start => {
+                no_args(args)?;
+                m.start(&progress).await?
+            }
+            Kind::Stop => {
+                no_args(args)?;
+                m.stop(&progress).await?
+            }
+            Kind::Restart => {
+                no_args(args)?;
+                m.restart(&progress).await?
+            }
+            Kind::Shutdown => {
+                no_args(args)?;
+                m.shutdown(&progress).await?
+            }
+            Kind::Status => {
+                no_args(args)?;
+                m.status().await?
+            }
+            Kind::SetParameters => {
+                let a: SetParametersArgs = parse_args(args)?;
+                m.set_parameters(a.parameters, a.allow_restart, &progress)
+                    .await?
+            }
+            Kind::Upgrade => {
+                let a: UpgradeArgs = parse_args(args)?;
+                m.upgrade(a.image, &progress).await?
+            }
+            Kind::ExportTemplate => {
+                no_args(args)?;
+                m.export_template().await?
+            }
+        };
+        Ok(out)
+    }
+}

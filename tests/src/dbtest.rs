@@ -1,0 +1,84 @@
+//! Helpers for the database tests: container chores on the private engine (through the
+//! `docker` CLI, which negotiates the API version itself) and a unix-socket relay that
+//! plays an engine going away and coming back.
+
+use crate::docker::Engine;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+impl Engine {
+    fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .args(args)
+            .env("DOCKER_HOST", self.docker_host())
+            .output()
+            .expect("docker CLI (install it: bash scripts/setup.sh)")
+    }
+
+    /// Removes a container if it exists (tests clean up after themselves).
+    pub fn remove_container(&self, name: &str) {
+        let _ = self.docker(&["rm", "-f", name]);
+    }
+
+    /// SIGKILLs a container behind the agent's back.
+    pub fn kill_container(&self, name: &str) {
+        let out = self.docker(&["kill", "--signal", "KILL", name]);
+        assert!(
+            out.status.success(),
+            "docker kill {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Tags `image` as `tag` (an "upgrade" to the same bits under a new name).
+    pub fn tag_image(&self, image: &str, tag: &str) -> String {
+        let out = self.docker(&["tag", image, tag]);
+        assert!(
+            out.status.success(),
+            "docker tag: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tag.to_string()
+    }
+
+    /// An image that cannot run a database server (busybox only).
+    pub fn broken_image(&self) -> String {
+        self.busybox_image.clone()
+    }
+}
+
+/// Accepts connections on `path` and forwards each to `target`; dropping it removes the
+/// socket (the "engine" disappears again).
+pub struct UnixRelay {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UnixRelay {
+    pub fn start(path: &Path, target: &Path) -> Self {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).expect("bind relay socket");
+        let target = target.to_path_buf();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::UnixStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            path: path.to_path_buf(),
+            task,
+        }
+    }
+}
+
+impl Drop for UnixRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
