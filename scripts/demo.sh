@@ -108,8 +108,10 @@ DOCKER_HOST="unix://$sock" bash packaging/images/build-image.sh postgres
 
 say "the VM's network, simulated: namespace $netns with eth0 (management) and eth1 (application)"
 ip netns add "$netns"
-ip -n "$netns" link add eth0 type dummy
-ip -n "$netns" link add eth1 type dummy
+for i in eth0 eth1; do
+  ip -n "$netns" link add "$i" type veth peer name "$i-peer"
+  ip -n "$netns" link set "$i" up
+done
 
 say "restarting the agent with a [database] and a [firewall] section"
 kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true
@@ -138,7 +140,8 @@ password=$(grep -o '"password": *"[^"]*"' "$demo/create.json" | sed -E 's/.*: *"
 echo "dbaas password: ${password:0:4}… (sealed to the control plane; opened here with --reveal)"
 
 say "psql as dbaas with the returned credentials"
-run env PGPASSWORD="$password" psql -h 127.0.0.1 -p "$port" -U dbaas -d app \
+export PGPASSWORD="$password"   # psql reads it from the environment; never on a command line
+run psql -h 127.0.0.1 -p "$port" -U dbaas -d app \
   -c "CREATE TABLE hello (msg text); INSERT INTO hello VALUES ('hello from dbvm')" \
   -c "SELECT msg, current_user, version() FROM hello"
 
@@ -146,7 +149,7 @@ say "change a parameter live (work_mem) and one that needs a restart (max_connec
 run "$bin/dbvmctl" send db-demo db.set_parameters 'parameters={"work_mem": "16MB"}'
 run "$bin/dbvmctl" send db-demo db.set_parameters 'parameters={"max_connections": 80}'
 run "$bin/dbvmctl" send db-demo db.restart
-run env PGPASSWORD="$password" psql -h 127.0.0.1 -p "$port" -U dbaas -d app -Atc \
+run psql -h 127.0.0.1 -p "$port" -U dbaas -d app -Atc \
   "SELECT 'work_mem=' || current_setting('work_mem') || ' max_connections=' || current_setting('max_connections')"
 
 say "status: container, server, firewall (the live nftables table matches the wanted one)"

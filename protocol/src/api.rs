@@ -204,3 +204,22 @@ pub struct ApiError {
     pub code: String,
     pub error: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::OperationClass;
+
+    #[test]
+    fn operations_are_classed_by_their_bare_name() {
+        assert_eq!(OperationClass::of("create"), OperationClass::Deployment);
+        assert_eq!(OperationClass::of("db.create"), OperationClass::Deployment);
+        assert_eq!(
+            OperationClass::of("db.configure"),
+            OperationClass::Deployment
+        );
+        assert_eq!(OperationClass::of("db.status"), OperationClass::Query);
+        assert_eq!(OperationClass::of("firewall.status"), OperationClass::Query);
+        assert_eq!(OperationClass::of("db.restart"), OperationClass::Management);
+        assert_eq!(OperationClass::of("backup"), OperationClass::Backup);
+    }
+}
