@@ -609,3 +609,42 @@ async fn engine_down_is_a_clear_error_and_retried_when_it_returns() {
     engine.remove_container(&container);
     engine.remove_container(&format!("{container}-init"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_with_client_tls_refuses_plain_connections() {
+    let s = setup("pg7", "").await;
+    let port = free_port();
+    let out = s
+        .ok(
+            "db.create",
+            json!({"engine": "postgres", "database": "app", "port": port, "tls": true}),
+        )
+        .await;
+    let password = s.password(&out);
+    // Without TLS: refused by pg_hba (hostssl only).
+    let e = pg(port, &password, "app")
+        .await
+        .err()
+        .expect("plain TCP must be refused");
+    assert!(
+        format!("{e:?}").to_lowercase().contains("no encryption")
+            || format!("{e:?}").contains("pg_hba"),
+        "{e:?}"
+    );
+    // With TLS (the host's psql, sslmode=require): accepted, and the session is encrypted.
+    let out = std::process::Command::new("psql")
+        .args([
+            &format!("host=127.0.0.1 port={port} user=dbaas dbname=app sslmode=require"),
+            "-Atc",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .env("PGPASSWORD", &password)
+        .output()
+        .expect("psql (install it: bash scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "psql over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
+}
