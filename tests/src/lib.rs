@@ -39,3 +39,19 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until the broker lists agent `id` as connected (30 s at most).
+pub async fn connected(client: &dbvmctl::Client, id: &str) {
+    eventually(
+        std::time::Duration::from_secs(30),
+        &format!("agent {id} to connect"),
+        || async {
+            let agents = client.agents().await.ok()?;
+            agents
+                .iter()
+                .any(|a| a.id == id && a.connected)
+                .then_some(())
+        },
+    )
+    .await;
+}

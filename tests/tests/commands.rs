@@ -4,7 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use dbvm_e2e::rogue::RogueBroker;
-use dbvm_e2e::{eventually, Fleet};
+use dbvm_e2e::{connected, Fleet};
 use dbvm_protocol::api::{CommandState, CommandView};
 use dbvm_protocol::command::CommandSigner;
 use dbvm_protocol::messages::{Outcome, RejectCode};
@@ -19,21 +19,6 @@ async fn run(client: &dbvmctl::Client, cmd: &SignedCommand) -> CommandView {
         .wait(v.id, Duration::from_secs(30))
         .await
         .expect("wait")
-}
-
-async fn connected(client: &dbvmctl::Client, id: &str) {
-    eventually(
-        Duration::from_secs(30),
-        &format!("agent {id} to connect"),
-        || async {
-            let agents = client.agents().await.ok()?;
-            agents
-                .iter()
-                .any(|a| a.id == id && a.connected)
-                .then_some(())
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_e2e::{eventually, AgentProc, BrokerProc, Fleet};
+use dbvm_e2e::{connected, eventually, AgentProc, BrokerProc, Fleet};
 use dbvm_protocol::api::{CommandState, CommandView};
 use dbvm_protocol::seal::Sealed;
 use serde_json::{json, Value};
@@ -103,21 +103,6 @@ async fn setup(id: &str, db_extra: &str) -> Setup {
         engine,
         container,
     }
-}
-
-async fn connected(client: &dbvmctl::Client, id: &str) {
-    eventually(
-        Duration::from_secs(30),
-        &format!("agent {id} to connect"),
-        || async {
-            let agents = client.agents().await.ok()?;
-            agents
-                .iter()
-                .any(|a| a.id == id && a.connected)
-                .then_some(())
-        },
-    )
-    .await;
 }
 
 impl Setup {
@@ -622,10 +607,9 @@ async fn postgres_with_client_tls_refuses_plain_connections() {
         .await;
     let password = s.password(&out);
     // Without TLS: refused by pg_hba (hostssl only).
-    let e = pg(port, &password, "app")
-        .await
-        .err()
-        .expect("plain TCP must be refused");
+    let Err(e) = pg(port, &password, "app").await else {
+        panic!("plain TCP must be refused");
+    };
     assert!(
         format!("{e:?}").to_lowercase().contains("no encryption")
             || format!("{e:?}").contains("pg_hba"),
