@@ -73,6 +73,21 @@ struct Record {
     exit_code: Option<i64>,
 }
 
+impl Record {
+    /// A new, never-started record for `spec` (fresh id).
+    fn fresh(spec: &ContainerSpec, fingerprint: String) -> Self {
+        Self {
+            id: new_id(),
+            spec: spec.clone(),
+            fingerprint,
+            pid: None,
+            pid_start_ticks: None,
+            started_at_ms: None,
+            exit_code: None,
+        }
+    }
+}
+
 impl ProcessRuntime {
     /// A runtime keeping its state (and the processes' logs) in `state_dir`, created on first
     /// use.
@@ -446,15 +461,7 @@ impl ContainerRuntime for ProcessRuntime {
         let want = spec.fingerprint();
         match self.load(&spec.name)? {
             None => {
-                let mut rec = Record {
-                    id: new_id(),
-                    spec: spec.clone(),
-                    fingerprint: want,
-                    pid: None,
-                    pid_start_ticks: None,
-                    started_at_ms: None,
-                    exit_code: None,
-                };
+                let mut rec = Record::fresh(spec, want);
                 self.spawn(&mut rec)?;
                 Ok(Reconciled::Created)
             }
@@ -463,15 +470,7 @@ impl ContainerRuntime for ProcessRuntime {
                 Self::command(&spec.command, &spec.env, spec.user.as_deref())?;
                 let timeout = Duration::from_secs(u64::from(rec.spec.stop_timeout_s));
                 self.stop_record(&mut rec, timeout).await?;
-                let mut rec = Record {
-                    id: new_id(),
-                    spec: spec.clone(),
-                    fingerprint: want,
-                    pid: None,
-                    pid_start_ticks: None,
-                    started_at_ms: None,
-                    exit_code: None,
-                };
+                let mut rec = Record::fresh(spec, want);
                 self.spawn(&mut rec)?;
                 Ok(Reconciled::Recreated)
             }
