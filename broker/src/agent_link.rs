@@ -224,6 +224,7 @@ fn kind(m: &AgentMessage) -> &'static str {
         AgentMessage::Result(_) => "Result",
         AgentMessage::Event(_) => "Event",
         AgentMessage::Renew { .. } => "Renew",
+        AgentMessage::Health(_) => "Health",
     }
 }
 
@@ -527,6 +528,7 @@ impl Session {
                     });
                 Ok(())
             }
+            AgentMessage::Health(_report) => Ok(()),
             AgentMessage::Renew { csr_pem } => {
                 let reply = enroll::renew(&self.hub, &self.agent, &csr_pem);
                 if let BrokerMessage::Renewed { cert_pem } = &reply {

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod command;
 pub mod frame;
+pub mod health;
 pub mod ids;
 pub mod messages;
 pub mod pki;
@@ -20,7 +21,10 @@ pub mod tls;
 /// Major version of the agent link protocol. Peers with another major are refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Minor version: additions only (new optional messages, new operations).
-pub const PROTOCOL_MINOR: u16 = 0;
+///
+/// - 1: `AgentMessage::Health` (full health reports); agents send it only to brokers
+///   that speak minor 1 or later.
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Milliseconds since the Unix epoch, the only clock unit on the wire.
 pub fn now_ms() -> i64 {

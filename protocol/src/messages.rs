@@ -98,7 +98,7 @@ pub struct AgentEvent {
     pub payload_json: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
     Hello(Hello),
     Enroll(EnrollRequest),
@@ -120,6 +120,9 @@ pub enum AgentMessage {
     Renew {
         csr_pem: String,
     },
+    /// The latest full health report (protocol minor 1): sent on connect, when a status
+    /// changes, and every `health.report_every_s`.
+    Health(crate::health::HealthReport),
 }
 
 /// Why the broker refuses a connection or a request. The connection closes after it.
