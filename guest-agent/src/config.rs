@@ -47,6 +47,9 @@ pub struct Config {
     /// The VM's firewall (absent: the agent leaves the firewall alone).
     #[serde(default)]
     pub firewall: Option<crate::firewall::FirewallConfig>,
+    /// The twelve health checks (on by default, every 10 s).
+    #[serde(default)]
+    pub health: crate::health::HealthSettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -208,6 +211,7 @@ impl Config {
         if let Some(db) = &self.database {
             db.validate().map_err(|(k, p)| invalid(k, p))?;
         }
+        self.health.validate().map_err(|(k, p)| invalid(k, p))?;
         if let Some(fw) = &self.firewall {
             fw.validate().map_err(|e| match e {
                 crate::firewall::FirewallError::Config { key, problem } => invalid(key, problem),

@@ -7,11 +7,13 @@ pub mod config;
 pub mod db;
 pub mod dispatch;
 pub mod firewall;
+pub mod health;
 pub mod identity;
 pub mod journal;
 pub mod link;
 pub mod ops;
 pub mod runtime;
+pub mod uplink;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,13 +30,30 @@ pub enum AgentError {
     Database(#[from] db::DbError),
 }
 
+/// What the agent runs besides the link: the operations, the database manager (its
+/// reconciler must be started) and the health monitor (its schedule and metrics
+/// endpoint must be started).
+pub struct Parts {
+    pub dispatcher: dispatch::Dispatcher,
+    pub db: Option<Arc<db::DbManager>>,
+    pub health: Option<Arc<health::Monitor>>,
+    pub uplink: Arc<uplink::Uplink>,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("operations", &self.dispatcher)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The operations this agent offers: `ping` and `facts` always; the `db.*` operations
-/// when the config has a `[database]` section (their manager is returned so the caller
-/// can start its reconciler).
-pub fn operations(
-    v: &config::Validated,
-) -> Result<(dispatch::Dispatcher, Option<Arc<db::DbManager>>), AgentError> {
+/// when the config has a `[database]` section; `firewall.*` with `[firewall]`; `health`
+/// unless `health.enabled` is false.
+pub fn operations(v: &config::Validated) -> Result<Parts, AgentError> {
     let mut d = dispatch::Dispatcher::standard();
+    let uplink = uplink::Uplink::new();
     let firewall = match &v.config.firewall {
         Some(cfg) => Some(Arc::new(firewall::Firewall::new(cfg.clone()).map_err(
             |e| {
@@ -60,7 +79,24 @@ pub fn operations(
     if let Some(f) = &firewall {
         ops::firewall::register(&mut d, f, manager.as_ref());
     }
-    Ok((d, manager))
+    let health = v.config.health.enabled.then(|| {
+        health::Monitor::new(
+            v.agent_id.to_string(),
+            v.config.health.clone(),
+            manager.clone(),
+            uplink.clone(),
+            v.config.state_dir.clone(),
+        )
+    });
+    if let Some(h) = &health {
+        d.register(ops::health::Health(h.clone()));
+    }
+    Ok(Parts {
+        dispatcher: d,
+        db: manager,
+        health,
+        uplink,
+    })
 }
 
 /// Builds an agent from validated configuration: opens its state, marks interrupted
@@ -68,6 +104,7 @@ pub fn operations(
 pub fn build(
     v: config::Validated,
     dispatcher: dispatch::Dispatcher,
+    uplink: Arc<uplink::Uplink>,
 ) -> Result<Arc<link::Agent>, AgentError> {
     let state = identity::StateDir::open(&v.config.state_dir)?;
     let sealing_key = state.sealing_key()?;
@@ -107,5 +144,6 @@ pub fn build(
             Duration::from_millis(v.config.link.initial_backoff_ms),
             Duration::from_millis(v.config.link.max_backoff_ms),
         ),
+        uplink,
     ))
 }

@@ -106,6 +106,8 @@ pub struct Agent {
     pub sealing_key: Arc<SealingKey>,
     pub journal: Arc<Mutex<Journal>>,
     pub backoff: (Duration, Duration),
+    /// Events and health reports waiting for the broker.
+    pub uplink: Arc<crate::uplink::Uplink>,
     /// Sender of the live connection, if any: results go through it.
     outbox: Mutex<Option<mpsc::Sender<AgentMessage>>>,
     progress_tx: mpsc::UnboundedSender<ProgressUpdate>,
@@ -147,6 +149,7 @@ impl Agent {
         sealing_key: SealingKey,
         journal: Journal,
         backoff: (Duration, Duration),
+        uplink: Arc<crate::uplink::Uplink>,
     ) -> Arc<Self> {
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
@@ -161,6 +164,7 @@ impl Agent {
             sealing_key: Arc::new(sealing_key),
             journal: Arc::new(Mutex::new(journal)),
             backoff,
+            uplink,
             outbox: Mutex::new(None),
             progress_tx,
             progress_rx: Mutex::new(Some(progress_rx)),
@@ -350,6 +354,13 @@ impl Agent {
             }
         });
         *lock(&self.outbox) = Some(out_tx.clone());
+        self.uplink.link_up(welcome.protocol_minor);
+        if let Some(report) = self.uplink.on_connect() {
+            let _ = out_tx.send(report).await;
+        }
+        for m in self.uplink.drain() {
+            let _ = out_tx.send(m).await;
+        }
 
         // Results the broker has not acknowledged yet (from before a restart or a cut).
         let journal = self.journal.clone();
@@ -386,6 +397,13 @@ impl Agent {
                     seq += 1;
                     if out_tx.send(AgentMessage::Heartbeat { seq }).await.is_err() {
                         break Err(LinkError::Closed);
+                    }
+                }
+                _ = self.uplink.notified() => {
+                    for m in self.uplink.drain() {
+                        if out_tx.send(m).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 _ = tokio::time::sleep(renew_in) => {
@@ -433,6 +451,7 @@ impl Agent {
             }
         };
         *lock(&self.outbox) = None;
+        self.uplink.link_down();
         reader.abort();
         drop(out_tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;

@@ -52,9 +52,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
-        let built = dbvm_agent::operations(&validated)
-            .and_then(|(ops, db)| Ok((dbvm_agent::build(validated, ops)?, db)));
-        let (agent, db) = match built {
+        let built = dbvm_agent::operations(&validated).and_then(|parts| {
+            let agent =
+                dbvm_agent::build(validated, parts.dispatcher.clone(), parts.uplink.clone())?;
+            Ok((agent, parts))
+        });
+        let (agent, parts) = match built {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
@@ -64,8 +67,15 @@ fn main() -> std::process::ExitCode {
         };
         notify_ready();
         let shutdown = CancellationToken::new();
-        if let Some(db) = db {
+        if let Some(db) = parts.db {
             db.spawn_reconciler(shutdown.clone());
+        }
+        if let Some(health) = parts.health {
+            health.spawn(shutdown.clone());
+            tokio::spawn(dbvm_agent::health::prometheus::serve(
+                health,
+                shutdown.clone(),
+            ));
         }
         let token = shutdown.clone();
         tokio::spawn(async move {

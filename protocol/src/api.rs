@@ -1,6 +1,7 @@
 //! JSON bodies of the broker's HTTPS API (see `broker/openapi.json`), shared by the broker
 //! and by control-plane clients such as `dbvmctl`.
 
+use crate::health::{CheckReport, HealthReport, HealthStatus, CHECKS};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -197,6 +198,181 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
+/// `GET /v1/agents/{id}/health`: the agent's latest [`HealthReport`] (its fields at the
+/// top level) and what the broker knows beside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    #[serde(flatten)]
+    pub report: HealthReport,
+    /// The worst status of the report's checks.
+    pub worst: HealthStatus,
+    /// When the broker received the report (broker clock; `at_ms` is the agent's).
+    pub received_at_ms: i64,
+    /// Whether the agent is connected now. A disconnected agent's report is its last one.
+    pub connected: bool,
+}
+
+impl AgentHealth {
+    pub fn new(report: HealthReport, received_at_ms: i64, connected: bool) -> Self {
+        Self {
+            worst: report.worst(),
+            report,
+            received_at_ms,
+            connected,
+        }
+    }
+}
+
+/// How many checks (or agents) are in each status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    pub ok: u32,
+    pub unknown: u32,
+    pub warning: u32,
+    pub critical: u32,
+}
+
+impl StatusCounts {
+    pub fn add(&mut self, status: HealthStatus) {
+        let n = match status {
+            HealthStatus::Ok => &mut self.ok,
+            HealthStatus::Unknown => &mut self.unknown,
+            HealthStatus::Warning => &mut self.warning,
+            HealthStatus::Critical => &mut self.critical,
+        };
+        *n = n.saturating_add(1);
+    }
+
+    pub fn get(&self, status: HealthStatus) -> u32 {
+        match status {
+            HealthStatus::Ok => self.ok,
+            HealthStatus::Unknown => self.unknown,
+            HealthStatus::Warning => self.warning,
+            HealthStatus::Critical => self.critical,
+        }
+    }
+
+    /// The statuses of a report's checks.
+    pub fn of(report: &HealthReport) -> Self {
+        let mut counts = Self::default();
+        for c in &report.checks {
+            counts.add(c.status);
+        }
+        counts
+    }
+}
+
+/// A check that is not `ok`, as the fleet summary lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthProblem {
+    pub check: String,
+    pub status: HealthStatus,
+    pub message: String,
+}
+
+/// One agent in `GET /v1/health`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentHealthSummary {
+    pub agent_id: String,
+    pub connected: bool,
+    pub last_seen_ms: Option<i64>,
+    /// `at_ms` of the latest report (agent clock); `None` when it never reported.
+    pub reported_at_ms: Option<i64>,
+    /// When the broker received that report (broker clock).
+    pub received_at_ms: Option<i64>,
+    /// `None` when the agent never reported health (to this broker since it started).
+    pub worst: Option<HealthStatus>,
+    /// Checks per status in the latest report (all zero when it never reported).
+    pub counts: StatusCounts,
+    /// The checks that are not `ok`, worst first, then in [`CHECKS`] order.
+    pub problems: Vec<HealthProblem>,
+}
+
+impl AgentHealthSummary {
+    /// The summary of an agent and its latest report with the time it was received.
+    pub fn new(
+        agent_id: &str,
+        connected: bool,
+        last_seen_ms: Option<i64>,
+        latest: Option<(&HealthReport, i64)>,
+    ) -> Self {
+        let mut summary = Self {
+            agent_id: agent_id.to_string(),
+            connected,
+            last_seen_ms,
+            reported_at_ms: None,
+            received_at_ms: None,
+            worst: None,
+            counts: StatusCounts::default(),
+            problems: Vec::new(),
+        };
+        if let Some((report, received_at_ms)) = latest {
+            summary.reported_at_ms = Some(report.at_ms);
+            summary.received_at_ms = Some(received_at_ms);
+            summary.worst = Some(report.worst());
+            summary.counts = StatusCounts::of(report);
+            let order = |id: &str| {
+                CHECKS
+                    .iter()
+                    .position(|(c, _)| *c == id)
+                    .unwrap_or(CHECKS.len())
+            };
+            let mut problems: Vec<&CheckReport> = report
+                .checks
+                .iter()
+                .filter(|c| c.status != HealthStatus::Ok)
+                .collect();
+            problems.sort_by(|a, b| {
+                b.status
+                    .cmp(&a.status)
+                    .then_with(|| order(&a.check).cmp(&order(&b.check)))
+                    .then_with(|| a.check.cmp(&b.check))
+            });
+            summary.problems = problems
+                .into_iter()
+                .map(|c| HealthProblem {
+                    check: c.check.clone(),
+                    status: c.status,
+                    message: c.message.clone(),
+                })
+                .collect();
+        }
+        summary
+    }
+}
+
+/// `GET /v1/health`: every agent the broker knows, connected or not, sorted by id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetHealth {
+    /// When the broker built this answer.
+    pub at_ms: i64,
+    /// Agents by the worst status of their latest report.
+    pub agents_by_worst: StatusCounts,
+    /// Agents that have not reported health.
+    pub not_reported: u32,
+    pub agents: Vec<AgentHealthSummary>,
+}
+
+impl FleetHealth {
+    pub fn new(at_ms: i64, mut agents: Vec<AgentHealthSummary>) -> Self {
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        let mut agents_by_worst = StatusCounts::default();
+        let mut not_reported = 0u32;
+        for a in &agents {
+            match a.worst {
+                Some(w) => agents_by_worst.add(w),
+                None => not_reported = not_reported.saturating_add(1),
+            }
+        }
+        Self {
+            at_ms,
+            agents_by_worst,
+            not_reported,
+            agents,
+        }
+    }
+}
+
 /// Every error response: `{"code": "...", "error": "..."}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
@@ -207,7 +383,69 @@ pub struct ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::OperationClass;
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn check(id: &str, status: HealthStatus) -> CheckReport {
+        CheckReport {
+            check: id.into(),
+            status,
+            message: format!("{id} is {status}"),
+            figures: BTreeMap::new(),
+            duration_ms: 1,
+            since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn summaries_count_statuses_and_list_problems_worst_first() {
+        let report = HealthReport {
+            agent_id: "db1".into(),
+            at_ms: 1_000,
+            interval_ms: 60_000,
+            duration_ms: 5,
+            checks: vec![
+                check("connectivity", HealthStatus::Ok),
+                check("telegraf", HealthStatus::Warning),
+                check("data_disk", HealthStatus::Unknown),
+                check("ntp_sync", HealthStatus::Critical),
+                check("cpu", HealthStatus::Warning),
+            ],
+        };
+        let s = AgentHealthSummary::new("db1", true, Some(2_000), Some((&report, 1_500)));
+        assert_eq!(s.worst, Some(HealthStatus::Critical));
+        assert_eq!(
+            (s.reported_at_ms, s.received_at_ms),
+            (Some(1_000), Some(1_500))
+        );
+        assert_eq!(
+            s.counts,
+            StatusCounts {
+                ok: 1,
+                unknown: 1,
+                warning: 2,
+                critical: 1
+            }
+        );
+        let order: Vec<&str> = s.problems.iter().map(|p| p.check.as_str()).collect();
+        assert_eq!(order, ["ntp_sync", "cpu", "telegraf", "data_disk"]);
+
+        let never = AgentHealthSummary::new("db0", false, None, None);
+        assert_eq!(never.worst, None);
+        assert!(never.problems.is_empty());
+        let fleet = FleetHealth::new(3_000, vec![s, never]);
+        assert_eq!(fleet.agents[0].agent_id, "db0");
+        assert_eq!(fleet.not_reported, 1);
+        assert_eq!(fleet.agents_by_worst.critical, 1);
+
+        // The report's fields sit at the top level of the agent's answer.
+        let json = serde_json::to_value(AgentHealth::new(report.clone(), 1_500, true)).unwrap();
+        assert_eq!(json["agent_id"], "db1");
+        assert_eq!(json["worst"], "critical");
+        assert_eq!(json["checks"][3]["status"], "critical");
+        let back: AgentHealth = serde_json::from_value(json).unwrap();
+        assert_eq!(back.report, report);
+    }
 
     #[test]
     fn operations_are_classed_by_their_bare_name() {

@@ -232,13 +232,16 @@ pub fn main_config(spec: &DatabaseSpec, p: &Paths) -> String {
 
 /// PostgreSQL's client authentication: the admin socket trusts only the `postgres` role
 /// (the socket directory is mode 0700, so only root and the database user reach it);
-/// everything over the network needs a SCRAM password, and TLS when TLS is on.
+/// everything over the network needs a SCRAM password, and TLS when TLS is on — except
+/// the agent's own health probe (`dbvm_monitor`), which may log in over loopback only
+/// without TLS (traffic that never leaves the VM).
 pub fn pg_hba(spec: &DatabaseSpec) -> String {
     let host = if spec.tls { "hostssl" } else { "host" };
     format!(
         "# Written by dbvm-agent: changes here are overwritten\n\
          local all postgres trust\n\
          local all all scram-sha-256\n\
+         host all dbvm_monitor 127.0.0.1/32 scram-sha-256\n\
          {host} all all 0.0.0.0/0 scram-sha-256\n\
          {host} all all ::/0 scram-sha-256\n"
     )

@@ -33,6 +33,14 @@ pub trait FirewallHook: Send + Sync + std::fmt::Debug {
 /// at an exact point cannot be produced reliably from outside, hence this switch.
 pub const FAULT_EXIT_AFTER_PHASE: &str = "DBVM_AGENT_FAULT_EXIT_AFTER_PHASE";
 
+/// See [`DbManager::health_view`].
+#[derive(Debug)]
+pub struct HealthView {
+    /// `Err(())`: a database operation is in progress.
+    pub state: Result<Option<DbState>, ()>,
+    pub container: Result<Option<crate::runtime::ContainerStatus>, String>,
+}
+
 #[derive(Debug)]
 pub struct DbManager {
     settings: DbSettings,
@@ -71,6 +79,29 @@ impl DbManager {
 
     pub fn settings(&self) -> &DbSettings {
         &self.settings
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// What the health checks need, without waiting behind a long operation: the state
+    /// (`Err` while an operation such as `db.create` holds it) and the server's
+    /// container as the engine sees it.
+    pub async fn health_view(&self) -> HealthView {
+        let state = match tokio::time::timeout(Duration::from_millis(300), self.state.lock()).await
+        {
+            Ok(g) => Ok(g.clone()),
+            Err(_) => Err(()),
+        };
+        let container = match self.try_runtime().await {
+            Ok(rt) => rt
+                .inspect(&self.settings.container_name)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        HealthView { state, container }
     }
 
     /// The spec of the database on this VM, if one was created (or is being created).

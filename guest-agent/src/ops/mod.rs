@@ -3,4 +3,5 @@
 pub mod database;
 pub mod facts;
 pub mod firewall;
+pub mod health;
 pub mod ping;

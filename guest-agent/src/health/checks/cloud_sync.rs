@@ -1,0 +1,79 @@
+//! Check 10, Database bin log cloud sync: how far the newest log safely stored off the VM is
+//! behind. Backups and log upload to S3 come in a later release; until then this reports
+//! what the database's own archiver says, and `unknown` where nothing is configured —
+//! never a made-up `ok`.
+
+use crate::health::db::LogFacts;
+use crate::health::{duration, grade, Check, Finding, Run};
+use async_trait::async_trait;
+use dbvm_protocol::health::HealthStatus;
+
+pub struct CloudSync;
+
+#[async_trait]
+impl Check for CloudSync {
+    fn id(&self) -> &'static str {
+        "binlog_cloud_sync"
+    }
+
+    async fn run(&self, run: &Run) -> Finding {
+        let db = run.db().await;
+        if let Err(a) = &db.state {
+            return Finding::unknown(a.message());
+        }
+        let facts = match &db.server {
+            None => return Finding::unknown("the database is not running; see db_service"),
+            Some(Err(e)) => return Finding::unknown(format!("the database did not answer: {e}")),
+            Some(Ok(f)) => f,
+        };
+        let t = &run.settings().thresholds;
+        match &facts.log {
+            LogFacts::Mysql(_) => Finding::unknown(
+                "no binary log upload to object storage is configured on this VM (it comes with backups): the newest log off the VM is unknown",
+            ),
+            LogFacts::Postgres(p) if !p.archiving() => Finding::unknown(
+                "no WAL archiving is configured (archive_mode off or no archive_command): nothing is stored off the VM, so how far behind it is cannot be known",
+            ),
+            LogFacts::Postgres(p) => {
+                // Behind = the age of the newest archived segment while segments wait;
+                // nothing waiting means the archive is current.
+                let behind = if p.ready > 0.0 || p.failing() {
+                    p.last_archived_age_s.unwrap_or(f64::INFINITY)
+                } else {
+                    0.0
+                };
+                let mut status = grade(
+                    behind,
+                    t.archive_warning_s as f64,
+                    t.archive_critical_s as f64,
+                );
+                if p.failing() {
+                    status = status.max(HealthStatus::Warning);
+                }
+                let msg = if behind == 0.0 {
+                    format!(
+                        "the archive is current: every finished WAL segment was handed to archive_command (the newest {} ago)",
+                        p.last_archived_age_s.map_or("never".into(), duration)
+                    )
+                } else if behind.is_infinite() {
+                    format!(
+                        "nothing was ever archived and {:.0} segments wait: the archive is missing everything since the database started",
+                        p.ready
+                    )
+                } else {
+                    format!(
+                        "the archive is {} behind: {:.0} segments wait{}",
+                        duration(behind),
+                        p.ready,
+                        if p.failing() { " and archive_command is failing (see binlog)" } else { "" }
+                    )
+                };
+                Finding::new(status, format!("{msg} (as PostgreSQL's archiver reports it)")).figures([
+                    ("behind_s", behind),
+                    ("ready_segments", p.ready),
+                    ("last_archived_age_s", p.last_archived_age_s.unwrap_or(f64::NAN)),
+                ])
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Check 1, Connectivity: the database accepts an authenticated connection on its client port
+//! and answers a query, and the agent's link to the broker is up.
+//!
+//! The login uses `dbvm_monitor`, a role the agent creates for itself (over the admin
+//! socket) with a generated password kept in `state_dir/db/monitor.secret` (0600, never
+//! logged). It connects to 127.0.0.1 on the client port like any client would, so it
+//! proves the listener, authentication and query path, not just that a process exists.
+//! On PostgreSQL the role may log in over loopback without TLS (see `engine::pg_hba`);
+//! on MySQL with TLS on, the probe uses TLS and trusts exactly this VM's certificate.
+
+use crate::db::engine::{Admin, Paths};
+use crate::db::params::Flavour;
+use crate::db::DatabaseSpec;
+use crate::health::db::Absent;
+use crate::health::{Check, Finding, Run, Shared};
+use async_trait::async_trait;
+use dbvm_protocol::health::HealthStatus;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub const MONITOR_ROLE: &str = "dbvm_monitor";
+
+pub struct Connectivity;
+
+fn link(run: &Run) -> (bool, String) {
+    let (up, since) = run.shared.uplink.connected();
+    let ago = if since > 0 {
+        format!(
+            " for {}",
+            crate::health::duration((run.at_ms - since) as f64 / 1000.0)
+        )
+    } else {
+        String::new()
+    };
+    if up {
+        (true, format!("linked to the broker{ago}"))
+    } else {
+        (
+            false,
+            format!("NOT linked to the broker{ago}: results and events wait until it is back (see the agent log)"),
+        )
+    }
+}
+
+#[async_trait]
+impl Check for Connectivity {
+    fn id(&self) -> &'static str {
+        "connectivity"
+    }
+
+    async fn run(&self, run: &Run) -> Finding {
+        let (up, link_msg) = link(run);
+        let link_status = if up {
+            HealthStatus::Ok
+        } else {
+            HealthStatus::Warning
+        };
+        let db = run.db().await;
+        let st = match &db.state {
+            Err(Absent::NotManaged) => {
+                return Finding::new(link_status, format!("{link_msg}; no database here"))
+                    .figure("broker_link_up", f64::from(u8::from(up)))
+            }
+            Err(a) => {
+                return Finding::unknown(format!("{}; {link_msg}", a.message()))
+                    .figure("broker_link_up", f64::from(u8::from(up)))
+            }
+            Ok(st) => st,
+        };
+        let port = st.spec.port();
+        if !db.running() {
+            let why = if st.want_running {
+                "is not running (the agent restarts it; see db_service)"
+            } else {
+                "is stopped (on request: db.stop); start it with db.start"
+            };
+            return Finding::new(
+                HealthStatus::Critical,
+                format!(
+                    "the database server {why}: clients cannot connect to port {port}; {link_msg}"
+                ),
+            )
+            .figure("db_accepting", 0.0)
+            .figure("broker_link_up", f64::from(u8::from(up)));
+        }
+        let shared = run.shared.clone();
+        let paths = match &shared.db {
+            Some(m) => m.paths().clone(),
+            None => return Finding::unknown("no database"),
+        };
+        match probe(&shared, &st.spec, &paths).await {
+            Ok(took) => Finding::new(
+                link_status,
+                format!(
+                    "the database accepts an authenticated connection on 127.0.0.1:{port} and answers in {:.1} ms; {link_msg}",
+                    took * 1000.0
+                ),
+            )
+            .figure("db_accepting", 1.0)
+            .figure("login_query_ms", took * 1000.0)
+            .figure("broker_link_up", f64::from(u8::from(up))),
+            Err(e) => Finding::new(
+                HealthStatus::Critical,
+                format!("the database does not accept an authenticated connection on 127.0.0.1:{port}: {e}; {link_msg}"),
+            )
+            .figure("db_accepting", 0.0)
+            .figure("broker_link_up", f64::from(u8::from(up))),
+        }
+    }
+}
+
+fn secret_path(shared: &Shared) -> PathBuf {
+    shared.state_dir.join("db").join("monitor.secret")
+}
+
+/// Logs in as the monitor role and runs `SELECT 1`; returns how long it took (s). A
+/// missing or refused password is (re)made once over the admin socket.
+async fn probe(shared: &Shared, spec: &DatabaseSpec, paths: &Paths) -> Result<f64, String> {
+    let path = secret_path(shared);
+    let mut secret = std::fs::read_to_string(&path)
+        .ok()
+        .map(|s| s.trim().to_string());
+    if secret.as_deref().is_none_or(str::is_empty) {
+        secret = Some(ensure_role(shared, spec, paths, &path).await?);
+    }
+    let pw = secret.unwrap_or_default();
+    match login(spec, paths, &pw).await {
+        Ok(t) => Ok(t),
+        Err(Login::Auth(e)) => {
+            tracing::info!(error = %e, "the monitor role was refused; setting it up again");
+            let pw = ensure_role(shared, spec, paths, &path).await?;
+            login(spec, paths, &pw).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[derive(Debug)]
+enum Login {
+    Auth(String),
+    Other(String),
+}
+
+impl std::fmt::Display for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Login::Auth(e) | Login::Other(e) => f.write_str(e),
+        }
+    }
+}
+
+async fn login(spec: &DatabaseSpec, paths: &Paths, password: &str) -> Result<f64, Login> {
+    let t = Instant::now();
+    match spec.engine {
+        Flavour::Postgres => {
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host("127.0.0.1")
+                .port(spec.port())
+                .user(MONITOR_ROLE)
+                .password(password)
+                .dbname("postgres")
+                .application_name("dbvm-agent-health")
+                .connect_timeout(Duration::from_secs(3));
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| {
+                let auth = e.code().is_some_and(|c| {
+                    *c == tokio_postgres::error::SqlState::INVALID_PASSWORD
+                        || *c
+                            == tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                });
+                let text = pg_error(&e);
+                if auth {
+                    Login::Auth(text)
+                } else {
+                    Login::Other(text)
+                }
+            })?;
+            let task = tokio::spawn(conn);
+            let r = client.query_one("SELECT 1", &[]).await;
+            drop(client);
+            let _ = task.await;
+            r.map_err(|e| Login::Other(pg_error(&e)))?;
+        }
+        Flavour::Mariadb | Flavour::Mysql8 => {
+            use mysql_async::prelude::Queryable;
+            let mut opts = mysql_async::OptsBuilder::default()
+                .ip_or_hostname("127.0.0.1")
+                .tcp_port(spec.port())
+                .user(Some(MONITOR_ROLE))
+                .pass(Some(password))
+                .prefer_socket(false);
+            if spec.tls {
+                opts = opts.ssl_opts(Some(
+                    mysql_async::SslOpts::default()
+                        .with_root_certs(vec![paths.tls_cert().into()])
+                        .with_disable_built_in_roots(true)
+                        .with_danger_skip_domain_validation(true),
+                ));
+            }
+            let mut conn = mysql_async::Conn::new(opts).await.map_err(|e| {
+                let text = e.to_string();
+                match &e {
+                    mysql_async::Error::Server(s) if s.code == 1045 => Login::Auth(text),
+                    _ => Login::Other(text),
+                }
+            })?;
+            let r: Result<Option<i64>, _> = conn.query_first("SELECT 1").await;
+            let _ = conn.disconnect().await;
+            r.map_err(|e| Login::Other(e.to_string()))?;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// tokio-postgres' Display of a server error is only "db error"; the server's message is
+/// what a person needs.
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Creates the monitor role (or resets its password) over the admin socket and stores
+/// the new password. Needs a writable primary.
+async fn ensure_role(
+    shared: &Shared,
+    spec: &DatabaseSpec,
+    paths: &Paths,
+    path: &std::path::Path,
+) -> Result<String, String> {
+    let pw = crate::db::engine::generate_password();
+    let pw = pw.expose().to_string();
+    let mut slot = shared.admin.lock().await;
+    let mut admin = match slot.take() {
+        Some(a) => a,
+        None => Admin::connect(spec, paths)
+            .await
+            .map_err(|e| format!("cannot set up the monitor role: {e}"))?,
+    };
+    // The password is alphanumeric (generate_password), safe inside a literal; these
+    // statements are never logged.
+    let result = match &mut admin {
+        Admin::Postgres(c, _) => c
+            .batch_execute(&format!(
+                "DO $$ BEGIN
+                   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{MONITOR_ROLE}') THEN
+                     CREATE ROLE {MONITOR_ROLE} LOGIN;
+                   END IF;
+                 END $$;
+                 ALTER ROLE {MONITOR_ROLE} WITH LOGIN PASSWORD '{pw}' CONNECTION LIMIT 3;
+                 GRANT pg_monitor TO {MONITOR_ROLE};"
+            ))
+            .await
+            .map_err(|e| pg_error(&e)),
+        Admin::Mysql(c) => {
+            use mysql_async::prelude::Queryable;
+            c.query_drop(format!(
+                "CREATE USER IF NOT EXISTS '{MONITOR_ROLE}'@'127.0.0.1' IDENTIFIED BY '{pw}' WITH MAX_USER_CONNECTIONS 3"
+            ))
+            .await
+            .and(
+                c.query_drop(format!(
+                    "ALTER USER '{MONITOR_ROLE}'@'127.0.0.1' IDENTIFIED BY '{pw}'"
+                ))
+                .await,
+            )
+            .map_err(|e| e.to_string())
+        }
+    };
+    match result {
+        Ok(()) => *slot = Some(admin),
+        Err(e) => return Err(format!("cannot set up the monitor role: {e}")),
+    }
+    drop(slot);
+    write_secret(path, &pw).map_err(|e| {
+        format!(
+            "cannot store the monitor password in {}: {e}",
+            path.display()
+        )
+    })?;
+    Ok(pw)
+}
+
+fn write_secret(path: &std::path::Path, pw: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(pw.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
