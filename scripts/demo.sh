@@ -60,6 +60,8 @@ token=$(run "$bin/dbvmctl" enroll-token db-demo --ttl 600)
 echo "${token:0:20}… (shown once; the broker keeps only its hash)"
 printf '%s' "$token" > "$demo/enroll.token"
 
+# A free port for the agent's Prometheus endpoint (the default 9273 may be taken here).
+metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 say "starting dbvm-agent: it makes its own key, enrolls, then dials the broker over mTLS"
 {
   echo 'agent_id = "db-demo"'
@@ -68,6 +70,9 @@ say "starting dbvm-agent: it makes its own key, enrolls, then dials the broker o
   echo "address = \"localhost:${agent_addr##*:}\""
   echo "ca_cert = \"$DBVM_HOME/ca.crt\""
   echo "enrollment_token_file = \"$demo/enroll.token\""
+  echo '[health]'
+  echo 'interval_s = 5'
+  echo "metrics_listen = \"127.0.0.1:$metrics_port\""
   sed -n '/\[\[trusted_keys\]\]/,$p' "$demo/keygen.out"
 } > "$demo/agent.toml"
 "$agent_bin" --config "$demo/agent.toml" 2> "$demo/agent.log" &
@@ -155,5 +160,38 @@ run psql -h 127.0.0.1 -p "$port" -U dbaas -d app -Atc \
 say "status: container, server, firewall (the live nftables table matches the wanted one)"
 run "$bin/dbvmctl" send db-demo db.status
 run ip netns exec "$netns" nft list table inet dbvm
+
+# ---- health -----------------------------------------------------------------------
+say "health: the twelve checks, as the agent ran them just now (dbvmctl health --fresh)"
+run "$bin/dbvmctl" health db-demo --fresh
+
+say "stop the database: the change reaches dbvmctl events within one check interval (5 s here)"
+"$bin/dbvmctl" events --agent db-demo > "$demo/events.out" 2>&1 &
+events_pid=$!
+pids+=("$events_pid")
+sleep 1
+run "$bin/dbvmctl" send db-demo db.stop
+t0=$(date +%s%N)
+seen=""
+for _ in $(seq 120); do
+  if grep -q "connectivity.*critical" "$demo/events.out" 2>/dev/null; then
+    seen=$(( ($(date +%s%N) - t0) / 1000000 )); break
+  fi
+  sleep 0.05
+done
+grep "health" "$demo/events.out" | grep -m3 "critical" || true
+if [ -n "$seen" ]; then
+  echo "connectivity → critical reached dbvmctl events ${seen} ms after db.stop returned (interval 5 s)"
+else
+  echo "no health.changed event within 6 s: see $demo/events.out and $demo/agent.log"; exit 1
+fi
+run "$bin/dbvmctl" health db-demo
+run "$bin/dbvmctl" send db-demo db.start
+sleep 6
+kill "$events_pid" 2>/dev/null || true
+run "$bin/dbvmctl" fleet
+
+say "the agent's Prometheus endpoint (what Telegraf or Prometheus scrapes)"
+curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^dbvm_agent_(health_status|db_|link_up|process_resident)' | head -20
 
 say "demo complete; logs and config are in $demo (broker.log, agent.log)"
