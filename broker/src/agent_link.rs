@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::store::{AgentRecord, CommandRecord, Finish};
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
 use dbvm_protocol::frame::{self, FrameError};
+use dbvm_protocol::health::HealthReport;
 use dbvm_protocol::messages::{
     peek_hello_version, AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode,
     Welcome,
@@ -275,6 +276,8 @@ struct Session {
     cert_not_after_ms: Option<i64>,
     record: AgentRecord,
     generation: u64,
+    /// Refused health reports so far: only the first few are logged above debug.
+    health_refusals: u32,
 }
 
 async fn session(
@@ -339,6 +342,7 @@ async fn session(
         cert_not_after_ms: cert_not_after,
         record,
         generation,
+        health_refusals: 0,
     };
     let mut result = match hub.store.unfinished_for_agent(agent.as_str()).await {
         Ok(recs) => {
@@ -528,7 +532,10 @@ impl Session {
                     });
                 Ok(())
             }
-            AgentMessage::Health(_report) => Ok(()),
+            AgentMessage::Health(report) => {
+                self.health(report);
+                Ok(())
+            }
             AgentMessage::Renew { csr_pem } => {
                 let reply = enroll::renew(&self.hub, &self.agent, &csr_pem);
                 if let BrokerMessage::Renewed { cert_pem } = &reply {
@@ -557,6 +564,39 @@ impl Session {
                     "protocol violation: {} after the session started",
                     kind(&other)
                 ))
+            }
+        }
+    }
+
+    /// Keeps a health report as the agent's latest, unless it is refused (another
+    /// agent's id, too many checks, bad check ids): a refused report is counted and
+    /// logged, and the link stays up, since commands should not suffer from a faulty
+    /// health check.
+    fn health(&mut self, report: HealthReport) {
+        let metrics = &self.hub.metrics;
+        match crate::health::sanitize(report, self.agent.as_str()) {
+            Ok(report) => {
+                let worst = report.worst();
+                let checks = report.checks.len();
+                let before = self
+                    .hub
+                    .health
+                    .store(report, dbvm_protocol::now_ms(), metrics);
+                Metrics::count(&metrics.health_reports, "result", "stored");
+                if before != Some(worst) {
+                    tracing::info!(%worst, before = ?before.map(|b| b.as_str()), checks, "agent health changed");
+                } else {
+                    tracing::debug!(%worst, checks, "health report");
+                }
+            }
+            Err(e) => {
+                Metrics::count(&metrics.health_reports, "result", e.reason());
+                self.health_refusals = self.health_refusals.saturating_add(1);
+                if self.health_refusals <= 3 {
+                    tracing::warn!(error = %e, "health report refused");
+                } else {
+                    tracing::debug!(error = %e, "health report refused");
+                }
             }
         }
     }

@@ -45,6 +45,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/commands/{id}/wait"),
     ("get", "/v1/agents"),
     ("get", "/v1/agents/{id}"),
+    ("get", "/v1/agents/{id}/health"),
+    ("get", "/v1/health"),
     ("post", "/v1/enrollment-tokens"),
     ("get", "/v1/events"),
 ];
@@ -148,6 +150,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/commands/{id}/wait", get(wait))
         .route("/v1/agents", get(agents))
         .route("/v1/agents/{id}", get(agent))
+        .route("/v1/agents/{id}/health", get(agent_health))
+        .route("/v1/health", get(fleet_health))
         .route("/v1/enrollment-tokens", post(enrollment_token))
         .route("/v1/events", get(events))
         .layer(axum::middleware::from_fn(auth));
@@ -347,6 +351,38 @@ async fn agent(
                 "agent {id} has never connected and has no commands"
             ))
         })
+}
+
+/// The agent's latest health report. Two different 404s: an agent the broker has never
+/// heard of, and a known agent that has not reported (yet, or ever: an agent older than
+/// protocol 1.1 has no health reports).
+async fn agent_health(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    AgentId::new(id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    let connected = hub.is_connected(&id);
+    if let Some(health) = hub.health.agent_health(&id, connected) {
+        return Ok(Json(health));
+    }
+    let Some(agent) = hub.agent_views().await?.into_iter().find(|a| a.id == id) else {
+        return Err(ApiFailure::not_found(format!(
+            "agent {id} is not known to this broker: it has never connected and has no commands"
+        )));
+    };
+    let mut error = format!("agent {id} has not reported health yet");
+    if agent.protocol.as_deref() == Some("1.0") {
+        error.push_str(
+            ": it speaks agent protocol 1.0, which has no health reports; upgrade the agent",
+        );
+    } else if !agent.connected {
+        error.push_str(": it is not connected, and sends a report when it connects");
+    }
+    Err(ApiFailure::not_found(error))
+}
+
+async fn fleet_health(State(hub): State<Arc<Hub>>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(hub.fleet_health().await?))
 }
 
 async fn enrollment_token(
@@ -589,5 +625,101 @@ mod tests {
             signed_command: "!!!".into(),
         };
         assert!(validate_submission(&junk, now).is_err());
+    }
+
+    #[tokio::test]
+    async fn health_routes_serve_the_latest_report_and_tell_unknown_from_silent_agents() {
+        use dbvm_protocol::api::{AgentHealth, FleetHealth};
+        use dbvm_protocol::health::{CheckReport, HealthReport, HealthStatus};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).expect("store"));
+        let ca = FleetCa::generate("t", Duration::from_secs(600)).expect("ca");
+        let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
+            .await
+            .expect("hub");
+        for id in ["db1", "db2"] {
+            hub.store
+                .upsert_agent(crate::store::AgentRecord {
+                    id: id.into(),
+                    protocol: Some("1.1".into()),
+                    ..Default::default()
+                })
+                .await
+                .expect("agent");
+        }
+        let report = HealthReport {
+            agent_id: "db1".into(),
+            at_ms: 5,
+            interval_ms: 60_000,
+            duration_ms: 7,
+            checks: vec![CheckReport {
+                check: "ntp_sync".into(),
+                status: HealthStatus::Critical,
+                message: "clock 3 s off".into(),
+                figures: Default::default(),
+                duration_ms: 1,
+                since_ms: 1,
+            }],
+        };
+        hub.health.store(report.clone(), 9, &hub.metrics);
+        let app = router(hub);
+        let get = |path: &str| {
+            let mut req = axum::http::Request::builder()
+                .uri(path)
+                .body(Body::empty())
+                .expect("request");
+            req.extensions_mut()
+                .insert(Peer::Identity(Identity::ControlPlane("ops".into())));
+            let app = app.clone();
+            async move {
+                let resp = app.oneshot(req).await.expect("response");
+                let status = resp.status();
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .expect("body");
+                (
+                    status,
+                    serde_json::from_slice::<serde_json::Value>(&bytes).expect("json"),
+                )
+            }
+        };
+        let (status, body) = get("/v1/agents/db1/health").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let health: AgentHealth = serde_json::from_value(body).expect("AgentHealth");
+        assert_eq!(health.report, report);
+        assert_eq!((health.received_at_ms, health.connected), (9, false));
+        assert_eq!(health.worst, HealthStatus::Critical);
+
+        let (status, body) = get("/v1/agents/db2/health").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["code"], "not_found");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("agent db2 has not reported health yet"),
+            "{body}"
+        );
+        let (status, body) = get("/v1/agents/db3/health").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not known"),
+            "{body}"
+        );
+        let (status, body) = get("/v1/agents/Bad%20Id/health").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+        let (status, body) = get("/v1/health").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let fleet: FleetHealth = serde_json::from_value(body).expect("FleetHealth");
+        let ids: Vec<&str> = fleet.agents.iter().map(|a| a.agent_id.as_str()).collect();
+        assert_eq!(ids, ["db1", "db2"]);
+        assert_eq!(fleet.agents[0].worst, Some(HealthStatus::Critical));
+        assert_eq!(fleet.agents[0].problems[0].check, "ntp_sync");
+        assert_eq!(fleet.agents[1].worst, None);
+        assert_eq!((fleet.agents_by_worst.critical, fleet.not_reported), (1, 1));
     }
 }

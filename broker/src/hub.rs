@@ -3,9 +3,12 @@
 //! through the [`Hub`].
 
 use crate::config::{AgentSettings, Limits};
+use crate::health::HealthBook;
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, CommandRecord, Finish, Store, StoreError};
-use dbvm_protocol::api::{AgentView, CommandError, CommandState, Event, OperationClass};
+use dbvm_protocol::api::{
+    AgentHealthSummary, AgentView, CommandError, CommandState, Event, FleetHealth, OperationClass,
+};
 use dbvm_protocol::pki::FleetCa;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -124,6 +127,8 @@ pub struct Hub {
     pub limits: Limits,
     pub admission: Admission,
     pub metrics: Metrics,
+    /// The latest health report of each agent (memory only; see [`crate::health`]).
+    pub health: HealthBook,
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     generation: AtomicU64,
     events: broadcast::Sender<Event>,
@@ -157,6 +162,7 @@ impl Hub {
             limits,
             admission,
             metrics: Metrics::new(),
+            health: HealthBook::new(),
             agents: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             events,
@@ -505,6 +511,39 @@ impl Hub {
         }
         views.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(views)
+    }
+}
+
+impl Hub {
+    /// `GET /v1/health`: every agent the broker knows (as `GET /v1/agents` lists them,
+    /// connected or not) with the summary of its latest health report.
+    pub async fn fleet_health(&self) -> Result<FleetHealth, StoreError> {
+        let views = self.agent_views().await?;
+        let mut reports = self.health.snapshot();
+        let mut agents: Vec<AgentHealthSummary> = views
+            .iter()
+            .map(|v| {
+                let latest = reports.remove(&v.id);
+                AgentHealthSummary::new(
+                    &v.id,
+                    v.connected,
+                    v.last_seen_ms,
+                    latest.as_ref().map(|(r, at)| (r.as_ref(), *at)),
+                )
+            })
+            .collect();
+        // A report is only stored from a connected agent, which the store knows; this is
+        // for the case where its record could not be read back.
+        for (id, (r, at)) in reports {
+            let connected = self.is_connected(&id);
+            agents.push(AgentHealthSummary::new(
+                &id,
+                connected,
+                None,
+                Some((&r, at)),
+            ));
+        }
+        Ok(FleetHealth::new(dbvm_protocol::now_ms(), agents))
     }
 }
 

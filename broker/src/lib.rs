@@ -10,6 +10,7 @@ pub mod agent_link;
 pub mod api;
 pub mod config;
 pub mod enroll;
+pub mod health;
 pub mod hub;
 pub mod metrics;
 pub mod store;

@@ -17,6 +17,12 @@ pub struct Metrics {
     pub submissions_refused: Family<Labels, Counter>,
     pub enrollments: Family<Labels, Counter>,
     pub renewals: Family<Labels, Counter>,
+    /// Agents by the worst status of their latest health report (see `health`).
+    pub agents_by_health: Family<Labels, Gauge>,
+    /// Agents per check and status in their latest health report.
+    pub health_checks: Family<Labels, Gauge>,
+    /// Health reports received, by result (`stored`, or why they were refused).
+    pub health_reports: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +82,30 @@ impl Metrics {
             "Certificate renewals, by result",
             renewals.clone(),
         );
+        let agents_by_health = Family::<Labels, Gauge>::default();
+        registry.register(
+            "agents_by_health",
+            "Agents by the worst status of their latest health report (kept until the broker restarts, also while disconnected)",
+            agents_by_health.clone(),
+        );
+        // Present from the start, so an alert on status="critical" sees 0, not nothing.
+        for status in dbvm_protocol::health::HealthStatus::ALL {
+            agents_by_health
+                .get_or_create(&vec![("status", status.as_str().to_string())])
+                .set(0);
+        }
+        let health_checks = Family::<Labels, Gauge>::default();
+        registry.register(
+            "health_checks",
+            "Agents per health check and status in their latest report (unknown check ids as check=\"other\")",
+            health_checks.clone(),
+        );
+        let health_reports = Family::<Labels, Counter>::default();
+        registry.register(
+            "health_reports",
+            "Health reports received from agents, by result (stored, or the reason they were refused)",
+            health_reports.clone(),
+        );
         Self {
             registry,
             agents_connected,
@@ -85,6 +115,9 @@ impl Metrics {
             submissions_refused,
             enrollments,
             renewals,
+            agents_by_health,
+            health_checks,
+            health_reports,
         }
     }
 

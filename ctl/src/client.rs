@@ -7,7 +7,8 @@
 
 use crate::sse::{SseError, SseParser};
 use dbvm_protocol::api::{
-    AgentView, ApiError, CommandView, EnrollmentToken, EnrollmentTokenRequest, Event, SubmitCommand,
+    AgentHealth, AgentView, ApiError, CommandView, EnrollmentToken, EnrollmentTokenRequest, Event,
+    FleetHealth, SubmitCommand,
 };
 use dbvm_protocol::command::SignedCommand;
 use futures::{Stream, StreamExt};
@@ -299,6 +300,20 @@ impl Client {
     /// `GET /v1/agents/{id}`.
     pub async fn agent(&self, id: &str) -> Result<AgentView, ClientError> {
         let url = self.url(&["v1", "agents", id]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `GET /v1/agents/{id}/health`: the agent's latest health report as the broker keeps
+    /// it. A 404 means an unknown agent or one that has not reported (the message says
+    /// which); [`crate::health::fresh`] runs the checks now instead.
+    pub async fn health(&self, agent: &str) -> Result<AgentHealth, ClientError> {
+        let url = self.url(&["v1", "agents", agent, "health"]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `GET /v1/health`: every agent the broker knows with a summary of its health.
+    pub async fn fleet_health(&self) -> Result<FleetHealth, ClientError> {
+        let url = self.url(&["v1", "health"]);
         self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
     }
 

@@ -3,7 +3,9 @@
 //! - [`Home`]: the directory holding the fleet CA, certificates and the control plane's
 //!   keys, and [`keys`] to create them;
 //! - [`sign_command`] and [`parse_args`]: build and sign a command;
-//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, enrollment tokens, events);
+//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, health, enrollment tokens,
+//!   events);
+//! - [`health`]: an agent's health report, stored by the broker or run fresh;
 //! - [`reveal()`] and [`redact`]: sealed values in results;
 //! - [`output`]: the human renderings `dbvmctl` prints.
 //!
@@ -11,6 +13,7 @@
 
 pub mod args;
 pub mod client;
+pub mod health;
 pub mod home;
 pub mod keys;
 pub mod output;

@@ -10,6 +10,7 @@ use dbvm_protocol::api::{CommandState, CommandView};
 use dbvm_protocol::seal::{self, SealingKey};
 use dbvm_protocol::AgentId;
 use dbvmctl::client::DEFAULT_BROKER_URL;
+use dbvmctl::health::HealthError;
 use dbvmctl::{output, CaInitOptions, Client, ClientError, Home};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,8 +23,10 @@ use uuid::Uuid;
 
 const AFTER_HELP: &str = "\
 Exit codes:
-  0  success (send, status: the command succeeded)
+  0  success (send, status: the command succeeded; health, fleet: the report was read,
+     whatever its statuses)
   1  the command failed, was rejected, interrupted or expired, or did not finish in time
+     (also the `health` command of health --fresh)
   2  usage or local configuration error (flags, home directory, keys, certificates)
   3  broker, API or connection error";
 
@@ -98,6 +101,36 @@ enum Command {
         wait: u64,
         #[command(flatten)]
         show: ShowArgs,
+    },
+    /// Show an agent's latest health report: one row per check
+    ///
+    /// Reads the report the broker keeps (the agent sends one when it connects, when a
+    /// status changes and about every minute); --fresh runs the checks now instead.
+    /// Statuses are coloured when stdout is a terminal and NO_COLOR is not set.
+    /// Exit code 0 whenever a report was read, whatever its statuses.
+    Health {
+        agent: AgentId,
+        /// Print the report as JSON (the broker's `GET /v1/agents/{id}/health` answer)
+        #[arg(long)]
+        json: bool,
+        /// Run the checks now: send the agent a signed `health` command and wait for it
+        #[arg(long)]
+        fresh: bool,
+        /// Also show since when each check is in its status, and its figures (also
+        /// with --verbose)
+        #[arg(short, long)]
+        wide: bool,
+        /// With --fresh: how long to wait for the agent's answer, in seconds
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Show the health of every agent the broker knows: worst status and problems
+    ///
+    /// Exit code 0 whenever the summary was read, whatever it says.
+    Fleet {
+        /// Print the summary as JSON (the broker's `GET /v1/health` answer)
+        #[arg(long)]
+        json: bool,
     },
     /// Follow the broker's events, one line each
     Events {
@@ -191,6 +224,17 @@ fn exit_code_of(err: &anyhow::Error) -> Exit {
         if cause.is::<AgentNotReady>() || cause.is::<StreamClosed>() {
             return Exit::Broker;
         }
+        if let Some(e) = cause.downcast_ref::<HealthError>() {
+            return match e {
+                HealthError::Client(c) if c.is_local() => Exit::Usage,
+                HealthError::Client(_) | HealthError::NotConnected(_) => Exit::Broker,
+                HealthError::Sign(_) => Exit::Usage,
+                HealthError::Unsupported { .. }
+                | HealthError::NotFinished { .. }
+                | HealthError::Failed { .. }
+                | HealthError::BadOutput { .. } => Exit::CommandFailed,
+            };
+        }
     }
     Exit::Usage
 }
@@ -267,6 +311,25 @@ async fn run(cli: Cli) -> Result<Exit> {
             wait,
             show,
         } => status(&ctx, command_id, wait, &show).await,
+        Command::Health {
+            agent,
+            json,
+            fresh,
+            wide,
+            timeout,
+        } => {
+            let wide = wide || ctx.verbose;
+            health(
+                &ctx,
+                &agent,
+                json,
+                fresh,
+                wide,
+                Duration::from_secs(timeout),
+            )
+            .await
+        }
+        Command::Fleet { json } => fleet(&ctx, json).await,
         Command::Events { agent, json } => events(&ctx, agent.as_ref(), json).await,
     }
 }
@@ -346,6 +409,80 @@ async fn agents(ctx: &Ctx, json: bool) -> Result<Exit> {
         out_json(&agents)?;
     } else {
         out(&output::agents_table(&agents, dbvm_protocol::now_ms()))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// Colour for stdout: on a terminal, unless NO_COLOR or TERM=dumb says otherwise.
+fn stdout_style() -> output::Style {
+    let no_color = std::env::var("NO_COLOR").ok();
+    let term = std::env::var("TERM").ok();
+    output::Style::detect(
+        std::io::stdout().is_terminal(),
+        no_color.as_deref(),
+        term.as_deref(),
+    )
+}
+
+async fn health(
+    ctx: &Ctx,
+    agent: &AgentId,
+    json: bool,
+    fresh: bool,
+    wide: bool,
+    timeout: Duration,
+) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let report = if fresh {
+        let signer = home.signer()?;
+        if ctx.verbose {
+            eprintln!(
+                "running the checks of agent {agent} now (up to {} s)",
+                timeout.as_secs()
+            );
+        }
+        tokio::select! {
+            r = dbvmctl::health::fresh(&client, &signer, agent, timeout) => r?,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("stopped waiting; the health command goes on: see it with `dbvmctl events --agent {agent}`");
+                return Ok(Exit::CommandFailed);
+            }
+        }
+    } else {
+        client
+            .health(agent.as_str())
+            .await
+            .with_context(|| format!("cannot read the health of agent {agent}"))?
+    };
+    if json {
+        out_json(&report)?;
+    } else {
+        out(&output::health_table(
+            &report,
+            dbvm_protocol::now_ms(),
+            stdout_style(),
+            wide,
+        ))?;
+    }
+    Ok(Exit::Success)
+}
+
+async fn fleet(ctx: &Ctx, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let fleet = client
+        .fleet_health()
+        .await
+        .context("cannot read the fleet's health")?;
+    if json {
+        out_json(&fleet)?;
+    } else {
+        out(&output::fleet_table(
+            &fleet,
+            dbvm_protocol::now_ms(),
+            stdout_style(),
+        ))?;
     }
     Ok(Exit::Success)
 }
@@ -580,6 +717,7 @@ async fn events(ctx: &Ctx, agent: Option<&AgentId>, json: bool) -> Result<Exit> 
     let home = ctx.home()?;
     let client = ctx.client(&home)?;
     let mut stream = client.events(agent.map(AgentId::as_str)).await?;
+    let style = stdout_style();
     loop {
         let item = tokio::select! {
             item = stream.next() => item,
@@ -599,7 +737,7 @@ async fn events(ctx: &Ctx, agent: Option<&AgentId>, json: bool) -> Result<Exit> 
         let line = if json {
             serde_json::to_string(&event).context("cannot encode the event as JSON")?
         } else {
-            output::event_line(&event)
+            output::event_line(&event, style)
         };
         if !out(&format!("{line}\n"))? {
             return Ok(Exit::Success);
@@ -676,6 +814,24 @@ mod tests {
         assert_eq!(broker_names, ["b1", "10.0.0.1", "b2", "b3"]);
         assert_eq!((control_plane.as_str(), ca_days), ("ops", 3650));
 
+        let cli = Cli::try_parse_from(["dbvmctl", "health", "db1", "--fresh", "-w"]).unwrap();
+        let Command::Health {
+            agent,
+            fresh,
+            wide,
+            json,
+            timeout,
+        } = cli.command
+        else {
+            panic!("not health")
+        };
+        assert_eq!(
+            (agent.as_str(), fresh, wide, json, timeout),
+            ("db1", true, true, false, 60)
+        );
+        assert!(Cli::try_parse_from(["dbvmctl", "fleet", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["dbvmctl", "health"]).is_err());
+
         // a bad agent id is a usage error
         assert!(Cli::try_parse_from(["dbvmctl", "agents", "--json"]).is_ok());
         assert!(Cli::try_parse_from(["dbvmctl", "enroll-token", "Bad/Id"]).is_err());
@@ -700,6 +856,14 @@ mod tests {
         }
         .into();
         assert_eq!(exit_code_of(&not_ready), Exit::Broker);
+        let offline: anyhow::Error = HealthError::NotConnected("db1".into()).into();
+        assert_eq!(exit_code_of(&offline), Exit::Broker);
+        let rejected: anyhow::Error = HealthError::Unsupported {
+            agent: "db1".into(),
+            version: "0.1.0".into(),
+        }
+        .into();
+        assert_eq!(exit_code_of(&rejected), Exit::CommandFailed);
         assert_eq!(Exit::CommandFailed as u8, 1);
     }
 }
