@@ -82,3 +82,52 @@ impl Drop for UnixRelay {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// Every process of a container stopped with SIGSTOP behind the engine's back: the engine
+/// still reports the container `running` (unlike `docker pause`, which the agent sees and
+/// undoes), yet nothing in it answers — a real hang. Dropping it sends SIGCONT.
+pub struct Stopped {
+    pids: Vec<String>,
+}
+
+impl Engine {
+    /// The host pids of the processes in a running container (`docker top`).
+    pub fn container_pids(&self, name: &str) -> Vec<String> {
+        let out = self.docker(&["top", name, "-eo", "pid"]);
+        assert!(
+            out.status.success(),
+            "docker top {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+            .collect();
+        assert!(!pids.is_empty(), "docker top {name} listed no processes");
+        pids
+    }
+
+    /// Stops every process of container `name` (SIGSTOP) until the guard drops.
+    pub fn stop_processes(&self, name: &str) -> Stopped {
+        let pids = self.container_pids(name);
+        signal("STOP", &pids);
+        Stopped { pids }
+    }
+}
+
+fn signal(sig: &str, pids: &[String]) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids)
+        .status()
+        .expect("kill");
+    assert!(st.success(), "kill -{sig} {pids:?} failed");
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-CONT").args(&self.pids).status();
+    }
+}

@@ -145,6 +145,13 @@ server_key = "{d}/broker.key"
             std::fs::write(&token_file, t).expect("token file");
         }
         let key = dbvm_protocol::command::PublicKeyFile::from_key(&self.signer.verifying_key());
+        // Many agents run at once here: unless a test sets up health itself, keep them
+        // off the default metrics port (127.0.0.1:9273) and the real shadow file.
+        let health = if extra.contains("[health]") {
+            ""
+        } else {
+            "[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n"
+        };
         let config = format!(
             r#"agent_id = "{id}"
 state_dir = "{state}"
@@ -158,7 +165,7 @@ public_key = "{pk}"
 [link]
 initial_backoff_ms = 100
 max_backoff_ms = 1000
-{extra}
+{health}{extra}
 "#,
             state = state_dir.display(),
             port = broker.port(),

@@ -88,9 +88,10 @@ impl DbManager {
     /// What the health checks need, without waiting behind a long operation: the state
     /// (`Err` while an operation such as `db.create` holds it) and the server's
     /// container as the engine sees it.
-    pub async fn health_view(&self) -> HealthView {
-        let state = match tokio::time::timeout(Duration::from_millis(300), self.state.lock()).await
-        {
+    /// Waits at most `wait` for the state: the reconciler holds it briefly every few
+    /// seconds, an operation such as `db.create` for minutes.
+    pub async fn health_view(&self, wait: Duration) -> HealthView {
+        let state = match tokio::time::timeout(wait, self.state.lock()).await {
             Ok(g) => Ok(g.clone()),
             Err(_) => Err(()),
         };

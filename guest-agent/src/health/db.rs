@@ -117,7 +117,10 @@ impl DbSnapshot {
                 server: None,
             };
         };
-        let view = manager.health_view().await;
+        // Half the check timeout: long enough to wait out the reconciler's brief hold,
+        // short enough to answer `busy` (not a cut-off) during a long operation.
+        let wait = std::time::Duration::from_millis(shared.settings.check_timeout_ms / 2);
+        let view = manager.health_view(wait).await;
         let state = match view.state {
             Err(()) => Err(Absent::Busy),
             Ok(None) => Err(Absent::NotCreated),

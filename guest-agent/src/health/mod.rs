@@ -112,6 +112,8 @@ pub struct Shared {
     pub uplink: Arc<Uplink>,
     pub state_dir: PathBuf,
     pub data_disk: PathBuf,
+    /// When the monitor was made (ms since the epoch): the link gets a grace period.
+    pub started_ms: i64,
     pub metrics: MetricsStats,
     /// The cached admin connection (over the database's unix socket).
     pub admin: tokio::sync::Mutex<Option<crate::db::engine::Admin>>,
@@ -192,6 +194,7 @@ impl Monitor {
                 uplink,
                 state_dir,
                 data_disk,
+                started_ms: dbvm_protocol::now_ms(),
                 metrics: MetricsStats::default(),
                 admin: tokio::sync::Mutex::new(None),
             }),

@@ -22,8 +22,19 @@ pub const MONITOR_ROLE: &str = "dbvm_monitor";
 
 pub struct Connectivity;
 
-fn link(run: &Run) -> (bool, String) {
+/// A freshly started agent is not "unlinked" while it is still dialling.
+const LINK_GRACE_MS: i64 = 30_000;
+
+/// (link counts as fine, link is up, sentence).
+fn link(run: &Run) -> (bool, bool, String) {
     let (up, since) = run.shared.uplink.connected();
+    if !up && since == 0 && run.at_ms - run.shared.started_ms < LINK_GRACE_MS {
+        return (
+            true,
+            false,
+            "connecting to the broker (the agent just started)".into(),
+        );
+    }
     let ago = if since > 0 {
         format!(
             " for {}",
@@ -33,9 +44,10 @@ fn link(run: &Run) -> (bool, String) {
         String::new()
     };
     if up {
-        (true, format!("linked to the broker{ago}"))
+        (true, true, format!("linked to the broker{ago}"))
     } else {
         (
+            false,
             false,
             format!("NOT linked to the broker{ago}: results and events wait until it is back (see the agent log)"),
         )
@@ -49,8 +61,8 @@ impl Check for Connectivity {
     }
 
     async fn run(&self, run: &Run) -> Finding {
-        let (up, link_msg) = link(run);
-        let link_status = if up {
+        let (fine, up, link_msg) = link(run);
+        let link_status = if fine {
             HealthStatus::Ok
         } else {
             HealthStatus::Warning

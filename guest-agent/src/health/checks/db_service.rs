@@ -51,7 +51,14 @@ impl Check for DbService {
                     exit_code.map_or("?".into(), |c| c.to_string()),
                     run.shared.db.as_ref().map_or(String::new(), |m| m.paths().log.display().to_string())
                 ),
-                other => format!("is {other:?}"),
+                // `docker pause` (or a freezer): the reconciler unpauses it.
+                State::Other(what) if st.want_running => format!(
+                    "is {what}: it serves nothing; the agent brings it back within {} s",
+                    run.shared.db.as_ref().map_or(10, |m| m.settings().reconcile_interval_s)
+                ),
+                State::Other(what) => format!("is {what}"),
+                State::Restarting => "is restarting (the engine's restart policy); see the database log".to_string(),
+                State::Running => "is running".to_string(),
             };
             return Finding::new(HealthStatus::Critical, format!("the {engine} server {why}"))
                 .figure("up", 0.0);

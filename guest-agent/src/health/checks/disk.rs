@@ -170,8 +170,12 @@ impl Check for Disk {
             h.push_back((run.at_ms, u.used));
             r
         };
+        // A prediction from a span shorter than `disk_growth_min_span_s` is noise (one
+        // burst of writes); it is neither judged nor shown, so the message never predicts
+        // "full in 19 min" beside an ok.
+        let judged = span_s >= t.disk_growth_min_span_s as f64;
         let ttf = match rate {
-            Some(r) if r > 0.0 => Some(u.available / r),
+            Some(r) if r > 0.0 && judged => Some(u.available / r),
             _ => None,
         };
         let mut status = grade(pct, t.disk_warning_pct, t.disk_critical_pct).max(grade(
@@ -180,16 +184,14 @@ impl Check for Disk {
             t.inodes_critical_pct,
         ));
         if let Some(ttf) = ttf {
-            if span_s >= t.disk_growth_min_span_s as f64 {
-                let h = ttf / 3600.0;
-                status = status.max(if h <= t.disk_full_critical_h {
-                    HealthStatus::Critical
-                } else if h <= t.disk_full_warning_h {
-                    HealthStatus::Warning
-                } else {
-                    HealthStatus::Ok
-                });
-            }
+            let h = ttf / 3600.0;
+            status = status.max(if h <= t.disk_full_critical_h {
+                HealthStatus::Critical
+            } else if h <= t.disk_full_warning_h {
+                HealthStatus::Warning
+            } else {
+                HealthStatus::Ok
+            });
         }
         let mut msg = format!(
             "{name} {pct:.0}% full: {} left of {}",
@@ -202,8 +204,14 @@ impl Check for Disk {
                 bytes(r * 3600.0),
                 duration(ttf)
             )),
+            (Some(r), None) if r > 0.0 => msg.push_str(&format!(
+                " at {}/h over the last {} (a time to full is predicted once growth spans {})",
+                bytes(r * 3600.0),
+                duration(span_s),
+                duration(t.disk_growth_min_span_s as f64)
+            )),
             (Some(_), None) => msg.push_str(", not growing"),
-            _ => {}
+            (None, _) => {}
         }
         if inode_pct >= t.inodes_warning_pct {
             msg.push_str(&format!("; {inode_pct:.0}% of inodes used"));

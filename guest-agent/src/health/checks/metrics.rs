@@ -33,6 +33,11 @@ impl Check for Metrics {
                 HealthStatus::Ok,
                 "no Prometheus endpoint configured (health.metrics_listen is empty)".to_string(),
             ),
+            // The series are counted per scrape: before the first one there is no count.
+            1 if scrape_age.is_none() => (
+                HealthStatus::Ok,
+                format!("serving http://{}/metrics, {scraped}", s.metrics_listen),
+            ),
             1 => (
                 HealthStatus::Ok,
                 format!("serving {series:.0} series at http://{}/metrics, {scraped}", s.metrics_listen),
