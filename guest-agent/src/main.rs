@@ -71,11 +71,13 @@ fn main() -> std::process::ExitCode {
             db.spawn_reconciler(shutdown.clone());
         }
         if let Some(health) = parts.health {
-            health.spawn(shutdown.clone());
+            // The endpoint first, so the first run's metrics check finds it listening.
             tokio::spawn(dbvm_agent::health::prometheus::serve(
-                health,
+                health.clone(),
                 shutdown.clone(),
             ));
+            tokio::task::yield_now().await;
+            health.spawn(shutdown.clone());
         }
         let token = shutdown.clone();
         tokio::spawn(async move {

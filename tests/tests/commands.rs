@@ -87,7 +87,14 @@ async fn enrolled_agent_answers_signed_ping_and_facts_and_secrets_stay_sealed() 
     assert!(!_agent.proc.log_text().contains(secret));
 
     // Versions and liveness are visible to the control plane.
-    assert_eq!(agent.protocol.as_deref(), Some("1.0"));
+    assert_eq!(
+        agent.protocol,
+        Some(format!(
+            "{}.{}",
+            dbvm_protocol::PROTOCOL_MAJOR,
+            dbvm_protocol::PROTOCOL_MINOR
+        ))
+    );
     assert!(agent.operations.contains(&"facts".to_string()));
     assert!(agent.cert_not_after_ms.is_some());
 }

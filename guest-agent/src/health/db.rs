@@ -29,7 +29,14 @@ pub struct PgLog {
 impl PgLog {
     /// Whether archiving is configured at all (archive_mode on and a command set).
     pub fn archiving(&self) -> bool {
-        self.archive_mode != "off" && !self.archive_command.trim().is_empty()
+        self.archive_mode != "off" && !self.command_missing()
+    }
+
+    /// No archive command: empty, or `(disabled)`, which is how PostgreSQL shows it
+    /// while archive_mode is off.
+    pub fn command_missing(&self) -> bool {
+        let c = self.archive_command.trim();
+        c.is_empty() || c == "(disabled)"
     }
 
     /// Whether the archiver's latest attempt failed.

@@ -85,7 +85,7 @@ impl Check for Binlog {
                         volume_status.max(HealthStatus::Unknown),
                         format!("{volume}; WAL archiving is not configured (archive_mode={}, archive_command {}), so nothing is archived",
                             p.archive_mode,
-                            if p.archive_command.trim().is_empty() { "empty" } else { "set" }),
+                            if p.command_missing() { "not set" } else { "set" }),
                     )
                 } else if p.failing() {
                     (

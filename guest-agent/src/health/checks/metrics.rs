@@ -29,9 +29,13 @@ impl Check for Metrics {
             None => "not scraped yet".into(),
         };
         let (mut status, endpoint) = match m.state.load(Ordering::Acquire) {
-            0 => (
+            0 if s.metrics_listen.is_empty() => (
                 HealthStatus::Ok,
                 "no Prometheus endpoint configured (health.metrics_listen is empty)".to_string(),
+            ),
+            0 => (
+                HealthStatus::Ok,
+                format!("the endpoint on {} is starting", s.metrics_listen),
             ),
             // The series are counted per scrape: before the first one there is no count.
             1 if scrape_age.is_none() => (
