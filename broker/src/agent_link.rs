@@ -35,6 +35,14 @@ use uuid::Uuid;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `delivered` and `running` are written only for commands still unfinished this long
+/// after the event: most commands finish sooner, and their result write is then the only
+/// write after the insert (two durable writes per command instead of four). Both states
+/// are informational: the agent's journal absorbs a re-delivery after a broker restart.
+const MARK_DELAY: Duration = Duration::from_millis(200);
+/// A command this close to its expiry is marked `delivered` at once, so the expirer
+/// (which expires only `queued` commands) can never expire a command the agent runs.
+const MARK_NOW_BEFORE_EXPIRY_MS: i64 = 5_000;
 
 type Reader = ReadHalf<TlsStream<TcpStream>>;
 type Writer = WriteHalf<TlsStream<TcpStream>>;
@@ -278,6 +286,10 @@ struct Session {
     generation: u64,
     /// Refused health reports so far: only the first few are logged above debug.
     health_refusals: u32,
+    /// `delivered` / `running` not yet written: the latest state per command, and when
+    /// each becomes due (see [`MARK_DELAY`]).
+    marks: HashMap<Uuid, (CommandState, i64)>,
+    mark_due: VecDeque<(tokio::time::Instant, Uuid)>,
 }
 
 async fn session(
@@ -343,6 +355,8 @@ async fn session(
         record,
         generation,
         health_refusals: 0,
+        marks: HashMap::new(),
+        mark_due: VecDeque::new(),
     };
     let mut result = match hub.store.unfinished_for_agent(agent.as_str()).await {
         Ok(recs) => {
@@ -398,6 +412,10 @@ async fn session(
                 Some(SessionCommand::Replaced) => Err("replaced by a newer connection of the same agent".into()),
                 None => Err("hub dropped the session".into()),
             },
+            _ = tokio::time::sleep_until(s.mark_due.front().map_or_else(tokio::time::Instant::now, |(t, _)| *t)), if !s.mark_due.is_empty() => {
+                s.write_due_marks(false);
+                Ok(())
+            }
             _ = hub.admission.freed.notified(), if blocked => s.unblock().await,
             _ = tokio::time::sleep(Duration::from_millis(250)), if blocked => s.unblock().await,
         };
@@ -410,6 +428,8 @@ async fn session(
         Metrics::count(&hub.metrics.link_errors, "reason", "bad_frame");
     }
     reader_task.abort();
+    // Commands still with the agent keep their informational state.
+    s.write_due_marks(true);
     for (_, class) in s.inflight.drain() {
         hub.admission.release(class);
     }
@@ -422,6 +442,47 @@ async fn session(
 }
 
 impl Session {
+    /// Records an informational state, written after [`MARK_DELAY`] if the command is
+    /// still unfinished then (at once with `now`).
+    fn mark(&mut self, id: Uuid, state: CommandState, now: bool) {
+        let at = dbvm_protocol::now_ms();
+        let fresh = self.marks.insert(id, (state, at)).is_none();
+        if now {
+            self.write_mark(id);
+        } else if fresh {
+            self.mark_due
+                .push_back((tokio::time::Instant::now() + MARK_DELAY, id));
+        }
+    }
+
+    fn write_mark(&mut self, id: Uuid) {
+        let Some((state, at)) = self.marks.remove(&id) else {
+            return;
+        };
+        let from: &'static [CommandState] = if state == CommandState::Running {
+            &[CommandState::Queued, CommandState::Delivered]
+        } else {
+            &[CommandState::Queued]
+        };
+        let store = self.hub.store.clone();
+        // Not awaited: informational (see MARK_DELAY).
+        tokio::spawn(async move {
+            let _ = store.transition(id, from, state, at).await;
+        });
+    }
+
+    /// Writes the marks that are due (all of them with `all`).
+    fn write_due_marks(&mut self, all: bool) {
+        let now = tokio::time::Instant::now();
+        while let Some(&(due, id)) = self.mark_due.front() {
+            if !all && due > now {
+                break;
+            }
+            self.mark_due.pop_front();
+            self.write_mark(id);
+        }
+    }
+
     fn enqueue(&mut self, rec: CommandRecord) {
         if self.known.insert(rec.id) {
             self.pending.push_back(rec);
@@ -460,15 +521,11 @@ impl Session {
                 .map_err(|e| format!("delivery failed: {e}"))?;
             self.inflight.insert(rec.id, rec.class);
             if rec.state == CommandState::Queued {
-                let store = self.hub.store.clone();
-                let id = rec.id;
-                // Not awaited: "delivered" is informational; a crash before it is written
-                // only means one more delivery, which the agent's journal absorbs.
-                tokio::spawn(async move {
-                    let _ = store
-                        .transition(id, &[CommandState::Queued], CommandState::Delivered, now)
-                        .await;
-                });
+                self.mark(
+                    rec.id,
+                    CommandState::Delivered,
+                    rec.not_after_ms - now < MARK_NOW_BEFORE_EXPIRY_MS,
+                );
             }
         }
         Ok(())
@@ -482,17 +539,9 @@ impl Session {
                     .map_err(|e| e.to_string())
             }
             AgentMessage::Ack { id } => {
-                let store = self.hub.store.clone();
-                tokio::spawn(async move {
-                    let _ = store
-                        .transition(
-                            id,
-                            &[CommandState::Queued, CommandState::Delivered],
-                            CommandState::Running,
-                            dbvm_protocol::now_ms(),
-                        )
-                        .await;
-                });
+                if self.inflight.contains_key(&id) {
+                    self.mark(id, CommandState::Running, false);
+                }
                 self.hub.publish(
                     "command.state",
                     self.agent.as_str(),
@@ -648,6 +697,8 @@ impl Session {
         if let Some(class) = self.inflight.remove(&r.id) {
             self.hub.admission.release(class);
         }
+        // Finished: its `delivered` / `running` need never be written.
+        self.marks.remove(&r.id);
         self.known.remove(&r.id);
         send(
             &mut self.wr,
