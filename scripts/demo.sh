@@ -163,7 +163,7 @@ run ip netns exec "$netns" nft list table inet dbvm
 
 # ---- health -----------------------------------------------------------------------
 say "health: the twelve checks, as the agent ran them just now (dbvmctl health --fresh)"
-run "$bin/dbvmctl" health db-demo --fresh
+run "$bin/dbvmctl" health db-demo --fresh --wide
 
 say "stop the database: the change reaches dbvmctl events within one check interval (5 s here)"
 "$bin/dbvmctl" events --agent db-demo > "$demo/events.out" 2>&1 &
