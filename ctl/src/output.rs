@@ -258,12 +258,20 @@ fn human_bytes(v: f64) -> String {
 
 /// One figure by the unit in its name: `_bytes`, `_pct`, `_ms`, `_s`; plain otherwise.
 pub fn figure(name: &str, value: f64) -> String {
-    if name.ends_with("_bytes") {
+    if name.ends_with("_bytes_per_s") {
+        // A rate, not a duration: per hour reads better for disks.
+        format!("{}/h", human_bytes(value * 3600.0))
+    } else if name.ends_with("_per_s") {
+        format!("{}/s", plain_number((value * 100.0).round() / 100.0))
+    } else if name.ends_with("_bytes") {
         human_bytes(value)
     } else if name.ends_with("_pct") {
         format!("{}%", plain_number((value * 10.0).round() / 10.0))
     } else if name.ends_with("_ms") {
         human_duration(value as i64)
+    } else if name.ends_with("_s") && value.abs() < 1.0 {
+        // Whole seconds measured: "0 s", not "0 ms".
+        format!("{} s", plain_number(value))
     } else if name.ends_with("_s") {
         human_duration((value * 1000.0) as i64)
     } else {
@@ -663,6 +671,8 @@ zz_new                       unknown   a newer check
     #[test]
     fn figures_read_in_their_units() {
         assert_eq!(figure("used_pct", 91.46), "91.5%");
+        assert_eq!(figure("growth_bytes_per_s", 1024.0), "3.5 MiB/h");
+        assert_eq!(figure("uptime_s", 0.0), "0 s");
         assert_eq!(figure("free_bytes", 512.0), "512 B");
         assert_eq!(figure("free_bytes", 1_610_612_736.0), "1.5 GiB");
         assert_eq!(figure("offset_ms", 1_250.0), "1.2 s");

@@ -204,10 +204,10 @@ impl Check for Disk {
                 bytes(r * 3600.0),
                 duration(ttf)
             )),
-            (Some(r), None) if r > 0.0 => msg.push_str(&format!(
-                " at {}/h over the last {} (a time to full is predicted once growth spans {})",
-                bytes(r * 3600.0),
-                duration(span_s),
+            // A few seconds of a build or a copy say nothing about the trend: no rate in
+            // the message until the window is long enough (the figure has it).
+            (Some(_), None) if !judged => msg.push_str(&format!(
+                "; growth is judged once measured over {}",
                 duration(t.disk_growth_min_span_s as f64)
             )),
             (Some(_), None) => msg.push_str(", not growing"),
