@@ -112,6 +112,23 @@ pub struct DbSnapshot {
 }
 
 impl DbSnapshot {
+    /// What the server said, or the `unknown` finding a check that needs the server
+    /// reports without it.
+    pub fn facts(&self) -> Result<&ServerFacts, super::Finding> {
+        if let Err(a) = &self.state {
+            return Err(super::Finding::unknown(a.message()));
+        }
+        match &self.server {
+            None => Err(super::Finding::unknown(
+                "the database is not running; see db_service",
+            )),
+            Some(Err(e)) => Err(super::Finding::unknown(format!(
+                "the database did not answer: {e}"
+            ))),
+            Some(Ok(f)) => Ok(f),
+        }
+    }
+
     pub fn running(&self) -> bool {
         matches!(&self.container, Ok(Some(c)) if c.state == State::Running)
     }

@@ -284,3 +284,43 @@ impl HealthSettings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(text: &str) -> String {
+        let s: HealthSettings = toml::from_str(text).expect("parses");
+        match s.validate() {
+            Ok(()) => String::new(),
+            Err((k, _)) => k,
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_each_mistake_names_its_key() {
+        assert_eq!(key_of(""), "");
+        assert_eq!(key_of("interval_s = 0"), "health.interval_s");
+        assert_eq!(
+            key_of("interval_s = 1\ncheck_timeout_ms = 5000"),
+            "health.check_timeout_ms"
+        );
+        assert_eq!(key_of("report_every_s = 5"), "health.report_every_s");
+        assert_eq!(
+            key_of("metrics_listen = \"localhost\""),
+            "health.metrics_listen"
+        );
+        assert_eq!(key_of("metrics_listen = \"\""), "");
+        assert_eq!(key_of("shadow_file = \"shadow\""), "health.shadow_file");
+        assert_eq!(key_of("expected_role = \"leader\""), "health.expected_role");
+        assert_eq!(
+            key_of("[thresholds]\ndisk_warning_pct = 95.0\ndisk_critical_pct = 90.0"),
+            "health.thresholds.disk_*"
+        );
+        assert_eq!(
+            key_of("[telegraf]\nprocess_name = \"a-very-long-process-name\""),
+            "health.telegraf.process_name"
+        );
+        assert!(toml::from_str::<HealthSettings>("surprise = 1").is_err());
+    }
+}

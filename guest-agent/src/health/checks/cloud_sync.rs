@@ -18,13 +18,9 @@ impl Check for CloudSync {
 
     async fn run(&self, run: &Run) -> Finding {
         let db = run.db().await;
-        if let Err(a) = &db.state {
-            return Finding::unknown(a.message());
-        }
-        let facts = match &db.server {
-            None => return Finding::unknown("the database is not running; see db_service"),
-            Some(Err(e)) => return Finding::unknown(format!("the database did not answer: {e}")),
-            Some(Ok(f)) => f,
+        let facts = match db.facts() {
+            Ok(f) => f,
+            Err(unknown) => return unknown,
         };
         let t = &run.settings().thresholds;
         match &facts.log {
