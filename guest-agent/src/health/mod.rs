@@ -185,7 +185,7 @@ impl Monitor {
             Some(m) => m.settings().data_root.clone(),
             None => state_dir.clone(),
         });
-        let checks = checks::all(&settings);
+        let checks = checks::all();
         Arc::new(Self {
             shared: Arc::new(Shared {
                 agent_id,

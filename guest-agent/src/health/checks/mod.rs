@@ -12,11 +12,11 @@ pub mod ntp;
 pub mod password;
 pub mod telegraf;
 
-use super::{Check, HealthSettings};
+use super::Check;
 use std::sync::Arc;
 
 /// All twelve, in [`dbvm_protocol::health::CHECKS`] order.
-pub fn all(_settings: &HealthSettings) -> Vec<Arc<dyn Check>> {
+pub fn all() -> Vec<Arc<dyn Check>> {
     vec![
         Arc::new(connectivity::Connectivity),
         Arc::new(disk::Disk::new(disk::Which::Data)),
@@ -37,10 +37,7 @@ pub fn all(_settings: &HealthSettings) -> Vec<Arc<dyn Check>> {
 mod tests {
     #[test]
     fn the_twelve_are_in_order() {
-        let ids: Vec<&str> = super::all(&Default::default())
-            .iter()
-            .map(|c| c.id())
-            .collect();
+        let ids: Vec<&str> = super::all().iter().map(|c| c.id()).collect();
         let want: Vec<&str> = dbvm_protocol::health::CHECKS
             .iter()
             .map(|(id, _)| *id)
