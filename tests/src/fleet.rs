@@ -261,6 +261,41 @@ max_backoff_ms = 1000
     pub fn sign(&self, agent: &str, operation: &str, args: serde_json::Value) -> SignedCommand {
         self.signer.sign(&self.body(agent, operation, args))
     }
+
+    /// Signs, submits and waits (up to 240 s) for a command to `agent`.
+    pub async fn send(
+        &self,
+        client: &dbvmctl::Client,
+        agent: &AgentProc,
+        operation: &str,
+        args: serde_json::Value,
+    ) -> dbvm_protocol::api::CommandView {
+        let cmd = self.sign(&agent.id, operation, args);
+        let v = client.submit(&cmd).await.expect("submit");
+        client
+            .wait(v.id, Duration::from_secs(240))
+            .await
+            .expect("wait")
+    }
+
+    /// [`Self::send`], asserting success (the agent's log tail on failure); the output.
+    pub async fn send_ok(
+        &self,
+        client: &dbvmctl::Client,
+        agent: &AgentProc,
+        operation: &str,
+        args: serde_json::Value,
+    ) -> serde_json::Value {
+        let v = self.send(client, agent, operation, args.clone()).await;
+        assert_eq!(
+            v.state,
+            dbvm_protocol::api::CommandState::Succeeded,
+            "{operation} {args} did not succeed: {:?}\n{}",
+            v.error,
+            agent.proc.log_tail()
+        );
+        v.output.expect("output")
+    }
 }
 
 /// An API client presenting `identity` (or no certificate at all).

@@ -107,24 +107,15 @@ async fn setup(id: &str, db_extra: &str) -> Setup {
 
 impl Setup {
     async fn send(&self, operation: &str, args: Value) -> CommandView {
-        let cmd = self.fleet.sign(&self.agent.id, operation, args);
-        let v = self.client.submit(&cmd).await.expect("submit");
-        self.client
-            .wait(v.id, Duration::from_secs(240))
+        self.fleet
+            .send(&self.client, &self.agent, operation, args)
             .await
-            .expect("wait")
     }
 
     async fn ok(&self, operation: &str, args: Value) -> Value {
-        let v = self.send(operation, args.clone()).await;
-        assert_eq!(
-            v.state,
-            CommandState::Succeeded,
-            "{operation} {args} did not succeed: {:?}\n{}",
-            v.error,
-            self.agent.proc.log_tail()
-        );
-        v.output.expect("output")
+        self.fleet
+            .send_ok(&self.client, &self.agent, operation, args)
+            .await
     }
 
     async fn refused(&self, operation: &str, args: Value) -> String {

@@ -9,7 +9,6 @@
 
 use dbvm_e2e::docker::{free_port, unique_name, Engine};
 use dbvm_e2e::{connected, AgentProc, BrokerProc, Fleet};
-use dbvm_protocol::api::{CommandState, CommandView};
 use dbvm_protocol::health::{CheckReport, HealthChange, HealthReport, HealthStatus, CHECKS};
 use dbvm_protocol::seal::Sealed;
 use futures::StreamExt;
@@ -143,25 +142,10 @@ impl Setup {
         self.engine.as_ref().expect("this test has a database")
     }
 
-    async fn send(&self, operation: &str, args: Value) -> CommandView {
-        let cmd = self.fleet.sign(&self.agent.id, operation, args);
-        let v = self.client.submit(&cmd).await.expect("submit");
-        self.client
-            .wait(v.id, Duration::from_secs(240))
-            .await
-            .expect("wait")
-    }
-
     async fn ok(&self, operation: &str, args: Value) -> Value {
-        let v = self.send(operation, args.clone()).await;
-        assert_eq!(
-            v.state,
-            CommandState::Succeeded,
-            "{operation} {args} did not succeed: {:?}\n{}",
-            v.error,
-            self.agent.proc.log_tail()
-        );
-        v.output.expect("output")
+        self.fleet
+            .send_ok(&self.client, &self.agent, operation, args)
+            .await
     }
 
     /// Runs the twelve checks now (a signed `health` command) and returns the report.
