@@ -38,6 +38,105 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
     Ok(out)
 }
 
+/// Appends one frame (length prefix included) to `out`, so several frames can go out in
+/// one write. On error `out` is left as it was.
+pub fn encode_into<T: Serialize>(msg: &T, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    if let Err(e) = postcard::serialize_with_flavor(msg, AppendTo(out)) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e));
+    }
+    let len = out.len() - start - 4;
+    let Some(len32) = u32::try_from(len).ok().filter(|_| len <= max) else {
+        out.truncate(start);
+        return Err(FrameError::TooLarge { len, max });
+    };
+    out[start..start + 4].copy_from_slice(&len32.to_be_bytes());
+    Ok(())
+}
+
+/// A postcard output that appends to a borrowed `Vec` (postcard's own `ExtendFlavor` takes
+/// the vector by value and loses it on an error).
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Frames cut from a byte stream read in pieces: what was read stays here, so
+/// [`FrameBuf::next`] is cancel-safe and can sit in a `select!` beside timers (unlike
+/// [`read_frame`], which loses a partly read frame when dropped).
+#[derive(Debug, Default)]
+pub struct FrameBuf {
+    buf: Vec<u8>,
+}
+
+/// Room kept for reading: a few small frames arrive in one read.
+const READ_CHUNK: usize = 1024;
+
+impl FrameBuf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A whole frame from what was read so far, if one is there.
+    pub fn take<T: DeserializeOwned>(&mut self, max: usize) -> Result<Option<T>, FrameError> {
+        let Some(head) = self.buf.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*head) as usize;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        if self.buf.len() < 4 + len {
+            self.buf.reserve(4 + len - self.buf.len());
+            return Ok(None);
+        }
+        let msg = decode(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    /// The next frame from `reader`; `Ok(None)` on a clean end of stream between frames.
+    /// Cancel-safe: the only await is one `read_buf`, whose bytes stay in the buffer.
+    pub async fn next<T: DeserializeOwned, R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        max: usize,
+    ) -> Result<Option<T>, FrameError> {
+        loop {
+            if let Some(m) = self.take(max)? {
+                return Ok(Some(m));
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if reader.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+}
+
 /// Decodes the payload of one frame (without its length prefix).
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     if payload.is_empty() {
@@ -116,6 +215,54 @@ mod tests {
         assert_eq!(got, Some(msg));
         let end: Option<AgentMessage> = read_frame(&mut r, MAX_FRAME_LEN).await.unwrap();
         assert_eq!(end, None);
+    }
+
+    #[tokio::test]
+    async fn frames_written_together_are_read_apart_and_partial_reads_are_kept() {
+        let mut bytes = Vec::new();
+        for seq in 1..=3 {
+            encode_into(&AgentMessage::Heartbeat { seq }, MAX_FRAME_LEN, &mut bytes).unwrap();
+        }
+        assert_eq!(
+            &bytes[..bytes.len() / 3],
+            &encode(&AgentMessage::Heartbeat { seq: 1 }, MAX_FRAME_LEN).unwrap()[..]
+        );
+        // Fed one byte at a time, as a slow link would.
+        let (mut tx, mut rx) = tokio::io::duplex(1);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for b in bytes {
+                tx.write_all(&[b]).await.unwrap();
+            }
+        });
+        let mut frames = FrameBuf::new();
+        for seq in 1..=3 {
+            let got: Option<AgentMessage> = frames.next(&mut rx, MAX_FRAME_LEN).await.unwrap();
+            assert_eq!(got, Some(AgentMessage::Heartbeat { seq }));
+        }
+        writer.await.unwrap();
+        let end: Option<AgentMessage> = frames.next(&mut rx, MAX_FRAME_LEN).await.unwrap();
+        assert_eq!(end, None);
+        // Too large for this receiver: refused from the length alone.
+        let mut big = Vec::new();
+        encode_into(&AgentMessage::Heartbeat { seq: 9 }, MAX_FRAME_LEN, &mut big).unwrap();
+        let mut frames = FrameBuf::new();
+        let mut r = &big[..4];
+        let e = frames.next::<AgentMessage, _>(&mut r, 1).await.unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { max: 1, .. }), "{e}");
+        // A frame cut short by the end of the stream.
+        let mut frames = FrameBuf::new();
+        let mut r = &big[..big.len() - 1];
+        let e = frames
+            .next::<AgentMessage, _>(&mut r, MAX_FRAME_LEN)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FrameError::Truncated), "{e}");
+        // Too large to encode for the caller's maximum: the buffer keeps what it had.
+        let mut out = vec![1, 2, 3];
+        let e = encode_into(&AgentMessage::Heartbeat { seq: 9 }, 1, &mut out).unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { max: 1, .. }), "{e}");
+        assert_eq!(out, vec![1, 2, 3]);
     }
 
     #[tokio::test]
