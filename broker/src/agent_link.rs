@@ -10,7 +10,7 @@ use crate::hub::{Hub, SessionCommand};
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, CommandRecord, Finish};
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
-use dbvm_protocol::frame::{self, FrameError};
+use dbvm_protocol::frame::{self, FrameBuf, FrameError};
 use dbvm_protocol::health::HealthReport;
 use dbvm_protocol::messages::{
     peek_hello_version, AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode,
@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,14 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// write after the insert (two durable writes per command instead of four). Both states
 /// are informational: the agent's journal absorbs a re-delivery after a broker restart.
 const MARK_DELAY: Duration = Duration::from_millis(200);
+/// A stored result is acknowledged with the next frame that goes to its agent, or after
+/// this long: under load most acknowledgements ride along with the next delivery instead
+/// of costing a write (and an agent wake-up) of their own. The agent keeps an
+/// unacknowledged result in its journal and sends it again after a reconnect; the
+/// broker acknowledges a result it already has without storing it twice.
+const ACK_DELAY: Duration = Duration::from_millis(1000);
+/// How often commands waiting for an admission slot are retried without a wake-up.
+const BLOCKED_RETRY: Duration = Duration::from_millis(250);
 /// A command this close to its expiry is marked `delivered` at once, so the expirer
 /// (which expires only `queued` commands) can never expire a command the agent runs.
 const MARK_NOW_BEFORE_EXPIRY_MS: i64 = 5_000;
@@ -237,43 +246,18 @@ fn kind(m: &AgentMessage) -> &'static str {
     }
 }
 
-enum Incoming {
-    Frame(AgentMessage),
-    Closed(Option<String>),
-}
-
-/// Reads frames until the peer closes, errs, or stays silent too long.
-async fn reader(mut rd: Reader, tx: mpsc::Sender<Incoming>, max: usize, dead_after: Duration) {
-    let end = loop {
-        match tokio::time::timeout(
-            dead_after,
-            frame::read_frame::<AgentMessage, _>(&mut rd, max),
-        )
-        .await
-        {
-            Ok(Ok(Some(m))) => {
-                if tx.send(Incoming::Frame(m)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Ok(None)) => break None,
-            Ok(Err(e)) => break Some(e.to_string()),
-            Err(_) => {
-                break Some(format!(
-                    "no frame for {} ms: peer considered dead",
-                    dead_after.as_millis()
-                ))
-            }
-        }
-    };
-    let _ = tx.send(Incoming::Closed(end)).await;
-}
-
 struct Session {
     hub: Arc<Hub>,
     agent: AgentId,
     wr: Writer,
     max: usize,
+    /// Frames to write at the end of this turn of the session loop: whatever one turn
+    /// queues goes out in one write (one TLS record, one syscall).
+    out: Vec<u8>,
+    /// Results stored durably but not yet acknowledged, and when the acknowledgement is
+    /// due at the latest (see [`ACK_DELAY`]).
+    acks: Vec<Uuid>,
+    ack_due: Option<Instant>,
     /// Commands to deliver, oldest first.
     pending: VecDeque<CommandRecord>,
     /// Commands waiting for an admission slot.
@@ -289,7 +273,15 @@ struct Session {
     /// `delivered` / `running` not yet written: the latest state per command, and when
     /// each becomes due (see [`MARK_DELAY`]).
     marks: HashMap<Uuid, (CommandState, i64)>,
-    mark_due: VecDeque<(tokio::time::Instant, Uuid)>,
+    mark_due: VecDeque<(Instant, Uuid)>,
+}
+
+/// When a link's certificate runs out (far away when it has no end).
+fn cert_deadline(not_after_ms: Option<i64>) -> Instant {
+    let left = not_after_ms
+        .map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms())
+        .max(0) as u64;
+    Instant::now() + Duration::from_millis(left)
 }
 
 async fn session(
@@ -297,7 +289,7 @@ async fn session(
     agent: AgentId,
     hello: Hello,
     cert_not_after: Option<i64>,
-    rd: Reader,
+    mut rd: Reader,
     mut wr: Writer,
     shutdown: CancellationToken,
 ) {
@@ -336,17 +328,18 @@ async fn session(
 
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(64);
     let (generation, last_seen) = hub.register(record.clone(), cmd_tx);
-    let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(16);
     let dead_after = Duration::from_millis(
         u64::from(hub.settings.heartbeat_interval_ms) * u64::from(hub.settings.missed_heartbeats),
     );
-    let reader_task = tokio::spawn(reader(rd, in_tx, max, dead_after));
 
     let mut s = Session {
         hub: hub.clone(),
         agent: agent.clone(),
         wr,
         max,
+        out: Vec::new(),
+        acks: Vec::new(),
+        ack_due: None,
         pending: VecDeque::new(),
         blocked: VecDeque::new(),
         inflight: HashMap::new(),
@@ -363,34 +356,60 @@ async fn session(
             for rec in recs {
                 s.enqueue(rec);
             }
-            s.deliver().await
+            s.deliver()
         }
         Err(e) => Err(format!("cannot load queued commands: {e}")),
     };
     let mut last_persisted = dbvm_protocol::now_ms();
-    // A link lives no longer than its certificate unless the agent renews in band. One
-    // timer, reset only when a renewal changes the expiry (not re-armed every frame).
-    let cert_deadline = |na: Option<i64>| {
-        let left = na
-            .map_or(i64::MAX / 4, |na| na - dbvm_protocol::now_ms())
-            .max(0) as u64;
-        tokio::time::Instant::now() + Duration::from_millis(left)
-    };
-    let mut armed_for = s.cert_not_after_ms;
-    let cert_timer = tokio::time::sleep_until(cert_deadline(armed_for));
-    tokio::pin!(cert_timer);
+    // Frames are read here, not by a task of their own: `FrameBuf::next` is cancel-safe.
+    let mut frames = FrameBuf::new();
+    let mut last_frame = Instant::now();
+    // The dead-peer deadline moves with every frame; it is only re-read when it passes.
+    let mut dead_check = last_frame + dead_after;
+    // A link lives no longer than its certificate unless the agent renews in band.
+    let mut cert_for = s.cert_not_after_ms;
+    let mut cert_end = cert_deadline(cert_for);
+    let mut blocked_retry: Option<Instant> = None;
+    // One timer for everything the session waits on (dead peer, certificate, marks,
+    // acknowledgements, blocked commands), reset only when its deadline moves.
+    let timer = tokio::time::sleep_until(dead_check);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = Some(dead_check);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
 
     while result.is_ok() {
+        if let Err(e) = s.flush().await {
+            result = Err(e);
+            break;
+        }
+        if s.cert_not_after_ms != cert_for {
+            cert_for = s.cert_not_after_ms;
+            cert_end = cert_deadline(cert_for);
+        }
         let blocked = !s.blocked.is_empty();
-        if s.cert_not_after_ms != armed_for {
-            armed_for = s.cert_not_after_ms;
-            cert_timer.as_mut().reset(cert_deadline(armed_for));
+        if !blocked {
+            blocked_retry = None;
+        }
+        let mut next = dead_check.min(cert_end);
+        if let Some(t) = s.next_mark_due() {
+            next = next.min(t);
+        }
+        if let Some(t) = s.ack_due {
+            next = next.min(t);
+        }
+        if blocked {
+            next = next.min(*blocked_retry.get_or_insert_with(|| Instant::now() + BLOCKED_RETRY));
+        }
+        if armed != Some(next) {
+            timer.as_mut().reset(next);
+            armed = Some(next);
         }
         result = tokio::select! {
-            _ = &mut cert_timer => Err("the agent certificate expired and was not renewed".into()),
-            _ = shutdown.cancelled() => Err("broker shutting down".into()),
-            incoming = in_rx.recv() => match incoming {
-                Some(Incoming::Frame(m)) => {
+            _ = &mut cancelled => Err("broker shutting down".into()),
+            m = frames.next::<AgentMessage, _>(&mut rd, max) => match m {
+                Ok(Some(m)) => {
+                    last_frame = Instant::now();
                     let now = dbvm_protocol::now_ms();
                     last_seen.store(now, Ordering::Relaxed);
                     if now - last_persisted > 60_000 {
@@ -401,23 +420,39 @@ async fn session(
                     }
                     s.handle(m).await
                 }
-                Some(Incoming::Closed(reason)) => Err(reason.unwrap_or_else(|| "agent closed the connection".into())),
-                None => Err("reader stopped".into()),
+                Ok(None) => Err("agent closed the connection".into()),
+                Err(e) => Err(e.to_string()),
             },
             c = cmd_rx.recv() => match c {
                 Some(SessionCommand::Deliver(rec)) => {
                     s.enqueue(*rec);
-                    s.deliver().await
+                    s.deliver()
                 }
                 Some(SessionCommand::Replaced) => Err("replaced by a newer connection of the same agent".into()),
                 None => Err("hub dropped the session".into()),
             },
-            _ = tokio::time::sleep_until(s.mark_due.front().map_or_else(tokio::time::Instant::now, |(t, _)| *t)), if !s.mark_due.is_empty() => {
-                s.write_due_marks(false);
-                Ok(())
+            _ = hub.admission.freed.notified(), if blocked => s.unblock(),
+            _ = &mut timer => {
+                armed = None;
+                let now = Instant::now();
+                if now >= cert_end {
+                    Err("the agent certificate expired and was not renewed".into())
+                } else if now >= dead_check && now.duration_since(last_frame) >= dead_after {
+                    Err(format!("no frame for {} ms: peer considered dead", dead_after.as_millis()))
+                } else {
+                    dead_check = last_frame + dead_after;
+                    s.write_due_marks(false);
+                    if s.ack_due.is_some_and(|t| t <= now) {
+                        s.queue_acks();
+                    }
+                    if blocked_retry.is_some_and(|t| t <= now) {
+                        blocked_retry = None;
+                        s.unblock()
+                    } else {
+                        Ok(())
+                    }
+                }
             }
-            _ = hub.admission.freed.notified(), if blocked => s.unblock().await,
-            _ = tokio::time::sleep(Duration::from_millis(250)), if blocked => s.unblock().await,
         };
     }
     let reason = result.err().unwrap_or_default();
@@ -427,7 +462,6 @@ async fn session(
     } else if reason.contains("frame") {
         Metrics::count(&hub.metrics.link_errors, "reason", "bad_frame");
     }
-    reader_task.abort();
     // Commands still with the agent keep their informational state.
     s.write_due_marks(true);
     for (_, class) in s.inflight.drain() {
@@ -438,10 +472,64 @@ async fn session(
         .store
         .touch_agent(agent.as_str(), last_seen.load(Ordering::Relaxed))
         .await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), s.wr.shutdown()).await;
+    // Acknowledgements still waiting go out if the link still takes them; if not, the
+    // agent re-sends those results after it reconnects and they are acknowledged then.
+    s.queue_acks();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = s.flush().await;
+        s.wr.shutdown().await
+    })
+    .await;
 }
 
 impl Session {
+    /// Queues a frame for the end of this turn.
+    fn queue(&mut self, msg: &BrokerMessage) -> Result<(), String> {
+        frame::encode_into(msg, self.max, &mut self.out)
+            .map_err(|e| format!("cannot encode a frame for the agent: {e}"))
+    }
+
+    /// Writes what this turn queued (with any acknowledgements waiting) in one write.
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        // Acknowledgements ride along with anything else that goes out.
+        self.queue_acks();
+        let wr = &mut self.wr;
+        let out = &self.out;
+        let written = tokio::time::timeout(WRITE_TIMEOUT, async move {
+            wr.write_all(out).await?;
+            wr.flush().await
+        })
+        .await;
+        self.out.clear();
+        if self.out.capacity() > 64 * 1024 {
+            // A large frame (a big command) went out; do not keep its buffer per agent.
+            self.out = Vec::new();
+        }
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("writing to the agent failed: {e}")),
+            Err(_) => Err("agent did not read its frames for 10 s".into()),
+        }
+    }
+
+    /// Moves the waiting acknowledgements to the front of this turn's frames (a result
+    /// is acknowledged before the delivery its finished slot let through).
+    fn queue_acks(&mut self) {
+        self.ack_due = None;
+        if self.acks.is_empty() {
+            return;
+        }
+        let mut acks = Vec::with_capacity(24 * self.acks.len());
+        for id in self.acks.drain(..) {
+            // A ResultAck is a few bytes: it always encodes.
+            let _ = frame::encode_into(&BrokerMessage::ResultAck { id }, self.max, &mut acks);
+        }
+        self.out.splice(0..0, acks);
+    }
+
     /// Records an informational state, written after [`MARK_DELAY`] if the command is
     /// still unfinished then (at once with `now`).
     fn mark(&mut self, id: Uuid, state: CommandState, now: bool) {
@@ -450,9 +538,19 @@ impl Session {
         if now {
             self.write_mark(id);
         } else if fresh {
-            self.mark_due
-                .push_back((tokio::time::Instant::now() + MARK_DELAY, id));
+            self.mark_due.push_back((Instant::now() + MARK_DELAY, id));
         }
+    }
+
+    /// When the oldest mark still wanted is due (marks of finished commands are dropped).
+    fn next_mark_due(&mut self) -> Option<Instant> {
+        while let Some(&(due, id)) = self.mark_due.front() {
+            if self.marks.contains_key(&id) {
+                return Some(due);
+            }
+            self.mark_due.pop_front();
+        }
+        None
     }
 
     fn write_mark(&mut self, id: Uuid) {
@@ -473,7 +571,7 @@ impl Session {
 
     /// Writes the marks that are due (all of them with `all`).
     fn write_due_marks(&mut self, all: bool) {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         while let Some(&(due, id)) = self.mark_due.front() {
             if !all && due > now {
                 break;
@@ -489,14 +587,15 @@ impl Session {
         }
     }
 
-    async fn unblock(&mut self) -> Result<(), String> {
+    fn unblock(&mut self) -> Result<(), String> {
         while let Some(rec) = self.blocked.pop_back() {
             self.pending.push_front(rec);
         }
-        self.deliver().await
+        self.deliver()
     }
 
-    async fn deliver(&mut self) -> Result<(), String> {
+    /// Queues every pending command that gets an admission slot.
+    fn deliver(&mut self) -> Result<(), String> {
         let now = dbvm_protocol::now_ms();
         while let Some(rec) = self.pending.pop_front() {
             if rec.state == CommandState::Queued && now > rec.not_after_ms {
@@ -516,9 +615,10 @@ impl Session {
                     continue;
                 }
             };
-            send(&mut self.wr, &BrokerMessage::Deliver(signed), self.max)
-                .await
-                .map_err(|e| format!("delivery failed: {e}"))?;
+            if let Err(e) = self.queue(&BrokerMessage::Deliver(signed)) {
+                self.hub.admission.release(rec.class);
+                return Err(format!("delivery failed: {e}"));
+            }
             self.inflight.insert(rec.id, rec.class);
             if rec.state == CommandState::Queued {
                 self.mark(
@@ -533,11 +633,7 @@ impl Session {
 
     async fn handle(&mut self, m: AgentMessage) -> Result<(), String> {
         match m {
-            AgentMessage::Heartbeat { seq } => {
-                send(&mut self.wr, &BrokerMessage::HeartbeatAck { seq }, self.max)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            AgentMessage::Heartbeat { seq } => self.queue(&BrokerMessage::HeartbeatAck { seq }),
             AgentMessage::Ack { id } => {
                 if self.inflight.contains_key(&id) {
                     self.mark(id, CommandState::Running, false);
@@ -599,9 +695,7 @@ impl Session {
                         let _ = store.upsert_agent(record).await;
                     });
                 }
-                send(&mut self.wr, &reply, self.max)
-                    .await
-                    .map_err(|e| e.to_string())
+                self.queue(&reply)
             }
             other @ (AgentMessage::Hello(_) | AgentMessage::Enroll(_)) => {
                 Metrics::count(
@@ -700,12 +794,10 @@ impl Session {
         // Finished: its `delivered` / `running` need never be written.
         self.marks.remove(&r.id);
         self.known.remove(&r.id);
-        send(
-            &mut self.wr,
-            &BrokerMessage::ResultAck { id: r.id },
-            self.max,
-        )
-        .await
-        .map_err(|e| e.to_string())
+        // Acknowledged with the next frame that goes to this agent, or after ACK_DELAY.
+        self.acks.push(r.id);
+        self.ack_due
+            .get_or_insert_with(|| Instant::now() + ACK_DELAY);
+        Ok(())
     }
 }

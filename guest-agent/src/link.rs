@@ -26,6 +26,10 @@ use uuid::Uuid;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A command that has not finished after this long is acknowledged (`Ack`: it is
+/// running); one that finishes sooner sends only its result, which says as much. The
+/// broker writes `running` for a command only after 200 ms anyway.
+const ACK_AFTER: Duration = Duration::from_millis(100);
 /// Largest operation output: leaves room in one frame for the rest of the result.
 const MAX_OUTPUT_BYTES: usize = MAX_FRAME_LEN - 4096;
 
@@ -482,8 +486,7 @@ impl Agent {
             Ok(verified) => {
                 let id = verified.body.id;
                 tracing::info!(%id, operation = %verified.body.operation, key_id = %verified.key_id, "running command");
-                let _ = out.send(AgentMessage::Ack { id }).await;
-                tokio::spawn(self.clone().execute(verified));
+                tokio::spawn(self.clone().execute(verified, out));
             }
             Err(VerifyError::Replayed(id)) => self.on_duplicate(id, out).await,
             Err(e) => {
@@ -532,7 +535,7 @@ impl Agent {
         let _ = out.send(reply).await;
     }
 
-    async fn execute(self: Arc<Self>, verified: VerifiedCommand) {
+    async fn execute(self: Arc<Self>, verified: VerifiedCommand, out: mpsc::Sender<AgentMessage>) {
         let body = verified.body;
         let id = body.id;
         let started = dbvm_protocol::now_ms();
@@ -557,7 +560,19 @@ impl Agent {
                         self.agent_id.to_string(),
                         self.progress_tx.clone(),
                     );
-                    match op.run(ctx, args).await {
+                    // A command still running after ACK_AFTER is acknowledged as
+                    // running; a faster one is told by its result alone.
+                    let run = op.run(ctx, args);
+                    tokio::pin!(run);
+                    let ran = tokio::select! {
+                        biased;
+                        r = &mut run => r,
+                        _ = tokio::time::sleep(ACK_AFTER) => {
+                            let _ = out.send(AgentMessage::Ack { id }).await;
+                            run.await
+                        }
+                    };
+                    match ran {
                         Ok(v) => {
                             let text = v.to_string();
                             if text.len() > MAX_OUTPUT_BYTES {

@@ -1,17 +1,17 @@
 //! Load-generator agents: each is one tokio task holding one real mTLS connection with its
 //! own certificate. It says Hello, waits for Welcome, sends heartbeats at the interval the
 //! broker asks for, verifies every delivered command (signature, target, time window and
-//! an in-memory replay set, unless told to skip the signature) and answers Ack then
-//! Result, as the real agent does (two frames, each flushed).
+//! an in-memory replay set, unless told to skip the signature) and answers with its
+//! Result, as the real agent does for a command that finishes within its `Ack` delay
+//! (100 ms): one frame, flushed.
 //!
 //! One task per agent and no channels keep the per-agent memory small: frames are read
-//! into a small buffer with `read_buf` (cancel-safe) and cut with the protocol's length
-//! prefix, so the read can sit in a `select!` beside the heartbeat timer. (The protocol's
-//! `read_frame` is not cancel-safe, so using it here would need a second task per agent.)
+//! with the protocol's cancel-safe `FrameBuf`, so the read can sit in a `select!` beside
+//! the heartbeat timer.
 
 use anyhow::{bail, Context, Result};
 use dbvm_protocol::command::{CommandBody, ReplayGuard};
-use dbvm_protocol::frame::{self, MAX_FRAME_LEN};
+use dbvm_protocol::frame::{self, FrameBuf, MAX_FRAME_LEN};
 use dbvm_protocol::messages::{AgentMessage, BrokerMessage, CommandResult, Hello, Outcome};
 use dbvm_protocol::{SignedCommand, Verifier, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use ed25519_dalek::VerifyingKey;
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::client::TlsStream;
@@ -35,8 +35,6 @@ use crate::fleet::AgentCert;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_ATTEMPTS: u32 = 5;
-/// Read buffer kept per agent; grows only for a larger frame.
-const READ_CHUNK: usize = 1024;
 
 /// What every simulated agent shares.
 pub struct Settings {
@@ -91,7 +89,7 @@ impl ReplayGuard for Seen {
 /// One connection with its read buffer.
 struct Link {
     tls: TlsStream<TcpStream>,
-    buf: Vec<u8>,
+    frames: FrameBuf,
 }
 
 impl Link {
@@ -105,46 +103,12 @@ impl Link {
         Ok(())
     }
 
-    /// A whole frame from the buffer, if one is there (4-byte big-endian length, payload).
-    fn take_frame(&mut self) -> Result<Option<BrokerMessage>> {
-        let Some(head) = self.buf.first_chunk::<4>() else {
-            return Ok(None);
-        };
-        let len = u32::from_be_bytes(*head) as usize;
-        if len > MAX_FRAME_LEN {
-            bail!("the broker sent a frame of {len} bytes (more than {MAX_FRAME_LEN})");
-        }
-        if self.buf.len() < 4 + len {
-            self.buf.reserve(4 + len - self.buf.len());
-            return Ok(None);
-        }
-        let msg = frame::decode(&self.buf[4..4 + len])?;
-        self.buf.drain(..4 + len);
-        Ok(Some(msg))
-    }
-
-    /// The next frame; `None` when the broker closed the connection. Cancel-safe: the
-    /// only await is `read_buf`, and bytes read stay in `self.buf`.
+    /// The next frame; `None` when the broker closed the connection. Cancel-safe.
     async fn next_frame(&mut self) -> Result<Option<BrokerMessage>> {
-        loop {
-            if let Some(m) = self.take_frame()? {
-                return Ok(Some(m));
-            }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            let n = self
-                .tls
-                .read_buf(&mut self.buf)
-                .await
-                .context("reading from the broker")?;
-            if n == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                bail!("the broker closed the connection in the middle of a frame");
-            }
-        }
+        self.frames
+            .next(&mut self.tls, MAX_FRAME_LEN)
+            .await
+            .context("reading from the broker")
     }
 }
 
@@ -182,7 +146,7 @@ async fn connect_once(
     .context("TLS handshake failed")?;
     let mut link = Link {
         tls,
-        buf: Vec::new(),
+        frames: FrameBuf::new(),
     };
     let hello = AgentMessage::Hello(Hello {
         protocol_major: PROTOCOL_MAJOR,
@@ -306,7 +270,6 @@ impl Agent {
         let (id, outcome) = match verifier.verify_once(&cmd, now, &mut self.seen) {
             Ok(verified) => {
                 let id = verified.body.id;
-                link.send(&AgentMessage::Ack { id }).await?;
                 let output_json =
                     format!(r#"{{"pong":true,"agent_id":"{}","at_ms":{now}}}"#, self.id);
                 (id, Outcome::Succeeded { output_json })
