@@ -32,7 +32,9 @@ A_SECS=${A_SECS:-10}
 A_COMMANDS=${A_COMMANDS:-$((A_RATE * A_SECS))}
 B_AGENTS=${B_AGENTS:-1000}
 B_COMMANDS=${B_COMMANDS:-30000}
-B_CONCURRENCY=${B_CONCURRENCY:-64}
+# Saturation needs enough in flight to cover a command's two durable writes: with 64
+# outstanding the broker's core idled at ~80 %, waiting on commits, not on work.
+B_CONCURRENCY=${B_CONCURRENCY:-256}
 D_AGENTS=${D_AGENTS:-10000}
 D_COMMANDS=${D_COMMANDS:-5000}
 E_PINGS=${E_PINGS:-100}

@@ -12,9 +12,7 @@
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use dbvm_protocol::api::{
-    AgentView, CommandState, CommandView, EnrollmentToken, EnrollmentTokenRequest,
-};
+use dbvm_protocol::api::{AgentView, CommandState, EnrollmentToken, EnrollmentTokenRequest};
 use dbvm_protocol::pki::CertifiedKey;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
@@ -40,6 +38,8 @@ pub enum HttpVersion {
 pub struct ApiClient {
     clients: Vec<reqwest::Client>,
     base: String,
+    /// The submission URL, parsed once: parsing it per request showed in the profile.
+    submit_url: std::sync::OnceLock<(u64, reqwest::Url)>,
     next: AtomicUsize,
     request_timeout: Duration,
 }
@@ -92,6 +92,7 @@ impl ApiClient {
         Ok(Self {
             clients,
             base: format!("https://localhost:{}", api.port()),
+            submit_url: std::sync::OnceLock::new(),
             next: AtomicUsize::new(0),
             request_timeout,
         })
@@ -122,10 +123,17 @@ impl ApiClient {
 
     /// Submits one command and waits (server side, up to `wait_ms`) for it to finish.
     pub async fn submit(&self, body: Bytes, wait_ms: u64) -> Outcome {
-        let url = format!("{}/v1/commands?wait_ms={wait_ms}", self.base);
+        let parse = || -> reqwest::Url {
+            let text = format!("{}/v1/commands?wait_ms={wait_ms}", self.base);
+            reqwest::Url::parse(&text).expect("the submission URL is well formed")
+        };
+        let url = match self.submit_url.get_or_init(|| (wait_ms, parse())) {
+            (ms, url) if *ms == wait_ms => url.clone(),
+            _ => parse(),
+        };
         let sent = self
             .client()
-            .post(&url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body)
             .send()
@@ -148,7 +156,12 @@ impl ApiClient {
                 text.chars().take(200).collect::<String>()
             ));
         }
-        match resp.json::<CommandView>().await {
+        // Only the state is read: the rest of the view is not needed here.
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            state: CommandState,
+        }
+        match resp.json::<Answer>().await {
             Ok(view) if view.state == CommandState::Succeeded => Outcome::Succeeded,
             Ok(view) => Outcome::Failed(format!(
                 "state {} when the answer came",
