@@ -123,13 +123,18 @@ impl ApiClient {
 
     /// Submits one command and waits (server side, up to `wait_ms`) for it to finish.
     pub async fn submit(&self, body: Bytes, wait_ms: u64) -> Outcome {
-        let parse = || -> reqwest::Url {
-            let text = format!("{}/v1/commands?wait_ms={wait_ms}", self.base);
-            reqwest::Url::parse(&text).expect("the submission URL is well formed")
-        };
-        let url = match self.submit_url.get_or_init(|| (wait_ms, parse())) {
-            (ms, url) if *ms == wait_ms => url.clone(),
-            _ => parse(),
+        let url = match self.submit_url.get() {
+            Some((ms, url)) if *ms == wait_ms => url.clone(),
+            _ => {
+                let text = format!("{}/v1/commands?wait_ms={wait_ms}", self.base);
+                match reqwest::Url::parse(&text) {
+                    Ok(url) => {
+                        let _ = self.submit_url.set((wait_ms, url.clone()));
+                        url
+                    }
+                    Err(e) => return Outcome::Failed(format!("{text}: {e}")),
+                }
+            }
         };
         let sent = self
             .client()
