@@ -530,14 +530,20 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn every_documented_route_is_served_and_v1_needs_a_control_plane_certificate() {
+    /// A hub on a fresh store in a temporary directory (kept alive by the caller).
+    async fn test_hub() -> (tempfile::TempDir, Arc<Hub>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(crate::store::SqliteStore::open(dir.path()).expect("store"));
         let ca = FleetCa::generate("t", Duration::from_secs(600)).expect("ca");
         let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
             .await
             .expect("hub");
+        (dir, hub)
+    }
+
+    #[tokio::test]
+    async fn every_documented_route_is_served_and_v1_needs_a_control_plane_certificate() {
+        let (_dir, hub) = test_hub().await;
         let app = router(hub);
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
         for (method, path) in ROUTES {
@@ -631,12 +637,7 @@ mod tests {
     async fn health_routes_serve_the_latest_report_and_tell_unknown_from_silent_agents() {
         use dbvm_protocol::api::{AgentHealth, FleetHealth};
         use dbvm_protocol::health::{CheckReport, HealthReport, HealthStatus};
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).expect("store"));
-        let ca = FleetCa::generate("t", Duration::from_secs(600)).expect("ca");
-        let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
-            .await
-            .expect("hub");
+        let (_dir, hub) = test_hub().await;
         for id in ["db1", "db2"] {
             hub.store
                 .upsert_agent(crate::store::AgentRecord {
