@@ -35,6 +35,11 @@ pub enum Entry {
 
 pub struct Journal {
     conn: rusqlite::Connection,
+    /// A second connection for acknowledgements only, which need not be durable: one lost
+    /// in a crash means the result is sent again, and the broker acknowledges a result it
+    /// already holds without storing it twice. It commits without an fsync
+    /// (`synchronous = NORMAL` in WAL mode); the next durable write on `conn` syncs it too.
+    acks: rusqlite::Connection,
 }
 
 impl std::fmt::Debug for Journal {
@@ -49,10 +54,13 @@ const KEEP_AFTER_EXPIRY_MS: i64 = 24 * 3600 * 1000;
 
 impl Journal {
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let conn = rusqlite::Connection::open(path).map_err(|source| JournalError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let open = || {
+            rusqlite::Connection::open(path).map_err(|source| JournalError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let conn = open()?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(
@@ -65,7 +73,9 @@ impl Journal {
                 acked INTEGER NOT NULL DEFAULT 0
             );",
         )?;
-        Ok(Self { conn })
+        let acks = open()?;
+        acks.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Self { conn, acks })
     }
 
     /// Marks every command that was running when the agent stopped as interrupted and
@@ -106,8 +116,9 @@ impl Journal {
         Ok(())
     }
 
+    /// Records that the broker stored the result (not synced to disk: see `acks`).
     pub fn mark_acked(&mut self, id: Uuid) -> Result<(), JournalError> {
-        self.conn.execute(
+        self.acks.execute(
             "UPDATE commands SET acked = 1 WHERE id = ?1 AND result IS NOT NULL",
             [id.as_bytes().as_slice()],
         )?;
@@ -221,6 +232,11 @@ mod tests {
             j.entry(b.id).unwrap(),
             Some(Entry::Finished { acked: true, .. })
         ));
+        // The acknowledgement went through the second connection, unsynced; a restart
+        // of the process still finds it (it is in the WAL).
+        drop(j);
+        let mut j = Journal::open(&path).unwrap();
+        assert!(j.unacked_results().unwrap().is_empty());
         assert_eq!(j.prune(KEEP_AFTER_EXPIRY_MS + 100).unwrap(), 1);
     }
 }
