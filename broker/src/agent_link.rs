@@ -56,6 +56,14 @@ const MARK_NOW_BEFORE_EXPIRY_MS: i64 = 5_000;
 type Reader = ReadHalf<TlsStream<TcpStream>>;
 type Writer = WriteHalf<TlsStream<TcpStream>>;
 
+/// A state of a delivered command not written yet (see [`MARK_DELAY`]).
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    state: CommandState,
+    /// When it was handed to the agent, unless that is stored already.
+    delivered_at_ms: Option<i64>,
+}
+
 /// Accepts agent connections until `shutdown`. Per-connection errors stay per connection.
 pub async fn serve(
     listener: TcpListener,
@@ -272,7 +280,7 @@ struct Session {
     health_refusals: u32,
     /// `delivered` / `running` not yet written: the latest state per command, and when
     /// each becomes due (see [`MARK_DELAY`]).
-    marks: HashMap<Uuid, (CommandState, i64)>,
+    marks: HashMap<Uuid, Mark>,
     mark_due: VecDeque<(Instant, Uuid)>,
 }
 
@@ -531,10 +539,27 @@ impl Session {
     }
 
     /// Records an informational state, written after [`MARK_DELAY`] if the command is
-    /// still unfinished then (at once with `now`).
+    /// still unfinished then (at once with `now`); a finished command's delivery time
+    /// goes with its result instead.
     fn mark(&mut self, id: Uuid, state: CommandState, now: bool) {
-        let at = dbvm_protocol::now_ms();
-        let fresh = self.marks.insert(id, (state, at)).is_none();
+        let delivered_now = (state == CommandState::Delivered).then(dbvm_protocol::now_ms);
+        let previous = self.marks.insert(
+            id,
+            Mark {
+                state,
+                delivered_at_ms: delivered_now,
+            },
+        );
+        let fresh = match previous {
+            None => true,
+            Some(old) => {
+                // `running` replacing a `delivered` not yet written keeps its time.
+                if let Some(m) = self.marks.get_mut(&id) {
+                    m.delivered_at_ms = m.delivered_at_ms.or(old.delivered_at_ms);
+                }
+                false
+            }
+        };
         if now {
             self.write_mark(id);
         } else if fresh {
@@ -554,7 +579,11 @@ impl Session {
     }
 
     fn write_mark(&mut self, id: Uuid) {
-        let Some((state, at)) = self.marks.remove(&id) else {
+        let Some(Mark {
+            state,
+            delivered_at_ms,
+        }) = self.marks.remove(&id)
+        else {
             return;
         };
         let from: &'static [CommandState] = if state == CommandState::Running {
@@ -565,7 +594,7 @@ impl Session {
         let store = self.hub.store.clone();
         // Not awaited: informational (see MARK_DELAY).
         tokio::spawn(async move {
-            let _ = store.transition(id, from, state, at).await;
+            let _ = store.transition(id, from, state, delivered_at_ms).await;
         });
     }
 
@@ -777,6 +806,7 @@ impl Session {
         let finish = Finish {
             state,
             finished_at_ms: r.finished_at_ms,
+            delivered_at_ms: self.marks.get(&r.id).and_then(|m| m.delivered_at_ms),
             output_json,
             error,
         };

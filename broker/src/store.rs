@@ -73,6 +73,9 @@ impl CommandRecord {
 pub struct Finish {
     pub state: CommandState,
     pub finished_at_ms: i64,
+    /// When the command was handed to the agent, if that is not stored yet (a fast
+    /// command's `delivered` is never written on its own); a stored time is kept.
+    pub delivered_at_ms: Option<i64>,
     pub output_json: Option<String>,
     pub error: Option<CommandError>,
 }
@@ -112,13 +115,14 @@ pub trait Store: Send + Sync + 'static {
     async fn unfinished_for_agent(&self, agent: &str) -> Result<Vec<CommandRecord>, StoreError>;
     /// All unfinished commands (to rebuild admission counts at start).
     async fn unfinished(&self) -> Result<Vec<(Uuid, OperationClass)>, StoreError>;
-    /// Moves a command to `state` if it is currently in one of `from`. Returns whether it moved.
+    /// Moves a command to `state` if it is currently in one of `from`, recording when it
+    /// was delivered unless that is stored already. Returns whether it moved.
     async fn transition(
         &self,
         id: Uuid,
         from: &[CommandState],
         state: CommandState,
-        at_ms: i64,
+        delivered_at_ms: Option<i64>,
     ) -> Result<bool, StoreError>;
     async fn progress(&self, id: Uuid, progress: Progress) -> Result<(), StoreError>;
     /// Records the outcome durably, unless the command already finished. Returns the
@@ -588,23 +592,18 @@ impl Store for SqliteStore {
         id: Uuid,
         from: &[CommandState],
         state: CommandState,
-        at_ms: i64,
+        delivered_at_ms: Option<i64>,
     ) -> Result<bool, StoreError> {
         let from = in_list(from);
         self.write(move |txn| {
-            let delivered = if state == CommandState::Delivered {
-                Some(at_ms)
-            } else {
-                None
-            };
             let mut stmt = txn.prepare_cached(&format!(
-                "UPDATE commands SET state = ?2, delivered_at_ms = COALESCE(?3, delivered_at_ms)
+                "UPDATE commands SET state = ?2, delivered_at_ms = COALESCE(delivered_at_ms, ?3)
                  WHERE id = ?1 AND state IN ({from})"
             ))?;
             let n = stmt.execute(rusqlite::params![
                 id.as_bytes().as_slice(),
                 state.as_str(),
-                delivered
+                delivered_at_ms
             ])?;
             Ok(n > 0)
         })
@@ -630,7 +629,8 @@ impl Store for SqliteStore {
     async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<CommandRecord>, StoreError> {
         self.write(move |txn| {
             let mut stmt = txn.prepare_cached(&format!(
-                "UPDATE commands SET state = ?2, finished_at_ms = ?3, output_json = ?4, error_code = ?5, error_message = ?6
+                "UPDATE commands SET state = ?2, finished_at_ms = ?3, output_json = ?4, error_code = ?5, error_message = ?6,
+                     delivered_at_ms = COALESCE(delivered_at_ms, ?7)
                  WHERE id = ?1 AND finished_at_ms IS NULL RETURNING {COMMAND_COLUMNS}",
             ))?;
             let mut rows = stmt.query(
@@ -641,6 +641,7 @@ impl Store for SqliteStore {
                     finish.output_json,
                     finish.error.as_ref().map(|e| e.code.clone()),
                     finish.error.as_ref().map(|e| e.message.clone()),
+                    finish.delivered_at_ms,
                 ],
             )?;
             match rows.next()? {
@@ -672,6 +673,7 @@ impl Store for SqliteStore {
             let finish = Finish {
                 state: CommandState::Expired,
                 finished_at_ms: now_ms,
+                delivered_at_ms: None,
                 output_json: None,
                 error: Some(CommandError {
                     code: "expired".into(),
@@ -915,6 +917,7 @@ mod tests {
                     let finish = Finish {
                         state: CommandState::Succeeded,
                         finished_at_ms: 2,
+                        delivered_at_ms: Some(1),
                         output_json: Some("{}".into()),
                         error: None,
                     };
@@ -958,12 +961,19 @@ mod tests {
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].id, b.id);
         assert!(store
-            .transition(a.id, &[CommandState::Queued], CommandState::Delivered, 5)
+            .transition(
+                a.id,
+                &[CommandState::Queued],
+                CommandState::Delivered,
+                Some(5)
+            )
             .await
             .unwrap());
         let fin = Finish {
             state: CommandState::Succeeded,
             finished_at_ms: 6,
+            // Already stored (5, above): kept.
+            delivered_at_ms: Some(4),
             output_json: Some("{\"pong\":true}".into()),
             error: None,
         };
@@ -976,6 +986,7 @@ mod tests {
             "finish returns the stored record"
         );
         assert_eq!(got.state, CommandState::Succeeded);
+        assert_eq!(got.delivered_at_ms, Some(5));
         assert_eq!(got.view().output, Some(serde_json::json!({"pong": true})));
     }
 

@@ -36,9 +36,18 @@ async fn enrolled_agent_answers_signed_ping_and_facts_and_secrets_stay_sealed() 
 
     let v = run(&client, &fleet.sign("db1", "ping", json!({"echo": "hi"}))).await;
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
-    let out = v.output.expect("output");
+    let out = v.output.clone().expect("output");
     assert_eq!(out["pong"], true);
     assert_eq!(out["echo"], "hi");
+    // A fast command's delivery is never written on its own; its time comes with the result.
+    let delivered = v
+        .delivered_at_ms
+        .expect("delivered_at_ms of a finished command");
+    assert!(v.submitted_at_ms <= delivered, "{v:?}");
+    assert!(
+        delivered <= v.finished_at_ms.expect("finished_at_ms"),
+        "{v:?}"
+    );
 
     let v = run(&client, &fleet.sign("db1", "facts", json!({}))).await;
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
