@@ -27,6 +27,37 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The `[database]` section of an agent config for this engine (its socket, its
+    /// locally built images): data under `data_root`, the database in `container`,
+    /// reconciled every `reconcile_s`; `extra` lines go into the `[database]` table.
+    pub fn database_section(
+        &self,
+        data_root: &Path,
+        container: &str,
+        reconcile_s: u64,
+        extra: &str,
+    ) -> String {
+        format!(
+            r#"[database]
+runtime = "docker"
+docker_socket = {sock}
+data_root = {root}
+container_name = "{container}"
+start_timeout_s = 60
+engine_wait_s = 5
+reconcile_interval_s = {reconcile_s}
+{extra}
+[database.images]
+postgres = "{pg}"
+mariadb = "{maria}"
+"#,
+            sock = crate::fleet::toml_path(&self.socket),
+            root = crate::fleet::toml_path(data_root),
+            pg = self.postgres_image,
+            maria = self.mariadb_image,
+        )
+    }
+
     /// `unix://<socket>`, for `DOCKER_HOST`.
     pub fn docker_host(&self) -> String {
         format!("unix://{}", self.socket.display())

@@ -7,7 +7,7 @@ use dbvm_protocol::pki::{CertifiedKey, FleetCa, Identity};
 use dbvm_protocol::seal::SealingKey;
 use dbvm_protocol::SignedCommand;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -62,6 +62,69 @@ impl Fleet {
         self.dir.path().join(name)
     }
 
+    /// The config of a broker named `name` on this fleet's CA and certificates, with its
+    /// data in `<name>-data` here; `extra` is appended.
+    pub fn broker_config(
+        &self,
+        name: &str,
+        agent: SocketAddr,
+        api: SocketAddr,
+        extra: &str,
+    ) -> String {
+        format!(
+            r#"agent_listen = "{agent}"
+api_listen = "{api}"
+data_dir = {data}
+[tls]
+ca_cert = {ca}
+ca_key = {ca_key}
+server_cert = {cert}
+server_key = {key}
+{extra}
+"#,
+            data = toml_path(&self.path(&format!("{name}-data"))),
+            ca = toml_path(&self.path("ca.crt")),
+            ca_key = toml_path(&self.path("ca.key")),
+            cert = toml_path(&self.path("broker.crt")),
+            key = toml_path(&self.path("broker.key")),
+        )
+    }
+
+    /// The config of agent `id` dialing `localhost:<broker_port>`, trusting this fleet's
+    /// CA and signing key, enrolling with the token in `token_file`, with quick
+    /// reconnects; `extra` (more sections) is appended.
+    pub fn agent_config(
+        &self,
+        id: &str,
+        broker_port: u16,
+        state_dir: &Path,
+        token_file: &Path,
+        extra: &str,
+    ) -> String {
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&self.signer.verifying_key());
+        format!(
+            r#"agent_id = "{id}"
+state_dir = {state}
+[broker]
+address = "localhost:{broker_port}"
+ca_cert = {ca}
+enrollment_token_file = {token}
+[[trusted_keys]]
+key_id = "{kid}"
+public_key = "{pk}"
+[link]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+{extra}
+"#,
+            state = toml_path(state_dir),
+            ca = toml_path(&self.path("ca.crt")),
+            token = toml_path(token_file),
+            kid = key.key_id,
+            pk = key.public_key,
+        )
+    }
+
     /// Starts a broker named `name` (its data dir is kept across restarts) on the given
     /// addresses (`127.0.0.1:0` for any free port). `extra` is appended to its config.
     pub fn start_broker_at(
@@ -71,20 +134,7 @@ impl Fleet {
         api: SocketAddr,
         extra: &str,
     ) -> BrokerProc {
-        let config = format!(
-            r#"agent_listen = "{agent}"
-api_listen = "{api}"
-data_dir = "{data}"
-[tls]
-ca_cert = "{d}/ca.crt"
-ca_key = "{d}/ca.key"
-server_cert = "{d}/broker.crt"
-server_key = "{d}/broker.key"
-{extra}
-"#,
-            data = self.path(&format!("{name}-data")).display(),
-            d = self.dir.path().display(),
-        );
+        let config = self.broker_config(name, agent, api, extra);
         let path = self.path(&format!("{name}.toml"));
         std::fs::write(&path, config).expect("broker config");
         let log = self.path(&format!("{name}.log"));
@@ -144,7 +194,6 @@ server_key = "{d}/broker.key"
         if let Some(t) = token {
             std::fs::write(&token_file, t).expect("token file");
         }
-        let key = dbvm_protocol::command::PublicKeyFile::from_key(&self.signer.verifying_key());
         // Many agents run at once here: unless a test sets up health itself, keep them
         // off the default metrics port (127.0.0.1:9273) and the real shadow file.
         let health = if extra.contains("[health]") {
@@ -152,27 +201,12 @@ server_key = "{d}/broker.key"
         } else {
             "[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n"
         };
-        let config = format!(
-            r#"agent_id = "{id}"
-state_dir = "{state}"
-[broker]
-address = "localhost:{port}"
-ca_cert = "{d}/ca.crt"
-enrollment_token_file = "{token}"
-[[trusted_keys]]
-key_id = "{kid}"
-public_key = "{pk}"
-[link]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-{health}{extra}
-"#,
-            state = state_dir.display(),
-            port = broker.port(),
-            d = self.dir.path().display(),
-            token = token_file.display(),
-            kid = key.key_id,
-            pk = key.public_key,
+        let config = self.agent_config(
+            id,
+            broker.port(),
+            &state_dir,
+            &token_file,
+            &format!("{health}{extra}"),
         );
         let config_path = self.path(&format!("agent-{id}.toml"));
         std::fs::write(&config_path, config).expect("agent config");
@@ -302,4 +336,10 @@ max_backoff_ms = 1000
 pub fn client_as(url: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> dbvmctl::Client {
     let tls = dbvm_protocol::tls::client_config(ca_pem, identity).expect("TLS config");
     dbvmctl::Client::new(url, tls).expect("API client")
+}
+
+/// A path as a TOML basic string.
+pub fn toml_path(path: &Path) -> String {
+    let text = path.display().to_string();
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod proc;
 pub mod proxy;
 pub mod raw;
+pub mod release;
 pub mod rogue;
 
 pub use fleet::Fleet;

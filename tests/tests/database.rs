@@ -30,32 +30,14 @@ fn unique(prefix: &str) -> String {
     )
 }
 
-/// The `[database]` section for an agent on the test engine.
+/// The `[database]` section for an agent on the test engine, reconciling every second.
 fn db_section(
     engine: &dbvm_e2e::docker::Engine,
     data_root: &Path,
     container: &str,
     extra: &str,
 ) -> String {
-    format!(
-        r#"[database]
-runtime = "docker"
-docker_socket = "{sock}"
-data_root = "{root}"
-container_name = "{container}"
-start_timeout_s = 60
-engine_wait_s = 5
-reconcile_interval_s = 1
-{extra}
-[database.images]
-postgres = "{pg}"
-mariadb = "{maria}"
-"#,
-        sock = engine.socket.display(),
-        root = data_root.display(),
-        pg = engine.postgres_image,
-        maria = engine.mariadb_image,
-    )
+    engine.database_section(data_root, container, 1, extra)
 }
 
 struct Setup {

@@ -31,28 +31,6 @@ const DB_CHECKS: [&str; 5] = [
     "db_service",
 ];
 
-/// The `[database]` section for an agent on the test engine.
-fn db_section(engine: &Engine, data_root: &Path, container: &str) -> String {
-    format!(
-        r#"[database]
-runtime = "docker"
-docker_socket = "{sock}"
-data_root = "{root}"
-container_name = "{container}"
-start_timeout_s = 60
-engine_wait_s = 5
-reconcile_interval_s = 1
-[database.images]
-postgres = "{pg}"
-mariadb = "{maria}"
-"#,
-        sock = engine.socket.display(),
-        root = data_root.display(),
-        pg = engine.postgres_image,
-        maria = engine.mariadb_image,
-    )
-}
-
 /// What a test changes in the `[health]` section.
 #[derive(Default)]
 struct HealthConfig<'a> {
@@ -103,7 +81,7 @@ async fn setup(id: &str, database: bool, health: HealthConfig<'_>) -> Setup {
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut config = String::new();
     if let Some(engine) = &engine {
-        config.push_str(&db_section(engine, &data_root, &container));
+        config.push_str(&engine.database_section(&data_root, &container, 1, ""));
     }
     config.push_str(&format!(
         r#"[health]

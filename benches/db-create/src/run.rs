@@ -1,32 +1,21 @@
 //! One run: a fresh fleet, broker and agent (the given executables, not the harness's
-//! debug builds), one signed `db.create`, then a connect loop as `dbaas` until the database
-//! accepts. Configs have the same shape as the e2e harness writes (`dbvm_e2e::Fleet`,
-//! `tests/tests/database.rs`); the processes are `dbvm_e2e::proc::Proc`s, so they are
-//! killed when dropped.
+//! debug builds: `dbvm_e2e::release`), one signed `db.create`, then a connect loop as
+//! `dbaas` until the database accepts.
 
 use crate::procfs::{self, Memory};
 use crate::DbEngine;
 use anyhow::{bail, Context, Result};
 use dbvm_e2e::docker::Engine;
-use dbvm_e2e::proc::{parse_listening, AgentProc, BrokerProc, Proc};
 use dbvm_e2e::Fleet;
 use dbvm_protocol::api::CommandState;
 use dbvm_protocol::seal::Sealed;
 use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const AGENT_ID: &str = "bench-db";
 const CONNECT_GIVE_UP: Duration = Duration::from_secs(60);
-
-pub struct Bins {
-    pub agent: PathBuf,
-    pub broker: PathBuf,
-}
 
 /// What one create measured.
 #[derive(Clone, Debug, Serialize)]
@@ -70,224 +59,27 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn toml_str(path: &Path) -> String {
-    // Paths here are temp dirs and the workspace: no quotes or backslashes in them.
-    format!("\"{}\"", path.display())
-}
+pub use dbvm_e2e::release::{Bins, Rig};
 
-/// Starts `bin` with its log (stderr) in `log`; for the broker, reads its first stdout
-/// line ("listening agent=… api=…") as `Proc::spawn` does.
-fn spawn(
-    name: &str,
-    bin: &Path,
-    config: &Path,
-    log: PathBuf,
-    level: &str,
-) -> Result<(Proc, String)> {
-    let logf = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(logf)
-        .env("DBVM_LOG", level)
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let mut line = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        let mut reader = BufReader::new(stdout);
-        if name == "broker" {
-            let _ = reader.read_line(&mut line);
-        }
-        std::thread::spawn(move || for _ in reader.lines() {});
-    }
-    Ok((
-        Proc {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        },
-        line,
-    ))
-}
-
-/// The `[database]` section the e2e tests give an agent (tests/tests/database.rs).
-fn db_section(engine: &Engine, data_root: &Path, container: &str, reconcile_s: u64) -> String {
-    format!(
-        r#"[database]
-runtime = "docker"
-docker_socket = {sock}
-data_root = {root}
-container_name = "{container}"
-start_timeout_s = 60
-engine_wait_s = 5
-reconcile_interval_s = {reconcile_s}
-[database.images]
-postgres = "{pg}"
-mariadb = "{maria}"
-"#,
-        sock = toml_str(&engine.socket),
-        root = toml_str(data_root),
-        pg = engine.postgres_image,
-        maria = engine.mariadb_image,
-    )
-}
-
-/// A broker and one agent with a `[database]` section; tears down in `Drop`.
-pub struct Rig {
-    pub agent: AgentProc,
-    pub broker: BrokerProc,
-    pub client: dbvmctl::Client,
-    pub engine: Engine,
-    pub container: String,
-    pub fleet: Fleet,
-    keep_dir: bool,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        // Containers outlive the agent: stop the agent first so it cannot restart them.
-        self.agent.proc.kill();
-        self.broker.proc.kill();
-        self.engine.remove_container(&self.container);
-        self.engine
-            .remove_container(&format!("{}-init", self.container));
-        if self.keep_dir {
-            if let Ok(empty) = tempfile::tempdir() {
-                let dir = std::mem::replace(&mut self.fleet.dir, empty);
-                eprintln!("kept {}", dir.keep().display());
-            }
-        }
-    }
-}
-
-/// A fresh fleet (CA, keys), broker, enrollment token and agent, connected.
+/// A fresh fleet (CA, keys), broker, enrollment token and agent with the e2e tests'
+/// `[database]` section, connected.
 pub async fn setup(bins: &Bins, args: &crate::Args, engine: &Engine) -> Result<Rig> {
     let fleet = Fleet::new();
-    let d = fleet.dir.path();
-    let broker_config = fleet.path("broker.toml");
-    std::fs::write(
-        &broker_config,
-        format!(
-            r#"agent_listen = "127.0.0.1:0"
-api_listen = "127.0.0.1:0"
-data_dir = {data}
-[tls]
-ca_cert = {ca}
-ca_key = {ca_key}
-server_cert = {cert}
-server_key = {key}
-"#,
-            data = toml_str(&fleet.path("broker-data")),
-            ca = toml_str(&d.join("ca.crt")),
-            ca_key = toml_str(&d.join("ca.key")),
-            cert = toml_str(&d.join("broker.crt")),
-            key = toml_str(&d.join("broker.key")),
-        ),
-    )
-    .context("cannot write the broker config")?;
-    let (proc, line) = spawn(
-        "broker",
-        &bins.broker,
-        &broker_config,
-        fleet.path("broker.log"),
-        &args.log,
-    )?;
-    let Some((agent_addr, api_addr)) = parse_listening(&line) else {
-        bail!(
-            "the broker did not report its addresses (got {line:?}):\n{}",
-            proc.log_tail()
-        );
-    };
-    let broker = BrokerProc {
-        proc,
-        agent_addr,
-        api_addr,
-    };
-    let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token(AGENT_ID, None)
-        .await
-        .context("cannot get an enrollment token")?
-        .token;
-
-    // The agent's config: what `Fleet::start_agent` writes, plus the [database] section.
-    let state_dir = fleet.path(&format!("agent-{AGENT_ID}"));
-    let token_file = fleet.path(&format!("agent-{AGENT_ID}.token"));
-    std::fs::write(&token_file, &token).context("cannot write the token file")?;
     let container = dbvm_e2e::docker::unique_name("bench");
-    let key = dbvm_protocol::command::PublicKeyFile::from_key(&fleet.signer.verifying_key());
-    let config = format!(
-        r#"agent_id = "{AGENT_ID}"
-state_dir = {state}
-[broker]
-address = "localhost:{port}"
-ca_cert = {ca}
-enrollment_token_file = {token}
-[[trusted_keys]]
-key_id = "{kid}"
-public_key = "{pk}"
-[link]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-{db}
-"#,
-        state = toml_str(&state_dir),
-        port = agent_addr.port(),
-        ca = toml_str(&d.join("ca.crt")),
-        token = toml_str(&token_file),
-        kid = key.key_id,
-        pk = key.public_key,
-        db = db_section(
-            engine,
-            &fleet.path(&format!("{AGENT_ID}-db")),
-            &container,
-            args.reconcile_secs
-        ),
+    let sections = engine.database_section(
+        &fleet.path(&format!("{AGENT_ID}-db")),
+        &container,
+        args.reconcile_secs,
+        "",
     );
-    let config_path = fleet.path(&format!("agent-{AGENT_ID}.toml"));
-    std::fs::write(&config_path, config).context("cannot write the agent config")?;
-    let (proc, _) = spawn(
-        "agent",
-        &bins.agent,
-        &config_path,
-        fleet.path(&format!("agent-{AGENT_ID}.log")),
-        &args.log,
-    )?;
-    let mut rig = Rig {
-        agent: AgentProc {
-            proc,
-            id: AGENT_ID.to_string(),
-            config: config_path,
-            state_dir,
-        },
-        broker,
-        client,
-        engine: engine.clone(),
+    let spec = dbvm_e2e::release::Spec {
+        agent_id: AGENT_ID,
+        sections,
         container,
-        fleet,
+        log_level: &args.log,
         keep_dir: args.keep_dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let agents = rig.client.agents().await.unwrap_or_default();
-        if agents.iter().any(|a| a.id == AGENT_ID && a.connected) {
-            break;
-        }
-        if !rig.agent.proc.is_running() || Instant::now() > deadline {
-            bail!(
-                "the agent did not connect within 30 s:\n{}",
-                rig.agent.proc.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(rig)
+    dbvm_e2e::release::start(fleet, bins, engine, spec).await
 }
 
 /// One connection as dbaas over TCP to `app`, with a `SELECT 1`.
