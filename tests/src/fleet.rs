@@ -169,6 +169,26 @@ max_backoff_ms = 1000
         self.start_broker_at(&old.proc.name, old.agent_addr, old.api_addr, extra)
     }
 
+    /// Gets a one-time enrollment token for `id` through `client`, starts that agent
+    /// with it (`extra` appended to its config) and waits until the broker lists it as
+    /// connected.
+    pub async fn enroll_agent(
+        &self,
+        client: &dbvmctl::Client,
+        broker: SocketAddr,
+        id: &str,
+        extra: &str,
+    ) -> AgentProc {
+        let token = client
+            .enrollment_token(id, None)
+            .await
+            .expect("enrollment token")
+            .token;
+        let agent = self.start_agent(id, broker, Some(&token), extra);
+        crate::connected(client, id).await;
+        agent
+    }
+
     /// Writes an agent config and starts the agent. `token` goes into a token file.
     pub fn start_agent(
         &self,

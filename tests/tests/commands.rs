@@ -4,7 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use dbvm_e2e::rogue::RogueBroker;
-use dbvm_e2e::{connected, Fleet};
+use dbvm_e2e::Fleet;
 use dbvm_protocol::api::{CommandState, CommandView};
 use dbvm_protocol::command::CommandSigner;
 use dbvm_protocol::messages::{Outcome, RejectCode};
@@ -26,13 +26,9 @@ async fn enrolled_agent_answers_signed_ping_and_facts_and_secrets_stay_sealed() 
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token("db1", None)
-        .await
-        .expect("token")
-        .token;
-    let _agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
-    connected(&client, "db1").await;
+    let _agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", "")
+        .await;
 
     let v = run(&client, &fleet.sign("db1", "ping", json!({"echo": "hi"}))).await;
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
@@ -113,13 +109,9 @@ async fn forged_unknown_key_unsupported_and_bad_args_are_refused_by_the_agent() 
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token("db1", None)
-        .await
-        .expect("token")
-        .token;
-    let agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
-    connected(&client, "db1").await;
+    let agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", "")
+        .await;
 
     // Forged: the signature does not match the bytes (one byte of the body changed).
     let mut forged = fleet.sign("db1", "ping", json!({"echo": "a"}));

@@ -63,11 +63,6 @@ async fn setup(id: &str, db_extra: &str) -> Setup {
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token(id, None)
-        .await
-        .expect("token")
-        .token;
     let container = unique("dbvm-e2e");
     let section = db_section(
         &engine,
@@ -75,8 +70,9 @@ async fn setup(id: &str, db_extra: &str) -> Setup {
         &container,
         db_extra,
     );
-    let agent = fleet.start_agent(id, broker.agent_addr, Some(&token), &section);
-    connected(&client, id).await;
+    let agent = fleet
+        .enroll_agent(&client, broker.agent_addr, id, &section)
+        .await;
     Setup {
         fleet,
         _broker: broker,
@@ -503,11 +499,11 @@ async fn missing_image_unwritable_and_full_disks_fail_clearly() {
         let broker = fleet.start_broker("");
         let client = fleet.client(&broker);
         let id = format!("pg5{case}");
-        let token = client.enrollment_token(&id, None).await.unwrap().token;
         let container = unique("dbvm-e2e");
         let section = db_section(&engine, &mnt.path().join("db"), &container, "");
-        let _agent = fleet.start_agent(&id, broker.agent_addr, Some(&token), &section);
-        connected(&client, &id).await;
+        let _agent = fleet
+            .enroll_agent(&client, broker.agent_addr, &id, &section)
+            .await;
         let cmd = fleet.sign(
             &id,
             "db.create",
@@ -532,7 +528,6 @@ async fn engine_down_is_a_clear_error_and_retried_when_it_returns() {
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client.enrollment_token("pg6", None).await.unwrap().token;
     let container = unique("dbvm-e2e");
     // The agent's engine socket is a relay the test controls: absent = engine down.
     let relay_path = fleet.path("relay.sock");
@@ -540,8 +535,9 @@ async fn engine_down_is_a_clear_error_and_retried_when_it_returns() {
     down_engine.socket = relay_path.clone();
     let section = db_section(&down_engine, &fleet.path("pg6-db"), &container, "")
         .replace("engine_wait_s = 5", "engine_wait_s = 20");
-    let _agent = fleet.start_agent("pg6", broker.agent_addr, Some(&token), &section);
-    connected(&client, "pg6").await;
+    let _agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "pg6", &section)
+        .await;
 
     // Status answers without an engine and names the socket it cannot reach.
     let v = client

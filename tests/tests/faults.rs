@@ -55,13 +55,9 @@ async fn broker_killed_with_commands_queued_and_in_flight_delivers_each_exactly_
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token("db1", None)
-        .await
-        .expect("token")
-        .token;
-    let mut agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
-    connected(&client, "db1", true).await;
+    let mut agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", "")
+        .await;
 
     // Queued while the agent is away.
     agent.proc.terminate();
@@ -133,13 +129,9 @@ async fn agent_killed_mid_command_reports_it_interrupted_and_never_reruns_it() {
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token("db1", None)
-        .await
-        .expect("token")
-        .token;
-    let mut agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
-    connected(&client, "db1", true).await;
+    let mut agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", "")
+        .await;
 
     let v = client
         .submit(&fleet.sign("db1", "ping", json!({"delay_ms": 20000})))
@@ -355,13 +347,9 @@ async fn the_agent_renews_its_certificate_on_the_live_link_without_dropping_comm
     let broker =
         fleet.start_broker("[agents]\ncert_lifetime_seconds = 6\nheartbeat_interval_ms = 1000\n");
     let client = fleet.client(&broker);
-    let token = client
-        .enrollment_token("db1", None)
-        .await
-        .expect("token")
-        .token;
-    let agent = fleet.start_agent("db1", broker.agent_addr, Some(&token), "");
-    connected(&client, "db1", true).await;
+    let agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", "")
+        .await;
     let first = std::fs::read_to_string(agent.state_dir.join("identity.pem")).expect("identity");
     let first_not_after = client
         .agent("db1")
