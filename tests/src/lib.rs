@@ -18,6 +18,7 @@ pub mod proc;
 pub mod proxy;
 pub mod raw;
 pub mod release;
+pub mod report;
 pub mod rogue;
 
 pub use fleet::Fleet;

@@ -4,13 +4,7 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-/// `Key:   123 kB` lines of status and smaps_rollup, in KiB.
-fn kib_field(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
+use dbvm_e2e::report::kib_field;
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Memory {

@@ -68,20 +68,11 @@ pub struct EngineSummary {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct Machine {
-    pub hostname: String,
-    pub cpus: usize,
-    pub cpu_model: String,
-    pub kernel: String,
-    pub memory_total_kib: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub started_at_utc: String,
     pub started_unix_s: u64,
     pub command_line: String,
-    pub machine: Machine,
+    pub machine: dbvm_e2e::report::Machine,
     pub agent_bin: String,
     pub agent_bin_bytes: u64,
     pub broker_bin: String,
@@ -96,70 +87,7 @@ pub struct Report {
     pub runs: Vec<CreateRun>,
 }
 
-fn first_line_with(path: &str, prefix: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix(prefix)
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_string())
-            })
-        })
-        .unwrap_or_default()
-}
-
-fn machine() -> Machine {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    Machine {
-        hostname: read("/proc/sys/kernel/hostname"),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        cpu_model: first_line_with("/proc/cpuinfo", "model name"),
-        kernel: read("/proc/sys/kernel/osrelease"),
-        memory_total_kib: first_line_with("/proc/meminfo", "MemTotal")
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0),
-    }
-}
-
-/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn utc_parts(unix_s: u64) -> (i64, u32, u32, u64, u64, u64) {
-    let (y, m, d) = civil((unix_s / 86_400) as i64);
-    let s = unix_s % 86_400;
-    (y, m, d, s / 3600, s % 3600 / 60, s % 60)
-}
-
-/// `2026-11-22T10:41:07Z`
-pub fn utc(unix_s: u64) -> String {
-    let (y, m, d, hh, mm, ss) = utc_parts(unix_s);
-    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-}
-
-/// `20261122-104107` (UTC), for file names.
-pub fn file_stamp(unix_s: u64) -> String {
-    let (y, m, d, hh, mm, ss) = utc_parts(unix_s);
-    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
-}
+pub use dbvm_e2e::report::{file_stamp, utc};
 
 fn phase_label(key: &str) -> String {
     format!("  agent: {}", key.strip_suffix("_ms").unwrap_or(key))
@@ -274,7 +202,7 @@ pub async fn collect(args: &Args, bins: &Bins) -> Result<Report> {
         started_at_utc: utc(started_unix_s),
         started_unix_s,
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
-        machine: machine(),
+        machine: dbvm_e2e::report::machine(),
         agent_bin: bins.agent.display().to_string(),
         agent_bin_bytes,
         broker_bin: bins.broker.display().to_string(),

@@ -10,13 +10,7 @@ use serde::Serialize;
 /// USER_HZ on Linux: `/proc/<pid>/stat` counts CPU time in 10 ms ticks.
 const TICK_MS: f64 = 10.0;
 
-/// `Key:   123 kB` lines of status and smaps_rollup, in KiB.
-fn kib_field(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
+use dbvm_e2e::report::kib_field;
 
 /// One reading of one process.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -128,49 +122,6 @@ pub fn machine_jiffies() -> (u64, u64) {
     (total.saturating_sub(idle), total)
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Machine {
-    pub hostname: String,
-    pub cpus: usize,
-    pub cpu_model: String,
-    pub kernel: String,
-    pub memory_total_kib: u64,
-}
-
-fn first_line_with(path: &str, prefix: &str) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix(prefix)
-                    .map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_string())
-            })
-        })
-        .unwrap_or_default()
-}
-
-pub fn machine() -> Machine {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    Machine {
-        hostname: read("/proc/sys/kernel/hostname"),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        cpu_model: first_line_with("/proc/cpuinfo", "model name"),
-        kernel: read("/proc/sys/kernel/osrelease"),
-        memory_total_kib: first_line_with("/proc/meminfo", "MemTotal")
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,7 +130,6 @@ mod tests {
     fn reads_this_process() {
         let s = sample(std::process::id(), 0.0).unwrap();
         assert!(s.vm_rss_kib > 0 && s.threads >= 1);
-        assert_eq!(kib_field("VmRSS:\t  1234 kB\n", "VmRSS"), Some(1234));
         let (busy, total) = machine_jiffies();
         assert!(total >= busy && total > 0);
     }

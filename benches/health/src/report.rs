@@ -3,11 +3,12 @@
 //! and prints them.
 
 use crate::inproc::{self, histogram, InProcess, Latency};
-use crate::procfs::{self, Machine};
+use crate::procfs;
 use crate::rig::{self, Bins};
 use crate::soak::{self, Soak};
 use crate::{scrape, Args};
 use anyhow::{Context, Result};
+use dbvm_e2e::report::Machine;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,34 +52,7 @@ pub struct Report {
     pub total_s: f64,
 }
 
-/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn utc_parts(unix_s: u64) -> (i64, u32, u32, u64, u64, u64) {
-    let (y, m, d) = civil((unix_s / 86_400) as i64);
-    let s = unix_s % 86_400;
-    (y, m, d, s / 3600, s % 3600 / 60, s % 60)
-}
-
-pub fn utc(unix_s: u64) -> String {
-    let (y, m, d, hh, mm, ss) = utc_parts(unix_s);
-    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-}
-
-pub fn file_stamp(unix_s: u64) -> String {
-    let (y, m, d, hh, mm, ss) = utc_parts(unix_s);
-    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
-}
+pub use dbvm_e2e::report::{file_stamp, utc};
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -183,7 +157,7 @@ pub async fn collect(args: &Args) -> Result<Report> {
         started_unix_s,
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
         quick: args.quick,
-        machine: procfs::machine(),
+        machine: dbvm_e2e::report::machine(),
         load_at_start,
         agent_bin: bins.agent.display().to_string(),
         agent_bin_bytes,
