@@ -543,21 +543,20 @@ impl Session {
     /// goes with its result instead.
     fn mark(&mut self, id: Uuid, state: CommandState, now: bool) {
         let delivered_now = (state == CommandState::Delivered).then(dbvm_protocol::now_ms);
-        let previous = self.marks.insert(
-            id,
-            Mark {
-                state,
-                delivered_at_ms: delivered_now,
-            },
-        );
-        let fresh = match previous {
-            None => true,
-            Some(old) => {
+        let fresh = match self.marks.get_mut(&id) {
+            Some(m) => {
                 // `running` replacing a `delivered` not yet written keeps its time.
-                if let Some(m) = self.marks.get_mut(&id) {
-                    m.delivered_at_ms = m.delivered_at_ms.or(old.delivered_at_ms);
-                }
+                m.state = state;
+                m.delivered_at_ms = delivered_now.or(m.delivered_at_ms);
                 false
+            }
+            None => {
+                let m = Mark {
+                    state,
+                    delivered_at_ms: delivered_now,
+                };
+                self.marks.insert(id, m);
+                true
             }
         };
         if now {

@@ -79,16 +79,7 @@ pub fn utc(unix_s: u64) -> String {
 
 /// `20261122-104107` (UTC), for file names.
 pub fn file_stamp(unix_s: u64) -> String {
-    let t = utc_time(unix_s);
-    format!(
-        "{:04}{:02}{:02}-{:02}{:02}{:02}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    utc(unix_s).replace(['-', ':', 'Z'], "").replace('T', "-")
 }
 
 #[cfg(test)]
