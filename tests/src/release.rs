@@ -22,7 +22,7 @@ pub struct Bins {
 
 /// Starts `bin --config <config>` with `DBVM_LOG=level` and stderr in `log`; for the
 /// broker, reads its first stdout line ("listening agent=… api=…") as `Proc::spawn` does.
-pub fn spawn(
+fn spawn(
     name: &str,
     bin: &Path,
     config: &Path,
