@@ -1,0 +1,155 @@
+//! The broker's durable state behind one narrow trait: commands and their results,
+//! agents, enrollment tokens.
+//!
+//! Everything outside this module sees only [`Store`]; nothing else may assume a local
+//! file, so a clustered backend (NATS JetStream is the planned one) can replace
+//! [`SqliteStore`] without touching the link or the API.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use dbvm_protocol::api::{CommandError, CommandState, CommandView, OperationClass, Progress};
+use std::path::PathBuf;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("command {0} already exists")]
+    Conflict(Uuid),
+    #[error("could not open the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("store query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store is shutting down")]
+    Closed,
+    #[error("corrupt record in the store: {0}")]
+    Corrupt(String),
+}
+
+/// A command as stored.
+#[derive(Clone, Debug)]
+pub struct CommandRecord {
+    pub id: Uuid,
+    pub agent_id: String,
+    pub operation: String,
+    pub class: OperationClass,
+    pub state: CommandState,
+    /// The signed command exactly as the control plane submitted it.
+    pub signed: Vec<u8>,
+    pub submitted_at_ms: i64,
+    pub not_after_ms: i64,
+    pub delivered_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub progress: Option<Progress>,
+    pub output_json: Option<String>,
+    pub error: Option<CommandError>,
+}
+
+impl CommandRecord {
+    pub fn view(&self) -> CommandView {
+        CommandView {
+            id: self.id,
+            agent_id: self.agent_id.clone(),
+            operation: self.operation.clone(),
+            class: self.class,
+            state: self.state,
+            submitted_at_ms: self.submitted_at_ms,
+            not_after_ms: self.not_after_ms,
+            delivered_at_ms: self.delivered_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            progress: self.progress.clone(),
+            output: self.output_json.as_deref().map(|s| {
+                serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.to_string()))
+            }),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// How a command ended, as recorded.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    pub state: CommandState,
+    pub finished_at_ms: i64,
+    /// When the command was handed to the agent, if that is not stored yet (a fast
+    /// command's `delivered` is never written on its own); a stored time is kept.
+    pub delivered_at_ms: Option<i64>,
+    pub output_json: Option<String>,
+    pub error: Option<CommandError>,
+}
+
+/// What the broker remembers of an agent between connections.
+#[derive(Clone, Debug, Default)]
+pub struct AgentRecord {
+    pub id: String,
+    pub last_seen_ms: Option<i64>,
+    pub agent_version: Option<String>,
+    pub protocol: Option<String>,
+    pub operations: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub sealing_key: Option<String>,
+    pub db_kind: Option<String>,
+    pub cert_not_after_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("enrollment token is not known to this broker")]
+    Unknown,
+    #[error("enrollment token was already used")]
+    Used,
+    #[error("enrollment token expired")]
+    Expired,
+    #[error("enrollment token was issued for agent {0:?}, not this one")]
+    OtherAgent(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new command durably. Fails with `Conflict` when the id exists.
+    async fn insert_command(&self, rec: CommandRecord) -> Result<(), StoreError>;
+    async fn command(&self, id: Uuid) -> Result<Option<CommandRecord>, StoreError>;
+    /// Commands not yet finished for an agent, oldest first.
+    async fn unfinished_for_agent(&self, agent: &str) -> Result<Vec<CommandRecord>, StoreError>;
+    /// All unfinished commands (to rebuild admission counts at start).
+    async fn unfinished(&self) -> Result<Vec<(Uuid, OperationClass)>, StoreError>;
+    /// Moves a command to `state` if it is currently in one of `from`, recording when it
+    /// was delivered unless that is stored already. Returns whether it moved.
+    async fn transition(
+        &self,
+        id: Uuid,
+        from: &[CommandState],
+        state: CommandState,
+        delivered_at_ms: Option<i64>,
+    ) -> Result<bool, StoreError>;
+    async fn progress(&self, id: Uuid, progress: Progress) -> Result<(), StoreError>;
+    /// Records the outcome durably, unless the command already finished. Returns the
+    /// finished record when this call finished it (so nobody has to read it back).
+    async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<CommandRecord>, StoreError>;
+    /// Expires queued commands whose time ran out; returns them.
+    async fn expire_due(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError>;
+
+    async fn upsert_agent(&self, rec: AgentRecord) -> Result<(), StoreError>;
+    async fn touch_agent(&self, id: &str, last_seen_ms: i64) -> Result<(), StoreError>;
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    async fn queued_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    async fn insert_token(
+        &self,
+        hash: [u8; 32],
+        agent: &str,
+        expires_at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Uses a token once, atomically.
+    async fn consume_token(
+        &self,
+        hash: [u8; 32],
+        agent: &str,
+        now_ms: i64,
+    ) -> Result<Result<(), TokenRefusal>, StoreError>;
+}
