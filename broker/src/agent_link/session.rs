@@ -1,41 +1,30 @@
-//! The agent link: the mTLS listener agents dial into, one session per connected agent.
-//!
-//! A session delivers the agent's stored commands (respecting admission slots), records
-//! acks, progress and results (a result is acknowledged only once it is durable), relays
-//! events, renews the agent's certificate, and closes a connection that stays silent for
-//! `missed_heartbeats` intervals.
+//! The session of a connected agent: one task, one `select!` loop that reads frames,
+//! delivers commands within admission slots, stores acks, progress and results, and
+//! keeps one timer for everything it waits on.
 
+use super::handshake::kind;
+use super::{refuse, send, Reader, Writer, WRITE_TIMEOUT};
 use crate::enroll;
 use crate::hub::{Hub, SessionCommand};
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, CommandRecord, Finish};
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
-use dbvm_protocol::frame::{self, FrameBuf, FrameError};
+use dbvm_protocol::frame::{self, FrameBuf};
 use dbvm_protocol::health::HealthReport;
 use dbvm_protocol::messages::{
-    peek_hello_version, AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode,
-    Welcome,
+    AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode, Welcome,
 };
-use dbvm_protocol::pki::{identity_of, validity_ms_der, Identity};
 use dbvm_protocol::{AgentId, SignedCommand, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 use uuid::Uuid;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `delivered` and `running` are written only for commands still unfinished this long
 /// after the event: most commands finish sooner, and their result write is then the only
 /// write after the insert (two durable writes per command instead of four). Both states
@@ -53,205 +42,12 @@ const BLOCKED_RETRY: Duration = Duration::from_millis(250);
 /// (which expires only `queued` commands) can never expire a command the agent runs.
 const MARK_NOW_BEFORE_EXPIRY_MS: i64 = 5_000;
 
-type Reader = ReadHalf<TlsStream<TcpStream>>;
-type Writer = WriteHalf<TlsStream<TcpStream>>;
-
 /// A state of a delivered command not written yet (see [`MARK_DELAY`]).
 #[derive(Clone, Copy, Debug)]
 struct Mark {
     state: CommandState,
     /// When it was handed to the agent, unless that is stored already.
     delivered_at_ms: Option<i64>,
-}
-
-/// Accepts agent connections until `shutdown`. Per-connection errors stay per connection.
-pub async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    hub: Arc<Hub>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "agent listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let hub = hub.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(
-            async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake");
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake_timeout");
-                        return;
-                    }
-                };
-                connection(tls, hub, shutdown).await;
-            }
-            .instrument(tracing::debug_span!("agent_conn", %peer)),
-        );
-    }
-}
-
-async fn send(wr: &mut Writer, msg: &BrokerMessage, max: usize) -> Result<(), FrameError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, frame::write_frame(wr, msg, max)).await {
-        Ok(r) => r,
-        Err(_) => Err(FrameError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "agent did not read its frames for 10 s",
-        ))),
-    }
-}
-
-async fn refuse(wr: &mut Writer, hub: &Hub, code: RefuseCode, message: String) {
-    let reason = format!("{code:?}").to_lowercase();
-    Metrics::count(&hub.metrics.link_errors, "reason", &reason);
-    tracing::info!(code = ?code, %message, "refusing agent connection");
-    let _ = send(
-        wr,
-        &BrokerMessage::Refused { code, message },
-        frame::MAX_FRAME_LEN,
-    )
-    .await;
-    let _ = wr.shutdown().await;
-}
-
-async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: CancellationToken) {
-    let peer_cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.as_ref().to_vec());
-    let max = hub.settings.max_frame_bytes;
-    let (mut rd, mut wr) = tokio::io::split(tls);
-
-    let payload =
-        match tokio::time::timeout(FIRST_FRAME_TIMEOUT, frame::read_payload(&mut rd, max)).await {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                refuse(
-                    &mut wr,
-                    &hub,
-                    RefuseCode::ProtocolViolation,
-                    format!("first frame refused: {e}"),
-                )
-                .await;
-                return;
-            }
-            Err(_) => {
-                refuse(
-                    &mut wr,
-                    &hub,
-                    RefuseCode::ProtocolViolation,
-                    "no Hello within 10 s".into(),
-                )
-                .await;
-                return;
-            }
-        };
-    if let Some((major, minor)) = peek_hello_version(&payload) {
-        if major != PROTOCOL_MAJOR {
-            let msg = format!(
-                "agent speaks protocol {major}.{minor}; this broker speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}: upgrade the older side"
-            );
-            refuse(&mut wr, &hub, RefuseCode::UnsupportedVersion, msg).await;
-            return;
-        }
-    }
-    let first: AgentMessage = match frame::decode(&payload) {
-        Ok(m) => m,
-        Err(e) => {
-            refuse(
-                &mut wr,
-                &hub,
-                RefuseCode::ProtocolViolation,
-                format!("first frame refused: {e}"),
-            )
-            .await;
-            return;
-        }
-    };
-    match first {
-        AgentMessage::Enroll(req) => match enroll::enroll(&hub, req).await {
-            Ok(reply) => {
-                let _ = send(&mut wr, &reply, frame::MAX_FRAME_LEN).await;
-                let _ = wr.shutdown().await;
-            }
-            Err((code, message)) => refuse(&mut wr, &hub, code, message).await,
-        },
-        AgentMessage::Hello(hello) => {
-            let Some(der) = peer_cert else {
-                let msg = "no client certificate: this agent must enroll first".to_string();
-                refuse(&mut wr, &hub, RefuseCode::CertificateRequired, msg).await;
-                return;
-            };
-            let agent = match identity_of(&der) {
-                Ok(Identity::Agent(id)) => id,
-                Ok(Identity::ControlPlane(name)) => {
-                    let msg = format!("certificate is for control plane {name:?}, not an agent");
-                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
-                    return;
-                }
-                Err(e) => {
-                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, e.to_string()).await;
-                    return;
-                }
-            };
-            if hello.agent_id != agent.as_str() {
-                let msg = format!(
-                    "Hello claims agent {:?} but the client certificate is for agent {:?}",
-                    hello.agent_id,
-                    agent.as_str()
-                );
-                refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
-                return;
-            }
-            let not_after = validity_ms_der(&der).ok().map(|(_, na)| na);
-            let span = tracing::info_span!("agent", agent = %agent);
-            session(hub, agent, hello, not_after, rd, wr, shutdown)
-                .instrument(span)
-                .await;
-        }
-        other => {
-            let msg = format!("first frame must be Hello or Enroll, got {}", kind(&other));
-            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, msg).await;
-        }
-    }
-}
-
-fn kind(m: &AgentMessage) -> &'static str {
-    match m {
-        AgentMessage::Hello(_) => "Hello",
-        AgentMessage::Enroll(_) => "Enroll",
-        AgentMessage::Heartbeat { .. } => "Heartbeat",
-        AgentMessage::Ack { .. } => "Ack",
-        AgentMessage::Progress { .. } => "Progress",
-        AgentMessage::Result(_) => "Result",
-        AgentMessage::Event(_) => "Event",
-        AgentMessage::Renew { .. } => "Renew",
-        AgentMessage::Health(_) => "Health",
-    }
 }
 
 struct Session {
@@ -292,7 +88,7 @@ fn cert_deadline(not_after_ms: Option<i64>) -> Instant {
     Instant::now() + Duration::from_millis(left)
 }
 
-async fn session(
+pub(super) async fn session(
     hub: Arc<Hub>,
     agent: AgentId,
     hello: Hello,
