@@ -14,17 +14,19 @@ use dbvm_protocol::api::{CommandError, CommandState, CommandView, OperationClass
 use std::path::PathBuf;
 use uuid::Uuid;
 
+/// A backend's own error.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("command {0} already exists")]
     Conflict(Uuid),
     #[error("could not open the store at {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Open { path: PathBuf, source: BackendError },
+    /// The backend failed (SQLite, or the clustered engine): its own error, boxed so
+    /// this enum names no backend's type.
     #[error("store query failed: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Backend(BackendError),
     #[error("store is shutting down")]
     Closed,
     #[error("corrupt record in the store: {0}")]

@@ -10,9 +10,15 @@
 use super::{AgentRecord, CommandRecord, Finish, Store, StoreError, TokenRefusal};
 use async_trait::async_trait;
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Backend(Box::new(e))
+    }
+}
 
 type WriteJob = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> Box<dyn FnOnce() + Send> + Send>;
 
@@ -66,7 +72,7 @@ CREATE TABLE IF NOT EXISTS enrollment_tokens (
 fn open(path: &Path) -> Result<rusqlite::Connection, StoreError> {
     let conn = rusqlite::Connection::open(path).map_err(|source| StoreError::Open {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: a commit is on disk when it returns (the WAL is fsynced at every commit).
@@ -80,7 +86,7 @@ impl SqliteStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
             path: dir.to_path_buf(),
-            source: rusqlite::Error::InvalidPath(PathBuf::from(e.to_string())),
+            source: Box::new(e),
         })?;
         let path = dir.join("broker.sqlite3");
         let mut wconn = open(&path)?;
@@ -98,14 +104,16 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("store-checkpoint".into())
             .spawn(move || checkpoint_loop(&cconn, crx, done_tx))
-            .map_err(|e| {
-                StoreError::Corrupt(format!("cannot start the store checkpoint thread: {e}"))
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                source: format!("cannot start the store checkpoint thread: {e}").into(),
             })?;
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer_loop(&mut wconn, rx, ctx, done_rx))
-            .map_err(|e| {
-                StoreError::Corrupt(format!("cannot start the store writer thread: {e}"))
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                source: format!("cannot start the store writer thread: {e}").into(),
             })?;
         Ok(Self {
             writer: tx,
