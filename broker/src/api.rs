@@ -4,6 +4,7 @@
 //! `/healthz`, `/metrics` and `/openapi.json` are open (they carry no secrets).
 
 use crate::hub::{Hub, SubmitError};
+use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::store::{CommandRecord, StoreError};
 use axum::extract::{Path, Query, State};
@@ -23,7 +24,6 @@ use serde::Deserialize;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -450,56 +450,42 @@ async fn events(State(hub): State<Arc<Hub>>, Query(q): Query<EventsQuery>) -> im
 /// Serves the API over TLS until `shutdown`. The client certificate (if any) of each
 /// connection becomes a [`Peer`] in every request's extensions.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     acceptor: TlsAcceptor,
     router: Router,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (tcp, _addr) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "API listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "API TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                None => Peer::Anonymous,
-                Some(der) => match identity_of(der.as_ref()) {
-                    Ok(id) => Peer::Identity(id),
-                    Err(e) => Peer::Invalid(e.to_string()),
-                },
-            };
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer.clone());
-                router.clone().oneshot(req)
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            tokio::select! {
-                r = conn => if let Err(e) = r { tracing::debug!(error = %e, "API connection ended with an error") },
-                _ = shutdown.cancelled() => {}
-            }
-        });
+    let stop = shutdown.clone();
+    listener
+        .serve(acceptor, shutdown, tracker, move |tls, _peer| {
+            connection(tls, router.clone(), stop.clone())
+        })
+        .await;
+}
+
+/// One API connection after its TLS handshake, until it ends or the broker shuts down.
+async fn connection(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    router: Router,
+    shutdown: CancellationToken,
+) {
+    let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => Peer::Anonymous,
+        Some(der) => match identity_of(der.as_ref()) {
+            Ok(id) => Peer::Identity(id),
+            Err(e) => Peer::Invalid(e.to_string()),
+        },
+    };
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        router.clone().oneshot(req)
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::select! {
+        r = conn => if let Err(e) = r { tracing::debug!(error = %e, "API connection ended with an error") },
+        _ = shutdown.cancelled() => {}
     }
 }
 

@@ -36,6 +36,10 @@ pub struct Config {
     pub agents: AgentSettings,
     #[serde(default)]
     pub limits: Limits,
+    /// Caps and the handshake timeout of the two TLS listeners (`[listeners.agent]`,
+    /// `[listeners.api]`); see [`Config::listener_limits`].
+    #[serde(default)]
+    pub listeners: Listeners,
     #[serde(default)]
     pub log: LogSettings,
 }
@@ -100,6 +104,92 @@ impl Default for Limits {
             backups_running: 5,
             log_uploads_running: 5,
         }
+    }
+}
+
+/// `[listeners.agent]` and `[listeners.api]`: each key left out takes that listener's
+/// default (see [`ListenerLimits::AGENT`] and [`ListenerLimits::API`]).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    pub agent: ListenerSection,
+    pub api: ListenerSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerSection {
+    /// Connections open at once; at the cap, new ones wait in the kernel's backlog.
+    pub max_connections: Option<u32>,
+    /// TLS handshakes in progress at once; at the cap, accepted connections wait for a slot.
+    pub max_handshakes: Option<u32>,
+    /// How long a connection may take to finish its TLS handshake (on the agent port also
+    /// to send its first frame) before it is closed.
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+/// The resolved limits of one listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerLimits {
+    pub max_connections: u32,
+    pub max_handshakes: u32,
+    pub handshake_timeout: std::time::Duration,
+}
+
+impl ListenerLimits {
+    /// The agent port: a fleet of 10,000 agents with room to spare (the systemd unit allows
+    /// 65,536 open files), and handshakes enough for a fleet reconnecting after a restart
+    /// (each takes a millisecond or two of CPU) without letting a flood of half-open
+    /// connections take every slot for long.
+    pub const AGENT: Self = Self {
+        max_connections: 20_000,
+        max_handshakes: 256,
+        handshake_timeout: std::time::Duration::from_secs(10),
+    };
+    /// The API port: a few control planes, each with a handful of connections and event
+    /// streams.
+    pub const API: Self = Self {
+        max_connections: 1_024,
+        max_handshakes: 64,
+        handshake_timeout: std::time::Duration::from_secs(10),
+    };
+
+    fn resolve(
+        section: &ListenerSection,
+        defaults: Self,
+        keys: [&'static str; 3],
+    ) -> Result<Self, ConfigError> {
+        let limits = Self {
+            max_connections: section.max_connections.unwrap_or(defaults.max_connections),
+            max_handshakes: section.max_handshakes.unwrap_or(defaults.max_handshakes),
+            handshake_timeout: section
+                .handshake_timeout_ms
+                .map_or(defaults.handshake_timeout, std::time::Duration::from_millis),
+        };
+        // Tokio's semaphore holds at most usize::MAX >> 3 permits; far below that, a
+        // cap above a million connections is a typo, not a plan.
+        if !(1..=1_000_000).contains(&limits.max_connections) {
+            return Err(ConfigError::Invalid {
+                key: keys[0],
+                problem: "must be between 1 and 1000000".into(),
+            });
+        }
+        if limits.max_handshakes < 1 || limits.max_handshakes > limits.max_connections {
+            return Err(ConfigError::Invalid {
+                key: keys[1],
+                problem: format!(
+                    "must be between 1 and max_connections ({})",
+                    limits.max_connections
+                ),
+            });
+        }
+        if !(100..=600_000).contains(&limits.handshake_timeout.as_millis()) {
+            return Err(ConfigError::Invalid {
+                key: keys[2],
+                problem: "must be between 100 and 600000".into(),
+            });
+        }
+        Ok(limits)
     }
 }
 
@@ -187,6 +277,7 @@ impl Config {
                 });
             }
         }
+        self.listener_limits()?;
         if self.agent_listen == self.api_listen && self.agent_listen.port() != 0 {
             return Err(ConfigError::Invalid {
                 key: "api_listen",
@@ -194,6 +285,29 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The limits of the agent and the API listener, defaults filled in and checked.
+    pub fn listener_limits(&self) -> Result<(ListenerLimits, ListenerLimits), ConfigError> {
+        let agent = ListenerLimits::resolve(
+            &self.listeners.agent,
+            ListenerLimits::AGENT,
+            [
+                "listeners.agent.max_connections",
+                "listeners.agent.max_handshakes",
+                "listeners.agent.handshake_timeout_ms",
+            ],
+        )?;
+        let api = ListenerLimits::resolve(
+            &self.listeners.api,
+            ListenerLimits::API,
+            [
+                "listeners.api.max_connections",
+                "listeners.api.max_handshakes",
+                "listeners.api.handshake_timeout_ms",
+            ],
+        )?;
+        Ok((agent, api))
     }
 
     /// Reads and checks the TLS files (each error names its key).
@@ -255,5 +369,57 @@ server_key = "d"
             toml::from_str(&format!("{base}\n[limits]\nbackups_running = 0\n")).unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("limits.backups_running"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+
+    fn with(listeners: &str) -> Result<Config, String> {
+        let text = format!(
+            "agent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\n\
+             [tls]\nca_cert = \"a\"\nca_key = \"b\"\nserver_cert = \"c\"\nserver_key = \"d\"\n{listeners}"
+        );
+        toml::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn listener_limits_default_per_listener_and_name_the_key_when_wrong() {
+        let c = with("").unwrap();
+        assert_eq!(
+            c.listener_limits().unwrap(),
+            (ListenerLimits::AGENT, ListenerLimits::API)
+        );
+        // A key left out keeps that listener's own default.
+        let c = with("[listeners.api]\nmax_handshakes = 2\n").unwrap();
+        let (agent, api) = c.listener_limits().unwrap();
+        assert_eq!(agent, ListenerLimits::AGENT);
+        assert_eq!(
+            (api.max_handshakes, api.max_connections),
+            (2, ListenerLimits::API.max_connections)
+        );
+        for (section, key) in [
+            (
+                "[listeners.agent]\nmax_connections = 0\n",
+                "listeners.agent.max_connections",
+            ),
+            (
+                "[listeners.agent]\nmax_connections = 10\nmax_handshakes = 11\n",
+                "listeners.agent.max_handshakes",
+            ),
+            (
+                "[listeners.api]\nhandshake_timeout_ms = 5\n",
+                "listeners.api.handshake_timeout_ms",
+            ),
+        ] {
+            let e = with(section).unwrap().listener_limits().unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("config key {key}: ")),
+                "{e}"
+            );
+        }
+        let e = with("[listeners.agent]\nmax_conections = 3\n").unwrap_err();
+        assert!(e.contains("max_conections"), "{e}");
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod enroll;
 pub mod health;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod store;
 
@@ -46,8 +47,8 @@ pub enum BrokerError {
 /// A broker with its store open and its listeners bound.
 pub struct Broker {
     hub: Arc<Hub>,
-    agent_listener: TcpListener,
-    api_listener: TcpListener,
+    agent_listener: listener::Listener,
+    api_listener: listener::Listener,
     agent_tls: tokio_rustls::TlsAcceptor,
     api_tls: tokio_rustls::TlsAcceptor,
 }
@@ -84,8 +85,19 @@ impl Broker {
                 .await
                 .map_err(|source| BrokerError::Bind { what, addr, source })
         };
-        let agent_listener = bind("agent listener (agent_listen)", config.agent_listen).await?;
-        let api_listener = bind("API listener (api_listen)", config.api_listen).await?;
+        let (agent_limits, api_limits) = config.listener_limits()?;
+        let agent_listener = listener::Listener::new(
+            bind("agent listener (agent_listen)", config.agent_listen).await?,
+            "agent",
+            agent_limits,
+            &hub.metrics,
+        );
+        let api_listener = listener::Listener::new(
+            bind("API listener (api_listen)", config.api_listen).await?,
+            "api",
+            api_limits,
+            &hub.metrics,
+        );
         Ok(Self {
             hub,
             agent_listener,

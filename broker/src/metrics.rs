@@ -23,6 +23,15 @@ pub struct Metrics {
     pub health_checks: Family<Labels, Gauge>,
     /// Health reports received, by result (`stored`, or why they were refused).
     pub health_reports: Family<Labels, Counter>,
+    /// Failed TLS handshakes, by listener (`agent`, `api`) and reason (see `listener`).
+    pub handshake_failures: Family<Labels, Counter>,
+    /// Open connections, handshakes in progress and connections waiting for a handshake
+    /// slot, by listener.
+    pub listener_connections: Family<Labels, Gauge>,
+    pub listener_handshakes: Family<Labels, Gauge>,
+    pub listener_waiting: Family<Labels, Gauge>,
+    /// Times a listener was at a cap (`limit`: `connections` or `handshakes`).
+    pub listener_saturated: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -106,6 +115,36 @@ impl Metrics {
             "Health reports received from agents, by result (stored, or the reason they were refused)",
             health_reports.clone(),
         );
+        let handshake_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by listener (agent, api) and reason (timeout, eof, certificate, alert_received, incompatible, protocol, io)",
+            handshake_failures.clone(),
+        );
+        let listener_connections = Family::<Labels, Gauge>::default();
+        registry.register(
+            "listener_connections",
+            "Connections open now, by listener (at most listeners.<name>.max_connections)",
+            listener_connections.clone(),
+        );
+        let listener_handshakes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "listener_handshakes",
+            "TLS handshakes in progress now, by listener (at most listeners.<name>.max_handshakes)",
+            listener_handshakes.clone(),
+        );
+        let listener_waiting = Family::<Labels, Gauge>::default();
+        registry.register(
+            "listener_handshakes_waiting",
+            "Accepted connections waiting for a handshake slot now, by listener",
+            listener_waiting.clone(),
+        );
+        let listener_saturated = Family::<Labels, Counter>::default();
+        registry.register(
+            "listener_saturated",
+            "Times a listener was at a cap and a connection had to wait, by listener and limit (connections, handshakes)",
+            listener_saturated.clone(),
+        );
         Self {
             registry,
             agents_connected,
@@ -118,6 +157,11 @@ impl Metrics {
             agents_by_health,
             health_checks,
             health_reports,
+            handshake_failures,
+            listener_connections,
+            listener_handshakes,
+            listener_waiting,
+            listener_saturated,
         }
     }
 

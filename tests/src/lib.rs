@@ -13,6 +13,7 @@
 pub mod dbtest;
 pub mod docker;
 pub mod fleet;
+pub mod metrics;
 pub mod netns;
 pub mod proc;
 pub mod proxy;

@@ -17,9 +17,18 @@ pub async fn connect(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
+    connect_over(TcpStream::connect(addr).await?, ca_pem, identity).await
+}
+
+/// [`connect`] over a TCP connection already made (say, one waiting in the broker's
+/// backlog).
+pub async fn connect_over(
+    tcp: TcpStream,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let config = dbvm_protocol::tls::client_config(ca_pem, identity)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tcp = TcpStream::connect(addr).await?;
     let name =
         rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
     TlsConnector::from(Arc::new(config))

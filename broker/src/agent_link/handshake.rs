@@ -5,7 +5,7 @@ use super::session::session;
 use super::{refuse, send};
 use crate::enroll;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::listener::Listener;
 use dbvm_protocol::frame;
 use dbvm_protocol::messages::{peek_hello_version, AgentMessage, RefuseCode};
 use dbvm_protocol::pki::{identity_of, validity_ms_der, Identity};
@@ -13,65 +13,37 @@ use dbvm_protocol::{PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Accepts agent connections until `shutdown`. Per-connection errors stay per connection.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     acceptor: TlsAcceptor,
     hub: Arc<Hub>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "agent listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let hub = hub.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(
-            async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake");
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        Metrics::count(&hub.metrics.link_errors, "reason", "tls_handshake_timeout");
-                        return;
-                    }
-                };
-                connection(tls, hub, shutdown).await;
-            }
-            .instrument(tracing::debug_span!("agent_conn", %peer)),
-        );
-    }
+    // The first frame is part of getting in: it gets the same time as the TLS handshake.
+    let first_frame_timeout = listener.limits().handshake_timeout;
+    let stop = shutdown.clone();
+    listener
+        .serve(acceptor, shutdown, tracker, move |tls, _peer| {
+            connection(tls, hub.clone(), first_frame_timeout, stop.clone())
+        })
+        .await;
 }
 
-async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: CancellationToken) {
+async fn connection(
+    tls: TlsStream<TcpStream>,
+    hub: Arc<Hub>,
+    first_frame_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let peer_cert = tls
         .get_ref()
         .1
@@ -82,7 +54,7 @@ async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: Cancella
     let (mut rd, mut wr) = tokio::io::split(tls);
 
     let payload =
-        match tokio::time::timeout(FIRST_FRAME_TIMEOUT, frame::read_payload(&mut rd, max)).await {
+        match tokio::time::timeout(first_frame_timeout, frame::read_payload(&mut rd, max)).await {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -100,7 +72,10 @@ async fn connection(tls: TlsStream<TcpStream>, hub: Arc<Hub>, shutdown: Cancella
                     &mut wr,
                     &hub,
                     RefuseCode::ProtocolViolation,
-                    "no Hello within 10 s".into(),
+                    format!(
+                        "no Hello or Enroll within {} ms",
+                        first_frame_timeout.as_millis()
+                    ),
                 )
                 .await;
                 return;
