@@ -111,8 +111,9 @@ async fn bad_frames_versions_and_identities_are_refused_and_change_nothing() {
         matches!(welcome, Some(BrokerMessage::Welcome(_))),
         "{welcome:?}"
     );
-    let after = send_raw(&mut s, &[0, 0, 0, 2, 0xee, 0xee], false).await;
-    assert!(matches!(after, Ok(None) | Err(_)), "{after:?}");
+    let (code, msg) = refused(send_raw(&mut s, &[0, 0, 0, 2, 0xee, 0xee], false).await);
+    assert_eq!(code, RefuseCode::ProtocolViolation);
+    assert!(msg.contains("undecodable"), "{msg}");
 
     // The API refuses clients without a certificate, and agent certificates.
     let url = format!("{}/v1/agents", broker.api_url());
@@ -152,6 +153,74 @@ async fn bad_frames_versions_and_identities_are_refused_and_change_nothing() {
         metrics.contains("dbvm_broker_link_errors_total{reason=\"protocolviolation\"}"),
         "{metrics}"
     );
+}
+
+/// docs/wire-format.md: an oversized, empty, undecodable or truncated frame is answered
+/// with `Refused { ProtocolViolation }` before the broker closes, also after a good
+/// Hello; so is a second Hello. Each is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_after_a_good_hello_are_refused_with_protocol_violation_and_counted() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let ca = fleet.ca.cert_pem();
+    let db1 = fleet.client_cert(Identity::Agent(AgentId::new("db1").expect("id")));
+    let id = Some((db1.cert_pem.as_str(), db1.key_pem.as_str()));
+    let hello_bytes = encode(&hello("db1", 1), MAX_FRAME_LEN).expect("encode");
+    let series = "dbvm_broker_link_errors_total{reason=\"protocolviolation\"}";
+    let before = dbvm_e2e::metrics::count(&dbvm_e2e::metrics::scrape(&broker, ca).await, series);
+    let cases: [(&str, Vec<u8>, bool, &str); 5] = [
+        (
+            "undecodable",
+            vec![0, 0, 0, 3, 0xff, 0xff, 0xff],
+            false,
+            "undecodable",
+        ),
+        (
+            "oversized",
+            vec![0x7f, 0xff, 0xff, 0xff],
+            false,
+            "exceeds the maximum",
+        ),
+        ("empty", vec![0, 0, 0, 0], false, "empty frame"),
+        (
+            "truncated",
+            vec![0, 0, 0, 100, 1, 2, 3],
+            true,
+            "middle of a frame",
+        ),
+        (
+            "second Hello",
+            hello_bytes.clone(),
+            false,
+            "Hello after the session started",
+        ),
+    ];
+    for (what, bytes, close, expect) in &cases {
+        let mut s = connect(broker.agent_addr, ca, id).await.expect("connect");
+        let welcome = send_raw(&mut s, &hello_bytes, false)
+            .await
+            .expect("welcome");
+        assert!(
+            matches!(welcome, Some(BrokerMessage::Welcome(_))),
+            "{what}: {welcome:?}"
+        );
+        let reply = send_raw(&mut s, bytes, *close).await;
+        let (code, msg) = match reply {
+            Ok(Some(BrokerMessage::Refused { code, message })) => (code, message),
+            other => panic!("{what} after Hello: expected a refusal, got {other:?}"),
+        };
+        assert_eq!(code, RefuseCode::ProtocolViolation, "{what}");
+        assert!(msg.contains(expect), "{what}: {msg}");
+        // Nothing follows the refusal: the broker closed the link.
+        let next = dbvm_e2e::raw::read_reply(&mut s).await;
+        assert!(matches!(next, Ok(None) | Err(_)), "{what}: {next:?}");
+    }
+    let m = eventually(Duration::from_secs(10), "every refusal counted", || async {
+        let m = dbvm_e2e::metrics::scrape(&broker, ca).await;
+        (dbvm_e2e::metrics::count(&m, series) - before == cases.len() as f64).then_some(m)
+    })
+    .await;
+    assert!(m.contains(series), "{m}");
 }
 
 async fn reqwest_metrics(url: &str, ca: &str) -> String {

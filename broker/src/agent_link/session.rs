@@ -9,7 +9,7 @@ use crate::hub::{Hub, SessionCommand};
 use crate::metrics::Metrics;
 use crate::store::{AgentRecord, CommandRecord, Finish};
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
-use dbvm_protocol::frame::{self, FrameBuf};
+use dbvm_protocol::frame::{self, FrameBuf, FrameError};
 use dbvm_protocol::health::HealthReport;
 use dbvm_protocol::messages::{
     AgentMessage, BrokerMessage, CommandResult, Hello, Outcome, RefuseCode, Welcome,
@@ -74,6 +74,9 @@ struct Session {
     generation: u64,
     /// Refused health reports so far: only the first few are logged above debug.
     health_refusals: u32,
+    /// What the agent is told before the link closes, when the session ends for something
+    /// it did (a bad frame) or is (a revoked certificate).
+    refusal: Option<(RefuseCode, String)>,
     /// `delivered` / `running` not yet written: the latest state per command, and when
     /// each becomes due (see [`MARK_DELAY`]).
     marks: HashMap<Uuid, Mark>,
@@ -152,6 +155,7 @@ pub(super) async fn session(
         record,
         generation,
         health_refusals: 0,
+        refusal: None,
         marks: HashMap::new(),
         mark_due: VecDeque::new(),
     };
@@ -225,6 +229,12 @@ pub(super) async fn session(
                     s.handle(m).await
                 }
                 Ok(None) => Err("agent closed the connection".into()),
+                // Oversized, empty, undecodable, or cut off inside a frame: the agent
+                // broke the protocol and is told so (the peer may still read after
+                // closing its side). Other read errors mean the peer is gone.
+                Err(e @ (FrameError::TooLarge { .. } | FrameError::Empty | FrameError::Decode(_) | FrameError::Truncated)) => {
+                    s.refuse(RefuseCode::ProtocolViolation, format!("bad frame: {e}"))
+                }
                 Err(e) => Err(e.to_string()),
             },
             c = cmd_rx.recv() => match c {
@@ -260,11 +270,16 @@ pub(super) async fn session(
         };
     }
     let reason = result.err().unwrap_or_default();
-    tracing::info!(%reason, "agent disconnected");
+    if let Some((code, _)) = &s.refusal {
+        // Counted like a refusal at the first frame, under the same reason.
+        let label = format!("{code:?}").to_lowercase();
+        Metrics::count(&hub.metrics.link_errors, "reason", &label);
+        tracing::warn!(%reason, "agent disconnected: refused");
+    } else {
+        tracing::info!(%reason, "agent disconnected");
+    }
     if reason.contains("peer considered dead") {
         Metrics::count(&hub.metrics.link_errors, "reason", "dead_peer");
-    } else if reason.contains("frame") {
-        Metrics::count(&hub.metrics.link_errors, "reason", "bad_frame");
     }
     // Commands still with the agent keep their informational state.
     s.write_due_marks(true);
@@ -279,6 +294,10 @@ pub(super) async fn session(
     // Acknowledgements still waiting go out if the link still takes them; if not, the
     // agent re-sends those results after it reconnects and they are acknowledged then.
     s.queue_acks();
+    if let Some((code, message)) = s.refusal.take() {
+        // Last: nothing follows a Refused.
+        let _ = s.queue(&BrokerMessage::Refused { code, message });
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = s.flush().await;
         s.wr.shutdown().await
@@ -287,6 +306,14 @@ pub(super) async fn session(
 }
 
 impl Session {
+    /// Ends the session: the agent gets `Refused { code, message }` before the link
+    /// closes (and the refusal is counted then).
+    fn refuse(&mut self, code: RefuseCode, message: String) -> Result<(), String> {
+        let reason = format!("{code:?}: {message}");
+        self.refusal = Some((code, message));
+        Err(reason)
+    }
+
     /// Queues a frame for the end of this turn.
     fn queue(&mut self, msg: &BrokerMessage) -> Result<(), String> {
         frame::encode_into(msg, self.max, &mut self.out)
@@ -521,17 +548,10 @@ impl Session {
                 }
                 self.queue(&reply)
             }
-            other @ (AgentMessage::Hello(_) | AgentMessage::Enroll(_)) => {
-                Metrics::count(
-                    &self.hub.metrics.link_errors,
-                    "reason",
-                    "protocol_violation",
-                );
-                Err(format!(
-                    "protocol violation: {} after the session started",
-                    kind(&other)
-                ))
-            }
+            other @ (AgentMessage::Hello(_) | AgentMessage::Enroll(_)) => self.refuse(
+                RefuseCode::ProtocolViolation,
+                format!("{} after the session started", kind(&other)),
+            ),
         }
     }
 
