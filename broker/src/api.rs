@@ -13,6 +13,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use dbvm_protocol::api::RevokeRequest;
 use dbvm_protocol::api::{
     ApiError, CommandState, EnrollmentToken, EnrollmentTokenRequest, OperationClass, SubmitCommand,
 };
@@ -49,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/health"),
     ("post", "/v1/enrollment-tokens"),
     ("get", "/v1/events"),
+    ("post", "/v1/agents/{id}/revoke"),
 ];
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -154,6 +156,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/health", get(fleet_health))
         .route("/v1/enrollment-tokens", post(enrollment_token))
         .route("/v1/events", get(events))
+        .route("/v1/agents/{id}/revoke", post(revoke))
         .layer(axum::middleware::from_fn(auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -178,7 +181,10 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        hub.metrics.render(),
+        {
+            hub.refresh_metrics();
+            hub.metrics.render()
+        },
     )
 }
 
@@ -414,6 +420,43 @@ async fn enrollment_token(
             expires_at_ms,
         }),
     ))
+}
+
+/// Longest revocation reason kept.
+const MAX_REASON_CHARS: usize = 256;
+
+/// `POST /v1/agents/{id}/revoke`: every certificate issued to the agent so far is refused
+/// from now on, at handshake and at renewal, and its session is closed; a new enrollment
+/// token brings the VM back with a fresh certificate.
+async fn revoke(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+    body: Result<Json<RevokeRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(req) =
+        body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let agent = AgentId::new(id).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    let reason = req
+        .reason
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
+    if let Some(r) = &reason {
+        if r.chars().count() > MAX_REASON_CHARS || r.chars().any(char::is_control) {
+            return Err(ApiFailure::bad_request(format!(
+                "reason must be at most {MAX_REASON_CHARS} characters, without control characters"
+            )));
+        }
+    }
+    let id = agent.as_str();
+    let known = hub.is_connected(id)
+        || hub.store.agents().await?.iter().any(|a| a.id == id)
+        || !hub.store.certificates(id).await?.is_empty();
+    if !known {
+        return Err(ApiFailure::not_found(format!(
+            "agent {id} is not known to this broker (it never connected and was issued no certificate): nothing to revoke"
+        )));
+    }
+    Ok(Json(hub.revoke(id, reason).await?))
 }
 
 #[derive(Deserialize)]

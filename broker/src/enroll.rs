@@ -3,6 +3,8 @@
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::revocation::LinkCert;
+use crate::store::{AgentRevocation, IssuedCertificate};
 use base64::Engine;
 use dbvm_protocol::messages::{BrokerMessage, EnrollRequest, RefuseCode};
 use dbvm_protocol::AgentId;
@@ -43,12 +45,17 @@ pub async fn enroll(hub: &Hub, req: EnrollRequest) -> Result<BrokerMessage, (Ref
         .ca
         .sign_agent_csr(&req.csr_pem, &agent, lifetime(hub))
         .map_err(|e| refuse(format!("certificate signing request refused: {e}")))?;
+    let issued = issued(&agent, &cert_pem).map_err(|e| {
+        Metrics::count(&hub.metrics.enrollments, "result", "error");
+        (RefuseCode::Internal, e)
+    })?;
     match hub
         .store
         .consume_token(
             hash_token(&req.token),
             agent.as_str(),
             dbvm_protocol::now_ms(),
+            issued,
         )
         .await
     {
@@ -70,19 +77,76 @@ pub async fn enroll(hub: &Hub, req: EnrollRequest) -> Result<BrokerMessage, (Ref
     })
 }
 
-/// Handles a `Renew` on an authenticated link: the identity is the connection's.
-pub fn renew(hub: &Hub, agent: &AgentId, csr_pem: &str) -> BrokerMessage {
-    match hub.ca.sign_agent_csr(csr_pem, agent, lifetime(hub)) {
-        Ok(cert_pem) => {
+/// The record of a certificate just signed for `agent`.
+fn issued(agent: &AgentId, cert_pem: &str) -> Result<IssuedCertificate, String> {
+    let cert = dbvm_protocol::pki::first_cert_der(cert_pem)
+        .and_then(|der| LinkCert::from_der(&der))
+        .map_err(|e| format!("the certificate the broker just signed does not parse: {e}"))?;
+    Ok(IssuedCertificate {
+        fingerprint: cert.fingerprint,
+        agent_id: agent.to_string(),
+        issued_at_ms: dbvm_protocol::now_ms(),
+        not_after_ms: cert.not_after_ms,
+        revoked_at_ms: None,
+    })
+}
+
+/// Handles a `Renew` on an authenticated link: the identity is the connection's, and so
+/// is the certificate renewed (`link`). `Ok` is the answer for the agent (a failed
+/// renewal leaves the link up: the current certificate stays in use); `Err` refuses the
+/// link, because its certificate was revoked.
+pub async fn renew(
+    hub: &Hub,
+    agent: &AgentId,
+    link: &LinkCert,
+    csr_pem: &str,
+) -> Result<BrokerMessage, (RefuseCode, String)> {
+    let failed = |result: &str, message: String| {
+        Metrics::count(&hub.metrics.renewals, "result", result);
+        Ok(BrokerMessage::RenewFailed { message })
+    };
+    let cert_pem = match hub.ca.sign_agent_csr(csr_pem, agent, lifetime(hub)) {
+        Ok(pem) => pem,
+        Err(e) => {
+            return failed(
+                "refused",
+                format!("certificate signing request refused: {e}"),
+            )
+        }
+    };
+    let issued = match issued(agent, &cert_pem) {
+        Ok(c) => c,
+        Err(e) => return failed("error", e),
+    };
+    match hub
+        .store
+        .record_renewal(issued, (link.fingerprint, link.not_before_ms))
+        .await
+    {
+        Ok(Ok(())) => {
             Metrics::count(&hub.metrics.renewals, "result", "ok");
             tracing::info!(agent = %agent, "agent certificate renewed");
-            BrokerMessage::Renewed { cert_pem }
+            Ok(BrokerMessage::Renewed { cert_pem })
         }
-        Err(e) => {
-            Metrics::count(&hub.metrics.renewals, "result", "refused");
-            BrokerMessage::RenewFailed {
-                message: format!("certificate signing request refused: {e}"),
-            }
+        Ok(Err(revoked)) => {
+            Metrics::count(&hub.metrics.renewals, "result", "revoked");
+            let revocation = AgentRevocation {
+                revoked_at_ms: revoked.0,
+                reason: None,
+            };
+            Err((
+                RefuseCode::CertificateRevoked,
+                format!(
+                    "renewal refused: {}",
+                    crate::hub::revoked_message(agent.as_str(), &revocation)
+                ),
+            ))
         }
+        Err(e) => failed(
+            "error",
+            format!(
+                "renewal could not be recorded by the broker ({e}); the agent tries again later"
+            ),
+        ),
     }
 }

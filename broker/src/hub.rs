@@ -5,16 +5,21 @@
 use crate::config::{AgentSettings, Limits};
 use crate::health::HealthBook;
 use crate::metrics::Metrics;
+use crate::revocation::Revocations;
+use crate::store::AgentRevocation;
 use crate::store::{AgentRecord, CommandRecord, Finish, Store, StoreError};
+use dbvm_protocol::api::Revocation;
 use dbvm_protocol::api::{
     AgentHealthSummary, AgentView, CommandError, CommandState, Event, FleetHealth, OperationClass,
 };
 use dbvm_protocol::pki::FleetCa;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// What the hub tells an agent's session.
@@ -22,15 +27,69 @@ use uuid::Uuid;
 pub enum SessionCommand {
     /// A new command for this agent was stored; deliver it.
     Deliver(Box<CommandRecord>),
-    /// Another connection for the same agent took over: close this one.
-    Replaced,
 }
+
+/// Why the hub closes a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// Another connection of the same agent took over.
+    Replaced { by: SocketAddr },
+    /// The agent's certificates were revoked: the session is refused with this message.
+    Revoked { message: String },
+}
+
+/// How the hub closes a session: a token the session loop waits on, and why (set
+/// before the token is cancelled). Unlike a message on the session's channel, it
+/// cannot be lost to a full queue.
+#[derive(Debug, Default)]
+pub struct SessionEnd {
+    token: CancellationToken,
+    why: OnceLock<Close>,
+}
+
+impl SessionEnd {
+    pub fn close(&self, why: Close) {
+        let _ = self.why.set(why);
+        self.token.cancel();
+    }
+
+    /// Resolves when the hub closed the session; says why.
+    pub async fn closed(&self) -> Close {
+        self.token.cancelled().await;
+        self.why.get().cloned().unwrap_or(Close::Revoked {
+            message: "closed by the broker".into(),
+        })
+    }
+}
+
+/// Replacements of one agent's session counted within this window ...
+pub const FLAP_WINDOW_MS: i64 = 5 * 60 * 1000;
+/// ... make it flapping from this many on: one is a reconnect the broker had not yet
+/// noticed was needed; several in minutes are two holders of one identity taking turns
+/// (a stolen certificate: revoke it, `dbvmctl agents revoke`).
+pub const FLAP_THRESHOLD: usize = 3;
 
 pub struct ConnectedAgent {
     pub generation: u64,
     pub tx: mpsc::Sender<SessionCommand>,
     pub record: AgentRecord,
     pub last_seen_ms: Arc<AtomicI64>,
+    /// Where the session's connection comes from.
+    pub peer: SocketAddr,
+    pub end: Arc<SessionEnd>,
+    /// When this agent's sessions were replaced within [`FLAP_WINDOW_MS`], oldest first
+    /// (carried from each session to the one that replaces it; at most
+    /// [`FLAP_THRESHOLD`] × 4 kept).
+    replaced_at_ms: VecDeque<i64>,
+    /// When `agent.flapping` was last published for it.
+    flapping_announced_ms: Option<i64>,
+}
+
+/// What [`Hub::register`] hands a new session.
+pub struct Registered {
+    pub generation: u64,
+    pub last_seen_ms: Arc<AtomicI64>,
+    pub end: Arc<SessionEnd>,
 }
 
 /// Admission limits by class: a slot is held while a command is with a connected agent.
@@ -129,6 +188,8 @@ pub struct Hub {
     pub metrics: Metrics,
     /// The latest health report of each agent (memory only; see [`crate::health`]).
     pub health: HealthBook,
+    /// Revoked certificates, checked at every Hello (see [`crate::revocation`]).
+    pub revocations: Revocations,
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     generation: AtomicU64,
     events: broadcast::Sender<Event>,
@@ -154,6 +215,14 @@ impl Hub {
                     .fetch_add(1, Ordering::AcqRel);
             }
         }
+        let revocations = Revocations::new(store.revocations(dbvm_protocol::now_ms()).await?);
+        let metrics = Metrics::new();
+        match dbvm_protocol::pki::validity_ms(ca.cert_pem()) {
+            Ok((_, not_after_ms)) => {
+                metrics.ca_cert_expiry.set(not_after_ms / 1000);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the fleet CA certificate's expiry"),
+        }
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
             store,
@@ -161,8 +230,9 @@ impl Hub {
             settings,
             limits,
             admission,
-            metrics: Metrics::new(),
+            metrics,
             health: HealthBook::new(),
+            revocations,
             agents: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             events,
@@ -404,34 +474,190 @@ impl Hub {
 
     // ----- agents ---------------------------------------------------------------------
 
-    /// Registers a session; an older session of the same agent is told to close.
+    /// Registers a session; an older session of the same agent is told to close, and
+    /// the replacement is counted (several within [`FLAP_WINDOW_MS`] make the agent
+    /// flapping: an event and a metric). `revoked_at` is when the agent was last revoked
+    /// as the handshake saw it: a revocation since then refuses the session (checked
+    /// under the same lock [`Hub::revoke`] closes sessions under, so none slips between).
     pub fn register(
         &self,
         record: AgentRecord,
         tx: mpsc::Sender<SessionCommand>,
-    ) -> (u64, Arc<AtomicI64>) {
+        peer: SocketAddr,
+        revoked_at: Option<i64>,
+    ) -> Result<Registered, String> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let last_seen = Arc::new(AtomicI64::new(dbvm_protocol::now_ms()));
+        let end = Arc::new(SessionEnd::default());
         let id = record.id.clone();
-        let old = self.agents().insert(
-            id.clone(),
-            ConnectedAgent {
-                generation,
-                tx,
-                record,
-                last_seen_ms: last_seen.clone(),
-            },
-        );
-        match old {
-            Some(old) => {
-                let _ = old.tx.try_send(SessionCommand::Replaced);
+        let mut agents = self.agents();
+        if self.revocations.revoked_at(&id) != revoked_at {
+            return Err(format!(
+                "the certificates of agent {id} were revoked while this connection was set up: enroll again with a new enrollment token"
+            ));
+        }
+        let mut entry = ConnectedAgent {
+            generation,
+            tx,
+            record,
+            last_seen_ms: last_seen.clone(),
+            peer,
+            end: end.clone(),
+            replaced_at_ms: VecDeque::new(),
+            flapping_announced_ms: None,
+        };
+        let now = dbvm_protocol::now_ms();
+        let replaced = agents.remove(&id).map(|old| {
+            old.end.close(Close::Replaced { by: peer });
+            let mut history = old.replaced_at_ms;
+            history.push_back(now);
+            while history.front().is_some_and(|t| now - t > FLAP_WINDOW_MS)
+                || history.len() > FLAP_THRESHOLD * 4
+            {
+                history.pop_front();
+            }
+            let flapping = history.len() >= FLAP_THRESHOLD;
+            let announce = flapping
+                && old
+                    .flapping_announced_ms
+                    .is_none_or(|t| now - t > FLAP_WINDOW_MS);
+            entry.flapping_announced_ms = if announce {
+                Some(now)
+            } else {
+                old.flapping_announced_ms
+            };
+            let count = history.len();
+            entry.replaced_at_ms = history;
+            (old.peer, count, announce)
+        });
+        agents.insert(id.clone(), entry);
+        drop(agents);
+        match replaced {
+            Some((previous, count, announce)) => {
+                self.metrics.session_replacements.inc();
+                let data = || {
+                    serde_json::json!({
+                        "previous_peer": previous.to_string(),
+                        "peer": peer.to_string(),
+                        "replacements_in_window": count,
+                        "window_s": FLAP_WINDOW_MS / 1000,
+                    })
+                };
+                tracing::info!(agent = %id, %previous, %peer, count, "agent session replaced by a newer connection");
+                self.publish("agent.replaced", &id, None, data);
+                if announce {
+                    self.metrics.agents_flapped.inc();
+                    tracing::warn!(
+                        agent = %id,
+                        %previous,
+                        %peer,
+                        count,
+                        "agent session replaced {count} times within {} s: two holders of one identity may be taking turns; if a certificate was stolen, revoke it with `dbvmctl agents revoke {id}`",
+                        FLAP_WINDOW_MS / 1000
+                    );
+                    self.publish("agent.flapping", &id, None, data);
+                }
             }
             None => {
                 self.metrics.agents_connected.inc();
             }
+        }
+        self.publish(
+            "agent.connected",
+            &id,
+            None,
+            || serde_json::json!({ "peer": peer.to_string() }),
+        );
+        Ok(Registered {
+            generation,
+            last_seen_ms: last_seen,
+            end,
+        })
+    }
+
+    /// Revokes every certificate issued to `agent` so far (durably first), refuses them
+    /// at every handshake and renewal from now on, and closes the agent's session. The
+    /// agent id stays usable: a new enrollment token gets the VM a fresh certificate.
+    pub async fn revoke(
+        &self,
+        agent: &str,
+        reason: Option<String>,
+    ) -> Result<Revocation, StoreError> {
+        let at = dbvm_protocol::now_ms();
+        let certs = self.store.revoke_agent(agent, at, reason.clone()).await?;
+        let revocation = AgentRevocation {
+            revoked_at_ms: at,
+            reason: reason.clone(),
         };
-        self.publish("agent.connected", &id, None, || serde_json::json!({}));
-        (generation, last_seen)
+        self.revocations.add(agent, revocation.clone(), &certs);
+        let message = revoked_message(agent, &revocation);
+        let session_closed = match self.agents().get(agent) {
+            Some(a) => {
+                a.end.close(Close::Revoked { message });
+                true
+            }
+            None => false,
+        };
+        self.metrics.certificates_revoked.inc_by(certs.len() as u64);
+        tracing::warn!(agent, certificates = certs.len(), reason = ?reason, session_closed, "agent certificates revoked");
+        let n = certs.len();
+        self.publish("agent.revoked", agent, None, || {
+            serde_json::json!({
+                "certificates": n,
+                "reason": reason,
+                "session_closed": session_closed,
+            })
+        });
+        Ok(Revocation {
+            agent_id: agent.to_string(),
+            revoked_at_ms: at,
+            reason: revocation.reason,
+            certificates: certs.iter().map(|c| c.view()).collect(),
+            session_closed,
+        })
+    }
+
+    /// Forgets certificates that expired more than an hour ago (TLS refuses an expired
+    /// certificate before any revocation check; the hour is for clocks that disagree).
+    pub async fn prune_certificates(&self) {
+        let before = dbvm_protocol::now_ms() - 3_600_000;
+        match self.store.prune_certificates(before).await {
+            Ok(n) => {
+                self.revocations.prune(before);
+                if n > 0 {
+                    tracing::debug!(certificates = n, "forgot expired agent certificates");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning expired agent certificates failed; retrying in an hour")
+            }
+        }
+    }
+
+    /// Sets the gauges that are read from the live state rather than kept up to date
+    /// (called before each scrape): agents flapping now, and the earliest expiry of a
+    /// connected agent's certificate.
+    pub fn refresh_metrics(&self) {
+        let now = dbvm_protocol::now_ms();
+        let (mut flapping, mut earliest) = (0i64, None::<i64>);
+        for a in self.agents().values() {
+            let recent = a
+                .replaced_at_ms
+                .iter()
+                .filter(|t| now - **t <= FLAP_WINDOW_MS)
+                .count();
+            if recent >= FLAP_THRESHOLD {
+                flapping += 1;
+            }
+            if let Some(na) = a.record.cert_not_after_ms {
+                earliest = Some(earliest.map_or(na, |e| e.min(na)));
+            }
+        }
+        self.metrics.agents_flapping.set(flapping);
+        // No connected agent: no series (see OptionalGauge).
+        self.metrics
+            .agent_cert_earliest_expiry
+            .set(earliest.map(|ms| ms / 1000));
     }
 
     pub fn unregister(&self, id: &str, generation: u64) {
@@ -547,6 +773,19 @@ impl Hub {
     }
 }
 
+/// What a session or handshake refused for a revoked certificate is told.
+pub fn revoked_message(agent: &str, r: &AgentRevocation) -> String {
+    let reason = r
+        .reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    format!(
+        "the certificates of agent {agent} were revoked at {} ms (Unix time){reason}: enroll again with a new enrollment token (`dbvmctl enroll-token {agent}`)",
+        r.revoked_at_ms
+    )
+}
+
 fn view(rec: &AgentRecord, connected: bool, last_seen_ms: Option<i64>, queued: u64) -> AgentView {
     AgentView {
         id: rec.id.clone(),
@@ -560,5 +799,216 @@ fn view(rec: &AgentRecord, connected: bool, last_seen_ms: Option<i64>, queued: u
         db_kind: rec.db_kind.clone(),
         cert_not_after_ms: rec.cert_not_after_ms,
         queued_commands: queued,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentSettings, Limits};
+    use crate::revocation::LinkCert;
+    use dbvm_protocol::messages::{BrokerMessage, RefuseCode};
+    use dbvm_protocol::AgentId;
+
+    async fn hub() -> (tempfile::TempDir, Arc<Hub>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        let ca = FleetCa::generate("t", Duration::from_secs(3600)).unwrap();
+        let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
+            .await
+            .unwrap();
+        (dir, hub)
+    }
+
+    fn record(id: &str, cert_not_after_ms: i64) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            cert_not_after_ms: Some(cert_not_after_ms),
+            ..Default::default()
+        }
+    }
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn series(text: &str, name: &str) -> Option<String> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .map(|l| l.rsplit_once(' ').unwrap().1.to_string())
+    }
+
+    #[tokio::test]
+    async fn repeated_replacement_of_one_agent_is_an_event_and_a_metric() {
+        let (_dir, hub) = hub().await;
+        let mut events = hub.subscribe();
+        let (tx, _rx) = mpsc::channel(1);
+        let first = hub
+            .register(record("db1", 1), tx.clone(), peer(1), None)
+            .unwrap();
+        let mut ends = vec![first.end];
+        for port in 2..=5 {
+            let r = hub
+                .register(record("db1", 1), tx.clone(), peer(port), None)
+                .unwrap();
+            ends.push(r.end);
+        }
+        // Every session but the last was told who replaced it.
+        for (i, end) in ends[..4].iter().enumerate() {
+            let by = peer(i as u16 + 2);
+            assert_eq!(end.closed().await, Close::Replaced { by });
+        }
+        let mut kinds = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            if e.kind == "agent.replaced" || e.kind == "agent.flapping" {
+                kinds.push((e.kind, e.data["replacements_in_window"].as_u64()));
+            }
+        }
+        let s = |k: &str| k.to_string();
+        assert_eq!(
+            kinds,
+            [
+                (s("agent.replaced"), Some(1)),
+                (s("agent.replaced"), Some(2)),
+                (s("agent.replaced"), Some(3)),
+                (s("agent.flapping"), Some(3)),
+                (s("agent.replaced"), Some(4)),
+            ],
+            "flapping is announced once per window"
+        );
+        hub.refresh_metrics();
+        let m = hub.metrics.render();
+        assert_eq!(
+            series(&m, "dbvm_broker_agent_session_replacements_total").as_deref(),
+            Some("4")
+        );
+        assert_eq!(
+            series(&m, "dbvm_broker_agents_flapping").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            series(&m, "dbvm_broker_agent_flapping_episodes_total").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            series(&m, "dbvm_broker_agents_connected").as_deref(),
+            Some("1")
+        );
+        // Another agent's first connection is not a replacement.
+        hub.register(record("db2", 1), tx, peer(9), None).unwrap();
+        hub.refresh_metrics();
+        let m = hub.metrics.render();
+        assert_eq!(
+            series(&m, "dbvm_broker_agent_session_replacements_total").as_deref(),
+            Some("4")
+        );
+        assert_eq!(
+            series(&m, "dbvm_broker_agents_flapping").as_deref(),
+            Some("1")
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_show_the_earliest_agent_certificate_expiry_and_the_ca_expiry() {
+        let (_dir, hub) = hub().await;
+        let name = "dbvm_broker_agent_cert_earliest_expiry_timestamp_seconds";
+        hub.refresh_metrics();
+        let m = hub.metrics.render();
+        assert_eq!(series(&m, name), None, "no agent, no series:\n{m}");
+        let (_, ca_not_after) = dbvm_protocol::pki::validity_ms(hub.ca.cert_pem()).unwrap();
+        assert_eq!(
+            series(&m, "dbvm_broker_ca_cert_expiry_timestamp_seconds"),
+            Some((ca_not_after / 1000).to_string())
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        let a = hub
+            .register(record("db1", 9_000_000), tx.clone(), peer(1), None)
+            .unwrap();
+        hub.register(record("db2", 7_000_000), tx.clone(), peer(2), None)
+            .unwrap();
+        hub.refresh_metrics();
+        let m = hub.metrics.render();
+        assert!(m.contains(&format!("\n{name} 7000\n")), "{m}");
+        // A renewal moves it; a disconnected agent leaves it.
+        hub.update_record(record("db1", 5_000_000), a.generation);
+        hub.refresh_metrics();
+        assert_eq!(series(&hub.metrics.render(), name).as_deref(), Some("5000"));
+        hub.unregister("db1", a.generation);
+        hub.refresh_metrics();
+        assert_eq!(series(&hub.metrics.render(), name).as_deref(), Some("7000"));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_link_cannot_renew_and_a_session_registering_across_a_revocation_is_refused()
+    {
+        let (_dir, hub) = hub().await;
+        let agent = AgentId::new("db1").unwrap();
+        // The link's certificate, issued as at enrollment.
+        let token = crate::enroll::new_token();
+        hub.store
+            .insert_token(token.1, "db1", dbvm_protocol::now_ms() + 60_000)
+            .await
+            .unwrap();
+        let (csr, _key) = dbvm_protocol::pki::make_csr(&agent).unwrap();
+        let enrolled = crate::enroll::enroll(
+            &hub,
+            dbvm_protocol::messages::EnrollRequest {
+                protocol_major: 1,
+                protocol_minor: 1,
+                agent_id: "db1".into(),
+                token: token.0,
+                csr_pem: csr.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let BrokerMessage::Enrolled { cert_pem, .. } = enrolled else {
+            panic!("{enrolled:?}")
+        };
+        let der = dbvm_protocol::pki::first_cert_der(&cert_pem).unwrap();
+        let link = LinkCert::from_der(&der).unwrap();
+        // Before the revocation it renews; the new certificate is recorded.
+        let renewed = crate::enroll::renew(&hub, &agent, &link, &csr)
+            .await
+            .unwrap();
+        assert!(
+            matches!(renewed, BrokerMessage::Renewed { .. }),
+            "{renewed:?}"
+        );
+        assert_eq!(hub.store.certificates("db1").await.unwrap().len(), 2);
+
+        let seen = hub.revocations.revoked_at("db1");
+        let (tx, _rx) = mpsc::channel(1);
+        let live = hub
+            .register(record("db1", 1), tx.clone(), peer(1), seen)
+            .unwrap();
+        let revocation = hub
+            .revoke("db1", Some("laptop stolen".into()))
+            .await
+            .unwrap();
+        assert_eq!(revocation.certificates.len(), 2);
+        assert!(revocation.session_closed);
+        let Close::Revoked { message } = live.end.closed().await else {
+            panic!("the live session must be refused")
+        };
+        assert!(
+            message.contains("laptop stolen") && message.contains("enroll"),
+            "{message}"
+        );
+
+        // The link's certificate no longer renews.
+        let (code, message) = crate::enroll::renew(&hub, &agent, &link, &csr)
+            .await
+            .unwrap_err();
+        assert_eq!(code, RefuseCode::CertificateRevoked);
+        assert!(message.starts_with("renewal refused"), "{message}");
+        assert_eq!(hub.store.certificates("db1").await.unwrap().len(), 2);
+        assert!(matches!(
+            hub.revocations
+                .check(&link.fingerprint, "db1", link.not_before_ms),
+            crate::revocation::Verdict::Revoked(_)
+        ));
+        // A handshake that checked before the revocation cannot register after it.
+        assert!(hub.register(record("db1", 1), tx, peer(2), seen).is_err());
     }
 }

@@ -14,6 +14,7 @@ pub mod health;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
+pub mod revocation;
 pub mod store;
 
 pub use config::Config;
@@ -128,12 +129,19 @@ impl Broker {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut prune_at = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tick.tick() => {
                             if let Err(e) = hub.expire_due().await {
                                 tracing::warn!(error = %e, "expiring commands failed");
+                            }
+                            // Hourly (first at start): certificates expired since need no
+                            // revocation (TLS refuses them) and no record.
+                            if tokio::time::Instant::now() >= prune_at {
+                                prune_at += Duration::from_secs(3600);
+                                hub.prune_certificates().await;
                             }
                         }
                     }

@@ -32,6 +32,19 @@ pub struct Metrics {
     pub listener_waiting: Family<Labels, Gauge>,
     /// Times a listener was at a cap (`limit`: `connections` or `handshakes`).
     pub listener_saturated: Family<Labels, Counter>,
+    /// Sessions replaced by a newer connection of the same agent.
+    pub session_replacements: Counter,
+    /// Connected agents replaced `hub::FLAP_THRESHOLD` times or more within the window
+    /// (set at each scrape), and how often an agent started flapping.
+    pub agents_flapping: Gauge,
+    pub agents_flapped: Counter,
+    /// Agent certificates revoked.
+    pub certificates_revoked: Counter,
+    /// The earliest `not_after` of a connected agent's certificate (Unix seconds; no
+    /// series while no agent is connected), set at each scrape.
+    pub agent_cert_earliest_expiry: OptionalGauge,
+    /// The fleet CA certificate's `not_after` (Unix seconds).
+    pub ca_cert_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,6 +158,41 @@ impl Metrics {
             "Times a listener was at a cap and a connection had to wait, by listener and limit (connections, handshakes)",
             listener_saturated.clone(),
         );
+        let session_replacements = Counter::default();
+        registry.register(
+            "agent_session_replacements",
+            "Agent sessions replaced by a newer connection of the same agent",
+            session_replacements.clone(),
+        );
+        let agents_flapping = Gauge::default();
+        registry.register(
+            "agents_flapping",
+            "Connected agents whose session was replaced 3 times or more in the last 5 minutes (two holders of one identity taking turns: revoke the stolen certificate)",
+            agents_flapping.clone(),
+        );
+        let agents_flapped = Counter::default();
+        registry.register(
+            "agent_flapping_episodes",
+            "Times an agent started flapping (3 session replacements within 5 minutes; at most one per agent per 5 minutes)",
+            agents_flapped.clone(),
+        );
+        let certificates_revoked = Counter::default();
+        registry.register(
+            "agent_certificates_revoked",
+            "Agent certificates revoked (dbvmctl agents revoke)",
+            certificates_revoked.clone(),
+        );
+        let agent_cert_earliest_expiry = OptionalGauge::new(
+            "agent_cert_earliest_expiry_timestamp_seconds",
+            "Earliest not_after of a connected agent's certificate, Unix seconds (absent while no agent is connected); agents renew at 2/3 of the lifetime, so a value under a third of it away means renewal is failing",
+        );
+        registry.register_collector(Box::new(agent_cert_earliest_expiry.clone()));
+        let ca_cert_expiry = Gauge::default();
+        registry.register(
+            "ca_cert_expiry_timestamp_seconds",
+            "not_after of the fleet CA certificate, Unix seconds",
+            ca_cert_expiry.clone(),
+        );
         Self {
             registry,
             agents_connected,
@@ -162,6 +210,12 @@ impl Metrics {
             listener_handshakes,
             listener_waiting,
             listener_saturated,
+            session_replacements,
+            agents_flapping,
+            agents_flapped,
+            certificates_revoked,
+            agent_cert_earliest_expiry,
+            ca_cert_expiry,
         }
     }
 
@@ -175,5 +229,45 @@ impl Metrics {
 
     pub fn count(family: &Family<Labels, Counter>, key: &'static str, value: &str) {
         family.get_or_create(&vec![(key, value.to_string())]).inc();
+    }
+}
+
+/// A gauge that is left out of the scrape while it has no value (a 0 would read as a
+/// time in 1970 to an alert on a timestamp).
+#[derive(Clone, Debug)]
+pub struct OptionalGauge {
+    name: &'static str,
+    help: &'static str,
+    value: std::sync::Arc<std::sync::Mutex<Option<i64>>>,
+}
+
+impl OptionalGauge {
+    fn new(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help,
+            value: Default::default(),
+        }
+    }
+
+    pub fn set(&self, value: Option<i64>) {
+        // A poisoned lock only means a thread panicked while storing a number.
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+}
+
+impl prometheus_client::collector::Collector for OptionalGauge {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let value = *self.value.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(value) = value else {
+            return Ok(());
+        };
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(value);
+        let metric = encoder.encode_descriptor(self.name, self.help, None, gauge.metric_type())?;
+        gauge.encode(metric)
     }
 }

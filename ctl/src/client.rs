@@ -8,7 +8,7 @@
 use crate::sse::{SseError, SseParser};
 use dbvm_protocol::api::{
     AgentHealth, AgentView, ApiError, CommandView, EnrollmentToken, EnrollmentTokenRequest, Event,
-    FleetHealth, SubmitCommand,
+    FleetHealth, Revocation, RevokeRequest, SubmitCommand,
 };
 use dbvm_protocol::command::SignedCommand;
 use futures::{Stream, StreamExt};
@@ -208,6 +208,7 @@ impl Client {
         req = match body {
             Some(RequestBody::Submit(b)) => req.json(b),
             Some(RequestBody::Token(b)) => req.json(b),
+            Some(RequestBody::Revoke(b)) => req.json(b),
             None => req,
         };
         let fail = |error: reqwest::Error| transport_error(&method, &url, timeout, error);
@@ -337,6 +338,27 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/agents/{id}/revoke`: every certificate issued to the agent so far is
+    /// refused from now on and its session is closed; a new enrollment token
+    /// ([`Client::enrollment_token`]) brings the VM back with a fresh certificate.
+    pub async fn revoke(
+        &self,
+        agent: &str,
+        reason: Option<&str>,
+    ) -> Result<Revocation, ClientError> {
+        let body = RevokeRequest {
+            reason: reason.map(str::to_string),
+        };
+        let url = self.url(&["v1", "agents", agent, "revoke"]);
+        self.call(
+            Method::POST,
+            url,
+            REQUEST_TIMEOUT,
+            Some(RequestBody::Revoke(&body)),
+        )
+        .await
+    }
+
     /// `GET /v1/events[?agent=ID]`: follows the broker's event stream.
     pub async fn events(&self, agent: Option<&str>) -> Result<EventStream, ClientError> {
         let mut url = self.url(&["v1", "events"]);
@@ -384,6 +406,7 @@ impl Client {
 enum RequestBody<'a> {
     Submit(&'a SubmitCommand),
     Token(&'a EnrollmentTokenRequest),
+    Revoke(&'a RevokeRequest),
 }
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send>>;

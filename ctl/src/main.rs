@@ -84,10 +84,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the agents the broker knows
+    /// List the agents the broker knows (`agents revoke` revokes one's certificates)
+    #[command(args_conflicts_with_subcommands = true)]
     Agents {
         #[arg(long)]
         json: bool,
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
     },
     /// Sign a command, send it to an agent and wait for its result
     Send(SendArgs),
@@ -138,6 +141,24 @@ enum Command {
         #[arg(long, value_name = "ID")]
         agent: Option<AgentId>,
         /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Revoke every certificate issued to an agent so far (a stolen one, say): the broker
+    /// refuses them at handshake and renewal and closes the agent's session
+    ///
+    /// The agent id stays usable: give the VM a new enrollment token (`dbvmctl
+    /// enroll-token`) and it gets a fresh certificate.
+    Revoke {
+        agent: AgentId,
+        /// Why, for the record (at most 256 characters)
+        #[arg(long)]
+        reason: Option<String>,
+        /// Print the broker's answer as JSON
         #[arg(long)]
         json: bool,
     },
@@ -304,7 +325,19 @@ async fn run(cli: Cli) -> Result<Exit> {
             ca_init(&ctx, &options)
         }
         Command::EnrollToken { agent, ttl, json } => enroll_token(&ctx, &agent, ttl, json).await,
-        Command::Agents { json } => agents(&ctx, json).await,
+        Command::Agents {
+            json,
+            command: None,
+        } => agents(&ctx, json).await,
+        Command::Agents {
+            command:
+                Some(AgentsCommand::Revoke {
+                    agent,
+                    reason,
+                    json,
+                }),
+            ..
+        } => revoke(&ctx, &agent, reason.as_deref(), json).await,
         Command::Send(args) => send(&ctx, args).await,
         Command::Status {
             command_id,
@@ -409,6 +442,21 @@ async fn agents(ctx: &Ctx, json: bool) -> Result<Exit> {
         out_json(&agents)?;
     } else {
         out(&output::agents_table(&agents, dbvm_protocol::now_ms()))?;
+    }
+    Ok(Exit::Success)
+}
+
+async fn revoke(ctx: &Ctx, agent: &AgentId, reason: Option<&str>, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let revocation = client
+        .revoke(agent.as_str(), reason)
+        .await
+        .with_context(|| format!("cannot revoke the certificates of agent {agent}"))?;
+    if json {
+        out_json(&revocation)?;
+    } else {
+        out(&output::revocation_report(&revocation))?;
     }
     Ok(Exit::Success)
 }
@@ -834,6 +882,28 @@ mod tests {
 
         // a bad agent id is a usage error
         assert!(Cli::try_parse_from(["dbvmctl", "agents", "--json"]).is_ok());
+        let cli = Cli::try_parse_from([
+            "dbvmctl", "agents", "revoke", "db1", "--reason", "stolen", "--json",
+        ])
+        .unwrap();
+        let Command::Agents {
+            command:
+                Some(AgentsCommand::Revoke {
+                    agent,
+                    reason,
+                    json,
+                }),
+            ..
+        } = cli.command
+        else {
+            panic!("not agents revoke")
+        };
+        assert_eq!(
+            (agent.as_str(), reason.as_deref(), json),
+            ("db1", Some("stolen"), true)
+        );
+        assert!(Cli::try_parse_from(["dbvmctl", "agents", "revoke"]).is_err());
+        assert!(Cli::try_parse_from(["dbvmctl", "agents", "revoke", "Bad/Id"]).is_err());
         assert!(Cli::try_parse_from(["dbvmctl", "enroll-token", "Bad/Id"]).is_err());
     }
 

@@ -2,7 +2,7 @@
 //! health reports. Pure functions of their input (and of the clock and [`Style`] passed
 //! in), so they are tested here.
 
-use dbvm_protocol::api::{AgentHealth, AgentView, CommandView, Event, FleetHealth};
+use dbvm_protocol::api::{AgentHealth, AgentView, CommandView, Event, FleetHealth, Revocation};
 use dbvm_protocol::health::{self, HealthChange, HealthStatus, CHECKS};
 use std::collections::BTreeMap;
 
@@ -64,6 +64,35 @@ fn visible_width(cell: &str) -> usize {
         }
     }
     n
+}
+
+/// What `dbvmctl agents revoke` prints: what was revoked, and how the VM gets back in.
+pub fn revocation_report(r: &Revocation) -> String {
+    let agent = clean(&r.agent_id);
+    let mut out = format!(
+        "revoked {} certificate{} of agent {agent} at {}",
+        r.certificates.len(),
+        if r.certificates.len() == 1 { "" } else { "s" },
+        format_time(r.revoked_at_ms)
+    );
+    if let Some(reason) = &r.reason {
+        out.push_str(&format!(" ({})", clean(reason)));
+    }
+    out.push('\n');
+    if r.session_closed {
+        out.push_str("its session was closed\n");
+    }
+    for c in &r.certificates {
+        out.push_str(&format!(
+            "  sha256 {}  valid until {}\n",
+            clean(&c.fingerprint_sha256),
+            format_time(c.not_after_ms)
+        ));
+    }
+    out.push_str(&format!(
+        "the VM gets back in with a new enrollment token: dbvmctl enroll-token {agent}\n"
+    ));
+    out
 }
 
 /// `2024-05-01T12:00:00.123Z` (UTC).
@@ -486,6 +515,32 @@ mod tests {
             output: None,
             error: None,
         }
+    }
+
+    #[test]
+    fn a_revocation_says_what_was_revoked_and_how_the_vm_gets_back() {
+        let r = dbvm_protocol::api::Revocation {
+            agent_id: "db1".into(),
+            revoked_at_ms: 0,
+            reason: Some("copied\x1b[31m".into()),
+            certificates: vec![dbvm_protocol::api::CertificateView {
+                fingerprint_sha256: "ab".repeat(32),
+                issued_at_ms: 0,
+                not_after_ms: 86_400_000,
+                revoked_at_ms: Some(0),
+            }],
+            session_closed: true,
+        };
+        let text = revocation_report(&r);
+        assert_eq!(
+            text,
+            format!(
+                "revoked 1 certificate of agent db1 at 1970-01-01T00:00:00.000Z (copied [31m)\n\
+                 its session was closed\n  sha256 {}  valid until 1970-01-02T00:00:00.000Z\n\
+                 the VM gets back in with a new enrollment token: dbvmctl enroll-token db1\n",
+                "ab".repeat(32)
+            )
+        );
     }
 
     #[test]

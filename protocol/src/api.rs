@@ -186,12 +186,44 @@ pub struct EnrollmentToken {
     pub expires_at_ms: i64,
 }
 
+/// `POST /v1/agents/{id}/revoke`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    /// Why, for the record (at most 256 characters, no control characters).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer to `POST /v1/agents/{id}/revoke`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub agent_id: String,
+    pub revoked_at_ms: i64,
+    pub reason: Option<String>,
+    /// The agent's certificates this revocation refused (those not expired yet).
+    pub certificates: Vec<CertificateView>,
+    /// Whether a live session of the agent was closed.
+    pub session_closed: bool,
+}
+
+/// A certificate the broker issued to an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateView {
+    /// SHA-256 of the certificate's DER, lowercase hex (`openssl x509 -noout -fingerprint
+    /// -sha256` prints the same bytes in uppercase with colons).
+    pub fingerprint_sha256: String,
+    pub issued_at_ms: i64,
+    pub not_after_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
 /// One item of `GET /v1/events` (server-sent events; the SSE `event:` is `kind`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
     pub at_ms: i64,
-    /// `agent.connected`, `agent.disconnected`, `command.state`, `agent.event`.
+    /// `agent.connected`, `agent.disconnected`, `agent.replaced`, `agent.flapping`,
+    /// `agent.revoked`, `command.state`, `command.progress`, `agent.event`.
     pub kind: String,
     pub agent_id: String,
     pub command_id: Option<Uuid>,

@@ -134,6 +134,10 @@ pub enum RefuseCode {
     EnrollmentRefused,
     ProtocolViolation,
     Internal,
+    /// The client certificate was revoked (`dbvmctl agents revoke`): the agent must
+    /// enroll again with a new token. Added after 1.1; appended, so earlier codes keep
+    /// their index.
+    CertificateRevoked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

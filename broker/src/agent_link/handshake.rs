@@ -1,15 +1,17 @@
 //! Getting into the agent link: the TLS accept, the first frame, and the checks of an
 //! `Enroll` or a `Hello` before a session starts.
 
-use super::session::session;
+use super::session::{session, Link};
 use super::{refuse, send};
 use crate::enroll;
-use crate::hub::Hub;
+use crate::hub::{revoked_message, Hub};
 use crate::listener::Listener;
+use crate::revocation::{LinkCert, Verdict};
 use dbvm_protocol::frame;
 use dbvm_protocol::messages::{peek_hello_version, AgentMessage, RefuseCode};
-use dbvm_protocol::pki::{identity_of, validity_ms_der, Identity};
-use dbvm_protocol::{PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use dbvm_protocol::pki::{identity_of, Identity};
+use dbvm_protocol::{AgentId, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -32,14 +34,15 @@ pub async fn serve(
     let first_frame_timeout = listener.limits().handshake_timeout;
     let stop = shutdown.clone();
     listener
-        .serve(acceptor, shutdown, tracker, move |tls, _peer| {
-            connection(tls, hub.clone(), first_frame_timeout, stop.clone())
+        .serve(acceptor, shutdown, tracker, move |tls, peer| {
+            connection(tls, peer, hub.clone(), first_frame_timeout, stop.clone())
         })
         .await;
 }
 
 async fn connection(
     tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
     hub: Arc<Hub>,
     first_frame_timeout: Duration,
     shutdown: CancellationToken,
@@ -138,9 +141,28 @@ async fn connection(
                 refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
                 return;
             }
-            let not_after = validity_ms_der(&der).ok().map(|(_, na)| na);
+            let cert = match LinkCert::from_der(&der) {
+                Ok(c) => c,
+                Err(e) => {
+                    let msg = format!("client certificate does not parse: {e}");
+                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
+                    return;
+                }
+            };
+            let revoked_at_ms = match not_revoked(&hub, &agent, &cert).await {
+                Ok(at) => at,
+                Err((code, msg)) => {
+                    refuse(&mut wr, &hub, code, msg).await;
+                    return;
+                }
+            };
             let span = tracing::info_span!("agent", agent = %agent);
-            session(hub, agent, hello, not_after, rd, wr, shutdown)
+            let link = Link {
+                peer,
+                cert,
+                revoked_at_ms,
+            };
+            session(hub, agent, hello, link, rd, wr, shutdown)
                 .instrument(span)
                 .await;
         }
@@ -149,6 +171,40 @@ async fn connection(
             refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, msg).await;
         }
     }
+}
+
+/// Checks a Hello's certificate against the revocation list; `Ok` carries when the
+/// agent was last revoked (to notice a revocation before the session registers).
+async fn not_revoked(
+    hub: &Hub,
+    agent: &AgentId,
+    cert: &LinkCert,
+) -> Result<Option<i64>, (RefuseCode, String)> {
+    let revoked_at = hub.revocations.revoked_at(agent.as_str());
+    let revocation =
+        match hub
+            .revocations
+            .check(&cert.fingerprint, agent.as_str(), cert.not_before_ms)
+        {
+            Verdict::Good => return Ok(revoked_at),
+            Verdict::Revoked(r) => r,
+            Verdict::AskStore(r) => match hub.store.certificate(cert.fingerprint).await {
+                Ok(Some(c)) if c.revoked_at_ms.is_none() && c.agent_id == agent.as_str() => {
+                    return Ok(revoked_at)
+                }
+                Ok(_) => r,
+                Err(e) => {
+                    return Err((
+                        RefuseCode::Internal,
+                        format!("broker store unavailable: {e}"),
+                    ))
+                }
+            },
+        };
+    Err((
+        RefuseCode::CertificateRevoked,
+        revoked_message(agent.as_str(), &revocation),
+    ))
 }
 
 pub(super) fn kind(m: &AgentMessage) -> &'static str {

@@ -5,8 +5,9 @@
 use super::handshake::kind;
 use super::{refuse, send, Reader, Writer, WRITE_TIMEOUT};
 use crate::enroll;
-use crate::hub::{Hub, SessionCommand};
+use crate::hub::{Close, Hub, SessionCommand};
 use crate::metrics::Metrics;
+use crate::revocation::LinkCert;
 use crate::store::{AgentRecord, CommandRecord, Finish};
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
 use dbvm_protocol::frame::{self, FrameBuf, FrameError};
@@ -16,6 +17,7 @@ use dbvm_protocol::messages::{
 };
 use dbvm_protocol::{AgentId, SignedCommand, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +72,8 @@ struct Session {
     inflight: HashMap<Uuid, OperationClass>,
     known: HashSet<Uuid>,
     cert_not_after_ms: Option<i64>,
+    /// The client certificate this link was opened with (a renewal renews it).
+    link: LinkCert,
     record: AgentRecord,
     generation: u64,
     /// Refused health reports so far: only the first few are logged above debug.
@@ -81,6 +85,14 @@ struct Session {
     /// each becomes due (see [`MARK_DELAY`]).
     marks: HashMap<Uuid, Mark>,
     mark_due: VecDeque<(Instant, Uuid)>,
+}
+
+/// What the handshake learned about a link that the session needs.
+pub(super) struct Link {
+    pub peer: SocketAddr,
+    pub cert: LinkCert,
+    /// When the agent was last revoked, as the handshake's check saw it.
+    pub revoked_at_ms: Option<i64>,
 }
 
 /// When a link's certificate runs out (far away when it has no end).
@@ -95,11 +107,12 @@ pub(super) async fn session(
     hub: Arc<Hub>,
     agent: AgentId,
     hello: Hello,
-    cert_not_after: Option<i64>,
+    link: Link,
     mut rd: Reader,
     mut wr: Writer,
     shutdown: CancellationToken,
 ) {
+    let cert_not_after = Some(link.cert.not_after_ms);
     let max = hub.settings.max_frame_bytes;
     let record = AgentRecord {
         id: agent.to_string(),
@@ -122,6 +135,19 @@ pub(super) async fn session(
         .await;
         return;
     }
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(64);
+    let registered = match hub.register(record.clone(), cmd_tx, link.peer, link.revoked_at_ms) {
+        Ok(r) => r,
+        Err(message) => {
+            refuse(&mut wr, &hub, RefuseCode::CertificateRevoked, message).await;
+            return;
+        }
+    };
+    let (generation, last_seen, end) = (
+        registered.generation,
+        registered.last_seen_ms,
+        registered.end,
+    );
     let welcome = BrokerMessage::Welcome(Welcome {
         protocol_major: PROTOCOL_MAJOR,
         protocol_minor: PROTOCOL_MINOR,
@@ -129,12 +155,10 @@ pub(super) async fn session(
         heartbeat_interval_ms: hub.settings.heartbeat_interval_ms,
     });
     if send(&mut wr, &welcome, max).await.is_err() {
+        hub.unregister(agent.as_str(), generation);
         return;
     }
     tracing::info!(version = %hello.agent_version, "agent connected");
-
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(64);
-    let (generation, last_seen) = hub.register(record.clone(), cmd_tx);
     let dead_after = Duration::from_millis(
         u64::from(hub.settings.heartbeat_interval_ms) * u64::from(hub.settings.missed_heartbeats),
     );
@@ -152,6 +176,7 @@ pub(super) async fn session(
         inflight: HashMap::new(),
         known: HashSet::new(),
         cert_not_after_ms: cert_not_after,
+        link: link.cert,
         record,
         generation,
         health_refusals: 0,
@@ -242,8 +267,11 @@ pub(super) async fn session(
                     s.enqueue(*rec);
                     s.deliver()
                 }
-                Some(SessionCommand::Replaced) => Err("replaced by a newer connection of the same agent".into()),
                 None => Err("hub dropped the session".into()),
+            },
+            why = end.closed() => match why {
+                Close::Replaced { by } => Err(format!("replaced by a newer connection of the same agent from {by}")),
+                Close::Revoked { message } => s.refuse(RefuseCode::CertificateRevoked, message),
             },
             _ = hub.admission.freed.notified(), if blocked => s.unblock(),
             _ = &mut timer => {
@@ -533,7 +561,11 @@ impl Session {
                 Ok(())
             }
             AgentMessage::Renew { csr_pem } => {
-                let reply = enroll::renew(&self.hub, &self.agent, &csr_pem);
+                let reply = match enroll::renew(&self.hub, &self.agent, &self.link, &csr_pem).await
+                {
+                    Ok(reply) => reply,
+                    Err((code, message)) => return self.refuse(code, message),
+                };
                 if let BrokerMessage::Renewed { cert_pem } = &reply {
                     self.cert_not_after_ms = dbvm_protocol::pki::validity_ms(cert_pem)
                         .ok()

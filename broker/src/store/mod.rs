@@ -111,6 +111,62 @@ pub enum TokenRefusal {
     OtherAgent(String),
 }
 
+/// A certificate the broker issued to an agent (at enrollment or renewal), recorded so
+/// it can be revoked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// SHA-256 of the certificate's DER: what a handshake checks (no parsing needed).
+    pub fingerprint: [u8; 32],
+    pub agent_id: String,
+    pub issued_at_ms: i64,
+    pub not_after_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl IssuedCertificate {
+    pub fn view(&self) -> dbvm_protocol::api::CertificateView {
+        dbvm_protocol::api::CertificateView {
+            fingerprint_sha256: hex(&self.fingerprint),
+            issued_at_ms: self.issued_at_ms,
+            not_after_ms: self.not_after_ms,
+            revoked_at_ms: self.revoked_at_ms,
+        }
+    }
+}
+
+/// Lowercase hex of a fingerprint (hand-written: eight lines do not need a crate).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The latest revocation of an agent: `dbvmctl agents revoke`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRevocation {
+    pub revoked_at_ms: i64,
+    pub reason: Option<String>,
+}
+
+/// What the broker refuses at handshake and renewal, as loaded at start.
+#[derive(Clone, Debug, Default)]
+pub struct RevocationList {
+    /// Revoked certificates not expired yet, with their `not_after_ms`.
+    pub certificates: Vec<([u8; 32], i64)>,
+    /// Agents revoked at least once. Certificates of such an agent that the broker has
+    /// no record of (issued by a broker from before certificates were recorded) are
+    /// refused when they were issued before the revocation.
+    pub agents: Vec<(String, AgentRevocation)>,
+}
+
+/// A renewal refused because the certificate it renews was revoked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the certificate of this link was revoked at {0} ms (Unix time)")]
+pub struct RenewalRevoked(pub i64);
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a new command durably. Fails with `Conflict` when the id exists.
@@ -147,11 +203,41 @@ pub trait Store: Send + Sync + 'static {
         agent: &str,
         expires_at_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Uses a token once, atomically.
+    /// Uses a token once and records the certificate it bought, atomically.
     async fn consume_token(
         &self,
         hash: [u8; 32],
         agent: &str,
         now_ms: i64,
+        cert: IssuedCertificate,
     ) -> Result<Result<(), TokenRefusal>, StoreError>;
+
+    /// Records a certificate issued by renewal, unless the certificate it renews (the
+    /// link's: its fingerprint and `not_before_ms`) was revoked: in one transaction with
+    /// respect to [`Store::revoke_agent`], so a renewal racing a revocation either is
+    /// refused or is revoked with the rest.
+    async fn record_renewal(
+        &self,
+        cert: IssuedCertificate,
+        renews: ([u8; 32], i64),
+    ) -> Result<Result<(), RenewalRevoked>, StoreError>;
+    /// Revokes every certificate issued to `agent` so far and records the revocation;
+    /// returns those of the revoked certificates not expired at `at_ms`.
+    async fn revoke_agent(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        reason: Option<String>,
+    ) -> Result<Vec<IssuedCertificate>, StoreError>;
+    /// The revocation list as of `now_ms` (expired certificates left out).
+    async fn revocations(&self, now_ms: i64) -> Result<RevocationList, StoreError>;
+    async fn certificate(
+        &self,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<IssuedCertificate>, StoreError>;
+    /// The certificates issued to `agent`, oldest first.
+    async fn certificates(&self, agent: &str) -> Result<Vec<IssuedCertificate>, StoreError>;
+    /// Forgets certificates that expired before `before_ms` (TLS refuses them anyway);
+    /// returns how many.
+    async fn prune_certificates(&self, before_ms: i64) -> Result<u64, StoreError>;
 }

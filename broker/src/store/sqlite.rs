@@ -7,9 +7,13 @@
 //! in their own thread: left to SQLite's automatic checkpoint, the commit that crosses
 //! 1,000 WAL pages copies them all before it returns, and every caller of that batch waits.
 
-use super::{AgentRecord, CommandRecord, Finish, Store, StoreError, TokenRefusal};
+use super::{
+    AgentRecord, AgentRevocation, CommandRecord, Finish, IssuedCertificate, RenewalRevoked,
+    RevocationList, Store, StoreError, TokenRefusal,
+};
 use async_trait::async_trait;
 use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
+use rusqlite::OptionalExtension;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
@@ -66,6 +70,21 @@ CREATE TABLE IF NOT EXISTS enrollment_tokens (
     agent_id TEXT NOT NULL,
     expires_at_ms INTEGER NOT NULL,
     used_at_ms INTEGER
+);
+-- Every agent certificate this broker issued, by the SHA-256 of its DER.
+CREATE TABLE IF NOT EXISTS certificates (
+    fingerprint BLOB PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    issued_at_ms INTEGER NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS certificates_agent ON certificates(agent_id);
+-- The latest revocation of each agent ever revoked.
+CREATE TABLE IF NOT EXISTS agent_revocations (
+    agent_id TEXT PRIMARY KEY,
+    revoked_at_ms INTEGER NOT NULL,
+    reason TEXT
 );
 ";
 
@@ -654,6 +673,7 @@ impl Store for SqliteStore {
         hash: [u8; 32],
         agent: &str,
         now_ms: i64,
+        cert: IssuedCertificate,
     ) -> Result<Result<(), TokenRefusal>, StoreError> {
         let agent = agent.to_string();
         self.write(move |txn| {
@@ -683,10 +703,198 @@ impl Store for SqliteStore {
                 "UPDATE enrollment_tokens SET used_at_ms = ?2 WHERE hash = ?1",
                 rusqlite::params![hash.as_slice(), now_ms],
             )?;
+            insert_certificate(txn, &cert)?;
             Ok(Ok(()))
         })
         .await
     }
+
+    async fn record_renewal(
+        &self,
+        cert: IssuedCertificate,
+        renews: ([u8; 32], i64),
+    ) -> Result<Result<(), RenewalRevoked>, StoreError> {
+        self.write(move |txn| {
+            let (fingerprint, not_before_ms) = renews;
+            let recorded: Option<Option<i64>> = txn
+                .prepare_cached("SELECT revoked_at_ms FROM certificates WHERE fingerprint = ?1")?
+                .query_row([fingerprint.as_slice()], |r| r.get(0))
+                .optional()?;
+            let revoked_at = match recorded {
+                Some(revoked_at) => revoked_at,
+                // Not issued by this broker's records: revoked when the agent was revoked
+                // after it was issued.
+                None => txn
+                    .prepare_cached(
+                        "SELECT revoked_at_ms FROM agent_revocations WHERE agent_id = ?1 AND revoked_at_ms > ?2",
+                    )?
+                    .query_row(rusqlite::params![cert.agent_id, not_before_ms], |r| r.get(0))
+                    .optional()?,
+            };
+            if let Some(at) = revoked_at {
+                return Ok(Err(RenewalRevoked(at)));
+            }
+            insert_certificate(txn, &cert)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    async fn revoke_agent(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        reason: Option<String>,
+    ) -> Result<Vec<IssuedCertificate>, StoreError> {
+        let agent = agent.to_string();
+        self.write(move |txn| {
+            let revoked = {
+                let mut stmt = txn.prepare_cached(&format!(
+                    "UPDATE certificates SET revoked_at_ms = ?2
+                     WHERE agent_id = ?1 AND revoked_at_ms IS NULL RETURNING {CERT_COLUMNS}"
+                ))?;
+                let rows = stmt.query_map(rusqlite::params![agent, at_ms], certificate_from_row)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let c = row??;
+                    if c.not_after_ms > at_ms {
+                        out.push(c);
+                    }
+                }
+                out
+            };
+            txn.execute(
+                "INSERT INTO agent_revocations (agent_id, revoked_at_ms, reason) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(agent_id) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, reason = excluded.reason",
+                rusqlite::params![agent, at_ms, reason],
+            )?;
+            Ok(revoked)
+        })
+        .await
+    }
+
+    async fn revocations(&self, now_ms: i64) -> Result<RevocationList, StoreError> {
+        self.read(move |conn| {
+            let mut list = RevocationList::default();
+            let mut stmt = conn.prepare(
+                "SELECT fingerprint, not_after_ms FROM certificates
+                 WHERE revoked_at_ms IS NOT NULL AND not_after_ms > ?1",
+            )?;
+            let rows = stmt.query_map([now_ms], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            for row in rows {
+                let (fp, not_after) = row?;
+                list.certificates.push((fingerprint_from(fp)?, not_after));
+            }
+            let mut stmt =
+                conn.prepare("SELECT agent_id, revoked_at_ms, reason FROM agent_revocations")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    AgentRevocation {
+                        revoked_at_ms: r.get(1)?,
+                        reason: r.get(2)?,
+                    },
+                ))
+            })?;
+            list.agents = rows.collect::<Result<Vec<_>, _>>()?;
+            Ok(list)
+        })
+        .await
+    }
+
+    async fn certificate(
+        &self,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<IssuedCertificate>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates WHERE fingerprint = ?1"
+            ))?;
+            let mut rows = stmt.query([fingerprint.as_slice()])?;
+            match rows.next()? {
+                Some(row) => certificate_from_row(row)?.map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn certificates(&self, agent: &str) -> Result<Vec<IssuedCertificate>, StoreError> {
+        let agent = agent.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates WHERE agent_id = ?1 ORDER BY issued_at_ms, rowid"
+            ))?;
+            let rows = stmt.query_map([agent], certificate_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn prune_certificates(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let n = txn.execute(
+                "DELETE FROM certificates WHERE not_after_ms < ?1",
+                [before_ms],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+const CERT_COLUMNS: &str = "fingerprint, agent_id, issued_at_ms, not_after_ms, revoked_at_ms";
+
+fn fingerprint_from(bytes: Vec<u8>) -> Result<[u8; 32], StoreError> {
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        StoreError::Corrupt(format!(
+            "certificate fingerprint of {} bytes, not 32",
+            bytes.len()
+        ))
+    })
+}
+
+fn certificate_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Result<IssuedCertificate, StoreError>> {
+    let fingerprint: Vec<u8> = row.get(0)?;
+    let agent_id: String = row.get(1)?;
+    let issued_at_ms: i64 = row.get(2)?;
+    let not_after_ms: i64 = row.get(3)?;
+    let revoked_at_ms: Option<i64> = row.get(4)?;
+    Ok(
+        fingerprint_from(fingerprint).map(|fingerprint| IssuedCertificate {
+            fingerprint,
+            agent_id,
+            issued_at_ms,
+            not_after_ms,
+            revoked_at_ms,
+        }),
+    )
+}
+
+fn insert_certificate(
+    txn: &rusqlite::Transaction<'_>,
+    cert: &IssuedCertificate,
+) -> Result<(), StoreError> {
+    txn.prepare_cached(
+        "INSERT INTO certificates (fingerprint, agent_id, issued_at_ms, not_after_ms, revoked_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(rusqlite::params![
+        cert.fingerprint.as_slice(),
+        cert.agent_id,
+        cert.issued_at_ms,
+        cert.not_after_ms,
+        cert.revoked_at_ms
+    ])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -851,6 +1059,108 @@ mod tests {
         assert_eq!(got.view().output, Some(serde_json::json!({"pong": true})));
     }
 
+    fn cert(fp: u8, agent: &str, issued_at_ms: i64, not_after_ms: i64) -> IssuedCertificate {
+        IssuedCertificate {
+            fingerprint: [fp; 32],
+            agent_id: agent.into(),
+            issued_at_ms,
+            not_after_ms,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_an_agent_revokes_every_certificate_issued_so_far_and_refuses_their_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.insert_token([1; 32], "db1", 1000).await.unwrap();
+        store.insert_token([2; 32], "db1", 1000).await.unwrap();
+        // Enrollment records its certificate with the token; renewal with the old one.
+        assert_eq!(
+            store
+                .consume_token([1; 32], "db1", 5, cert(1, "db1", 5, 500))
+                .await
+                .unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store
+                .record_renewal(cert(2, "db1", 6, 600), ([1; 32], 5))
+                .await
+                .unwrap(),
+            Ok(())
+        );
+        store
+            .record_renewal(cert(9, "db2", 6, 600), ([8; 32], 5))
+            .await
+            .unwrap()
+            .unwrap();
+        let revoked = store
+            .revoke_agent("db1", 100, Some("stolen".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            revoked.iter().map(|c| c.fingerprint[0]).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(revoked.iter().all(|c| c.revoked_at_ms == Some(100)));
+        // A renewal of a revoked certificate is refused and records nothing.
+        assert_eq!(
+            store
+                .record_renewal(cert(3, "db1", 101, 700), ([2; 32], 6))
+                .await
+                .unwrap(),
+            Err(RenewalRevoked(100))
+        );
+        assert!(store.certificate([3; 32]).await.unwrap().is_none());
+        // So is one of a certificate without a record, issued before the revocation;
+        // one issued after it is not.
+        assert_eq!(
+            store
+                .record_renewal(cert(4, "db1", 101, 700), ([7; 32], 99))
+                .await
+                .unwrap(),
+            Err(RenewalRevoked(100))
+        );
+        store
+            .record_renewal(cert(4, "db1", 101, 700), ([7; 32], 101))
+            .await
+            .unwrap()
+            .unwrap();
+        // A new enrollment of the same agent is good.
+        store
+            .consume_token([2; 32], "db1", 102, cert(5, "db1", 102, 800))
+            .await
+            .unwrap()
+            .unwrap();
+        let list = store.revocations(550).await.unwrap();
+        assert_eq!(list.certificates, vec![([2; 32], 600)], "1 expired at 500");
+        assert_eq!(
+            list.agents,
+            vec![(
+                "db1".to_string(),
+                AgentRevocation {
+                    revoked_at_ms: 100,
+                    reason: Some("stolen".into())
+                }
+            )]
+        );
+        let all = store.certificates("db1").await.unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|c| (c.fingerprint[0], c.revoked_at_ms))
+                .collect::<Vec<_>>(),
+            [(1, Some(100)), (2, Some(100)), (4, None), (5, None)]
+        );
+        assert_eq!(
+            store.prune_certificates(650).await.unwrap(),
+            3,
+            "1, 2 and db2's"
+        );
+        assert_eq!(store.certificates("db1").await.unwrap().len(), 2);
+        assert_eq!(store.certificates("db2").await.unwrap().len(), 0);
+    }
+
     #[tokio::test]
     async fn tokens_are_single_use_and_bound() {
         let dir = tempfile::tempdir().unwrap();
@@ -858,23 +1168,38 @@ mod tests {
         store.insert_token([1; 32], "db1", 1000).await.unwrap();
         store.insert_token([2; 32], "db1", 10).await.unwrap();
         assert_eq!(
-            store.consume_token([1; 32], "db2", 5).await.unwrap(),
+            store
+                .consume_token([1; 32], "db2", 5, cert(1, "db2", 5, 9))
+                .await
+                .unwrap(),
             Err(TokenRefusal::OtherAgent("db1".into()))
         );
         assert_eq!(
-            store.consume_token([1; 32], "db1", 5).await.unwrap(),
+            store
+                .consume_token([1; 32], "db1", 5, cert(1, "db1", 5, 9))
+                .await
+                .unwrap(),
             Ok(())
         );
         assert_eq!(
-            store.consume_token([1; 32], "db1", 6).await.unwrap(),
+            store
+                .consume_token([1; 32], "db1", 6, cert(2, "db1", 6, 9))
+                .await
+                .unwrap(),
             Err(TokenRefusal::Used)
         );
         assert_eq!(
-            store.consume_token([2; 32], "db1", 50).await.unwrap(),
+            store
+                .consume_token([2; 32], "db1", 50, cert(3, "db1", 50, 90))
+                .await
+                .unwrap(),
             Err(TokenRefusal::Expired)
         );
         assert_eq!(
-            store.consume_token([3; 32], "db1", 5).await.unwrap(),
+            store
+                .consume_token([3; 32], "db1", 5, cert(4, "db1", 5, 9))
+                .await
+                .unwrap(),
             Err(TokenRefusal::Unknown)
         );
     }
