@@ -293,6 +293,7 @@ impl Hub {
     // ----- commands -------------------------------------------------------------------
 
     /// Accepts a command: admission, durable store, then hand-off to a connected agent.
+    #[tracing::instrument(name = "submit", skip_all, fields(id = %rec.id, operation = %rec.operation))]
     pub async fn submit(&self, rec: CommandRecord) -> Result<(), SubmitError> {
         let deployment = rec.class == OperationClass::Deployment;
         if deployment && !self.admission.admit_deployment() {
@@ -316,6 +317,7 @@ impl Hub {
             Metrics::count(&self.metrics.submissions_refused, "reason", "store");
             return Err(e.into());
         }
+        tracing::debug!(agent = %rec.agent_id, class = rec.class.as_str(), "command stored");
         Metrics::count(
             &self.metrics.commands_submitted,
             "class",
@@ -337,14 +339,14 @@ impl Hub {
     }
 
     /// Records a command's end durably; wakes waiters; frees the deployment room.
-    /// Returns the class of the command when this call finished it, `None` when it had
+    /// Returns the finished command when this call finished it, `None` when it had
     /// already finished (a re-sent result) or is unknown.
     pub async fn finish(
         &self,
         agent_id: &str,
         id: Uuid,
         finish: Finish,
-    ) -> Result<Option<OperationClass>, StoreError> {
+    ) -> Result<Option<Arc<CommandRecord>>, StoreError> {
         let state = finish.state;
         let error = finish.error.clone();
         let Some(rec) = self.store.finish(id, finish).await? else {
@@ -354,8 +356,9 @@ impl Hub {
         self.class_finished(class);
         Metrics::count(&self.metrics.commands_finished, "state", state.as_str());
         self.publish_state(agent_id, id, &rec.operation, state, error.as_ref());
-        self.wake(Arc::new(rec));
-        Ok(Some(class))
+        let rec = Arc::new(rec);
+        self.wake(rec.clone());
+        Ok(Some(rec))
     }
 
     fn class_finished(&self, class: OperationClass) {
@@ -458,6 +461,12 @@ impl Hub {
         let expired = self.store.expire_due(dbvm_protocol::now_ms()).await?;
         let n = expired.len();
         for rec in expired {
+            let _span =
+                tracing::info_span!("expire", id = %rec.id, operation = %rec.operation).entered();
+            tracing::debug!(
+                not_after_ms = rec.not_after_ms,
+                "command expired before delivery"
+            );
             self.class_finished(rec.class);
             Metrics::count(&self.metrics.commands_finished, "state", "expired");
             self.publish_state(

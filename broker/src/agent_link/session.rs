@@ -25,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// `delivered` and `running` are written only for commands still unfinished this long
@@ -69,7 +70,7 @@ struct Session {
     /// Commands waiting for an admission slot.
     blocked: VecDeque<CommandRecord>,
     /// Delivered commands and the class whose slot they hold.
-    inflight: HashMap<Uuid, OperationClass>,
+    inflight: HashMap<Uuid, Inflight>,
     known: HashSet<Uuid>,
     cert_not_after_ms: Option<i64>,
     /// The client certificate this link was opened with (a renewal renews it).
@@ -85,6 +86,13 @@ struct Session {
     /// each becomes due (see [`MARK_DELAY`]).
     marks: HashMap<Uuid, Mark>,
     mark_due: VecDeque<(Instant, Uuid)>,
+}
+
+/// A command with the agent: the class whose admission slot it holds, and its operation
+/// (for the span of its result).
+struct Inflight {
+    class: OperationClass,
+    operation: String,
 }
 
 /// What the handshake learned about a link that the session needs.
@@ -311,8 +319,8 @@ pub(super) async fn session(
     }
     // Commands still with the agent keep their informational state.
     s.write_due_marks(true);
-    for (_, class) in s.inflight.drain() {
-        hub.admission.release(class);
+    for (_, f) in s.inflight.drain() {
+        hub.admission.release(f.class);
     }
     hub.unregister(agent.as_str(), generation);
     let _ = hub
@@ -486,11 +494,13 @@ impl Session {
                 self.blocked.push_back(rec);
                 continue;
             }
+            let span = tracing::info_span!("deliver", id = %rec.id, operation = %rec.operation);
+            let _in_span = span.enter();
             let signed = match SignedCommand::from_bytes(&rec.signed) {
                 Ok(s) => s,
                 Err(e) => {
                     self.hub.admission.release(rec.class);
-                    tracing::error!(id = %rec.id, error = %e, "stored command does not decode");
+                    tracing::error!(error = %e, "stored command does not decode");
                     continue;
                 }
             };
@@ -498,7 +508,12 @@ impl Session {
                 self.hub.admission.release(rec.class);
                 return Err(format!("delivery failed: {e}"));
             }
-            self.inflight.insert(rec.id, rec.class);
+            tracing::debug!(state = rec.state.as_str(), "handed to the agent");
+            let inflight = Inflight {
+                class: rec.class,
+                operation: rec.operation,
+            };
+            self.inflight.insert(rec.id, inflight);
             if rec.state == CommandState::Queued {
                 self.mark(
                     rec.id,
@@ -620,7 +635,16 @@ impl Session {
         }
     }
 
+    /// Stores a result inside a span carrying its command's id and operation.
     async fn result(&mut self, r: CommandResult) -> Result<(), String> {
+        let span = tracing::info_span!("result", id = %r.id, operation = tracing::field::Empty);
+        if let Some(f) = self.inflight.get(&r.id) {
+            span.record("operation", tracing::field::display(&f.operation));
+        }
+        self.store_result(r).instrument(span).await
+    }
+
+    async fn store_result(&mut self, r: CommandResult) -> Result<(), String> {
         let (state, output_json, error) = match r.outcome {
             Outcome::Succeeded { output_json } => {
                 (CommandState::Succeeded, Some(output_json), None)
@@ -659,14 +683,21 @@ impl Session {
         };
         match self.hub.finish(self.agent.as_str(), r.id, finish).await {
             Ok(None) => {
-                tracing::debug!(id = %r.id, "result for a command already finished or unknown; acknowledged")
+                tracing::debug!("result for a command already finished or unknown; acknowledged")
             }
-            Ok(Some(_)) => {}
+            Ok(Some(rec)) => {
+                let span = tracing::Span::current();
+                if !self.inflight.contains_key(&r.id) {
+                    // Delivered by an earlier session: the operation comes from the store.
+                    span.record("operation", tracing::field::display(&rec.operation));
+                }
+                tracing::debug!(state = rec.state.as_str(), "result stored");
+            }
             // Not acknowledged: the agent keeps the result and sends it again.
             Err(e) => return Err(format!("cannot store the result of {}: {e}", r.id)),
         }
-        if let Some(class) = self.inflight.remove(&r.id) {
-            self.hub.admission.release(class);
+        if let Some(f) = self.inflight.remove(&r.id) {
+            self.hub.admission.release(f.class);
         }
         // Finished: its `delivered` / `running` need never be written.
         self.marks.remove(&r.id);
