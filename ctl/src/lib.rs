@@ -5,6 +5,8 @@
 //! - [`sign_command`] and [`parse_args`]: build and sign a command;
 //! - [`Client`]: the broker's HTTPS API (submit, wait, agents, health, enrollment tokens,
 //!   events);
+//! - [`send`]: a command end to end (seal secrets, sign, submit, wait, open the result),
+//!   as `dbvmctl send` does it;
 //! - [`health`]: an agent's health report, stored by the broker or run fresh;
 //! - [`reveal()`] and [`redact`]: sealed values in results;
 //! - [`output`]: the human renderings `dbvmctl` prints.
@@ -18,6 +20,7 @@ pub mod home;
 pub mod keys;
 pub mod output;
 pub mod reveal;
+pub mod send;
 pub mod sign;
 pub mod sse;
 
@@ -26,4 +29,5 @@ pub use client::{Client, ClientError, EventStream};
 pub use home::{Home, HomeError, HomeFile};
 pub use keys::{ca_init, keygen, CaInitOptions, CaInitOutput, KeygenOutput, KeysError};
 pub use reveal::{redact, reveal, RevealError};
+pub use send::{SendError, Sender};
 pub use sign::{sign_command, SignError};

@@ -7,11 +7,11 @@
 use anyhow::{Context, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use dbvm_protocol::api::{CommandState, CommandView};
-use dbvm_protocol::seal::{self, SealingKey};
+use dbvm_protocol::seal::SealingKey;
 use dbvm_protocol::AgentId;
 use dbvmctl::client::DEFAULT_BROKER_URL;
 use dbvmctl::health::HealthError;
-use dbvmctl::{output, CaInitOptions, Client, ClientError, Home};
+use dbvmctl::{output, CaInitOptions, Client, ClientError, Home, SendError, Sender};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::cell::RefCell;
@@ -220,14 +220,6 @@ struct SendArgs {
     show: ShowArgs,
 }
 
-/// The agent cannot receive sealed secrets yet (exit code 3: what the broker knows).
-#[derive(Debug, thiserror::Error)]
-#[error("agent {agent} has no usable sealing key ({reason}), so secrets cannot be sealed to it: start its agent, check `dbvmctl agents`, then send again")]
-struct AgentNotReady {
-    agent: AgentId,
-    reason: String,
-}
-
 /// The broker ended the event stream (exit code 3).
 #[derive(Debug, thiserror::Error)]
 #[error("the broker at {0} closed the event stream: run `dbvmctl events` again once it is back")]
@@ -242,7 +234,14 @@ fn exit_code_of(err: &anyhow::Error) -> Exit {
                 Exit::Broker
             };
         }
-        if cause.is::<AgentNotReady>() || cause.is::<StreamClosed>() {
+        if let Some(e) = cause.downcast_ref::<SendError>() {
+            return if e.is_local() {
+                Exit::Usage
+            } else {
+                Exit::Broker
+            };
+        }
+        if cause.is::<StreamClosed>() {
             return Exit::Broker;
         }
         if let Some(e) = cause.downcast_ref::<HealthError>() {
@@ -617,7 +616,7 @@ async fn wait_for(
     };
     let id = view.id;
     let waited = tokio::select! {
-        r = client.wait_with_progress(id, timeout, poll, |v| watch.update(v)) => Some(r),
+        r = dbvmctl::send::wait(client, view, timeout, poll, |v| watch.update(v)) => Some(r),
         _ = tokio::signal::ctrl_c() => None,
     };
     watch.finish();
@@ -638,18 +637,8 @@ fn show_command(
     opener: Option<&SealingKey>,
     waited: Option<Duration>,
 ) -> Result<Exit> {
-    let mut value = serde_json::to_value(view).context("cannot encode the command view")?;
-    let revealed = match opener {
-        Some(key) => dbvmctl::reveal(&mut value, key).map(|_| ()),
-        None => {
-            dbvmctl::redact(&mut value);
-            Ok(())
-        }
-    };
-    if revealed.is_err() {
-        // A value that did not open was left sealed: hide those that are still sealed.
-        dbvmctl::redact(&mut value);
-    }
+    let shown = dbvmctl::send::readable(view, opener);
+    let (value, revealed) = (shown.value, shown.revealed);
     if show.json {
         out_json(&value)?;
     } else {
@@ -685,47 +674,22 @@ fn show_command(
 
 async fn send(ctx: &Ctx, a: SendArgs) -> Result<Exit> {
     // Everything local first: a usage or key problem stops before the broker is asked.
-    let mut args = dbvmctl::parse_args(&a.args)?;
-    let secrets = dbvmctl::parse_secrets(&a.secrets)?;
+    let request = dbvmctl::send::Request {
+        args: dbvmctl::parse_args(&a.args)?,
+        secrets: dbvmctl::parse_secrets(&a.secrets)?,
+        ttl: Duration::from_secs(a.ttl),
+        ..dbvmctl::send::Request::new(a.agent.clone(), &a.operation)
+    };
     let home = ctx.home()?;
-    let signer = home.signer()?;
-    let reply_key = home.sealing_public_key()?;
     let opener = if a.show.reveal {
         Some(home.sealing_key()?)
     } else {
         None
     };
     let client = ctx.client(&home)?;
-
-    if !secrets.is_empty() {
-        let not_ready = |reason: String| AgentNotReady {
-            agent: a.agent.clone(),
-            reason,
-        };
-        let agent = match client.agent(a.agent.as_str()).await {
-            Ok(agent) => agent,
-            Err(ClientError::Http(status, e)) if status == reqwest::StatusCode::NOT_FOUND => {
-                return Err(not_ready(format!("the broker does not know it: {}", e.error)).into())
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let key = agent
-            .sealing_key
-            .ok_or_else(|| not_ready("it has never connected to the broker".into()))?;
-        let key = seal::parse_public_key(&key)
-            .map_err(|e| not_ready(format!("the broker reports a bad key: {e}")))?;
-        dbvmctl::seal_secrets(&mut args, &secrets, &key)?;
-    }
-
-    let command = dbvmctl::sign_command(
-        &signer,
-        &a.agent,
-        &a.operation,
-        serde_json::Value::Object(args),
-        Duration::from_secs(a.ttl),
-        Some(reply_key),
-    )?;
-    let view = client.submit(&command).await?;
+    let signer = home.signer()?;
+    let sender = Sender::new(&client, &signer, home.sealing_public_key()?);
+    let view = sender.submit(request).await?;
     if ctx.verbose {
         eprintln!(
             "submitted command {} ({} on {})",
@@ -920,12 +884,23 @@ mod tests {
         );
         let api = anyhow::Error::from(api).context("sending");
         assert_eq!(exit_code_of(&api), Exit::Broker);
-        let not_ready: anyhow::Error = AgentNotReady {
+        let not_ready: anyhow::Error = SendError::AgentNotReady {
             agent: AgentId::new("db1").unwrap(),
             reason: "never connected".into(),
         }
         .into();
         assert_eq!(exit_code_of(&not_ready), Exit::Broker);
+        let refused: anyhow::Error = SendError::Client(ClientError::Http(
+            reqwest::StatusCode::FORBIDDEN,
+            dbvm_protocol::api::ApiError {
+                code: "bad_signature".into(),
+                error: "no".into(),
+            },
+        ))
+        .into();
+        assert_eq!(exit_code_of(&refused), Exit::Broker);
+        let bad_ttl: anyhow::Error = SendError::Sign(dbvmctl::SignError::TtlTooShort).into();
+        assert_eq!(exit_code_of(&bad_ttl), Exit::Usage);
         let offline: anyhow::Error = HealthError::NotConnected("db1".into()).into();
         assert_eq!(exit_code_of(&offline), Exit::Broker);
         let rejected: anyhow::Error = HealthError::Unsupported {
