@@ -103,21 +103,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// tracing filter, e.g. `info` or `dbvm_broker=debug`.
-    pub level: Option<String>,
-}
+pub use dbvm_host::logging::{LogFormat, LogSettings};
 
 /// PEM texts read from the files named in [`TlsFiles`], checked to build.
 #[derive(Clone)]
@@ -187,6 +173,12 @@ impl Config {
                 });
             }
         }
+        self.log
+            .validate()
+            .map_err(|problem| ConfigError::Invalid {
+                key: "log.level",
+                problem,
+            })?;
         if self.agent_listen == self.api_listen && self.agent_listen.port() != 0 {
             return Err(ConfigError::Invalid {
                 key: "api_listen",
