@@ -106,14 +106,18 @@ impl Journal {
         Ok(ids.len())
     }
 
-    pub fn finish(&mut self, result: &CommandResult) -> Result<(), JournalError> {
+    /// Records a command's result, unless it has one already: the first result journaled
+    /// is the one that counts (a drain that gave up on a command journals it interrupted;
+    /// the command's own result, arriving later, is then dropped). Says whether this one
+    /// was recorded.
+    pub fn finish(&mut self, result: &CommandResult) -> Result<bool, JournalError> {
         let bytes =
             postcard::to_allocvec(result).map_err(|e| JournalError::Corrupt(e.to_string()))?;
-        self.conn.execute(
-            "UPDATE commands SET result = ?2 WHERE id = ?1",
+        let n = self.conn.execute(
+            "UPDATE commands SET result = ?2 WHERE id = ?1 AND result IS NULL",
             rusqlite::params![result.id.as_bytes().as_slice(), bytes],
         )?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// Records that the broker stored the result (not synced to disk: see `acks`).

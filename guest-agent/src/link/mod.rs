@@ -1,19 +1,21 @@
-//! The link to the broker: enroll when there is no certificate, dial over mTLS, say
-//! Hello, heartbeat, verify and run delivered commands, re-send unacknowledged results,
-//! renew the certificate at two thirds of its life, and reconnect with jittered
-//! exponential backoff when anything breaks.
+//! The link to the broker: enroll when there is no certificate ([`enroll`]), dial over
+//! mTLS, say Hello, heartbeat, hand delivered commands to the [`executor`], re-send
+//! unacknowledged results, renew the certificate at two thirds of its life, and
+//! reconnect with jittered exponential backoff when anything breaks. On shutdown it
+//! drains: no new command, the running ones get until the drain deadline, events waiting
+//! in the uplink go out, then the connection closes.
 
-use crate::dispatch::{Dispatcher, OpContext, OpError, ProgressUpdate};
+mod enroll;
+pub mod executor;
+
 use crate::identity::{Identity, StateDir};
-use crate::journal::{Entry, Journal};
+use crate::uplink::Uplink;
 use dbvm_protocol::frame::{self, FrameError, MAX_FRAME_LEN};
-use dbvm_protocol::messages::{
-    AgentMessage, BrokerMessage, CommandResult, EnrollRequest, Hello, Outcome, RejectCode,
-};
+use dbvm_protocol::messages::{AgentMessage, BrokerMessage, Hello};
 use dbvm_protocol::seal::SealingKey;
-use dbvm_protocol::{
-    AgentId, SignedCommand, VerifiedCommand, Verifier, VerifyError, PROTOCOL_MAJOR, PROTOCOL_MINOR,
-};
+use dbvm_protocol::{AgentId, PROTOCOL_MAJOR, PROTOCOL_MINOR};
+use enroll::Renewal;
+use executor::Executor;
 use rand::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,16 +24,11 @@ use tokio::sync::mpsc;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// A command that has not finished after this long is acknowledged (`Ack`: it is
-/// running); one that finishes sooner sends only its result, which says as much. The
-/// broker writes `running` for a command only after 200 ms anyway.
-const ACK_AFTER: Duration = Duration::from_millis(100);
-/// Largest operation output: leaves room in one frame for the rest of the result.
-const MAX_OUTPUT_BYTES: usize = MAX_FRAME_LEN - 4096;
+/// How long the last frames (results, events) get to reach the broker at shutdown.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -97,91 +94,143 @@ impl Backoff {
     }
 }
 
-/// Everything the link needs, shared with running operations.
-pub struct Agent {
+/// The sender of the live connection, if any: results and progress go through it.
+#[derive(Debug, Default)]
+pub(crate) struct Outgoing(Mutex<Option<mpsc::Sender<AgentMessage>>>);
+
+impl Outgoing {
+    fn set(&self, tx: Option<mpsc::Sender<AgentMessage>>) {
+        *lock(&self.0) = tx;
+    }
+
+    /// Sends if the link is up (waiting for room); drops the message otherwise.
+    pub(crate) async fn send(&self, msg: AgentMessage) {
+        let tx = lock(&self.0).clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(msg).await;
+        }
+    }
+
+    /// Sends if the link is up and has room; drops the message otherwise.
+    fn try_send(&self, msg: AgentMessage) {
+        if let Some(tx) = lock(&self.0).as_ref() {
+            let _ = tx.try_send(msg);
+        }
+    }
+}
+
+/// Where the link dials and how it proves who it is.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
     pub agent_id: AgentId,
     pub server_name: String,
     pub broker_address: String,
     pub ca_pem: String,
     pub token_file: Option<std::path::PathBuf>,
-    pub state: StateDir,
-    pub verifier: Verifier,
-    pub dispatcher: Dispatcher,
-    pub sealing_key: Arc<SealingKey>,
-    pub journal: Arc<Mutex<Journal>>,
+    /// First and largest reconnect delay.
     pub backoff: (Duration, Duration),
-    /// Events and health reports waiting for the broker.
-    pub uplink: Arc<crate::uplink::Uplink>,
-    /// Sender of the live connection, if any: results go through it.
-    outbox: Mutex<Option<mpsc::Sender<AgentMessage>>>,
-    progress_tx: mpsc::UnboundedSender<ProgressUpdate>,
-    progress_rx: Mutex<Option<mpsc::UnboundedReceiver<ProgressUpdate>>>,
 }
 
-impl std::fmt::Debug for Agent {
+/// What `Hello` says of the database (only the database capability knows it).
+pub type DbKind = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The link to the broker and the executor behind it.
+pub struct Link {
+    agent_id: AgentId,
+    server_name: String,
+    broker_address: String,
+    ca_pem: String,
+    ca_not_after_ms: Option<i64>,
+    token_file: Option<std::path::PathBuf>,
+    backoff: (Duration, Duration),
+    state: StateDir,
+    sealing_key: Arc<SealingKey>,
+    executor: Arc<Executor>,
+    uplink: Arc<Uplink>,
+    outgoing: Arc<Outgoing>,
+    db_kind: DbKind,
+    progress_rx: Mutex<Option<mpsc::UnboundedReceiver<crate::dispatch::ProgressUpdate>>>,
+}
+
+impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
+        f.debug_struct("Link")
             .field("agent_id", &self.agent_id)
             .finish_non_exhaustive()
     }
 }
 
-type Reader = tokio::io::ReadHalf<TlsStream<TcpStream>>;
-
 enum SessionEnd {
-    /// The connection worked for a while before ending.
-    AfterWelcome(Duration),
+    /// The connection worked for this long before ending.
+    After(Duration),
+    /// The session drained the commands (shutdown) before ending.
+    Drained,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock means a panic elsewhere mid-update; the data (a journal handle or an
-    // optional sender) stays usable.
+    // A poisoned lock means a panic elsewhere mid-update; the data (an optional sender or
+    // receiver) stays usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Agent {
+impl Link {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        agent_id: AgentId,
-        server_name: String,
-        broker_address: String,
-        ca_pem: String,
-        token_file: Option<std::path::PathBuf>,
+        endpoint: Endpoint,
         state: StateDir,
-        verifier: Verifier,
-        dispatcher: Dispatcher,
+        verifier: dbvm_protocol::Verifier,
+        dispatcher: crate::dispatch::Dispatcher,
         sealing_key: SealingKey,
-        journal: Journal,
-        backoff: (Duration, Duration),
-        uplink: Arc<crate::uplink::Uplink>,
+        journal: crate::journal::Journal,
+        uplink: Arc<Uplink>,
+        db_kind: DbKind,
     ) -> Arc<Self> {
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        Arc::new(Self {
-            agent_id,
-            server_name,
-            broker_address,
-            ca_pem,
-            token_file,
-            state,
+        let outgoing = Arc::new(Outgoing::default());
+        let sealing_key = Arc::new(sealing_key);
+        let executor = Arc::new(Executor::new(
+            endpoint.agent_id.clone(),
             verifier,
             dispatcher,
-            sealing_key: Arc::new(sealing_key),
-            journal: Arc::new(Mutex::new(journal)),
-            backoff,
-            uplink,
-            outbox: Mutex::new(None),
+            sealing_key.clone(),
+            journal,
+            outgoing.clone(),
             progress_tx,
+        ));
+        let ca_not_after_ms = dbvm_protocol::pki::validity_ms(&endpoint.ca_pem)
+            .ok()
+            .map(|(_, na)| na);
+        Arc::new(Self {
+            agent_id: endpoint.agent_id,
+            server_name: endpoint.server_name,
+            broker_address: endpoint.broker_address,
+            ca_pem: endpoint.ca_pem,
+            ca_not_after_ms,
+            token_file: endpoint.token_file,
+            backoff: endpoint.backoff,
+            state,
+            sealing_key,
+            executor,
+            uplink,
+            outgoing,
+            db_kind,
             progress_rx: Mutex::new(Some(progress_rx)),
         })
     }
 
-    /// Runs the link until `shutdown`.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    pub fn executor(&self) -> &Arc<Executor> {
+        &self.executor
+    }
+
+    /// Runs the link until `shutdown`, then drains: running commands get `drain` to
+    /// finish (their results go out while the link is up), the rest are journaled as
+    /// interrupted and reported, waiting events are sent, and the connection closes.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, drain: Duration) {
         if let Some(mut rx) = lock(&self.progress_rx).take() {
-            let me = self.clone();
+            let outgoing = self.outgoing.clone();
             tokio::spawn(async move {
                 while let Some(p) = rx.recv().await {
-                    me.send_best_effort(AgentMessage::Progress {
+                    outgoing.try_send(AgentMessage::Progress {
                         id: p.id,
                         percent: p.percent,
                         message: p.message,
@@ -190,13 +239,23 @@ impl Agent {
             });
         }
         let mut backoff = Backoff::new(self.backoff.0, self.backoff.1);
+        let mut drained = false;
         loop {
-            let attempt = tokio::select! {
+            // Shutdown cuts dialling short; a live session drains itself.
+            let established = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.clone().connect_once(shutdown.clone()) => r,
+                r = self.establish() => r,
+            };
+            let attempt = match established {
+                Ok(e) => self.clone().session(e, shutdown.clone(), drain).await,
+                Err(e) => Err(e),
             };
             match attempt {
-                Ok(SessionEnd::AfterWelcome(lasted)) => {
+                Ok(SessionEnd::Drained) => {
+                    drained = true;
+                    break;
+                }
+                Ok(SessionEnd::After(lasted)) => {
                     if lasted > Duration::from_secs(10) {
                         backoff.reset();
                     }
@@ -213,12 +272,34 @@ impl Agent {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        *lock(&self.outbox) = None;
+        if !drained {
+            // Shut down while not connected: results are journaled and go out after the
+            // restart.
+            self.executor.stop_accepting();
+            self.wait_for_commands(drain).await;
+        }
+        self.outgoing.set(None);
     }
 
-    fn send_best_effort(&self, msg: AgentMessage) {
-        if let Some(tx) = lock(&self.outbox).as_ref() {
-            let _ = tx.try_send(msg);
+    /// Waits up to `drain` for running commands, then interrupts the rest.
+    async fn wait_for_commands(&self, drain: Duration) {
+        let running = self.executor.running();
+        if running > 0 {
+            tracing::info!(
+                running,
+                drain_ms = drain.as_millis() as u64,
+                "waiting for running commands to finish"
+            );
+        }
+        if tokio::time::timeout(drain, self.executor.idle())
+            .await
+            .is_err()
+        {
+            let n = self.executor.interrupt_running(drain).await;
+            tracing::warn!(
+                interrupted = n,
+                "commands still running at the drain deadline were interrupted"
+            );
         }
     }
 
@@ -244,63 +325,8 @@ impl Agent {
             .map_err(LinkError::Tls)
     }
 
-    fn read_token(&self) -> Result<String, LinkError> {
-        if let Ok(t) = std::env::var("DBVM_AGENT_ENROLLMENT_TOKEN") {
-            if !t.trim().is_empty() {
-                return Ok(t.trim().to_string());
-            }
-        }
-        let path = self.token_file.as_ref().ok_or(LinkError::NoToken)?;
-        match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-            Ok(_) => Err(LinkError::NoToken),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LinkError::NoToken),
-            Err(e) => Err(LinkError::TokenFile(path.clone(), e)),
-        }
-    }
-
-    /// First boot: trade the one-time token and a CSR for a certificate.
-    pub async fn enroll(&self) -> Result<Identity, LinkError> {
-        let token = self.read_token()?;
-        let (csr_pem, key_pem) = dbvm_protocol::pki::make_csr(&self.agent_id)
-            .map_err(|e| LinkError::Pki(e.to_string()))?;
-        let mut tls = self.dial(None).await?;
-        let req = AgentMessage::Enroll(EnrollRequest {
-            protocol_major: PROTOCOL_MAJOR,
-            protocol_minor: PROTOCOL_MINOR,
-            agent_id: self.agent_id.to_string(),
-            token,
-            csr_pem,
-        });
-        frame::write_frame(&mut tls, &req, MAX_FRAME_LEN).await?;
-        let reply = tokio::time::timeout(
-            REPLY_TIMEOUT,
-            frame::read_frame::<BrokerMessage, _>(&mut tls, MAX_FRAME_LEN),
-        )
-        .await
-        .map_err(|_| LinkError::Timeout("waiting for the enrollment answer"))??;
-        match reply {
-            Some(BrokerMessage::Enrolled { cert_pem, .. }) => {
-                let identity = Identity::new(cert_pem, key_pem).map_err(LinkError::Pki)?;
-                self.state.store_identity(&identity)?;
-                tracing::info!(
-                    not_after_ms = identity.not_after_ms,
-                    "enrolled with the broker"
-                );
-                Ok(identity)
-            }
-            Some(BrokerMessage::Refused { code, message }) => {
-                Err(LinkError::Refused { code, message })
-            }
-            Some(other) => Err(LinkError::Unexpected(format!("{other:?}"))),
-            None => Err(LinkError::Closed),
-        }
-    }
-
-    async fn connect_once(
-        self: Arc<Self>,
-        shutdown: CancellationToken,
-    ) -> Result<SessionEnd, LinkError> {
+    /// Enrolls if needed, dials, says Hello and reads the Welcome.
+    async fn establish(&self) -> Result<Established, LinkError> {
         let identity = match self.state.identity()? {
             Some(id) if !id.expired(dbvm_protocol::now_ms()) => id,
             Some(_) => {
@@ -311,20 +337,20 @@ impl Agent {
             }
             None => self.enroll().await?,
         };
+        enroll::publish(&identity, &self.uplink, self.ca_not_after_ms);
         let tls = self.dial(Some(&identity)).await?;
-        let (rd, mut wr) = tokio::io::split(tls);
+        let (mut rd, mut wr) = tokio::io::split(tls);
         let hello = AgentMessage::Hello(Hello {
             protocol_major: PROTOCOL_MAJOR,
             protocol_minor: PROTOCOL_MINOR,
             agent_id: self.agent_id.to_string(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            operations: self.dispatcher.names(),
+            operations: self.executor.operation_names(),
             capabilities: vec!["journal".into(), "renew".into(), "sealed-secrets".into()],
             sealing_key: self.sealing_key.public_key(),
-            db_kind: None,
+            db_kind: (self.db_kind)(),
         });
         frame::write_frame(&mut wr, &hello, MAX_FRAME_LEN).await?;
-        let mut rd = rd;
         let first = tokio::time::timeout(
             REPLY_TIMEOUT,
             frame::read_frame::<BrokerMessage, _>(&mut rd, MAX_FRAME_LEN),
@@ -346,7 +372,29 @@ impl Agent {
             )));
         }
         tracing::info!(broker_version = %welcome.broker_version, "connected to the broker");
+        Ok(Established {
+            identity,
+            rd,
+            wr,
+            welcome,
+        })
+    }
+
+    /// One session, from the Welcome until the connection ends or the drain is done.
+    async fn session(
+        self: Arc<Self>,
+        established: Established,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> Result<SessionEnd, LinkError> {
+        let Established {
+            identity,
+            rd,
+            mut wr,
+            welcome,
+        } = established;
         let started = Instant::now();
+        let mut renewal = Renewal::new(&identity);
 
         let (out_tx, mut out_rx) = mpsc::channel::<AgentMessage>(1024);
         let writer = tokio::spawn(async move {
@@ -357,7 +405,7 @@ impl Agent {
                 }
             }
         });
-        *lock(&self.outbox) = Some(out_tx.clone());
+        self.outgoing.set(Some(out_tx.clone()));
         self.uplink.link_up(welcome.protocol_minor);
         if let Some(report) = self.uplink.on_connect() {
             let _ = out_tx.send(report).await;
@@ -365,19 +413,9 @@ impl Agent {
         for m in self.uplink.drain() {
             let _ = out_tx.send(m).await;
         }
-
         // Results the broker has not acknowledged yet (from before a restart or a cut).
-        let journal = self.journal.clone();
-        let unacked = tokio::task::spawn_blocking(move || lock(&journal).unacked_results())
-            .await
-            .map_err(|e| LinkError::Unexpected(e.to_string()))?;
-        match unacked {
-            Ok(results) => {
-                for r in results {
-                    let _ = out_tx.send(AgentMessage::Result(r)).await;
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot read unacknowledged results"),
+        for r in self.executor.unacked_results().await {
+            let _ = out_tx.send(AgentMessage::Result(r)).await;
         }
 
         let interval = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
@@ -388,12 +426,28 @@ impl Agent {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut last_frame = Instant::now();
-        let mut renewal = Renewal::new(&identity);
+        // Set when shutdown begins: until then commands are taken; after it, the session
+        // lives on only until the running ones are done or the deadline passes.
+        let mut drain_until: Option<tokio::time::Instant> = None;
 
-        let end: Result<(), LinkError> = loop {
+        let end: Result<SessionEnd, LinkError> = loop {
             let renew_in = renewal.due_in();
+            let drain_deadline = drain_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = shutdown.cancelled(), if drain_until.is_none() => {
+                    self.executor.stop_accepting();
+                    drain_until = Some(tokio::time::Instant::now() + drain);
+                    let running = self.executor.running();
+                    if running > 0 {
+                        tracing::info!(running, drain_ms = drain.as_millis() as u64, "shutting down: waiting for running commands to finish");
+                    }
+                }
+                _ = self.executor.idle(), if drain_until.is_some() => break Ok(SessionEnd::Drained),
+                _ = tokio::time::sleep_until(drain_deadline), if drain_until.is_some() => {
+                    let n = self.executor.interrupt_running(drain).await;
+                    tracing::warn!(interrupted = n, "commands still running at the drain deadline were interrupted");
+                    break Ok(SessionEnd::Drained);
+                }
                 _ = heartbeat.tick() => {
                     if last_frame.elapsed() > dead_after {
                         break Err(LinkError::Timeout("no frame from the broker for three heartbeat intervals"));
@@ -411,12 +465,12 @@ impl Agent {
                     }
                 }
                 _ = tokio::time::sleep(renew_in) => {
-                    match renewal.start(&self.agent_id) {
+                    match renewal.start(&self.agent_id, &self.uplink) {
                         Ok(csr_pem) => {
                             tracing::info!("renewing the agent certificate");
                             let _ = out_tx.send(AgentMessage::Renew { csr_pem }).await;
                         }
-                        Err(e) => tracing::warn!(error = %e, "cannot make a renewal request"),
+                        Err(e) => tracing::warn!(error = %e, "cannot renew the agent certificate"),
                     }
                 }
                 incoming = in_rx.recv() => {
@@ -427,24 +481,18 @@ impl Agent {
                     };
                     last_frame = Instant::now();
                     match msg {
-                        BrokerMessage::Deliver(cmd) => self.clone().on_deliver(cmd, out_tx.clone()).await,
-                        BrokerMessage::ResultAck { id } => {
-                            let journal = self.journal.clone();
-                            let _ = tokio::task::spawn_blocking(move || {
-                                if let Err(e) = lock(&journal).mark_acked(id) {
-                                    tracing::error!(error = %e, "cannot record a result acknowledgement");
-                                }
-                            }).await;
-                        }
+                        BrokerMessage::Deliver(cmd) => self.executor.on_deliver(cmd, &out_tx).await,
+                        BrokerMessage::ResultAck { id } => self.executor.mark_acked(id).await,
                         BrokerMessage::HeartbeatAck { .. } => {}
                         BrokerMessage::Renewed { cert_pem } => {
-                            if let Err(e) = renewal.finish(&self.state, cert_pem) {
+                            if let Err(e) = renewal.finish(&self.state, &self.uplink, cert_pem) {
                                 tracing::error!(error = %e, "renewed certificate could not be stored; keeping the old one");
+                                renewal.failed(&self.uplink, e);
                             }
                         }
                         BrokerMessage::RenewFailed { message } => {
                             tracing::warn!(%message, "the broker refused to renew the certificate; retrying later");
-                            renewal.failed();
+                            renewal.failed(&self.uplink, format!("the broker refused: {message}"));
                         }
                         BrokerMessage::Refused { code, message } => break Err(LinkError::Refused { code, message }),
                         other @ (BrokerMessage::Welcome(_) | BrokerMessage::Enrolled { .. }) => {
@@ -454,167 +502,37 @@ impl Agent {
                 }
             }
         };
-        *lock(&self.outbox) = None;
+        if matches!(end, Ok(SessionEnd::Drained)) {
+            // Events that are still waiting (a last health change, say) go out with the rest.
+            for m in self.uplink.drain() {
+                let _ = out_tx.send(m).await;
+            }
+        }
+        self.outgoing.set(None);
         self.uplink.link_down();
         reader.abort();
         drop(out_tx);
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer).await;
         match end {
-            Ok(()) => Ok(SessionEnd::AfterWelcome(started.elapsed())),
+            Ok(SessionEnd::Drained) => Ok(SessionEnd::Drained),
+            Ok(SessionEnd::After(_)) => Ok(SessionEnd::After(started.elapsed())),
             Err(e) => {
                 tracing::warn!(error = %e, after_ms = started.elapsed().as_millis() as u64, "session with the broker ended");
-                Ok(SessionEnd::AfterWelcome(started.elapsed()))
+                Ok(SessionEnd::After(started.elapsed()))
             }
         }
     }
+}
 
-    /// Verifies a delivered command, journals it, and starts it — or says why not.
-    async fn on_deliver(self: Arc<Self>, cmd: SignedCommand, out: mpsc::Sender<AgentMessage>) {
-        let now = dbvm_protocol::now_ms();
-        let journal = self.journal.clone();
-        let verifier = self.verifier.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            let peeked = cmd.peek_body().ok().map(|b| b.id);
-            let verdict = verifier.verify_once(&cmd, now, &mut *lock(&journal));
-            (verdict, peeked)
-        })
-        .await;
-        let Ok((verdict, peeked)) = checked else {
-            return;
-        };
-        match verdict {
-            Ok(verified) => {
-                let id = verified.body.id;
-                tracing::info!(%id, operation = %verified.body.operation, key_id = %verified.key_id, "running command");
-                tokio::spawn(self.clone().execute(verified, out));
-            }
-            Err(VerifyError::Replayed(id)) => self.on_duplicate(id, out).await,
-            Err(e) => {
-                tracing::warn!(code = e.code().as_str(), error = %e, "refused a command");
-                if let Some(id) = peeked {
-                    let _ = out
-                        .send(AgentMessage::Result(CommandResult {
-                            id,
-                            outcome: Outcome::Rejected {
-                                code: e.code(),
-                                message: e.to_string(),
-                            },
-                            started_at_ms: now,
-                            finished_at_ms: now,
-                        }))
-                        .await;
-                }
-            }
-        }
-    }
+type Reader = tokio::io::ReadHalf<TlsStream<TcpStream>>;
+type Writer = tokio::io::WriteHalf<TlsStream<TcpStream>>;
 
-    /// A command id seen before: a redelivery gets its state again; it never runs twice.
-    async fn on_duplicate(&self, id: Uuid, out: mpsc::Sender<AgentMessage>) {
-        let journal = self.journal.clone();
-        let entry = tokio::task::spawn_blocking(move || lock(&journal).entry(id)).await;
-        let now = dbvm_protocol::now_ms();
-        let reply = match entry {
-            Ok(Ok(Some(Entry::Running))) => AgentMessage::Ack { id },
-            Ok(Ok(Some(Entry::Finished {
-                result,
-                acked: false,
-            }))) => AgentMessage::Result(result),
-            _ => {
-                tracing::warn!(%id, "replayed command refused: it was already received and answered");
-                AgentMessage::Result(CommandResult {
-                    id,
-                    outcome: Outcome::Rejected {
-                        code: RejectCode::Replayed,
-                        message: VerifyError::Replayed(id).to_string(),
-                    },
-                    started_at_ms: now,
-                    finished_at_ms: now,
-                })
-            }
-        };
-        let _ = out.send(reply).await;
-    }
-
-    async fn execute(self: Arc<Self>, verified: VerifiedCommand, out: mpsc::Sender<AgentMessage>) {
-        let body = verified.body;
-        let id = body.id;
-        let started = dbvm_protocol::now_ms();
-        let outcome = match self.dispatcher.get(&body.operation) {
-            None => Outcome::Rejected {
-                code: RejectCode::UnsupportedOperation,
-                message: format!(
-                    "this agent does not support operation {:?} (it supports: {})",
-                    body.operation,
-                    self.dispatcher.names().join(", ")
-                ),
-            },
-            Some(op) => match serde_json::from_str::<serde_json::Value>(&body.args_json) {
-                Err(e) => Outcome::Rejected {
-                    code: RejectCode::BadArguments,
-                    message: format!("arguments are not JSON: {e}"),
-                },
-                Ok(args) => {
-                    let ctx = OpContext::new(
-                        body.clone(),
-                        self.sealing_key.clone(),
-                        self.agent_id.to_string(),
-                        self.progress_tx.clone(),
-                    );
-                    // A command still running after ACK_AFTER is acknowledged as
-                    // running; a faster one is told by its result alone.
-                    let run = op.run(ctx, args);
-                    tokio::pin!(run);
-                    let ran = tokio::select! {
-                        biased;
-                        r = &mut run => r,
-                        _ = tokio::time::sleep(ACK_AFTER) => {
-                            let _ = out.send(AgentMessage::Ack { id }).await;
-                            run.await
-                        }
-                    };
-                    match ran {
-                        Ok(v) => {
-                            let text = v.to_string();
-                            if text.len() > MAX_OUTPUT_BYTES {
-                                Outcome::Failed {
-                                    message: format!(
-                                        "output of {} bytes exceeds {MAX_OUTPUT_BYTES}",
-                                        text.len()
-                                    ),
-                                }
-                            } else {
-                                Outcome::Succeeded { output_json: text }
-                            }
-                        }
-                        Err(OpError::BadArguments(m)) => Outcome::Rejected {
-                            code: RejectCode::BadArguments,
-                            message: m,
-                        },
-                        Err(OpError::Failed(m)) => Outcome::Failed { message: m },
-                    }
-                }
-            },
-        };
-        let result = CommandResult {
-            id,
-            outcome,
-            started_at_ms: started,
-            finished_at_ms: dbvm_protocol::now_ms(),
-        };
-        let journal = self.journal.clone();
-        let r = result.clone();
-        match tokio::task::spawn_blocking(move || lock(&journal).finish(&r)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(%id, error = %e, "cannot journal a result"),
-            Err(e) => tracing::error!(%id, error = %e, "journal task failed"),
-        }
-        tracing::info!(%id, operation = %body.operation, ms = result.finished_at_ms - started, "command finished");
-        // Sent now if connected; otherwise the journal re-sends it after the next Welcome.
-        let tx = lock(&self.outbox).clone();
-        if let Some(tx) = tx {
-            let _ = tx.send(AgentMessage::Result(result)).await;
-        }
-    }
+/// A connection that got its Welcome.
+struct Established {
+    identity: Identity,
+    rd: Reader,
+    wr: Writer,
+    welcome: dbvm_protocol::messages::Welcome,
 }
 
 async fn read_loop(mut rd: Reader, tx: mpsc::Sender<Result<Option<BrokerMessage>, FrameError>>) {
@@ -624,60 +542,5 @@ async fn read_loop(mut rd: Reader, tx: mpsc::Sender<Result<Option<BrokerMessage>
         if tx.send(r).await.is_err() || stop {
             return;
         }
-    }
-}
-
-/// Certificate renewal state for one session.
-struct Renewal {
-    renew_at_ms: i64,
-    not_after_ms: i64,
-    pending_key: Option<String>,
-}
-
-impl Renewal {
-    fn new(identity: &Identity) -> Self {
-        Self {
-            renew_at_ms: identity.renew_at_ms(),
-            not_after_ms: identity.not_after_ms,
-            pending_key: None,
-        }
-    }
-
-    fn due_in(&self) -> Duration {
-        let ms = self.renew_at_ms - dbvm_protocol::now_ms();
-        Duration::from_millis(ms.max(0) as u64)
-    }
-
-    fn start(&mut self, agent: &AgentId) -> Result<String, String> {
-        let (csr, key) = dbvm_protocol::pki::make_csr(agent).map_err(|e| e.to_string())?;
-        self.pending_key = Some(key);
-        // If no answer comes, ask again after a tenth of the remaining time (at least 1 s).
-        let now = dbvm_protocol::now_ms();
-        self.renew_at_ms = now + ((self.not_after_ms - now) / 10).max(1000);
-        Ok(csr)
-    }
-
-    fn failed(&mut self) {
-        self.pending_key = None;
-    }
-
-    fn finish(&mut self, state: &StateDir, cert_pem: String) -> Result<(), String> {
-        let key = self
-            .pending_key
-            .take()
-            .ok_or("a renewed certificate arrived without a pending request")?;
-        let identity = Identity::new(cert_pem, key)?;
-        // The new pair must belong together before it replaces the old one.
-        if !dbvm_protocol::pki::cert_matches_key(&identity.cert_pem, &identity.key_pem) {
-            return Err("renewed certificate is not for the key this agent asked for".into());
-        }
-        state.store_identity(&identity).map_err(|e| e.to_string())?;
-        tracing::info!(
-            not_after_ms = identity.not_after_ms,
-            "agent certificate renewed; the next connection uses it"
-        );
-        self.renew_at_ms = identity.renew_at_ms();
-        self.not_after_ms = identity.not_after_ms;
-        Ok(())
     }
 }

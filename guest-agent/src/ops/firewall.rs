@@ -1,12 +1,14 @@
 //! `firewall.apply` and `firewall.status`, and the firewall as the database manager sees
 //! it: the wanted ruleset follows the VM's role (which engine, which MySQL extras).
 
+use crate::capability::Capability;
 use crate::db::manager::FirewallHook;
 use crate::db::params::Flavour;
 use crate::db::{DatabaseSpec, DbManager};
-use crate::dispatch::{parse_args, Dispatcher, OpContext, OpError, Operation};
+use crate::dispatch::{parse_args, OpContext, OpError, Operation};
 use crate::firewall::{DbEngine, Firewall, FirewallRole};
 use async_trait::async_trait;
+use dbvm_protocol::api::OperationClass;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -65,14 +67,30 @@ struct FirewallOp {
     db: Option<Arc<DbManager>>,
 }
 
-/// Registers `firewall.apply` and `firewall.status`.
-pub fn register(d: &mut Dispatcher, firewall: &Arc<Firewall>, db: Option<&Arc<DbManager>>) {
-    for apply in [true, false] {
-        d.register(FirewallOp {
-            apply,
-            firewall: firewall.clone(),
-            db: db.cloned(),
-        });
+/// The firewall capability: `firewall.apply` and `firewall.status` for the VM's role
+/// (which follows the database, when there is one).
+#[derive(Debug)]
+pub struct FirewallCapability {
+    pub firewall: Arc<Firewall>,
+    pub db: Option<Arc<DbManager>>,
+}
+
+impl Capability for FirewallCapability {
+    fn name(&self) -> &'static str {
+        "firewall"
+    }
+
+    fn operations(&self) -> Vec<Arc<dyn Operation>> {
+        [true, false]
+            .into_iter()
+            .map(|apply| {
+                Arc::new(FirewallOp {
+                    apply,
+                    firewall: self.firewall.clone(),
+                    db: self.db.clone(),
+                }) as Arc<dyn Operation>
+            })
+            .collect()
     }
 }
 
@@ -83,6 +101,14 @@ impl Operation for FirewallOp {
             "firewall.apply"
         } else {
             "firewall.status"
+        }
+    }
+
+    fn class(&self) -> OperationClass {
+        if self.apply {
+            OperationClass::Management
+        } else {
+            OperationClass::Query
         }
     }
 

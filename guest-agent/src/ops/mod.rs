@@ -1,7 +1,3 @@
-//! The operations this agent executes, one module each.
+//! Operations that have not moved into their capability's module yet.
 
-pub mod database;
-pub mod facts;
 pub mod firewall;
-pub mod health;
-pub mod ping;
