@@ -1,4 +1,4 @@
-//! The link to the broker: enroll when there is no certificate ([`enroll`]), dial over
+//! The link to the broker: enroll when there is no certificate (`enroll`), dial over
 //! mTLS, say Hello, heartbeat, hand delivered commands to the [`executor`], re-send
 //! unacknowledged results, renew the certificate at two thirds of its life, and
 //! reconnect with jittered exponential backoff when anything breaks. On shutdown it
