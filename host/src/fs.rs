@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 /// this returns: write a temporary file beside it (created with `mode`), fsync it, rename
 /// it over `path`, fsync the directory.
 ///
-/// The temporary file is `.<name>.tmp` in the same directory (a rename is atomic only
-/// within one file system); it is removed if a step fails.
+/// The temporary file is `.<name>.<unique>.tmp` in the same directory (a rename is atomic
+/// only within one file system), created exclusively (`O_EXCL`: never an existing file
+/// or a planted symlink, and two writers never share one); it is removed if a step fails.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     replace(path, contents, mode, None)
 }
@@ -39,12 +40,10 @@ fn replace(
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        // `mode` applies only when the file is created; a stale temporary file from an
-        // earlier crash keeps its own mode unless it is set again.
+        // The mode given to open() is reduced by the umask; set it exactly.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
@@ -60,25 +59,35 @@ fn replace(
     sync_dir(path)
 }
 
-/// Fsyncs the directory holding `path`, so a rename or a new file in it is durable.
+/// Fsyncs the directory holding `path`, so a rename or a new file in it is durable. A
+/// file system that cannot sync a directory (EINVAL) is not an error.
 pub fn sync_dir(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::File::open(dir)?.sync_all()
+    match std::fs::File::open(dir)?.sync_all() {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+        other => other,
+    }
 }
 
 fn temporary_path(path: &Path) -> std::io::Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{} names no file", path.display()),
         )
     })?;
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let mut tmp = std::ffi::OsString::from(".");
     tmp.push(name);
-    tmp.push(".tmp");
+    tmp.push(format!(".{}-{n}-{nanos:08x}.tmp", std::process::id()));
     Ok(path.with_file_name(tmp))
 }
 
@@ -104,15 +113,23 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_temporary_file_does_not_lend_its_mode() {
+    fn the_mode_is_exact_whatever_the_umask_and_a_symlink_is_replaced_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
-        let stale = dir.path().join(".k.tmp");
-        std::fs::write(&stale, b"old").unwrap();
-        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
-        write_atomic(&path, b"new", 0o600).unwrap();
+        write_atomic(&path, b"new", 0o640).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        assert_eq!(mode, 0o640);
+        // A symlink where the file goes is replaced by the file; its target is untouched.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_atomic(&link, b"mine", 0o600).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]
