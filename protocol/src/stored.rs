@@ -8,9 +8,9 @@
 //! and converted to and from the current [`CommandResult`].
 //!
 //! Rules for changing it:
-//! - A released layout never changes: no field, variant or reorder is added to
-//!   `v1::Result` and what it holds. Postcard (varints, length-prefixed strings and byte
-//!   strings, enums as a variant index) fixes the bytes.
+//! - A released layout never changes: nothing is added to, removed from or reordered in
+//!   `v1::Result` and the types it holds. Postcard (varints, length-prefixed strings and
+//!   byte strings, enums as a variant index) then fixes the bytes.
 //! - A change to [`CommandResult`] (a new field, outcome or reject code) leaves `to_v1`
 //!   unable to hold it; the compiler says so, because its matches are exhaustive. Then add
 //!   version 2 beside version 1: a new frozen module, its conversions, a decode arm, and
