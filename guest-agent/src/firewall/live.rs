@@ -244,12 +244,12 @@ pub(super) fn compare(want: &Normalised, live: &Normalised) -> (Vec<String>, Vec
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::test_support::{fw, MYSQL, PG};
+    use super::super::test_support::{fw, mysql, pg};
     use super::super::FirewallConfig;
     use super::*;
     use serde_json::json;
 
-    /// `nft -j list table inet dbvm` (nftables 1.0.6) after applying `render(&PG)` with
+    /// `nft -j list table inet dbvm` (nftables 1.0.6) after applying `render(&pg())` with
     /// the default config, then `nft add rule inet dbvm input tcp dport 9999 accept`.
     /// Note what nft changed: ICMP sets reordered, `ct state` as `in` with a list or a
     /// bare string, comments gone.
@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn live_json_normalises_to_the_wanted_table() {
         let f = fw(FirewallConfig::default());
-        let want = f.normalised_wanted(&f.wanted(&PG));
+        let want = f.normalised_wanted(&f.wanted(&pg()));
         let mut live = normalise_live(LIVE_PG_WITH_9999, "dbvm").unwrap();
         let (missing, unexpected) = compare(&want, &live);
         assert!(missing.is_empty(), "{missing:?}");
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(compare(&want, &live), (vec![], vec![]));
 
         // A different role: 5432 is unexpected, MySQL's ports are missing.
-        let (missing, unexpected) = compare(&f.normalised_wanted(&f.wanted(&MYSQL)), &live);
+        let (missing, unexpected) = compare(&f.normalised_wanted(&f.wanted(&mysql())), &live);
         assert_eq!(
             missing,
             [
@@ -343,7 +343,7 @@ mod tests {
         );
         assert_eq!(live.others, ["set blocked"]);
         let f = fw(FirewallConfig::default());
-        let (missing, unexpected) = compare(&f.normalised_wanted(&f.wanted(&PG)), &live);
+        let (missing, unexpected) = compare(&f.normalised_wanted(&f.wanted(&pg())), &live);
         assert!(missing
             .contains(&"chain input (type filter hook input priority 0 policy drop)".to_string()));
         assert!(unexpected.contains(

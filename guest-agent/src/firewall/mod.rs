@@ -1,6 +1,7 @@
 //! The VM's firewall: the agent owns exactly one nftables table (`table inet dbvm`),
-//! renders it from the VM's database role, replaces it atomically, and checks the live
-//! table against what it wants.
+//! renders it from the VM's role (the ports its database listens on, read from the
+//! database's spec), replaces it atomically, and checks the live table against what it
+//! wants.
 //!
 //! Invariants:
 //! - **Only the agent's table is touched.** Every command names `table inet <table>`;
@@ -15,7 +16,8 @@
 //!   chain and per rule before they are compared.
 //!
 //! One file per responsibility: `config` (the `[firewall]` section and its checks),
-//! `wanted` (the openings a role needs), `ruleset` (those openings as an nftables model,
+//! `role` (a database's spec → the ports it listens on: the only file that knows an
+//! engine), `wanted` (the openings a role needs), `ruleset` (those openings as an nftables model,
 //! rendered to the `nft -f` batch), `live` (the live table read with `nft -j`, both sides
 //! normalised and compared), `apply` (apply, status and remove, with their reports) and
 //! `nft` (running `nft` with a timeout, inside `firewall.netns` when set).
@@ -24,12 +26,14 @@ mod apply;
 mod config;
 mod live;
 mod nft;
+mod role;
 mod ruleset;
 mod wanted;
 
 pub use apply::{ApplyOutcome, ApplyReport, FirewallStatus};
 pub use config::FirewallConfig;
-pub use wanted::{DbEngine, FirewallRole, Network, PortRange, WantedRule, WantedRules};
+pub use role::{MYSQL_GROUP_REPLICATION_PORT, MYSQL_ROUTER_PORTS, MYSQL_X_PORT};
+pub use wanted::{FirewallRole, Network, PortRange, Service, WantedRule, WantedRules};
 
 use std::fmt;
 
@@ -116,19 +120,27 @@ impl Firewall {
 mod test_support {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::db::DatabaseSpec;
 
     pub(super) fn fw(config: FirewallConfig) -> Firewall {
         Firewall::new(config).unwrap()
     }
 
-    pub(super) const PG: FirewallRole = FirewallRole {
-        engine: Some(DbEngine::Postgres),
-        mysql_group_replication: false,
-        mysql_router: false,
-    };
-    pub(super) const MYSQL: FirewallRole = FirewallRole {
-        engine: Some(DbEngine::Mysql),
-        mysql_group_replication: false,
-        mysql_router: false,
-    };
+    /// The role of a database on the engine's default port.
+    pub(super) fn role(engine: &str) -> FirewallRole {
+        let spec: DatabaseSpec =
+            serde_json::from_value(serde_json::json!({"engine": engine, "database": "app"}))
+                .unwrap();
+        FirewallRole::of_database(Some(&spec))
+    }
+
+    /// PostgreSQL on 5432.
+    pub(super) fn pg() -> FirewallRole {
+        role("postgres")
+    }
+
+    /// MySQL 8 on 3306 (and its X protocol on 33060).
+    pub(super) fn mysql() -> FirewallRole {
+        role("mysql8")
+    }
 }

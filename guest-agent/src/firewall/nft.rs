@@ -121,7 +121,7 @@ pub(super) fn is_enoent(stderr: &str) -> bool {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::test_support::{fw, PG};
+    use super::super::test_support::{fw, pg};
     use super::super::{ApplyOutcome, FirewallConfig};
     use super::*;
     use std::time::Instant;
@@ -132,7 +132,7 @@ mod tests {
             nft: "/nonexistent/dbvm-test/nft".into(),
             ..Default::default()
         });
-        let err = f.status(&PG).await.unwrap_err();
+        let err = f.status(&pg()).await.unwrap_err();
         assert!(matches!(err, FirewallError::NftMissing { .. }), "{err:?}");
         assert!(err.to_string().contains("install nftables"), "{err}");
         // Disabled: nothing runs at all, so the missing binary does not matter.
@@ -141,7 +141,7 @@ mod tests {
             nft: "/nonexistent/dbvm-test/nft".into(),
             ..Default::default()
         });
-        let r = off.apply(&PG).await.unwrap();
+        let r = off.apply(&pg()).await.unwrap();
         assert_eq!(r.outcome, ApplyOutcome::Disabled);
         assert!(!r.changed());
     }
@@ -159,7 +159,7 @@ mod tests {
             ..Default::default()
         });
         let started = Instant::now();
-        let err = f.apply(&PG).await.unwrap_err();
+        let err = f.apply(&pg()).await.unwrap_err();
         assert!(
             matches!(
                 err,

@@ -259,7 +259,7 @@ pub(super) fn chain_json(chain: &Chain) -> Value {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::test_support::{fw, PG};
+    use super::super::test_support::{fw, pg};
     use super::super::FirewallConfig;
 
     #[test]
@@ -270,8 +270,8 @@ mod tests {
             application_interface: "ens224".into(),
             ..Default::default()
         });
-        let a = f.render(&PG);
-        assert_eq!(a, f.render(&PG));
+        let a = f.render(&pg());
+        assert_eq!(a, f.render(&pg()));
         let lines: Vec<&str> = a.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(lines[0], "table inet agent_fw");
         assert_eq!(lines[1], "delete table inet agent_fw");
@@ -288,6 +288,6 @@ mod tests {
             allow_icmp: false,
             ..Default::default()
         });
-        assert!(!quiet.render(&PG).contains("icmp"));
+        assert!(!quiet.render(&pg()).contains("icmp"));
     }
 }

@@ -1,29 +1,35 @@
 //! The openings a role needs: ssh and https on the management interface, ssh and the
-//! database's ports on the application interface, plus `firewall.extra_tcp_ports`.
+//! role's services on the application interface, plus `firewall.extra_tcp_ports`. Which
+//! engine listens where is not known here: [`FirewallRole::of_database`] (in `role`)
+//! turns a database's spec into the services.
 
 use super::Firewall;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::fmt;
 
-/// The database engine as far as the firewall cares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DbEngine {
-    Postgres,
-    Mysql,
+/// One thing the VM serves on its application network: TCP `ports` and what listens there
+/// (the rule's comment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub ports: PortRange,
+    pub why: String,
 }
 
-/// What runs on this VM, which decides the open ports. `None` as engine (a VM being
-/// prepared, a monitor) opens only ssh and https. The MySQL flags are ignored for
-/// PostgreSQL.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+impl Service {
+    pub fn new(ports: PortRange, why: impl Into<String>) -> Self {
+        Self {
+            ports,
+            why: why.into(),
+        }
+    }
+}
+
+/// What runs on this VM, which decides the open ports: the services its database offers
+/// on the application network. Empty (no database yet, a monitor node) opens only ssh and
+/// https.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FirewallRole {
-    pub engine: Option<DbEngine>,
-    /// MySQL group replication: opens 33061.
-    pub mysql_group_replication: bool,
-    /// MySQL Router: opens 6446–6449.
-    pub mysql_router: bool,
+    pub services: Vec<Service>,
 }
 
 /// One TCP port or an inclusive range.
@@ -43,6 +49,11 @@ impl PortRange {
 
     pub fn contains(&self, port: u16) -> bool {
         (self.first..=self.last).contains(&port)
+    }
+
+    /// Whether every port of `other` is in this range.
+    pub fn covers(&self, other: PortRange) -> bool {
+        self.contains(other.first) && self.contains(other.last)
     }
 }
 
@@ -118,50 +129,25 @@ impl Firewall {
             "https (management)",
         );
         open(Network::Application, PortRange::one(22), "ssh");
-        match role.engine {
-            Some(DbEngine::Postgres) => {
-                open(Network::Application, PortRange::one(5432), "PostgreSQL");
-            }
-            Some(DbEngine::Mysql) => {
-                open(Network::Application, PortRange::one(3306), "MySQL");
-                if role.mysql_router {
-                    open(
-                        Network::Application,
-                        PortRange {
-                            first: 6446,
-                            last: 6449,
-                        },
-                        "MySQL Router (6446 read-write, 6447 read-only, 6448-6449 X protocol)",
-                    );
-                }
-                open(
-                    Network::Application,
-                    PortRange::one(33060),
-                    "MySQL X protocol",
-                );
-                if role.mysql_group_replication {
-                    open(
-                        Network::Application,
-                        PortRange::one(33061),
-                        "MySQL group replication",
-                    );
-                }
-            }
-            None => {}
-        }
+        // A service, then an extra port, is left out when an earlier application rule
+        // already opens all of it.
+        let wanted = role.services.iter().map(|s| (s.ports, s.why.as_str()));
         let mut extra = c.extra_tcp_ports.clone();
         extra.sort_unstable();
         extra.dedup();
-        for port in extra {
+        let extra = extra
+            .into_iter()
+            .map(|p| (PortRange::one(p), "firewall.extra_tcp_ports"));
+        for (ports, why) in wanted.chain(extra) {
             let already = rules
                 .iter()
-                .any(|r| r.network == Network::Application && r.ports.contains(port));
+                .any(|r| r.network == Network::Application && r.ports.covers(ports));
             if !already {
                 rules.push(WantedRule {
                     network: Network::Application,
                     interface: c.application_interface.clone(),
-                    ports: PortRange::one(port),
-                    why: "firewall.extra_tcp_ports".into(),
+                    ports,
+                    why: why.into(),
                 });
             }
         }
@@ -179,7 +165,7 @@ impl Firewall {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::test_support::{fw, MYSQL, PG};
+    use super::super::test_support::{fw, mysql, pg};
     use super::super::FirewallConfig;
     use super::*;
 
@@ -191,43 +177,28 @@ mod tests {
             .collect()
     }
 
+    fn services(list: &[(u16, u16, &str)]) -> FirewallRole {
+        FirewallRole {
+            services: list
+                .iter()
+                .map(|&(first, last, why)| Service::new(PortRange { first, last }, why))
+                .collect(),
+        }
+    }
+
+    /// Which engine needs which ports is `role`'s business (tested there); here: every
+    /// service of a role, and nothing else, is opened on the application interface.
     #[test]
     fn each_role_opens_exactly_its_ports() {
         let f = fw(FirewallConfig::default());
         let cases: &[(FirewallRole, &[&str])] = &[
             (FirewallRole::default(), &["22"]),
-            (PG, &["22", "5432"]),
-            (MYSQL, &["22", "3306", "33060"]),
+            (pg(), &["22", "5432"]),
+            (mysql(), &["22", "3306", "33060"]),
+            (services(&[(25432, 25432, "PostgreSQL")]), &["22", "25432"]),
             (
-                FirewallRole {
-                    mysql_group_replication: true,
-                    ..MYSQL
-                },
-                &["22", "3306", "33060", "33061"],
-            ),
-            (
-                FirewallRole {
-                    mysql_router: true,
-                    ..MYSQL
-                },
-                &["22", "3306", "6446-6449", "33060"],
-            ),
-            (
-                FirewallRole {
-                    mysql_router: true,
-                    mysql_group_replication: true,
-                    ..MYSQL
-                },
-                &["22", "3306", "6446-6449", "33060", "33061"],
-            ),
-            // MySQL flags mean nothing to PostgreSQL.
-            (
-                FirewallRole {
-                    mysql_router: true,
-                    mysql_group_replication: true,
-                    ..PG
-                },
-                &["22", "5432"],
+                services(&[(33061, 33061, "b"), (7000, 7003, "a"), (3307, 3307, "c")]),
+                &["22", "3307", "7000-7003", "33061"],
             ),
         ];
         for (role, app) in cases {
@@ -250,18 +221,24 @@ mod tests {
                 );
             }
         }
+        let w = f.wanted(&services(&[(25432, 25432, "PostgreSQL")]));
+        let db = w.rules.iter().find(|r| r.ports.first == 25432).unwrap();
+        assert_eq!(db.why, "PostgreSQL");
     }
 
     #[test]
-    fn extra_ports_are_added_once_and_sorted() {
+    fn extra_ports_and_overlapping_services_are_added_once_and_sorted() {
         let f = fw(FirewallConfig {
             extra_tcp_ports: vec![9187, 22, 6447, 8080, 9187],
             ..Default::default()
         });
-        let role = FirewallRole {
-            mysql_router: true,
-            ..MYSQL
-        };
+        let role = services(&[
+            (3306, 3306, "MySQL"),
+            (6446, 6449, "MySQL Router"),
+            (33060, 33060, "MySQL X protocol"),
+            (6448, 6448, "inside the router's range"),
+            (3306, 3306, "MySQL again"),
+        ]);
         let w = f.wanted(&role);
         assert_eq!(
             ports(&w, Network::Application),
@@ -279,11 +256,9 @@ mod tests {
             shown.starts_with("eth0            tcp/22         ssh\n"),
             "{shown}"
         );
-    }
-
-    #[test]
-    fn role_parses_from_toml() {
-        let role: FirewallRole = toml::from_str("engine = \"mysql\"\nmysql_router = true").unwrap();
-        assert_eq!(role.engine, Some(DbEngine::Mysql));
+        assert!(
+            !shown.contains("again") && !shown.contains("inside"),
+            "{shown}"
+        );
     }
 }
