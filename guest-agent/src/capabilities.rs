@@ -30,9 +30,9 @@ pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>,
         Some(cfg) => Some(Arc::new(crate::firewall::Firewall::new(cfg.clone())?)),
         None => None,
     };
-    let hook = firewall
-        .as_ref()
-        .map(|f| Arc::new(crate::ops::firewall::AgentFirewall(f.clone())) as Arc<dyn FirewallHook>);
+    let hook = firewall.as_ref().map(|f| {
+        Arc::new(crate::firewall::capability::AgentFirewall(f.clone())) as Arc<dyn FirewallHook>
+    });
     let db = match &config.database {
         Some(settings) => Some(crate::db::DbManager::open(
             settings.clone(),
@@ -42,7 +42,7 @@ pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>,
         None => None,
     };
     if let Some(firewall) = firewall {
-        all.push(Arc::new(crate::ops::firewall::FirewallCapability {
+        all.push(Arc::new(crate::firewall::capability::FirewallCapability {
             firewall,
             db: db.clone(),
         }));

@@ -18,7 +18,6 @@ pub mod health;
 pub mod identity;
 pub mod journal;
 pub mod link;
-pub mod ops;
 pub mod runtime;
 pub mod system;
 pub mod uplink;

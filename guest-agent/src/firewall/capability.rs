@@ -1,36 +1,19 @@
-//! `firewall.apply` and `firewall.status`, and the firewall as the database manager sees
-//! it: the wanted ruleset follows the VM's role (which engine, which MySQL extras).
+//! The firewall capability: `firewall.apply` and `firewall.status`, the table applied once
+//! when the agent starts (so a changed `[firewall]` section or an agent upgrade takes
+//! effect without a command), and the firewall as the database manager sees it. The
+//! wanted ruleset follows the database's spec ([`FirewallRole::of_database`]: its port,
+//! and for MySQL 8 the X protocol and the extras it turns on).
 
-use crate::capability::Capability;
+use crate::capability::{Capability, Tasks};
 use crate::db::manager::FirewallHook;
-use crate::db::params::Flavour;
 use crate::db::{DatabaseSpec, DbManager};
 use crate::dispatch::{parse_args, OpContext, OpError, Operation};
-use crate::firewall::{DbEngine, Firewall, FirewallRole};
+use crate::firewall::{Firewall, FirewallRole};
 use async_trait::async_trait;
 use dbvm_protocol::api::OperationClass;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-/// The role a database spec gives the VM (no database: management ports only).
-pub fn role_of(spec: Option<&DatabaseSpec>) -> FirewallRole {
-    match spec {
-        None => FirewallRole {
-            engine: None,
-            mysql_group_replication: false,
-            mysql_router: false,
-        },
-        Some(s) => FirewallRole {
-            engine: Some(match s.engine {
-                Flavour::Postgres => DbEngine::Postgres,
-                Flavour::Mariadb | Flavour::Mysql8 => DbEngine::Mysql,
-            }),
-            mysql_group_replication: s.mysql.group_replication,
-            mysql_router: s.mysql.router,
-        },
-    }
-}
 
 /// [`FirewallHook`] over the agent's [`Firewall`].
 #[derive(Debug)]
@@ -41,7 +24,7 @@ impl FirewallHook for AgentFirewall {
     async fn apply(&self, spec: &DatabaseSpec) -> Result<Value, String> {
         let report = self
             .0
-            .apply(&role_of(Some(spec)))
+            .apply(&FirewallRole::of_database(Some(spec)))
             .await
             .map_err(|e| format!("firewall: {e}"))?;
         serde_json::to_value(report).map_err(|e| e.to_string())
@@ -50,7 +33,7 @@ impl FirewallHook for AgentFirewall {
     async fn status(&self, spec: Option<&DatabaseSpec>) -> Result<Value, String> {
         let st = self
             .0
-            .status(&role_of(spec))
+            .status(&FirewallRole::of_database(spec))
             .await
             .map_err(|e| format!("firewall: {e}"))?;
         serde_json::to_value(st).map_err(|e| e.to_string())
@@ -92,6 +75,26 @@ impl Capability for FirewallCapability {
             })
             .collect()
     }
+
+    fn start(&self, tasks: &Tasks) {
+        let firewall = self.firewall.clone();
+        let db = self.db.clone();
+        let token = tasks.token();
+        tasks.spawn("firewall-at-start", async move {
+            let spec = match &db {
+                Some(db) => db.current_spec().await,
+                None => None,
+            };
+            let role = FirewallRole::of_database(spec.as_ref());
+            tokio::select! {
+                _ = token.cancelled() => {}
+                r = firewall.apply(&role) => match r {
+                    Ok(report) => tracing::info!(outcome = ?report.outcome, "firewall applied at start"),
+                    Err(e) => tracing::warn!(error = %e, "cannot apply the firewall at start; firewall.apply retries it"),
+                },
+            }
+        });
+    }
 }
 
 #[async_trait]
@@ -116,11 +119,12 @@ impl Operation for FirewallOp {
         if !args.is_null() {
             parse_args::<NoArgs>(args)?;
         }
+        // The spec as stored now, every time: the role is never cached.
         let spec = match &self.db {
             Some(db) => db.current_spec().await,
             None => None,
         };
-        let role = role_of(spec.as_ref());
+        let role = FirewallRole::of_database(spec.as_ref());
         if self.apply {
             let r = self
                 .firewall
