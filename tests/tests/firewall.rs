@@ -14,7 +14,7 @@ use dbvm_agent::firewall::{ApplyOutcome, Firewall, FirewallConfig, FirewallError
 use dbvm_e2e::fleet::toml_path;
 use dbvm_e2e::netns::{HostRuleset, NetnsPair, Reach, Side};
 use dbvm_e2e::proc::{bin_dir, Proc};
-use dbvm_e2e::{connected, AgentProc, BrokerProc, Fleet};
+use dbvm_e2e::{connected, eventually, AgentProc, BrokerProc, Fleet};
 use dbvm_protocol::seal::Sealed;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -625,27 +625,7 @@ application_interface = "{application}"
             fleet.agent_config(id, broker_port, &state_dir, &token_file, &sections),
         )
         .unwrap();
-        let log = fleet.path(&format!("agent-{id}.log"));
-        let child = pair
-            .command(Side::Db, bin_dir().join("dbvm-agent"))
-            .arg("--config")
-            .arg(&config)
-            .env("DBVM_LOG", "info,dbvm_agent=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start dbvm-agent inside the db namespace");
-        let agent = AgentProc {
-            proc: Proc {
-                name: format!("agent {id} (in namespace {})", pair.db),
-                child: Some(child),
-                log,
-            },
-            id: id.to_string(),
-            config,
-            state_dir,
-        };
+        let agent = Self::spawn_agent(pair, &fleet, id, config, state_dir);
         connected(&client, id).await;
         Self {
             fleet,
@@ -654,6 +634,67 @@ application_interface = "{application}"
             agent,
             _data: data,
         }
+    }
+
+    /// Starts the agent inside the db namespace (its log appends to one file per id).
+    fn spawn_agent(
+        pair: &NetnsPair,
+        fleet: &Fleet,
+        id: &str,
+        config: std::path::PathBuf,
+        state_dir: std::path::PathBuf,
+    ) -> AgentProc {
+        let log = fleet.path(&format!("agent-{id}.log"));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = pair
+            .command(Side::Db, bin_dir().join("dbvm-agent"))
+            .arg("--config")
+            .arg(&config)
+            .env("DBVM_LOG", "info,dbvm_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start dbvm-agent inside the db namespace");
+        AgentProc {
+            proc: Proc {
+                name: format!("agent {id} (in namespace {})", pair.db),
+                child: Some(child),
+                log,
+            },
+            id: id.to_string(),
+            config,
+            state_dir,
+        }
+    }
+
+    /// Stops the agent (SIGTERM, a drain) and starts it again on the same config and state.
+    async fn restart_agent(&mut self, pair: &NetnsPair) {
+        let exit = self.agent.proc.terminate();
+        assert!(exit.is_some_and(|e| e.success()), "agent exit: {exit:?}");
+        let client = &self.client;
+        let id = self.agent.id.clone();
+        eventually(
+            Duration::from_secs(20),
+            "the agent to disconnect",
+            || async {
+                let agents = client.agents().await.ok()?;
+                (!agents.iter().any(|a| a.id == id && a.connected)).then_some(())
+            },
+        )
+        .await;
+        self.agent = Self::spawn_agent(
+            pair,
+            &self.fleet,
+            &self.agent.id,
+            self.agent.config.clone(),
+            self.agent.state_dir.clone(),
+        );
+        connected(&self.client, &self.agent.id).await;
     }
 
     async fn ok(&self, operation: &str, args: Value) -> Value {
@@ -813,6 +854,43 @@ async fn database_on_its_own_port(
     assert_only_open(&pair, &probed, &open);
     let again = vm.ok("firewall.apply", json!({})).await;
     assert_eq!(again["outcome"], "unchanged", "{again}");
+    let status = vm.ok("firewall.status", json!({})).await;
+    assert_eq!(status["matches"], true, "{status}");
+
+    // Removed again, then the agent restarts: it applies its table at start, unasked.
+    let h = handle_of(&pair, "dbvm", "application", &format!("dport {port} "));
+    pair.exec_ok(
+        Side::Db,
+        &[
+            "nft",
+            "delete",
+            "rule",
+            "inet",
+            "dbvm",
+            "application",
+            "handle",
+            &h,
+        ],
+    );
+    assert_eq!(pair.reach(Side::Client, a, port, PROBE), Reach::TimedOut);
+    let mut vm = vm;
+    vm.restart_agent(&pair).await;
+    // Both starts log it (the log file is appended to).
+    eventually(
+        Duration::from_secs(20),
+        "the firewall applied at start",
+        || async {
+            (vm.agent
+                .proc
+                .log_text()
+                .matches("firewall applied at start")
+                .count()
+                >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_only_open(&pair, &probed, &open);
     let status = vm.ok("firewall.status", json!({})).await;
     assert_eq!(status["matches"], true, "{status}");
 
