@@ -159,7 +159,17 @@ run psql -h 127.0.0.1 -p "$port" -U dbaas -d app -Atc \
 
 say "status: container, server, firewall (the live nftables table matches the wanted one)"
 run "$bin/dbvmctl" send db-demo db.status
+
+say "the firewall opens the database's own port ($port) on eth1, the application network, and not 5432"
 run ip netns exec "$netns" nft list table inet dbvm
+app_chain=$(ip netns exec "$netns" nft list chain inet dbvm application)
+if grep -q "tcp dport $port accept" <<<"$app_chain" && ! grep -q "tcp dport 5432 " <<<"$app_chain"; then
+  echo "firewall: tcp/$port (the database's port, from its spec) is open on eth1; 5432 is not"
+else
+  echo "the firewall does not open the database's port $port on eth1:"
+  echo "$app_chain"
+  exit 1
+fi
 
 # ---- health -----------------------------------------------------------------------
 say "health: the twelve checks, as the agent ran them just now (dbvmctl health --fresh)"

@@ -48,4 +48,10 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null 2>&1 || true
   done
 fi
+# cargo-machete: scripts/test.sh fails on a dependency no code uses. Built once (about two
+# minutes) and kept in ~/.cargo/bin; --locked builds what its authors tested.
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  say "installing cargo-machete (checks for unused dependencies; built once, about 2 minutes)"
+  cargo install cargo-machete --version 0.9.2 --locked --quiet
+fi
 say "setup complete: $(cargo --version)"

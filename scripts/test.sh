@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up this machine (scripts/setup.sh) and runs every check dbvm has: formatting,
-# clippy with warnings as errors, the static musl build of the agent, and the whole test
-# suite (unit, component and end-to-end tests against real processes).
+# clippy with warnings as errors, the documentation with warnings as errors, unused
+# dependencies, the static musl build of the agent, and the whole test suite (unit,
+# component and end-to-end tests against real processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,6 +15,12 @@ cargo fmt --all -- --check
 
 say "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+say "unused dependencies (cargo machete)"
+cargo machete
 
 say "static agent: cargo build --release --target x86_64-unknown-linux-musl -p dbvm-agent"
 cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent

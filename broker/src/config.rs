@@ -107,6 +107,8 @@ impl Default for Limits {
     }
 }
 
+pub use dbvm_host::logging::{LogFormat, LogSettings};
+
 /// `[listeners.agent]` and `[listeners.api]`: each key left out takes that listener's
 /// default (see [`ListenerLimits::AGENT`] and [`ListenerLimits::API`]).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -193,22 +195,6 @@ impl ListenerLimits {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// tracing filter, e.g. `info` or `dbvm_broker=debug`.
-    pub level: Option<String>,
-}
-
 /// PEM texts read from the files named in [`TlsFiles`], checked to build.
 #[derive(Clone)]
 pub struct TlsMaterial {
@@ -278,6 +264,12 @@ impl Config {
             }
         }
         self.listener_limits()?;
+        self.log
+            .validate()
+            .map_err(|problem| ConfigError::Invalid {
+                key: "log.level",
+                problem,
+            })?;
         if self.agent_listen == self.api_listen && self.agent_listen.port() != 0 {
             return Err(ConfigError::Invalid {
                 key: "api_listen",

@@ -221,7 +221,7 @@ impl Listener {
 /// The `reason` label of a failed handshake: a few fixed values, never the error's text
 /// (which a peer controls in part).
 fn failure_reason(e: &std::io::Error) -> &'static str {
-    use rustls::Error as T;
+    use tokio_rustls::rustls::Error as T;
     match e.get_ref().and_then(|inner| inner.downcast_ref::<T>()) {
         Some(T::InvalidCertificate(_) | T::NoCertificatesPresented | T::UnsupportedNameType) => {
             "certificate"
@@ -313,6 +313,7 @@ mod tests {
 
     #[test]
     fn handshake_failures_have_a_few_fixed_reasons() {
+        use tokio_rustls::rustls;
         let tls = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
         assert_eq!(
             failure_reason(&tls(rustls::Error::NoCertificatesPresented)),

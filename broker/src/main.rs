@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use clap::Parser;
-use dbvm_broker::config::LogFormat;
 use dbvm_broker::{Broker, Config};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +49,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    init_logging(&config);
+    dbvm_host::logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,24 +70,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DBVM_LOG")
-        .or_else(|_| {
-            tracing_subscriber::EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info"))
-        })
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal; journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
-}
-
 async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "dbvm-broker starting");
     let broker = Broker::bind(&config).await.context("start-up failed")?;
@@ -99,38 +80,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         broker.agent_addr(),
         broker.api_addr()
     );
-    notify_ready();
+    dbvm_host::notify::ready();
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
+        dbvm_host::signals::shutdown().await;
+        dbvm_host::notify::stopping();
         signal_token.cancel();
     });
     broker.run(shutdown).await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Tells systemd (Type=notify) that the listeners are bound. Written by hand: it is one
-/// datagram to $NOTIFY_SOCKET.
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
-            let _ = sock.send_to(b"READY=1", path);
-        }
-    }
 }

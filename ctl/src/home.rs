@@ -7,8 +7,8 @@
 use dbvm_protocol::command::{CommandSigner, PublicKeyFile, SigningKeyFile};
 use dbvm_protocol::seal::{self, SealingKey};
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// Environment variable naming the home directory (same as the `--dir` flag).
@@ -218,7 +218,7 @@ impl Home {
         self.create_dir()?;
         let mode = if file.is_secret() { 0o600 } else { 0o644 };
         let path = self.path(file);
-        write_atomic(&self.dir, &path, contents, mode).map_err(|error| HomeError::Write {
+        dbvm_host::fs::write_atomic(&path, contents, mode).map_err(|error| HomeError::Write {
             what: file.description(),
             path,
             error,
@@ -309,40 +309,10 @@ impl Home {
     }
 }
 
-/// Writes `contents` to a fresh temporary file in `dir` with `mode`, syncs it and renames
-/// it over `path`; the temporary file is removed when any step fails.
-fn write_atomic(dir: &Path, path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The mode given to open() is reduced by the umask; set it exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    // Make the rename itself durable; not every file system lets a directory be synced.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn missing_files_name_the_command_that_creates_them() {

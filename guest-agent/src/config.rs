@@ -81,6 +81,9 @@ pub struct LinkSettings {
     pub max_backoff_ms: u64,
     /// Allowed disagreement between this clock and the control plane's.
     pub clock_skew_ms: i64,
+    /// On SIGTERM, how long running commands get to finish before they are stopped and
+    /// reported interrupted (keep it below systemd's `TimeoutStopSec`).
+    pub drain_timeout_s: u64,
     /// Benchmarks only: accept commands without checking signatures.
     pub insecure_skip_signature_check: bool,
 }
@@ -91,25 +94,13 @@ impl Default for LinkSettings {
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
             clock_skew_ms: dbvm_protocol::command::DEFAULT_CLOCK_SKEW_MS,
+            drain_timeout_s: 30,
             insecure_skip_signature_check: false,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    pub level: Option<String>,
-}
+pub use dbvm_host::logging::{LogFormat, LogSettings};
 
 /// The configuration after validation: parsed ids and keys.
 #[derive(Clone, Debug)]
@@ -208,6 +199,13 @@ impl Config {
                 "must be between 0 and 600000",
             ));
         }
+        if !(1..=3600).contains(&l.drain_timeout_s) {
+            return Err(invalid(
+                "link.drain_timeout_s",
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        self.log.validate().map_err(|p| invalid("log.level", p))?;
         if let Some(db) = &self.database {
             db.validate().map_err(|(k, p)| invalid(k, p))?;
         }

@@ -1,7 +1,9 @@
-//! The dispatcher: operations are registered by name, each behind the [`Operation`]
-//! trait, so later capabilities add an operation without touching the link.
+//! The dispatcher: operations by name, each behind the [`Operation`] trait. The core
+//! fills it from the capabilities' [`crate::capability::Capability::operations`]; it
+//! names no operation itself.
 
 use async_trait::async_trait;
+use dbvm_protocol::api::OperationClass;
 use dbvm_protocol::seal::SealingKey;
 use dbvm_protocol::CommandBody;
 use std::collections::BTreeMap;
@@ -73,6 +75,10 @@ impl OpContext {
 #[async_trait]
 pub trait Operation: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Its admission class: the broker counts it against this class's limit. It must be
+    /// the class the broker derives from the name ([`OperationClass::of`]), which a test
+    /// checks for every operation of a fully configured agent.
+    fn class(&self) -> OperationClass;
     async fn run(
         &self,
         ctx: OpContext,
@@ -93,8 +99,13 @@ impl std::fmt::Debug for Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn register(&mut self, op: impl Operation) {
-        self.ops.insert(op.name(), Arc::new(op));
+    /// Adds an operation; a second one of the same name is a programming error, refused.
+    pub fn register(&mut self, op: Arc<dyn Operation>) -> Result<(), String> {
+        let name = op.name();
+        if self.ops.insert(name, op).is_some() {
+            return Err(format!("two capabilities offer the operation {name:?}"));
+        }
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Operation>> {
@@ -105,12 +116,9 @@ impl Dispatcher {
         self.ops.keys().map(|s| s.to_string()).collect()
     }
 
-    /// The operations every agent has.
-    pub fn standard() -> Self {
-        let mut d = Self::default();
-        d.register(crate::ops::ping::Ping);
-        d.register(crate::ops::facts::Facts);
-        d
+    /// Every operation, for checks over all of them.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Operation>> {
+        self.ops.values()
     }
 }
 

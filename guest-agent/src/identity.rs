@@ -4,8 +4,6 @@
 
 use dbvm_protocol::pki::validity_ms;
 use dbvm_protocol::seal::SealingKey;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,28 +62,10 @@ pub struct StateDir {
     path: PathBuf,
 }
 
-/// Writes a file atomically (temp file, fsync, rename, fsync of the directory).
+/// Writes a file atomically and durably (see [`dbvm_host::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
-    let err = |e| StateError::Write(path.to_path_buf(), e);
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(contents).map_err(err)?;
-        f.sync_all().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    dbvm_host::fs::write_atomic(path, contents, mode)
+        .map_err(|e| StateError::Write(path.to_path_buf(), e))
 }
 
 impl StateDir {

@@ -1,8 +1,15 @@
 //! `dbvm-agent`: the daemon inside each database VM. It dials the broker, verifies every
 //! command it is given against the control plane's keys, runs it at most once, and
 //! reports the outcome. This crate is a library so tests drive it in-process; `main.rs`
-//! is a thin wrapper.
+//! only reads flags and the config, sets up logging, and waits for a signal.
+//!
+//! The core — [`link`] (with its executor), [`journal`], [`dispatch`], [`uplink`],
+//! [`identity`] — knows no capability; capabilities ([`system`], [`firewall`], [`db`],
+//! [`health`]) know no link: each is one module behind [`capability::Capability`], made
+//! in [`capabilities::build`].
 
+pub mod capabilities;
+pub mod capability;
 pub mod config;
 pub mod db;
 pub mod dispatch;
@@ -11,12 +18,17 @@ pub mod health;
 pub mod identity;
 pub mod journal;
 pub mod link;
-pub mod ops;
 pub mod runtime;
+pub mod system;
 pub mod uplink;
 
+use capability::{Capability, Context, Outbox, Tasks};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long background tasks get to stop after the drain.
+const TASKS_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -27,123 +39,136 @@ pub enum AgentError {
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
     #[error(transparent)]
-    Database(#[from] db::DbError),
+    Capability(#[from] capabilities::BuildError),
+    #[error("{0}")]
+    Operations(String),
 }
 
-/// What the agent runs besides the link: the operations, the database manager (its
-/// reconciler must be started) and the health monitor (its schedule and metrics
-/// endpoint must be started).
-pub struct Parts {
-    pub dispatcher: dispatch::Dispatcher,
-    pub db: Option<Arc<db::DbManager>>,
-    pub health: Option<Arc<health::Monitor>>,
-    pub uplink: Arc<uplink::Uplink>,
+/// An agent made from validated configuration: state open, interrupted commands marked,
+/// capabilities made; nothing runs until [`Agent::start`].
+pub struct Agent {
+    link: Arc<link::Link>,
+    capabilities: Vec<Arc<dyn Capability>>,
+    drain: Duration,
 }
 
-impl std::fmt::Debug for Parts {
+impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parts")
-            .field("operations", &self.dispatcher)
+        let names: Vec<&str> = self.capabilities.iter().map(|c| c.name()).collect();
+        f.debug_struct("Agent")
+            .field("capabilities", &names)
             .finish_non_exhaustive()
     }
 }
 
-/// The operations this agent offers: `ping` and `facts` always; the `db.*` operations
-/// when the config has a `[database]` section; `firewall.*` with `[firewall]`; `health`
-/// unless `health.enabled` is false.
-pub fn operations(v: &config::Validated) -> Result<Parts, AgentError> {
-    let mut d = dispatch::Dispatcher::standard();
-    let uplink = uplink::Uplink::new();
-    let firewall = match &v.config.firewall {
-        Some(cfg) => Some(Arc::new(firewall::Firewall::new(cfg.clone()).map_err(
-            |e| {
-                AgentError::Config(config::ConfigError::Invalid {
-                    key: "firewall".into(),
-                    problem: e.to_string(),
-                })
-            },
-        )?)),
-        None => None,
-    };
-    let hook = firewall.as_ref().map(|f| {
-        Arc::new(ops::firewall::AgentFirewall(f.clone())) as Arc<dyn db::manager::FirewallHook>
-    });
-    let manager = match &v.config.database {
-        Some(settings) => {
-            let m = db::DbManager::open(settings.clone(), &v.config.state_dir, hook)?;
-            ops::database::register(&mut d, &m);
-            Some(m)
+impl Agent {
+    /// Opens the state directory and the journal (commands that were running when the
+    /// agent last stopped are reported interrupted, never run again), makes the
+    /// capabilities and the link.
+    pub fn build(v: config::Validated) -> Result<Self, AgentError> {
+        let state = identity::StateDir::open(&v.config.state_dir)?;
+        let sealing_key = state.sealing_key()?;
+        let mut journal = journal::Journal::open(&state.journal_path())?;
+        let interrupted = journal.interrupt_unfinished()?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "commands were running when the agent last stopped; they are reported interrupted"
+            );
         }
-        None => None,
-    };
-    if let Some(f) = &firewall {
-        ops::firewall::register(&mut d, f, manager.as_ref());
+        let pruned = journal.prune(dbvm_protocol::now_ms())?;
+        tracing::debug!(pruned, "journal pruned");
+
+        let uplink = uplink::Uplink::new();
+        let ctx = Context {
+            agent_id: v.agent_id.to_string(),
+            state_dir: v.config.state_dir.clone(),
+            outbox: Outbox::new(uplink.clone()),
+        };
+        let capabilities = capabilities::build(&v.config, &ctx)?;
+        let dispatcher = dispatcher(&capabilities)?;
+        let db_kind: link::DbKind = {
+            let caps = capabilities.clone();
+            Arc::new(move || caps.iter().find_map(|c| c.db_kind()))
+        };
+
+        let mut verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str())
+            .with_skew_ms(v.config.link.clock_skew_ms);
+        for (id, key) in &v.keys {
+            verifier = verifier.trust(id.clone(), *key);
+        }
+        let endpoint = link::Endpoint {
+            agent_id: v.agent_id.clone(),
+            server_name: v.server_name.clone(),
+            broker_address: v.config.broker.address.clone(),
+            ca_pem: v.ca_pem.clone(),
+            token_file: v.config.broker.enrollment_token_file.clone(),
+            backoff: (
+                Duration::from_millis(v.config.link.initial_backoff_ms),
+                Duration::from_millis(v.config.link.max_backoff_ms),
+            ),
+        };
+        let link = link::Link::new(
+            endpoint,
+            state,
+            verifier,
+            dispatcher,
+            sealing_key,
+            journal,
+            uplink,
+            db_kind,
+        );
+        Ok(Self {
+            link,
+            capabilities,
+            drain: Duration::from_secs(v.config.link.drain_timeout_s),
+        })
     }
-    let health = v.config.health.enabled.then(|| {
-        health::Monitor::new(
-            v.agent_id.to_string(),
-            v.config.health.clone(),
-            manager.clone(),
-            uplink.clone(),
-            v.config.state_dir.clone(),
-        )
-    });
-    if let Some(h) = &health {
-        d.register(ops::health::Health(h.clone()));
+
+    /// The capabilities, in the order they were made.
+    pub fn capabilities(&self) -> &[Arc<dyn Capability>] {
+        &self.capabilities
     }
-    Ok(Parts {
-        dispatcher: d,
-        db: manager,
-        health,
-        uplink,
-    })
+
+    /// Starts the capabilities' background tasks and the link. The agent runs until
+    /// `shutdown` is cancelled, then drains (see [`Running::wait`]).
+    pub fn start(self, shutdown: CancellationToken) -> Running {
+        let tasks = Tasks::new();
+        for c in &self.capabilities {
+            c.start(&tasks);
+        }
+        let link = tokio::spawn(self.link.clone().run(shutdown, self.drain));
+        Running { link, tasks }
+    }
 }
 
-/// Builds an agent from validated configuration: opens its state, marks interrupted
-/// commands, and returns the link ready to run.
-pub fn build(
-    v: config::Validated,
-    dispatcher: dispatch::Dispatcher,
-    uplink: Arc<uplink::Uplink>,
-) -> Result<Arc<link::Agent>, AgentError> {
-    let state = identity::StateDir::open(&v.config.state_dir)?;
-    let sealing_key = state.sealing_key()?;
-    let mut journal = journal::Journal::open(&state.journal_path())?;
-    let interrupted = journal.interrupt_unfinished()?;
-    if interrupted > 0 {
-        tracing::warn!(
-            interrupted,
-            "commands were running when the agent last stopped; they are reported interrupted"
-        );
+/// A started agent.
+#[derive(Debug)]
+pub struct Running {
+    link: tokio::task::JoinHandle<()>,
+    tasks: Tasks,
+}
+
+impl Running {
+    /// Waits until the agent has stopped: after `shutdown`, no new command is taken, the
+    /// running ones get the drain deadline (`link.drain_timeout_s`) and the rest are journaled
+    /// and reported interrupted, waiting events go out, the connection closes, and then
+    /// the background tasks are stopped.
+    pub async fn wait(self) {
+        if let Err(e) = self.link.await {
+            tracing::error!(error = %e, "the link task failed");
+        }
+        self.tasks.stop(TASKS_STOP_DEADLINE).await;
     }
-    let pruned = journal.prune(dbvm_protocol::now_ms())?;
-    tracing::debug!(pruned, "journal pruned");
-    let mut verifier =
-        dbvm_protocol::Verifier::new(v.agent_id.as_str()).with_skew_ms(v.config.link.clock_skew_ms);
-    for (id, key) in &v.keys {
-        verifier = verifier.trust(id.clone(), *key);
+}
+
+/// One dispatcher over every capability's operations (a name offered twice is refused).
+fn dispatcher(capabilities: &[Arc<dyn Capability>]) -> Result<dispatch::Dispatcher, AgentError> {
+    let mut d = dispatch::Dispatcher::default();
+    for c in capabilities {
+        for op in c.operations() {
+            d.register(op).map_err(AgentError::Operations)?;
+        }
     }
-    if v.config.link.insecure_skip_signature_check {
-        tracing::warn!(
-            "link.insecure_skip_signature_check is on: commands are NOT verified (benchmarks only)"
-        );
-        verifier = verifier.insecure_skip_signature_for_benchmarks();
-    }
-    Ok(link::Agent::new(
-        v.agent_id.clone(),
-        v.server_name.clone(),
-        v.config.broker.address.clone(),
-        v.ca_pem.clone(),
-        v.config.broker.enrollment_token_file.clone(),
-        state,
-        verifier,
-        dispatcher,
-        sealing_key,
-        journal,
-        (
-            Duration::from_millis(v.config.link.initial_backoff_ms),
-            Duration::from_millis(v.config.link.max_backoff_ms),
-        ),
-        uplink,
-    ))
+    Ok(d)
 }

@@ -1,8 +1,8 @@
-//! `dbvm-agent` entry point: load and validate config, open state, run the link until
-//! SIGTERM/SIGINT.
+//! `dbvm-agent` entry point: load and validate the config, set up logging, build the agent,
+//! run it until SIGTERM/SIGINT, drain, exit.
 
 use clap::Parser;
-use dbvm_agent::config::{Config, LogFormat};
+use dbvm_agent::config::Config;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
         println!("configuration {} is valid", args.config.display());
         return std::process::ExitCode::SUCCESS;
     }
-    init_logging(&validated.config);
+    dbvm_host::logging::init(&validated.config.log);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), agent = %validated.agent_id, "dbvm-agent starting");
     // Two workers: the agent is mostly idle and must stay small beside the database.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -52,12 +52,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
-        let built = dbvm_agent::operations(&validated).and_then(|parts| {
-            let agent =
-                dbvm_agent::build(validated, parts.dispatcher.clone(), parts.uplink.clone())?;
-            Ok((agent, parts))
-        });
-        let (agent, parts) = match built {
+        let agent = match dbvm_agent::Agent::build(validated) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
@@ -65,69 +60,16 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
-        notify_ready();
         let shutdown = CancellationToken::new();
-        if let Some(db) = parts.db {
-            db.spawn_reconciler(shutdown.clone());
-        }
-        if let Some(health) = parts.health {
-            // The endpoint first, so the first run's metrics check finds it listening.
-            tokio::spawn(dbvm_agent::health::prometheus::serve(
-                health.clone(),
-                shutdown.clone(),
-            ));
-            tokio::task::yield_now().await;
-            health.spawn(shutdown.clone());
-        }
-        let token = shutdown.clone();
+        let running = agent.start(shutdown.clone());
+        dbvm_host::notify::ready();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
-            token.cancel();
+            dbvm_host::signals::shutdown().await;
+            dbvm_host::notify::stopping();
+            shutdown.cancel();
         });
-        agent.run(shutdown).await;
+        running.wait().await;
+        tracing::info!("dbvm-agent stopped");
         std::process::ExitCode::SUCCESS
     })
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DBVM_LOG")
-        .or_else(|_| {
-            tracing_subscriber::EnvFilter::try_new(config.log.level.as_deref().unwrap_or("info"))
-        })
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal; journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Tells systemd (Type=notify) the agent is up. Written by hand: one datagram to $NOTIFY_SOCKET.
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
-            let _ = sock.send_to(b"READY=1", path);
-        }
-    }
 }

@@ -3,6 +3,10 @@
 //! the link is up; the link sends them when it is. Events wait (up to [`MAX_QUEUED`],
 //! oldest dropped first) while the link is down; the latest health report is re-sent on
 //! every connect, so the broker always has the current picture after a cut or a restart.
+//!
+//! It also holds what the link knows of itself ([`LinkStatus`]: up or down, since when,
+//! the agent certificate and its renewal), which capabilities read through
+//! [`crate::capability::Outbox`].
 
 use dbvm_protocol::health::HealthReport;
 use dbvm_protocol::messages::AgentEvent;
@@ -15,6 +19,31 @@ use tokio::sync::Notify;
 /// Events kept while the link is down.
 pub const MAX_QUEUED: usize = 1000;
 
+/// The agent certificate as the link knows it, for the connectivity check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertificateStatus {
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+    /// When the agent asks for a new certificate (two thirds into its life).
+    pub renew_at_ms: i64,
+    /// Renewals the broker refused (or that could not be stored) since the last success.
+    pub renewal_failures: u32,
+    /// The last such failure, in words.
+    pub last_renewal_error: Option<String>,
+    /// When the fleet CA certificate the agent trusts runs out.
+    pub ca_not_after_ms: Option<i64>,
+}
+
+/// The link to the broker as of now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub connected: bool,
+    /// When `connected` last changed (ms since the epoch; 0: never since the agent started).
+    pub since_ms: i64,
+    /// Known once the agent has a certificate.
+    pub certificate: Option<CertificateStatus>,
+}
+
 #[derive(Debug, Default)]
 pub struct Uplink {
     queue: Mutex<VecDeque<AgentMessage>>,
@@ -26,6 +55,7 @@ pub struct Uplink {
     /// Protocol minor of the broker on the current link.
     broker_minor: AtomicU16,
     dropped: AtomicI64,
+    certificate: Mutex<Option<CertificateStatus>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -69,6 +99,22 @@ impl Uplink {
             self.connected.load(Ordering::Acquire),
             self.changed_at_ms.load(Ordering::Acquire),
         )
+    }
+
+    /// The link as of now.
+    pub fn status(&self) -> LinkStatus {
+        let (connected, since_ms) = self.connected();
+        LinkStatus {
+            connected,
+            since_ms,
+            certificate: lock(&self.certificate).clone(),
+        }
+    }
+
+    /// Updates what is known of the agent certificate.
+    pub(crate) fn update_certificate(&self, f: impl FnOnce(&mut CertificateStatus)) {
+        let mut c = lock(&self.certificate);
+        f(c.get_or_insert_with(CertificateStatus::default));
     }
 
     /// Events dropped because the queue was full while the link was down.

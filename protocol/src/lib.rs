@@ -3,8 +3,9 @@
 //! It defines the frames and messages exchanged between `dbvm-agent` and `dbvm-broker`
 //! ([`frame`], [`messages`]), the signed command format and its verifier ([`command`]),
 //! secrets sealed to their recipient ([`seal`]), identities inside fleet certificates
-//! ([`pki`]) and the rustls configurations both ends use ([`tls`]). It makes no runtime
-//! choices: the async helpers only need `tokio::io` traits.
+//! ([`pki`]) and the rustls configurations both ends use ([`tls`]). It also owns the
+//! versioned encoding the agent's journal keeps results in ([`stored`]). It makes no
+//! runtime choices: the async helpers only need `tokio::io` traits.
 //!
 //! The format is documented in `docs/wire-format.md`.
 
@@ -16,6 +17,7 @@ pub mod ids;
 pub mod messages;
 pub mod pki;
 pub mod seal;
+pub mod stored;
 pub mod tls;
 
 /// Major version of the agent link protocol. Peers with another major are refused.

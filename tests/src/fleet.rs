@@ -29,7 +29,10 @@ impl Default for Fleet {
 impl Fleet {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = FleetCa::generate("test fleet CA", Duration::from_secs(24 * 3600)).expect("CA");
+        // Ten years, as `dbvmctl ca init` makes it: a CA near its end turns every agent's
+        // connectivity check to warning.
+        let ca =
+            FleetCa::generate("test fleet CA", Duration::from_secs(3650 * 24 * 3600)).expect("CA");
         let server = ca
             .issue_server(
                 &["localhost".into(), "127.0.0.1".into()],
@@ -263,11 +266,16 @@ max_backoff_ms = 1000
     /// Gives agent `id` a certificate directly (no enrollment), for tests that point it
     /// at something other than a real broker.
     pub fn provision_identity(&self, id: &str) {
+        self.provision_identity_for(id, Duration::from_secs(3600));
+    }
+
+    /// [`Self::provision_identity`] with a certificate valid for `lifetime`.
+    pub fn provision_identity_for(&self, id: &str, lifetime: Duration) {
         let agent = dbvm_protocol::AgentId::new(id).expect("agent id");
         let (csr, key) = dbvm_protocol::pki::make_csr(&agent).expect("csr");
         let cert = self
             .ca
-            .sign_agent_csr(&csr, &agent, Duration::from_secs(3600))
+            .sign_agent_csr(&csr, &agent, lifetime)
             .expect("sign");
         let dir = self.path(&format!("agent-{id}"));
         std::fs::create_dir_all(&dir).expect("state dir");

@@ -1,7 +1,8 @@
 //! Network namespaces for tests: a "db" namespace with two interfaces (management and
 //! application, named as the firewall config says) wired by veth pairs to a "client"
-//! namespace, throwaway TCP listeners inside the db namespace, and connection probes from
-//! either side.
+//! namespace, throwaway TCP listeners inside the db namespace, connection probes from
+//! either side, commands run inside either namespace (a whole agent, for instance), and a
+//! loopback forwarder that lets a process in a namespace reach one address on the host.
 //!
 //! Everything is created inside namespaces this helper makes (the veth pairs are born in
 //! them) and deleted on drop, so the host's interfaces and ruleset are never touched. The
@@ -10,8 +11,8 @@
 //! to keep `ip` output unambiguous when debugging.
 
 use serde_json::Value;
-use std::net::Ipv4Addr;
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -86,7 +87,13 @@ pub struct NetnsPair {
     pub client_management: Ipv4Addr,
     pub client_application: Ipv4Addr,
     listeners: Vec<Child>,
+    /// Unix sockets of [`NetnsPair::forward_to_host`], removed on drop.
+    sockets: Vec<PathBuf>,
 }
+
+/// First loopback port [`NetnsPair::forward_to_host`] listens on inside a namespace (the
+/// namespace is private, so any free port there will do).
+const FORWARD_PORT_BASE: u16 = 17_400;
 
 fn run(args: &[&str]) -> Output {
     Command::new(args[0])
@@ -176,6 +183,7 @@ impl NetnsPair {
             client_management: Ipv4Addr::new(10, a, c, 2),
             client_application: Ipv4Addr::new(10, a, c + 1, 2),
             listeners: Vec::new(),
+            sockets: Vec::new(),
         };
         // From here on a failure panics and `Drop` deletes what was made.
         let (db, cl) = (pair.db.as_str(), pair.client.as_str());
@@ -258,8 +266,8 @@ impl NetnsPair {
     /// accepts and closes every connection) and waits until all are listening.
     pub fn listen(&mut self, addr: Ipv4Addr, ports: &[u16]) {
         for port in ports {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &self.db, "socat"])
+            let child = self
+                .command(Side::Db, "socat")
                 .arg(format!("TCP-LISTEN:{port},bind={addr},fork,reuseaddr"))
                 .arg("EXEC:/bin/true")
                 .stdin(Stdio::null())
@@ -270,17 +278,20 @@ impl NetnsPair {
             self.listeners.push(child);
         }
         let want: Vec<String> = ports.iter().map(|p| format!("{addr}:{p}")).collect();
+        self.wait_listening(Side::Db, &want);
+    }
+
+    /// Waits (10 s at most) until every `addr:port` in `want` listens inside `side`; fails
+    /// the test early if one of the pair's own listeners exited.
+    fn wait_listening(&mut self, side: Side, want: &[String]) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let ss = self.exec_ok(Side::Db, &["ss", "-Hltn"]);
-            let listening: Vec<&str> = ss
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(3))
+            let listening: Vec<String> = self
+                .tcp_listeners(side)
+                .into_iter()
+                .map(|(addr, _)| addr)
                 .collect();
-            let missing: Vec<&String> = want
-                .iter()
-                .filter(|w| !listening.contains(&w.as_str()))
-                .collect();
+            let missing: Vec<&String> = want.iter().filter(|w| !listening.contains(w)).collect();
             if missing.is_empty() {
                 return;
             }
@@ -295,6 +306,78 @@ impl NetnsPair {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Every listening TCP socket inside `side`: its local address (`ss` form:
+    /// `10.1.2.1:22`, `0.0.0.0:5432`, `[::]:5432`) and the name of the process that owns it
+    /// (empty when `ss` cannot tell).
+    pub fn tcp_listeners(&self, side: Side) -> Vec<(String, String)> {
+        let ss = self.exec_ok(side, &["ss", "-Hltnp"]);
+        ss.lines()
+            .filter_map(|l| {
+                let local = l.split_whitespace().nth(3)?.to_string();
+                // `users:(("postgres",pid=123,fd=6),…)`
+                let process = l
+                    .split_once("((\"")
+                    .and_then(|(_, rest)| rest.split_once('"'))
+                    .map(|(name, _)| name.to_string())
+                    .unwrap_or_default();
+                Some((local, process))
+            })
+            .collect()
+    }
+
+    /// A command that runs `program` inside `side` (`ip netns exec NS program`); the caller
+    /// adds arguments, environment and standard streams. A process spawned this way is the
+    /// program itself (`ip netns exec` execs it), and whatever it leaves running in the db
+    /// or client namespace is killed when the pair drops.
+    pub fn command(&self, side: Side, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns(side)]).arg(program);
+        cmd
+    }
+
+    /// Makes `target`, an address on the host, reachable from inside `side` at
+    /// `127.0.0.1:<the returned port>`, without giving the namespace a route or an
+    /// interface towards the host: a socat inside the namespace hands each connection to a
+    /// unix socket (the file system is shared), where a socat on the host connects it to
+    /// `target`. An agent in the db namespace dials its broker this way.
+    pub fn forward_to_host(&mut self, side: Side, target: SocketAddr) -> u16 {
+        let n = self.sockets.len();
+        let port = FORWARD_PORT_BASE + u16::try_from(n).expect("a few forwards per pair");
+        let socket = std::env::temp_dir().join(format!("{}-fwd{n}.sock", self.ns(side)));
+        let _ = std::fs::remove_file(&socket);
+        self.sockets.push(socket.clone());
+        let host_side = Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{},fork,mode=600", socket.display()))
+            .arg(format!("TCP:{target}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start socat ({e}); {INSTALL_HINT}"));
+        self.listeners.push(host_side);
+        let ns_side = self
+            .command(side, "socat")
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
+            .arg(format!("UNIX-CONNECT:{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start socat ({e}); {INSTALL_HINT}"));
+        self.listeners.push(ns_side);
+        self.wait_listening(side, &[format!("127.0.0.1:{port}")]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the forwarder's socket {} did not appear within 10 s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        port
     }
 
     /// Tries a TCP connection to `addr:port` from inside `from`.
@@ -355,6 +438,9 @@ impl Drop for NetnsPair {
         }
         delete_namespace(&self.db);
         delete_namespace(&self.client);
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 

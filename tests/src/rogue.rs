@@ -114,4 +114,42 @@ impl RogueSession {
             }
         }
     }
+
+    /// Reads until a health report satisfies `want` (answering heartbeats and refusing
+    /// every certificate renewal, as a broker that cannot renew would), returns it and
+    /// how many renewals were refused on the way.
+    pub async fn health_until(
+        &mut self,
+        timeout: Duration,
+        want: impl Fn(&dbvm_protocol::health::HealthReport) -> bool,
+    ) -> (dbvm_protocol::health::HealthReport, u32) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut refused = 0;
+        loop {
+            let msg = tokio::time::timeout_at(
+                deadline,
+                read_frame::<AgentMessage, _>(&mut self.stream, MAX_FRAME_LEN),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("no matching health report within {timeout:?}"))
+            .expect("read from agent")
+            .expect("agent closed the connection");
+            let reply = match msg {
+                AgentMessage::Health(r) if want(&r) => return (r, refused),
+                AgentMessage::Heartbeat { seq } => Some(BrokerMessage::HeartbeatAck { seq }),
+                AgentMessage::Renew { .. } => {
+                    refused += 1;
+                    Some(BrokerMessage::RenewFailed {
+                        message: "renewal refused by the test".into(),
+                    })
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                write_frame(&mut self.stream, &reply, MAX_FRAME_LEN)
+                    .await
+                    .expect("write to agent");
+            }
+        }
+    }
 }

@@ -30,6 +30,9 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// How often the agents here reconcile their database container, in seconds.
+const RECONCILE_S: u64 = 1;
+
 /// The `[database]` section for an agent on the test engine, reconciling every second.
 fn db_section(
     engine: &dbvm_e2e::docker::Engine,
@@ -37,7 +40,7 @@ fn db_section(
     container: &str,
     extra: &str,
 ) -> String {
-    engine.database_section(data_root, container, 1, extra)
+    engine.database_section(data_root, container, RECONCILE_S, extra)
 }
 
 struct Setup {
@@ -290,7 +293,15 @@ async fn postgres_create_reconfigure_restart_upgrade_stop() {
 
     // Stop: down, and stays down (the reconciler respects it); start again.
     s.ok("db.stop", json!({})).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        pg(port, &password, "app").await.is_err(),
+        "down once db.stop has answered"
+    );
+    // A fixed wait, because nothing marks a reconciler pass that rightly leaves a stopped
+    // server alone (it neither logs nor counts one). The reconciler runs (it revived the
+    // killed container above), so two of its intervals give it the chance to wrongly
+    // start the server again before checking that it did not.
+    tokio::time::sleep(Duration::from_secs(2 * RECONCILE_S)).await;
     assert!(
         pg(port, &password, "app").await.is_err(),
         "stopped means stopped"
@@ -426,13 +437,15 @@ async fn create_resumes_after_the_agent_dies_between_phases() {
     connected(&client, "pg3").await;
     let cmd = fleet.sign("pg3", "db.create", spec.clone());
     let v = client.submit(&cmd).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while agent.proc.is_running() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not exit after preconfigure"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    {
+        // `is_running` reaps the process, so it needs the handle mutably inside the poll.
+        let agent = std::sync::Mutex::new(&mut agent);
+        eventually(
+            Duration::from_secs(60),
+            "the agent to exit after preconfigure",
+            || async { (!agent.lock().unwrap().proc.is_running()).then_some(()) },
+        )
+        .await;
     }
     let agent = fleet.restart_agent(&agent);
     let v = client.wait(v.id, Duration::from_secs(60)).await.unwrap();
@@ -535,7 +548,7 @@ async fn engine_down_is_a_clear_error_and_retried_when_it_returns() {
     down_engine.socket = relay_path.clone();
     let section = db_section(&down_engine, &fleet.path("pg6-db"), &container, "")
         .replace("engine_wait_s = 5", "engine_wait_s = 20");
-    let _agent = fleet
+    let agent = fleet
         .enroll_agent(&client, broker.agent_addr, "pg6", &section)
         .await;
 
@@ -548,7 +561,17 @@ async fn engine_down_is_a_clear_error_and_retried_when_it_returns() {
     let out = v.output.expect("status answers without an engine");
     assert!(format!("{out}").contains("relay.sock"), "{out}");
 
-    // Create while the engine is down; bring it back 3 s later: create goes through.
+    // Create while the engine is down; bring it back once the create is waiting for it
+    // (the agent logs it; the progress message it also sends comes too early for the
+    // broker to keep): create goes through.
+    let retrying = || {
+        agent
+            .proc
+            .log_text()
+            .matches("container engine unreachable; retrying")
+            .count()
+    };
+    let before = retrying();
     let port = free_port();
     let cmd = fleet.sign(
         "pg6",
@@ -556,7 +579,12 @@ async fn engine_down_is_a_clear_error_and_retried_when_it_returns() {
         json!({"engine": "postgres", "database": "app", "port": port}),
     );
     let v = client.submit(&cmd).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(
+        Duration::from_secs(30),
+        "the create to wait for the engine",
+        || async { (retrying() > before).then_some(()) },
+    )
+    .await;
     let _relay = dbvm_e2e::dbtest::UnixRelay::start(&relay_path, &engine.socket);
     let v = client.wait(v.id, Duration::from_secs(240)).await.unwrap();
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");

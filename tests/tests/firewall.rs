@@ -2,31 +2,47 @@
 //! a "db" network namespace with two interfaces and connects from a "client" namespace.
 //! Open ports must connect; every other listening port must be dropped (the probe times
 //! out, it is not refused). Each test also proves the host's own ruleset did not change.
+//!
+//! The last tests run a whole agent inside the db namespace, as on a database VM: a real
+//! database created by a signed `db.create` on a port of its own must be reachable there
+//! from the client namespace, and on nothing else.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_agent::firewall::{
-    ApplyOutcome, DbEngine, Firewall, FirewallConfig, FirewallError, FirewallRole,
-};
+use dbvm_agent::db::DatabaseSpec;
+use dbvm_agent::firewall::{ApplyOutcome, Firewall, FirewallConfig, FirewallError, FirewallRole};
+use dbvm_e2e::fleet::toml_path;
 use dbvm_e2e::netns::{HostRuleset, NetnsPair, Reach, Side};
+use dbvm_e2e::proc::{bin_dir, Proc};
+use dbvm_e2e::{connected, eventually, AgentProc, BrokerProc, Fleet};
+use dbvm_protocol::seal::Sealed;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Inside a veth pair a handshake takes well under a millisecond.
 const PROBE: Duration = Duration::from_millis(700);
 
-const PG: FirewallRole = FirewallRole {
-    engine: Some(DbEngine::Postgres),
-    mysql_group_replication: false,
-    mysql_router: false,
-};
-const MYSQL: FirewallRole = FirewallRole {
-    engine: Some(DbEngine::Mysql),
-    mysql_group_replication: false,
-    mysql_router: false,
-};
+/// The role of a database with this spec, as the agent derives it.
+fn role(spec: Value) -> FirewallRole {
+    let spec: DatabaseSpec = serde_json::from_value(spec).unwrap();
+    spec.validate().unwrap();
+    FirewallRole::of_database(Some(&spec))
+}
+
+/// PostgreSQL on its default port, 5432.
+fn pg() -> FirewallRole {
+    role(json!({"engine": "postgres", "database": "app"}))
+}
+
+/// MySQL 8 on its default port, 3306 (and its X protocol on 33060).
+fn mysql() -> FirewallRole {
+    role(json!({"engine": "mysql8", "database": "app"}))
+}
 
 fn config(pair: &NetnsPair) -> FirewallConfig {
     FirewallConfig {
@@ -87,7 +103,7 @@ async fn postgres_role_opens_ssh_https_and_5432_only_where_wanted() {
 
     let fw = Firewall::new(config(&pair)).unwrap();
     let started = Instant::now();
-    let report = fw.apply(&PG).await.expect("apply");
+    let report = fw.apply(&pg()).await.expect("apply");
     eprintln!(
         "first apply: {} ms (report {} ms)",
         started.elapsed().as_millis(),
@@ -108,7 +124,7 @@ async fn postgres_role_opens_ssh_https_and_5432_only_where_wanted() {
     // Loopback and the VM's own outgoing connections are not filtered.
     assert!(pair.probe(Side::Db, a, 3306, PROBE));
     assert!(pair.probe(Side::Db, m, 8080, PROBE));
-    let s = fw.status(&PG).await.expect("status");
+    let s = fw.status(&pg()).await.expect("status");
     eprintln!("status: {} ms", s.elapsed_ms);
     assert!(s.matches, "{s:#?}");
     assert!(
@@ -130,7 +146,7 @@ async fn postgres_role_opens_ssh_https_and_5432_only_where_wanted() {
     }
 
     assert!(fw.remove().await.expect("remove"));
-    let s = fw.status(&PG).await.expect("status");
+    let s = fw.status(&pg()).await.expect("status");
     assert!(!s.present && !s.matches);
     assert!(
         s.reason
@@ -152,7 +168,7 @@ async fn postgres_role_opens_ssh_https_and_5432_only_where_wanted() {
 }
 
 #[tokio::test]
-async fn mysql_roles_open_their_ports_on_configured_interfaces() {
+async fn mysql_and_mariadb_roles_open_their_ports_on_configured_interfaces() {
     let host = HostRuleset::snapshot();
     // Interface and table names are configuration.
     let mut pair = NetnsPair::new("ens192", "ens224");
@@ -170,31 +186,32 @@ async fn mysql_roles_open_their_ports_on_configured_interfaces() {
     let mut listening = targets(m, &[22, 443, 3306, 33060]);
     listening.extend(targets(a, &app_ports));
 
-    let cases: [(&str, FirewallRole, &[u16]); 4] = [
-        ("mysql", MYSQL, &[22, 3306, 33060]),
+    let mysql8 = |extra: Value| {
+        let mut spec = json!({"engine": "mysql8", "database": "app"});
+        spec["mysql"] = extra;
+        role(spec)
+    };
+    let cases: [(&str, FirewallRole, &[u16]); 5] = [
+        // MariaDB has no X plugin.
+        (
+            "mariadb",
+            role(json!({"engine": "mariadb", "database": "app"})),
+            &[22, 3306],
+        ),
+        ("mysql", mysql(), &[22, 3306, 33060]),
         (
             "mysql + group replication",
-            FirewallRole {
-                mysql_group_replication: true,
-                ..MYSQL
-            },
+            mysql8(json!({"group_replication": true})),
             &[22, 3306, 33060, 33061],
         ),
         (
             "mysql + router",
-            FirewallRole {
-                mysql_router: true,
-                ..MYSQL
-            },
+            mysql8(json!({"router": true})),
             &[22, 3306, 6446, 6447, 6448, 6449, 33060],
         ),
         (
             "mysql + group replication + router",
-            FirewallRole {
-                mysql_group_replication: true,
-                mysql_router: true,
-                ..MYSQL
-            },
+            mysql8(json!({"group_replication": true, "router": true})),
             &[22, 3306, 6446, 6447, 6448, 6449, 33060, 33061],
         ),
     ];
@@ -209,7 +226,7 @@ async fn mysql_roles_open_their_ports_on_configured_interfaces() {
     }
 
     // Back to plain MySQL: the report says what it took away.
-    let report = fw.apply(&MYSQL).await.unwrap();
+    let report = fw.apply(&mysql()).await.unwrap();
     assert_eq!(
         report.corrected,
         [
@@ -244,16 +261,19 @@ async fn apply_is_idempotent_and_status_finds_changes_made_behind_its_back() {
     pair.listen(a, &[5432, 9999]);
     let fw = Firewall::new(config(&pair)).unwrap();
 
-    assert_eq!(fw.apply(&PG).await.unwrap().outcome, ApplyOutcome::Applied);
+    assert_eq!(
+        fw.apply(&pg()).await.unwrap().outcome,
+        ApplyOutcome::Applied
+    );
     let before = pair.exec_ok(Side::Db, &["nft", "-a", "list", "table", "inet", "dbvm"]);
-    let again = fw.apply(&PG).await.unwrap();
+    let again = fw.apply(&pg()).await.unwrap();
     eprintln!("apply when already matching: {} ms", again.elapsed_ms);
     assert_eq!(again.outcome, ApplyOutcome::Unchanged);
     assert!(!again.changed() && again.corrected.is_empty());
     // Not even re-created: the rule handles are the same.
     let after = pair.exec_ok(Side::Db, &["nft", "-a", "list", "table", "inet", "dbvm"]);
     assert_eq!(before, after);
-    assert_matches(&fw, &PG).await;
+    assert_matches(&fw, &pg()).await;
 
     // Someone opens a port by hand.
     pair.exec_ok(
@@ -266,7 +286,7 @@ async fn apply_is_idempotent_and_status_finds_changes_made_behind_its_back() {
         pair.probe(Side::Client, a, 9999, PROBE),
         "the added rule works"
     );
-    let s = fw.status(&PG).await.unwrap();
+    let s = fw.status(&pg()).await.unwrap();
     assert!(!s.matches && s.present, "{s:#?}");
     assert!(s.missing.is_empty(), "{s:#?}");
     assert_eq!(s.unexpected, ["input: tcp dport 9999 accept"]);
@@ -299,7 +319,7 @@ async fn apply_is_idempotent_and_status_finds_changes_made_behind_its_back() {
             "{ policy accept; }",
         ],
     );
-    let s = fw.status(&PG).await.unwrap();
+    let s = fw.status(&pg()).await.unwrap();
     assert_eq!(
         s.missing,
         [
@@ -317,20 +337,20 @@ async fn apply_is_idempotent_and_status_finds_changes_made_behind_its_back() {
     );
 
     // Apply puts it right.
-    let fixed = fw.apply(&PG).await.unwrap();
+    let fixed = fw.apply(&pg()).await.unwrap();
     assert_eq!(fixed.outcome, ApplyOutcome::Applied);
     assert_eq!(fixed.corrected.len(), 4, "{:?}", fixed.corrected);
-    assert_matches(&fw, &PG).await;
+    assert_matches(&fw, &pg()).await;
     assert_only_open(&pair, &targets(a, &[5432, 9999]), &[(a, 5432)]);
     assert_eq!(
-        fw.apply(&PG).await.unwrap().outcome,
+        fw.apply(&pg()).await.unwrap().outcome,
         ApplyOutcome::Unchanged
     );
 
     // A role change is a change.
-    assert!(fw.apply(&MYSQL).await.unwrap().changed());
-    assert!(!fw.status(&PG).await.unwrap().matches);
-    assert_matches(&fw, &MYSQL).await;
+    assert!(fw.apply(&mysql()).await.unwrap().changed());
+    assert!(!fw.status(&pg()).await.unwrap().matches);
+    assert_matches(&fw, &mysql()).await;
 
     drop(pair);
     host.assert_unchanged();
@@ -348,7 +368,7 @@ async fn bad_config_is_refused_before_nft_runs_and_changes_nothing() {
     let host = HostRuleset::snapshot();
     let pair = NetnsPair::new("eth0", "eth1");
     let fw = Firewall::new(config(&pair)).unwrap();
-    fw.apply(&PG).await.unwrap();
+    fw.apply(&pg()).await.unwrap();
     let live = pair.ruleset(Side::Db);
 
     // An nft that records being run: a refused config never gets that far.
@@ -404,7 +424,7 @@ async fn bad_config_is_refused_before_nft_runs_and_changes_nothing() {
     })
     .unwrap();
     assert_eq!(
-        ok.apply(&PG).await.unwrap().outcome,
+        ok.apply(&pg()).await.unwrap().outcome,
         ApplyOutcome::Unchanged
     );
     assert!(log.exists());
@@ -415,7 +435,7 @@ async fn bad_config_is_refused_before_nft_runs_and_changes_nothing() {
         ..config(&pair)
     })
     .unwrap()
-    .apply(&MYSQL)
+    .apply(&mysql())
     .await
     .unwrap_err();
     assert!(matches!(err, FirewallError::NftMissing { .. }), "{err:?}");
@@ -425,13 +445,13 @@ async fn bad_config_is_refused_before_nft_runs_and_changes_nothing() {
         ..config(&pair)
     })
     .unwrap()
-    .apply(&MYSQL)
+    .apply(&mysql())
     .await
     .unwrap_err();
     assert!(matches!(err, FirewallError::NetnsMissing { .. }), "{err:?}");
 
     assert_eq!(pair.ruleset(Side::Db), live);
-    assert_matches(&fw, &PG).await;
+    assert_matches(&fw, &pg()).await;
     drop(pair);
     host.assert_unchanged();
 }
@@ -443,7 +463,7 @@ async fn a_batch_the_kernel_rejects_leaves_the_previous_ruleset() {
     let a = pair.db_application;
     pair.listen(a, &[3306, 5432]);
     let fw = Firewall::new(config(&pair)).unwrap();
-    fw.apply(&PG).await.unwrap();
+    fw.apply(&pg()).await.unwrap();
     let live = pair.ruleset(Side::Db);
 
     // An nft that appends a line the kernel refuses to every batch it applies: the dry
@@ -466,7 +486,7 @@ async fn a_batch_the_kernel_rejects_leaves_the_previous_ruleset() {
         ..config(&pair)
     })
     .unwrap()
-    .apply(&MYSQL)
+    .apply(&mysql())
     .await
     .unwrap_err();
     let FirewallError::Rejected { stderr, .. } = &err else {
@@ -484,7 +504,7 @@ async fn a_batch_the_kernel_rejects_leaves_the_previous_ruleset() {
         live,
         "the rejected batch changed nothing"
     );
-    assert_matches(&fw, &PG).await;
+    assert_matches(&fw, &pg()).await;
     assert_only_open(&pair, &targets(a, &[3306, 5432]), &[(a, 5432)]);
 
     // One that poisons the dry run too: the real batch is never sent.
@@ -504,7 +524,7 @@ async fn a_batch_the_kernel_rejects_leaves_the_previous_ruleset() {
         ..config(&pair)
     })
     .unwrap()
-    .apply(&MYSQL)
+    .apply(&mysql())
     .await
     .unwrap_err();
     assert!(
@@ -517,8 +537,428 @@ async fn a_batch_the_kernel_rejects_leaves_the_previous_ruleset() {
         "applied after a failed dry run: {ran}"
     );
     assert_eq!(pair.ruleset(Side::Db), live);
-    assert_matches(&fw, &PG).await;
+    assert_matches(&fw, &pg()).await;
 
     drop(pair);
     host.assert_unchanged();
+}
+
+// ---------------------------------------------------------------------------------------
+// A whole agent in the db namespace.
+
+/// `id -u NAME` and `id -g NAME`: the database server runs as the engine's system user,
+/// as it does in its image.
+fn system_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, name])
+            .output()
+            .expect("run id");
+        assert!(
+            out.status.success(),
+            "there is no user {name} (it comes with the engine's Debian package): install it: bash scripts/setup.sh"
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+/// A database VM in miniature. A real broker runs on the host; a real agent runs *inside*
+/// the db namespace, so its firewall guards the namespace it lives in (no
+/// `firewall.netns`, as in production) and the database server it starts (process
+/// runtime: the host's PostgreSQL and MariaDB binaries) listens in that namespace too.
+/// The agent reaches the broker over a loopback forwarder; the namespace gets no route to
+/// the host.
+struct DbVm {
+    fleet: Fleet,
+    _broker: BrokerProc,
+    client: dbvmctl::Client,
+    agent: AgentProc,
+    /// The database's files, removed after the agent has gone.
+    _data: tempfile::TempDir,
+}
+
+impl DbVm {
+    async fn start(pair: &mut NetnsPair, id: &str, db_user: &str) -> Self {
+        let fleet = Fleet::new();
+        let broker = fleet.start_broker("");
+        let client = fleet.client(&broker);
+        let broker_port = pair.forward_to_host(Side::Db, broker.agent_addr);
+        let (uid, gid) = system_user(db_user);
+        // The server runs as `db_user`, who must be able to reach its data directory:
+        // not under the fleet's directory (0700, root's).
+        let data = tempfile::Builder::new()
+            .prefix("dbvm-fw-data-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let token = client
+            .enrollment_token(id, None)
+            .await
+            .expect("enrollment token")
+            .token;
+        let token_file = fleet.path(&format!("agent-{id}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        let state_dir = fleet.path(&format!("agent-{id}"));
+        let sections = format!(
+            r#"[health]
+metrics_listen = ""
+shadow_file = "/nonexistent/shadow"
+[database]
+runtime = "process"
+data_root = {root}
+container_name = "{id}-db"
+uid = {uid}
+gid = {gid}
+engine_wait_s = 5
+[firewall]
+management_interface = "{management}"
+application_interface = "{application}"
+"#,
+            root = toml_path(&data.path().join("db")),
+            management = pair.management_interface,
+            application = pair.application_interface,
+        );
+        let config = fleet.path(&format!("agent-{id}.toml"));
+        std::fs::write(
+            &config,
+            fleet.agent_config(id, broker_port, &state_dir, &token_file, &sections),
+        )
+        .unwrap();
+        let agent = Self::spawn_agent(pair, &fleet, id, config, state_dir);
+        connected(&client, id).await;
+        Self {
+            fleet,
+            _broker: broker,
+            client,
+            agent,
+            _data: data,
+        }
+    }
+
+    /// Starts the agent inside the db namespace (its log appends to one file per id).
+    fn spawn_agent(
+        pair: &NetnsPair,
+        fleet: &Fleet,
+        id: &str,
+        config: std::path::PathBuf,
+        state_dir: std::path::PathBuf,
+    ) -> AgentProc {
+        let log = fleet.path(&format!("agent-{id}.log"));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = pair
+            .command(Side::Db, bin_dir().join("dbvm-agent"))
+            .arg("--config")
+            .arg(&config)
+            .env("DBVM_LOG", "info,dbvm_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start dbvm-agent inside the db namespace");
+        AgentProc {
+            proc: Proc {
+                name: format!("agent {id} (in namespace {})", pair.db),
+                child: Some(child),
+                log,
+            },
+            id: id.to_string(),
+            config,
+            state_dir,
+        }
+    }
+
+    /// Stops the agent (SIGTERM, a drain) and starts it again on the same config and state.
+    async fn restart_agent(&mut self, pair: &NetnsPair) {
+        let exit = self.agent.proc.terminate();
+        assert!(exit.is_some_and(|e| e.success()), "agent exit: {exit:?}");
+        let client = &self.client;
+        let id = self.agent.id.clone();
+        eventually(
+            Duration::from_secs(20),
+            "the agent to disconnect",
+            || async {
+                let agents = client.agents().await.ok()?;
+                (!agents.iter().any(|a| a.id == id && a.connected)).then_some(())
+            },
+        )
+        .await;
+        self.agent = Self::spawn_agent(
+            pair,
+            &self.fleet,
+            &self.agent.id,
+            self.agent.config.clone(),
+            self.agent.state_dir.clone(),
+        );
+        connected(&self.client, &self.agent.id).await;
+    }
+
+    async fn ok(&self, operation: &str, args: Value) -> Value {
+        self.fleet
+            .send_ok(&self.client, &self.agent, operation, args)
+            .await
+    }
+
+    fn password(&self, create: &Value) -> String {
+        let sealed: Sealed =
+            serde_json::from_value(create["password"].clone()).expect("sealed password");
+        self.fleet
+            .reply_key
+            .open(&sealed)
+            .expect("open the password")
+            .expose()
+            .to_string()
+    }
+}
+
+/// The TCP ports a firewall report (`wanted`) opens on the application network for the
+/// database, that is everything but ssh.
+fn wanted_database_ports(report: &Value) -> BTreeSet<u16> {
+    report["wanted"]["rules"]
+        .as_array()
+        .expect("wanted.rules")
+        .iter()
+        .filter(|r| r["network"] == "application" && r["why"] != "ssh")
+        .flat_map(|r| {
+            let (first, last) = (r["ports"]["first"].as_u64(), r["ports"]["last"].as_u64());
+            first.unwrap()..=last.unwrap()
+        })
+        .map(|p| u16::try_from(p).unwrap())
+        .collect()
+}
+
+/// The ports `process` listens on inside the db namespace, loopback left out.
+fn server_ports(pair: &NetnsPair, process: &str) -> BTreeSet<u16> {
+    pair.tcp_listeners(Side::Db)
+        .into_iter()
+        .filter(|(addr, name)| {
+            name == process && !addr.starts_with("127.") && !addr.starts_with("[::1]")
+        })
+        .map(|(addr, _)| addr.rsplit_once(':').unwrap().1.parse().unwrap())
+        .collect()
+}
+
+/// What a client on the application network meets: the engine's real port and nothing it
+/// does not use. `decoys` are the engine's default ports (and MySQL's X port), where
+/// listeners stand in for a server that is not there: the firewall must drop them.
+async fn database_on_its_own_port(
+    id: &str,
+    db_user: &str,
+    server_process: &str,
+    spec: Value,
+    decoys: &[u16],
+    client_argv: &dyn Fn(&NetnsPair, u16) -> Vec<String>,
+) {
+    let host = HostRuleset::snapshot();
+    let mut pair = NetnsPair::new("eth0", "eth1");
+    let (m, a) = (pair.db_management, pair.db_application);
+    let port = u16::try_from(spec["port"].as_u64().unwrap()).unwrap();
+    let mut stand_ins = vec![22];
+    stand_ins.extend_from_slice(decoys);
+    pair.listen(a, &stand_ins);
+    stand_ins.push(443);
+    pair.listen(m, &stand_ins);
+    let vm = DbVm::start(&mut pair, id, db_user).await;
+
+    let create = vm.ok("db.create", spec.clone()).await;
+    assert_eq!(create["port"], port, "{create}");
+    assert_eq!(create["firewall"]["outcome"], "applied", "{create}");
+    // The server listens on its spec's port (and only there).
+    let listening = server_ports(&pair, server_process);
+    assert_eq!(
+        listening,
+        BTreeSet::from([port]),
+        "{server_process} should listen on its spec's port only"
+    );
+
+    // The scan: everything that listens, from the client namespace.
+    let mut probed: Vec<(Ipv4Addr, u16)> = Vec::new();
+    let mut open = vec![(m, 22), (m, 443), (a, 22), (a, port)];
+    for addr in [m, a] {
+        for p in stand_ins.iter().chain([&port]) {
+            if !(addr == a && *p == 443) {
+                probed.push((addr, *p));
+            }
+        }
+    }
+    probed.sort_unstable();
+    open.sort_unstable();
+    assert_only_open(&pair, &probed, &open);
+
+    // What the firewall opens for the database is what the server listens on.
+    assert_eq!(
+        wanted_database_ports(&create["firewall"]),
+        listening,
+        "{create}"
+    );
+
+    // It is the real server, with the credentials that came back sealed.
+    let password = vm.password(&create);
+    let argv = client_argv(&pair, port);
+    let out = pair
+        .command(Side::Client, &argv[0])
+        .args(&argv[1..])
+        .env("PGPASSWORD", &password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("MYSQL_PWD", &password)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{} from the client namespace: {}",
+        argv[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // db.status says the firewall matches, and it does.
+    let status = vm.ok("db.status", json!({})).await;
+    assert_eq!(status["firewall"]["matches"], true, "{status}");
+    assert_eq!(wanted_database_ports(&status["firewall"]), listening);
+
+    // The database's rule removed behind the agent's back: status says so...
+    let h = handle_of(&pair, "dbvm", "application", &format!("dport {port} "));
+    pair.exec_ok(
+        Side::Db,
+        &[
+            "nft",
+            "delete",
+            "rule",
+            "inet",
+            "dbvm",
+            "application",
+            "handle",
+            &h,
+        ],
+    );
+    assert_eq!(pair.reach(Side::Client, a, port, PROBE), Reach::TimedOut);
+    let status = vm.ok("db.status", json!({})).await;
+    let fw = &status["firewall"];
+    assert_eq!(fw["matches"], false, "{status}");
+    assert_eq!(
+        fw["missing"],
+        json!([format!("application: tcp dport {port} accept")]),
+        "{status}"
+    );
+    // ... and firewall.apply, from the database's spec alone, puts it back.
+    let fixed = vm.ok("firewall.apply", json!({})).await;
+    assert_eq!(fixed["outcome"], "applied", "{fixed}");
+    assert_eq!(
+        fixed["corrected"],
+        json!([format!("missing: application: tcp dport {port} accept")])
+    );
+    assert_only_open(&pair, &probed, &open);
+    let again = vm.ok("firewall.apply", json!({})).await;
+    assert_eq!(again["outcome"], "unchanged", "{again}");
+    let status = vm.ok("firewall.status", json!({})).await;
+    assert_eq!(status["matches"], true, "{status}");
+
+    // Removed again, then the agent restarts: it applies its table at start, unasked.
+    let h = handle_of(&pair, "dbvm", "application", &format!("dport {port} "));
+    pair.exec_ok(
+        Side::Db,
+        &[
+            "nft",
+            "delete",
+            "rule",
+            "inet",
+            "dbvm",
+            "application",
+            "handle",
+            &h,
+        ],
+    );
+    assert_eq!(pair.reach(Side::Client, a, port, PROBE), Reach::TimedOut);
+    let mut vm = vm;
+    vm.restart_agent(&pair).await;
+    // Both starts log it (the log file is appended to).
+    eventually(
+        Duration::from_secs(20),
+        "the firewall applied at start",
+        || async {
+            (vm.agent
+                .proc
+                .log_text()
+                .matches("firewall applied at start")
+                .count()
+                >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_only_open(&pair, &probed, &open);
+    let status = vm.ok("firewall.status", json!({})).await;
+    assert_eq!(status["matches"], true, "{status}");
+
+    // A clean stop before the namespace (and everything in it) goes.
+    vm.ok("db.stop", json!({})).await;
+    drop(vm);
+    drop(pair);
+    host.assert_unchanged();
+}
+
+/// Issue 11: `db.create … port=25432` opened 5432, not 25432.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_created_on_its_own_port_is_reachable_there_and_not_on_5432() {
+    database_on_its_own_port(
+        "fw-pg",
+        "postgres",
+        "postgres",
+        json!({"engine": "postgres", "database": "app", "port": 25432}),
+        &[5432],
+        &|pair, port| {
+            [
+                "psql",
+                "-h",
+                &pair.db_application.to_string(),
+                "-p",
+                &port.to_string(),
+                "-U",
+                "dbaas",
+                "-d",
+                "app",
+                "-Atc",
+                "SELECT 40 + 2",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+    )
+    .await;
+}
+
+/// MariaDB has no X plugin: neither 3306 nor 33060 is opened for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_created_on_its_own_port_opens_neither_3306_nor_an_x_port() {
+    database_on_its_own_port(
+        "fw-maria",
+        "mysql",
+        "mariadbd",
+        json!({"engine": "mariadb", "database": "app", "port": 23306}),
+        &[3306, 33060],
+        &|pair, port| {
+            [
+                "mariadb",
+                "--no-defaults",
+                "--connect-timeout=10",
+                "-h",
+                &pair.db_application.to_string(),
+                "-P",
+                &port.to_string(),
+                "-u",
+                "dbaas",
+                "-D",
+                "app",
+                "-Nse",
+                "SELECT 40 + 2",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+    )
+    .await;
 }

@@ -156,6 +156,8 @@ impl Setup {
                 render(&report),
                 self.agent.proc.log_tail()
             );
+            // Paces the polls of a condition that has a deadline (the loop is the wait;
+            // it keeps its own failure message with the last report).
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
@@ -579,6 +581,8 @@ async fn data_disk_filling_up_warns_then_goes_critical_with_a_time_to_full() {
     let mut critical = None;
     for n in 0..15 {
         std::fs::write(dir.path().join(format!("fill-{n}")), &chunk).expect("fill");
+        // Not a wait: the pause is the input. The check measures a growth rate over
+        // time, so the disk must fill at a known pace across several of its runs.
         tokio::time::sleep(Duration::from_millis(500)).await;
         while let Ok(c) = changes.rx.try_recv() {
             take(c, &mut warned, &mut critical);

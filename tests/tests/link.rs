@@ -280,10 +280,15 @@ async fn enrollment_tokens_are_single_use_short_lived_and_bound_to_one_agent() {
     let short = client
         .enrollment_token("db4", Some(Duration::from_secs(1)))
         .await
-        .expect("token")
-        .token;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (code, msg) = refused(enroll("db4", short).await);
+        .expect("token");
+    // Expired once the clock passes its expiry (the broker refuses at now > expires_at).
+    eventually(
+        Duration::from_secs(10),
+        "the one-second token to expire",
+        || async { (dbvm_protocol::now_ms() > short.expires_at_ms).then_some(()) },
+    )
+    .await;
+    let (code, msg) = refused(enroll("db4", short.token).await);
     assert_eq!(code, RefuseCode::EnrollmentRefused);
     assert!(msg.contains("expired"), "{msg}");
     // Unknown.

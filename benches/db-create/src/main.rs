@@ -41,7 +41,7 @@ pub struct Args {
     /// The agent's `reconcile_interval_s` (10 is the agent's default; the e2e tests use 1).
     #[arg(long, default_value_t = 10)]
     pub reconcile_secs: u64,
-    /// Where the JSON report goes. Default: target/db-create-bench/<UTC time>.json.
+    /// Where the JSON report goes. Default: target/db-create-bench/(UTC time).json.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// Keep each run's temporary directory (configs, logs, data) and print its path.

@@ -11,6 +11,7 @@
 //! into an HDR histogram.
 
 use anyhow::{Context, Result};
+use dbvm_agent::capability::Context as AgentContext;
 use dbvm_agent::config::Config;
 use dbvm_agent::db::DbManager;
 use dbvm_agent::health::Monitor;
@@ -106,13 +107,8 @@ pub async fn run(config: &Path, runs: usize, warmup: usize, gap: Duration) -> Re
         .context("the agent's config has no [database] section")?;
     let manager = DbManager::open(db, &v.config.state_dir, None)
         .context("cannot open the database manager on the agent's state directory")?;
-    let monitor = Monitor::new(
-        v.agent_id.to_string(),
-        v.config.health.clone(),
-        Some(manager),
-        dbvm_agent::uplink::Uplink::new(),
-        v.config.state_dir.clone(),
-    );
+    let ctx = AgentContext::standalone(v.agent_id.to_string(), v.config.state_dir.clone());
+    let monitor = Monitor::new(&ctx, v.config.health.clone(), Some(manager), Vec::new());
 
     let started = Instant::now();
     let t = Instant::now();

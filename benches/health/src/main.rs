@@ -60,7 +60,7 @@ pub struct Args {
     /// `DBVM_LOG` for the broker and the agent.
     #[arg(long, default_value = "info")]
     pub log: String,
-    /// Where the JSON report goes. Default: target/health-bench/<UTC time>.json.
+    /// Where the JSON report goes. Default: target/health-bench/(UTC time).json.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
     /// Keep the run's directory (configs, logs, database files) and print its path.

@@ -1,7 +1,7 @@
 //! The agent link: the mTLS listener agents dial into, one session per connected agent.
 //!
-//! [`handshake`] accepts a connection (TLS, then the first frame: `Enroll` or a checked
-//! `Hello`); [`session`] runs the session of an agent that got in. A session delivers the
+//! `handshake` accepts a connection (TLS, then the first frame: `Enroll` or a checked
+//! `Hello`); `session` runs the session of an agent that got in. A session delivers the
 //! agent's stored commands (respecting admission slots), records acks, progress and
 //! results (a result is acknowledged only once it is durable), relays events, renews the
 //! agent's certificate, and closes a connection that stays silent for

@@ -286,7 +286,7 @@ pub fn make_tls(p: &Paths, uid: u32, gid: u32) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Writes a file atomically with the given mode and owner.
+/// Writes a file atomically and durably with the given mode and owner.
 pub fn write_owned(
     path: &Path,
     bytes: &[u8],
@@ -294,24 +294,8 @@ pub fn write_owned(
     uid: u32,
     gid: u32,
 ) -> Result<(), DbError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("dbvm-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| DbError::io("create", &tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| DbError::io("write", &tmp, e))?;
-    drop(f);
-    std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
-        .map_err(|e| DbError::io("chown", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DbError::io("rename", &tmp, e))?;
-    Ok(())
+    dbvm_host::fs::write_atomic_owned(path, bytes, mode, uid, gid)
+        .map_err(|e| DbError::io("write", path, e))
 }
 
 /// An admin connection to the running server over its unix socket.

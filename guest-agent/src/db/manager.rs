@@ -50,6 +50,9 @@ pub struct DbManager {
     runtime: Mutex<Option<Arc<dyn ContainerRuntime>>>,
     runtime_dir: PathBuf,
     firewall: Option<Arc<dyn FirewallHook>>,
+    /// The engine of the database made here (or being made), readable without waiting
+    /// behind an operation: the agent's `Hello` names it.
+    flavour: std::sync::RwLock<Option<Flavour>>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -66,6 +69,7 @@ impl DbManager {
         let dir = state_dir.join("db");
         let state_file = StateFile::new(&dir);
         let state = state_file.load()?;
+        let flavour = std::sync::RwLock::new(state.as_ref().map(|s| s.spec.engine));
         Ok(Arc::new(Self {
             paths: Paths::new(&settings.data_root),
             settings,
@@ -74,6 +78,7 @@ impl DbManager {
             runtime: Mutex::new(None),
             runtime_dir: dir.join("process-runtime"),
             firewall,
+            flavour,
         }))
     }
 
@@ -215,7 +220,13 @@ impl DbManager {
         spec
     }
 
+    /// The engine of the database made here, if any (see the field).
+    pub fn flavour(&self) -> Option<Flavour> {
+        *self.flavour.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn save(&self, st: &mut DbState) -> Result<(), DbError> {
+        *self.flavour.write().unwrap_or_else(|p| p.into_inner()) = Some(st.spec.engine);
         st.updated_at_ms = dbvm_protocol::now_ms();
         let file = self.state_file.clone();
         let copy = st.clone();
@@ -806,28 +817,29 @@ impl DbManager {
     }
 
     /// Converges at start and then every `reconcile_interval_s` until `shutdown`.
-    pub fn spawn_reconciler(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let me = self.clone();
+    pub async fn reconcile(&self, shutdown: tokio_util::sync::CancellationToken) {
         let every = Duration::from_secs(self.settings.reconcile_interval_s);
-        tokio::spawn(async move {
-            let mut last_error = String::new();
-            loop {
-                match me.reconcile_once().await {
-                    Ok(_) => last_error.clear(),
-                    Err(e) => {
-                        let e = e.to_string();
-                        if e != last_error {
-                            tracing::warn!(error = %e, "cannot converge the database container");
-                            last_error = e;
-                        }
+        let mut last_error = String::new();
+        loop {
+            let pass = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.reconcile_once() => r,
+            };
+            match pass {
+                Ok(_) => last_error.clear(),
+                Err(e) => {
+                    let e = e.to_string();
+                    if e != last_error {
+                        tracing::warn!(error = %e, "cannot converge the database container");
+                        last_error = e;
                     }
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
             }
-        });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
     }
 }
 

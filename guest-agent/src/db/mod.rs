@@ -12,6 +12,7 @@
 
 pub mod engine;
 pub mod manager;
+pub mod ops;
 pub mod params;
 
 use crate::runtime::RuntimeError;
@@ -400,21 +401,12 @@ impl StateFile {
     }
 
     pub fn save(&self, state: &DbState) -> Result<(), DbError> {
-        use std::io::Write;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| DbError::io("create", dir, e))?;
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| DbError::Failed(format!("cannot encode the database state: {e}")))?;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| DbError::io("create", &tmp, e))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| DbError::io("write", &tmp, e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| DbError::io("rename", &tmp, e))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        dbvm_host::fs::write_atomic(&self.path, &bytes, 0o600)
+            .map_err(|e| DbError::io("write", &self.path, e))
     }
 }
 

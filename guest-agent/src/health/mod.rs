@@ -11,18 +11,18 @@
 //! a pool thread, never the runtime. The database checks share one snapshot per run
 //! ([`db::DbSnapshot`]), read over one cached admin connection.
 
+pub mod capability;
 pub mod checks;
 pub mod db;
 pub mod prometheus;
 pub mod settings;
 
+use crate::capability::{Context, Outbox};
 use crate::db::DbManager;
-use crate::uplink::Uplink;
 use async_trait::async_trait;
 use dbvm_protocol::health::{
     CheckReport, HealthChange, HealthReport, HealthStatus, HEALTH_CHANGED,
 };
-use dbvm_protocol::messages::AgentEvent;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -109,7 +109,8 @@ pub struct Shared {
     pub agent_id: String,
     pub settings: HealthSettings,
     pub db: Option<Arc<DbManager>>,
-    pub uplink: Arc<Uplink>,
+    /// Events and reports to the broker, and the link's state.
+    pub outbox: Outbox,
     pub state_dir: PathBuf,
     pub data_disk: PathBuf,
     /// When the monitor was made (ms since the epoch): the link gets a grace period.
@@ -174,25 +175,32 @@ impl std::fmt::Debug for Monitor {
 }
 
 impl Monitor {
+    /// A monitor running the twelve checks, where `contributed` checks (from other
+    /// capabilities) replace the check of the same id or, with a new id, follow the twelve.
     pub fn new(
-        agent_id: String,
+        ctx: &Context,
         settings: HealthSettings,
         db: Option<Arc<DbManager>>,
-        uplink: Arc<Uplink>,
-        state_dir: PathBuf,
+        contributed: Vec<Arc<dyn Check>>,
     ) -> Arc<Self> {
         let data_disk = settings.data_disk.clone().unwrap_or_else(|| match &db {
             Some(m) => m.settings().data_root.clone(),
-            None => state_dir.clone(),
+            None => ctx.state_dir.clone(),
         });
-        let checks = checks::all();
+        let mut checks = checks::all();
+        for c in contributed {
+            match checks.iter_mut().find(|own| own.id() == c.id()) {
+                Some(own) => *own = c,
+                None => checks.push(c),
+            }
+        }
         Arc::new(Self {
             shared: Arc::new(Shared {
-                agent_id,
+                agent_id: ctx.agent_id.clone(),
                 settings,
                 db,
-                uplink,
-                state_dir,
+                outbox: ctx.outbox.clone(),
+                state_dir: ctx.state_dir.clone(),
                 data_disk,
                 started_ms: dbvm_protocol::now_ms(),
                 metrics: MetricsStats::default(),
@@ -298,8 +306,8 @@ impl Monitor {
             state.last_sent = Some(Instant::now());
         }
         self.shared
-            .uplink
-            .set_health(report.clone(), changed || due);
+            .outbox
+            .health_report(report.clone(), changed || due);
         self.shared
             .metrics
             .last_sample_ms
@@ -328,29 +336,21 @@ impl Monitor {
             figures: f.figures.clone(),
         };
         match serde_json::to_string(&change) {
-            Ok(payload_json) => self.shared.uplink.push_event(AgentEvent {
-                kind: HEALTH_CHANGED.to_string(),
-                at_ms: now,
-                payload_json,
-            }),
+            Ok(payload_json) => self.shared.outbox.event(HEALTH_CHANGED, now, payload_json),
             Err(e) => tracing::error!(error = %e, "cannot encode a health change"),
         }
     }
 
     /// Runs the checks every `interval_s` until `shutdown`.
-    pub fn spawn(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_secs(me.shared.settings.interval_s));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => { me.run_once().await; }
-                }
+    pub async fn schedule(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(self.shared.settings.interval_s));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => { self.run_once().await; }
             }
-        });
+        }
     }
 }
 
@@ -387,6 +387,44 @@ pub fn duration(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Fixed(&'static str, HealthStatus);
+
+    #[async_trait]
+    impl Check for Fixed {
+        fn id(&self) -> &'static str {
+            self.0
+        }
+        async fn run(&self, _run: &Run) -> Finding {
+            Finding::new(self.1, "fixed")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_contributed_check_replaces_its_namesake_and_a_new_one_follows_the_twelve() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::standalone("db1", dir.path().to_path_buf());
+        let settings = HealthSettings {
+            metrics_listen: String::new(),
+            ..HealthSettings::default()
+        };
+        let monitor = Monitor::new(
+            &ctx,
+            settings,
+            None,
+            vec![
+                Arc::new(Fixed("binlog_cloud_sync", HealthStatus::Critical)),
+                Arc::new(Fixed("restore_drill", HealthStatus::Warning)),
+            ],
+        );
+        let report = monitor.run_once().await;
+        let ids: Vec<&str> = report.checks.iter().map(|c| c.check.as_str()).collect();
+        assert_eq!(ids.len(), 13);
+        assert_eq!(ids[9], "binlog_cloud_sync");
+        assert_eq!(report.checks[9].status, HealthStatus::Critical);
+        assert_eq!(report.checks[9].message, "fixed");
+        assert_eq!(ids[12], "restore_drill");
+    }
 
     #[test]
     fn units_read_like_a_person_would_write_them() {

@@ -59,7 +59,7 @@ fn own_usage() -> (f64, f64) {
 /// Renders the exposition text for a report.
 pub fn render(report: Option<&HealthReport>, shared: &Shared) -> String {
     let mut r = Registry::with_prefix("dbvm_agent");
-    let (up, _) = shared.uplink.connected();
+    let up = shared.outbox.link().connected;
     gauge(
         &mut r,
         "link_up",

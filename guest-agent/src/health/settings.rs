@@ -119,6 +119,9 @@ pub struct Thresholds {
     /// Days before a password expires.
     pub password_warning_days: i64,
     pub password_critical_days: i64,
+    /// Days before the fleet CA certificate runs out (connectivity check): every agent
+    /// certificate dies with it, so the fleet needs a new CA well before.
+    pub ca_warning_days: u32,
 }
 
 impl Default for Thresholds {
@@ -150,6 +153,7 @@ impl Default for Thresholds {
             replication_lag_critical_s: 300.0,
             password_warning_days: 14,
             password_critical_days: 3,
+            ca_warning_days: 30,
         }
     }
 }

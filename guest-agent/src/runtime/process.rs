@@ -28,7 +28,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -126,21 +125,15 @@ impl ProcessRuntime {
         }
     }
 
-    /// Writes the record atomically (temp file, fsync, rename).
+    /// Writes the record atomically and durably.
     fn save(&self, rec: &Record) -> Result<(), RuntimeError> {
         fs::create_dir_all(&self.state_dir)
             .map_err(|e| self.io_err("creating", &self.state_dir, e))?;
         let path = self.record_path(&rec.spec.name);
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(rec)
             .map_err(|e| RuntimeError::Failed(format!("encoding process state: {e}")))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| self.io_err("writing", &path, e))
+        dbvm_host::fs::write_atomic(&path, &bytes, 0o600)
+            .map_err(|e| self.io_err("writing", &path, e))
     }
 
     /// Reaps our child `name` if it exited; its exit code (signal deaths as 128 + signal,

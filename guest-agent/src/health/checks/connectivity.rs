@@ -7,6 +7,11 @@
 //! proves the listener, authentication and query path, not just that a process exists.
 //! On PostgreSQL the role may log in over loopback without TLS (see `engine::pg_hba`);
 //! on MySQL with TLS on, the probe uses TLS and trusts exactly this VM's certificate.
+//!
+//! It also watches what keeps the link alive tomorrow: the agent certificate (renewed at
+//! two thirds of its life; warning when a renewal is overdue or the broker refused it)
+//! and the fleet CA certificate (warning `ca_warning_days` before it runs out), with their
+//! remaining lives as figures.
 
 use crate::db::engine::{Admin, Paths};
 use crate::db::params::Flavour;
@@ -27,7 +32,8 @@ const LINK_GRACE_MS: i64 = 30_000;
 
 /// (link counts as fine, link is up, sentence).
 fn link(run: &Run) -> (bool, bool, String) {
-    let (up, since) = run.shared.uplink.connected();
+    let link = run.shared.outbox.link();
+    let (up, since) = (link.connected, link.since_ms);
     if !up && since == 0 && run.at_ms - run.shared.started_ms < LINK_GRACE_MS {
         return (
             true,
@@ -54,6 +60,66 @@ fn link(run: &Run) -> (bool, bool, String) {
     }
 }
 
+/// A renewal is overdue once it has been due for this share of the certificate's life
+/// (at least a minute): the first attempt and a retry or two have had their chance.
+const OVERDUE_SHARE: f64 = 0.05;
+
+/// What the agent and CA certificates say: a status, a sentence when it is not ok, figures.
+fn certificates(run: &Run) -> (HealthStatus, Option<String>, Vec<(&'static str, f64)>) {
+    let Some(c) = run.shared.outbox.link().certificate else {
+        return (HealthStatus::Ok, None, Vec::new());
+    };
+    let now = run.at_ms;
+    let life_ms = (c.not_after_ms - c.not_before_ms).max(1);
+    let left_ms = c.not_after_ms - now;
+    let grace_ms = ((life_ms as f64 * OVERDUE_SHARE) as i64).max(60_000);
+    let overdue_ms = (now - c.renew_at_ms - grace_ms).max(0);
+    let mut figures = vec![
+        ("agent_cert_left_s", left_ms as f64 / 1000.0),
+        ("agent_cert_renewal_overdue_s", overdue_ms as f64 / 1000.0),
+        ("agent_cert_renewal_failures", f64::from(c.renewal_failures)),
+    ];
+    let left = crate::health::duration(left_ms as f64 / 1000.0);
+    let mut status = HealthStatus::Ok;
+    let mut said = Vec::new();
+    if left_ms <= 0 {
+        status = HealthStatus::Critical;
+        said.push(
+            "the agent certificate has expired: the agent needs a new enrollment token".to_string(),
+        );
+    } else if c.renewal_failures > 0 {
+        status = HealthStatus::Warning;
+        said.push(format!(
+            "the agent certificate could not be renewed ({} attempt(s) failed, last: {}); it runs out in {left}, then the link drops until the agent is enrolled again: see the broker's log",
+            c.renewal_failures,
+            c.last_renewal_error.as_deref().unwrap_or("no reason given"),
+        ));
+    } else if overdue_ms > 0 {
+        status = HealthStatus::Warning;
+        said.push(format!(
+            "renewal of the agent certificate is overdue by {} (is the link up?); it runs out in {left}",
+            crate::health::duration(overdue_ms as f64 / 1000.0)
+        ));
+    }
+    if let Some(ca_after) = c.ca_not_after_ms {
+        let ca_left_days = (ca_after - now) as f64 / 86_400_000.0;
+        figures.push(("ca_cert_left_days", ca_left_days));
+        let warn_days = f64::from(run.settings().thresholds.ca_warning_days);
+        if ca_left_days <= 0.0 {
+            status = HealthStatus::Critical;
+            said.push("the fleet CA certificate has expired: no agent can connect until the fleet gets a new CA".into());
+        } else if ca_left_days < warn_days {
+            status = status.max(HealthStatus::Warning);
+            said.push(format!(
+                "the fleet CA certificate runs out in {} (warning below {warn_days:.0} days): every agent certificate ends with it; plan the CA rotation now",
+                crate::health::duration(ca_left_days * 86_400.0)
+            ));
+        }
+    }
+    let sentence = (!said.is_empty()).then(|| said.join("; "));
+    (status, sentence, figures)
+}
+
 #[async_trait]
 impl Check for Connectivity {
     fn id(&self) -> &'static str {
@@ -61,6 +127,21 @@ impl Check for Connectivity {
     }
 
     async fn run(&self, run: &Run) -> Finding {
+        let (cert_status, cert_sentence, cert_figures) = certificates(run);
+        let finding = self.database_and_link(run).await;
+        let mut f = finding.figures(cert_figures);
+        if cert_status > f.status {
+            f.status = cert_status;
+        }
+        if let Some(s) = cert_sentence {
+            f.message = format!("{}; {s}", f.message);
+        }
+        f
+    }
+}
+
+impl Connectivity {
+    async fn database_and_link(&self, run: &Run) -> Finding {
         let (fine, up, link_msg) = link(run);
         let link_status = if fine {
             HealthStatus::Ok
@@ -294,19 +375,8 @@ async fn ensure_role(
 }
 
 fn write_secret(path: &std::path::Path, pw: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(pw.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    dbvm_host::fs::write_atomic(path, pw.as_bytes(), 0o600)
 }

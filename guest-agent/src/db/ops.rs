@@ -1,9 +1,12 @@
-//! The database operations (`db.*`): thin adapters from signed commands to the
-//! [`DbManager`]; arguments are decoded strictly (unknown fields refused) before anything runs.
+//! The database capability: the `db.*` operations (thin adapters from signed commands to
+//! the [`DbManager`]; arguments are decoded strictly, unknown fields refused, before
+//! anything runs) and the reconciler as its background task.
 
+use crate::capability::{Capability, Tasks};
 use crate::db::{DatabaseSpec, DbError, DbManager};
-use crate::dispatch::{parse_args, Dispatcher, OpContext, OpError, Operation};
+use crate::dispatch::{parse_args, OpContext, OpError, Operation};
 use async_trait::async_trait;
+use dbvm_protocol::api::OperationClass;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -46,14 +49,40 @@ const ALL: [(Kind, &str); 11] = [
     (Kind::ExportTemplate, "db.export_template"),
 ];
 
-/// Registers every `db.*` operation over one manager.
-pub fn register(d: &mut Dispatcher, manager: &Arc<DbManager>) {
-    for (kind, name) in ALL {
-        d.register(DbOp {
-            kind,
-            name,
-            manager: manager.clone(),
-        });
+/// The database on this VM, as a capability.
+#[derive(Debug)]
+pub struct Database(pub Arc<DbManager>);
+
+impl Capability for Database {
+    fn name(&self) -> &'static str {
+        "database"
+    }
+
+    fn operations(&self) -> Vec<Arc<dyn Operation>> {
+        ALL.iter()
+            .map(|&(kind, name)| {
+                Arc::new(DbOp {
+                    kind,
+                    name,
+                    manager: self.0.clone(),
+                }) as Arc<dyn Operation>
+            })
+            .collect()
+    }
+
+    fn start(&self, tasks: &Tasks) {
+        let manager = self.0.clone();
+        let token = tasks.token();
+        tasks.spawn(
+            "db-reconciler",
+            async move { manager.reconcile(token).await },
+        );
+    }
+
+    fn db_kind(&self) -> Option<String> {
+        // The spec's own spelling (`postgres`, `mariadb`, `mysql8`), as `db.create` takes it.
+        let f = self.0.flavour()?;
+        serde_json::to_value(f).ok()?.as_str().map(str::to_string)
     }
 }
 
@@ -92,6 +121,19 @@ fn no_args(args: Value) -> Result<(), OpError> {
 impl Operation for DbOp {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn class(&self) -> OperationClass {
+        match self.kind {
+            Kind::Create | Kind::Preconfigure | Kind::Configure => OperationClass::Deployment,
+            Kind::Status | Kind::ExportTemplate => OperationClass::Query,
+            Kind::Start
+            | Kind::Stop
+            | Kind::Restart
+            | Kind::Shutdown
+            | Kind::SetParameters
+            | Kind::Upgrade => OperationClass::Management,
+        }
     }
 
     async fn run(&self, ctx: OpContext, args: Value) -> Result<Value, OpError> {

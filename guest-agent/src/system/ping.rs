@@ -4,6 +4,7 @@
 
 use crate::dispatch::{parse_args, OpContext, OpError, Operation};
 use async_trait::async_trait;
+use dbvm_protocol::api::OperationClass;
 use dbvm_protocol::seal::Sealed;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -25,6 +26,10 @@ pub struct Ping;
 impl Operation for Ping {
     fn name(&self) -> &'static str {
         "ping"
+    }
+
+    fn class(&self) -> OperationClass {
+        OperationClass::Query
     }
 
     async fn run(

@@ -2,6 +2,7 @@
 
 use crate::dispatch::{parse_args, OpContext, OpError, Operation};
 use async_trait::async_trait;
+use dbvm_protocol::api::OperationClass;
 use serde::Deserialize;
 use sysinfo::{Disks, System};
 
@@ -57,6 +58,10 @@ pub fn collect() -> serde_json::Value {
 impl Operation for Facts {
     fn name(&self) -> &'static str {
         "facts"
+    }
+
+    fn class(&self) -> OperationClass {
+        OperationClass::Query
     }
 
     async fn run(
