@@ -217,6 +217,9 @@ pub(super) async fn session(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = Some(dead_check);
     let cancelled = shutdown.cancelled();
+    // The hub closes this session (replaced, revoked) through this, not the channel.
+    let closed = end.closed();
+    tokio::pin!(closed);
     tokio::pin!(cancelled);
 
     while result.is_ok() {
@@ -277,7 +280,7 @@ pub(super) async fn session(
                 }
                 None => Err("hub dropped the session".into()),
             },
-            why = end.closed() => match why {
+            why = &mut closed => match why {
                 Close::Replaced { by } => Err(format!("replaced by a newer connection of the same agent from {by}")),
                 Close::Revoked { message } => s.refuse(RefuseCode::CertificateRevoked, message),
             },
