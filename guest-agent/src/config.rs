@@ -81,8 +81,6 @@ pub struct LinkSettings {
     pub max_backoff_ms: u64,
     /// Allowed disagreement between this clock and the control plane's.
     pub clock_skew_ms: i64,
-    /// Benchmarks only: accept commands without checking signatures.
-    pub insecure_skip_signature_check: bool,
 }
 
 impl Default for LinkSettings {
@@ -91,7 +89,6 @@ impl Default for LinkSettings {
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
             clock_skew_ms: dbvm_protocol::command::DEFAULT_CLOCK_SKEW_MS,
-            insecure_skip_signature_check: false,
         }
     }
 }
@@ -121,14 +118,37 @@ pub struct Validated {
     pub ca_pem: String,
 }
 
+/// Keys that no longer exist, with why: refused by name, so a config written for an
+/// older agent gets a clear answer instead of serde's generic "unknown field".
+const REMOVED_KEYS: &[(&str, &str, &str)] = &[(
+    "link",
+    "insecure_skip_signature_check",
+    "no longer exists: the agent always checks command signatures, and no setting turns \
+     that off; remove the line (and list the control plane's keys in [[trusted_keys]])",
+)];
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let mut config: Self = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        let mut config = Self::parse(path, &text)?;
         config.apply_env();
         Ok(config)
+    }
+
+    /// Parses the text of config file `path`, refusing [`REMOVED_KEYS`] by name first.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let parse_error =
+            |e: toml::de::Error| ConfigError::Parse(path.to_path_buf(), e.to_string());
+        let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        for (section, key, why) in REMOVED_KEYS {
+            if let Some(toml::Value::Table(t)) = table.get(*section) {
+                if t.contains_key(*key) {
+                    return Err(invalid(format!("{section}.{key}"), *why));
+                }
+            }
+        }
+        toml::from_str(text).map_err(parse_error)
     }
 
     /// `DBVM_AGENT_ID`, `DBVM_AGENT_BROKER`, `DBVM_AGENT_ENROLLMENT_TOKEN_FILE`.
@@ -173,7 +193,7 @@ impl Config {
         })?;
         dbvm_protocol::tls::roots_from_pem(&ca_pem)
             .map_err(|e| invalid("broker.ca_cert", e.to_string()))?;
-        if self.trusted_keys.is_empty() && !self.link.insecure_skip_signature_check {
+        if self.trusted_keys.is_empty() {
             return Err(invalid(
                 "trusted_keys",
                 "no control-plane key is trusted, so no command could ever run; add the [[trusted_keys]] that `dbvmctl keygen` printed",
@@ -243,9 +263,7 @@ mod tests {
     }
 
     fn check(text: &str) -> Result<Validated, ConfigError> {
-        toml::from_str::<Config>(text)
-            .map_err(|e| ConfigError::Parse("x".into(), e.to_string()))
-            .and_then(Config::validate)
+        Config::parse(Path::new("x"), text).and_then(Config::validate)
     }
 
     #[test]
@@ -285,5 +303,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("surprise"), "{e}");
+    }
+
+    /// No setting turns signature checks off: the old switch is refused by name, with
+    /// or without trusted keys, whatever its value.
+    #[test]
+    fn the_removed_signature_switch_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = dbvm_protocol::command::CommandSigner::generate();
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&signer.verifying_key());
+        let keys = format!(
+            "[[trusted_keys]]\nkey_id = \"{}\"\npublic_key = \"{}\"\n",
+            key.key_id, key.public_key
+        );
+        for (keys, value) in [
+            ("", "true"),
+            (keys.as_str(), "true"),
+            (keys.as_str(), "false"),
+        ] {
+            let text = format!(
+                "{}[link]\ninsecure_skip_signature_check = {value}\n",
+                config(dir.path(), keys)
+            );
+            let e = check(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("config key link.insecure_skip_signature_check: no longer exists"),
+                "{e}"
+            );
+        }
     }
 }

@@ -123,12 +123,6 @@ pub fn build(
     for (id, key) in &v.keys {
         verifier = verifier.trust(id.clone(), *key);
     }
-    if v.config.link.insecure_skip_signature_check {
-        tracing::warn!(
-            "link.insecure_skip_signature_check is on: commands are NOT verified (benchmarks only)"
-        );
-        verifier = verifier.insecure_skip_signature_for_benchmarks();
-    }
     Ok(link::Agent::new(
         v.agent_id.clone(),
         v.server_name.clone(),
