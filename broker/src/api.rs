@@ -140,8 +140,51 @@ async fn auth(
 ) -> Response {
     match require_control_plane(&peer) {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => answer_unread(req, e).await,
     }
+}
+
+/// How much of a refused request's body is read before answering, and for how long: as
+/// much as any handler here would read (axum's default body limit, 2 MiB).
+const UNREAD_BODY_DRAIN_BYTES: usize = 2 * 1024 * 1024;
+const UNREAD_BODY_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Answers `failure` to a request whose body no handler reads (no client certificate,
+/// no such route). Over HTTP/2 a body dropped while it is still arriving resets the
+/// stream with CANCEL, and the client discards the answer: a client without a
+/// certificate saw a stream error instead of the 401 an HTTP/1.1 client gets. Even a
+/// body dropped after the answer, which ends the stream with RST_STREAM(NO_ERROR) as RFC
+/// 9113 §8.1 defines for a complete answer given before the whole request arrived, makes
+/// clients such as curl 7.88 report a stream error while they are still sending (and an
+/// HTTP/1.1 connection is closed under a client still writing). So the body is first read
+/// and discarded up to what a handler would read (bounded in size and time), letting the
+/// client finish sending; a larger one is kept unread until the answer has gone out.
+async fn answer_unread(req: axum::extract::Request, failure: ApiFailure) -> Response {
+    use futures::StreamExt;
+    let mut unread = req.into_body().into_data_stream();
+    let _ = tokio::time::timeout(UNREAD_BODY_DRAIN_TIME, async {
+        let mut drained = 0;
+        while drained <= UNREAD_BODY_DRAIN_BYTES {
+            match unread.next().await {
+                Some(Ok(chunk)) => drained += chunk.len(),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let json = serde_json::to_vec(&failure.1).unwrap_or_default();
+    let answer = futures::stream::iter([Ok::<_, Infallible>(json)]).map(move |chunk| {
+        // The answer's stream owns what is left of the body, so it is dropped with the
+        // answer, after the last frame went out.
+        let _ = &unread;
+        chunk
+    });
+    (
+        failure.0,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(answer),
+    )
+        .into_response()
 }
 
 /// The API's routes. `keys` are the control plane's public keys that every submitted
@@ -174,7 +217,12 @@ pub fn router(hub: Arc<Hub>, keys: TrustedKeys) -> Router {
             }),
         )
         .merge(v1)
-        .fallback(|| async { ApiFailure::not_found("no such route; see /openapi.json") })
+        .fallback(|req: axum::extract::Request| {
+            answer_unread(
+                req,
+                ApiFailure::not_found("no such route; see /openapi.json"),
+            )
+        })
         .with_state(hub)
 }
 
