@@ -45,6 +45,7 @@ ca_cert = "$DBVM_HOME/ca.crt"
 ca_key = "$DBVM_HOME/ca.key"
 server_cert = "$DBVM_HOME/broker.crt"
 server_key = "$DBVM_HOME/broker.key"
+$(sed -n '/\[\[trusted_keys\]\]/,$p' "$demo/keygen.out")
 TOML
 "$bin/dbvm-broker" --config "$demo/broker.toml" > "$demo/broker.out" 2> "$demo/broker.log" &
 pids+=($!)
@@ -83,7 +84,7 @@ for _ in $(seq 100); do
 done
 run "$bin/dbvmctl" agents
 
-say "signed ping (signed here with the control-plane key; the broker only relays it)"
+say "signed ping (signed here with the control-plane key; the broker checks the signature and relays it)"
 run "$bin/dbvmctl" send db-demo ping echo=hello
 
 say "signed facts"
@@ -92,7 +93,7 @@ run "$bin/dbvmctl" send db-demo facts
 say "a secret sealed to the agent comes back sealed to the control plane (--reveal opens it here)"
 run "$bin/dbvmctl" send db-demo ping --secret secret=demo-s3cret --reveal
 
-say "a command signed by a key the agent does not trust is refused by the agent"
+say "a command signed by a key the control plane does not use is refused by the broker (403; the agent would refuse it too)"
 DBVM_HOME="$demo/stranger" "$bin/dbvmctl" keygen >/dev/null 2>&1
 for f in ca.crt controlplane.crt controlplane.key; do cp "$DBVM_HOME/$f" "$demo/stranger/"; done
 DBVM_HOME="$demo/stranger" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"

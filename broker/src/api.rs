@@ -17,9 +17,10 @@ use dbvm_protocol::api::RevokeRequest;
 use dbvm_protocol::api::{
     ApiError, CommandState, EnrollmentToken, EnrollmentTokenRequest, OperationClass, SubmitCommand,
 };
-use dbvm_protocol::command::{BODY_FORMAT, DEFAULT_CLOCK_SKEW_MS, MAX_COMMAND_LIFETIME_MS};
+use dbvm_protocol::command::{TimeWindow, TrustedKeys, MAX_COMMAND_LIFETIME_MS};
+use dbvm_protocol::messages::RejectCode;
 use dbvm_protocol::pki::{identity_of, Identity};
-use dbvm_protocol::{AgentId, SignedCommand};
+use dbvm_protocol::{AgentId, SignedCommand, VerifyError};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -141,13 +142,61 @@ async fn auth(
 ) -> Response {
     match require_control_plane(&peer) {
         Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Err(e) => answer_unread(req, e).await,
     }
 }
 
-pub fn router(hub: Arc<Hub>) -> Router {
+/// How much of a refused request's body is read before answering, and for how long: as
+/// much as any handler here would read (axum's default body limit, 2 MiB).
+const UNREAD_BODY_DRAIN_BYTES: usize = 2 * 1024 * 1024;
+const UNREAD_BODY_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Answers `failure` to a request whose body no handler reads (no client certificate,
+/// no such route). Over HTTP/2 a body dropped while it is still arriving resets the
+/// stream with CANCEL, and the client discards the answer: a client without a
+/// certificate saw a stream error instead of the 401 an HTTP/1.1 client gets. Even a
+/// body dropped after the answer, which ends the stream with RST_STREAM(NO_ERROR) as RFC
+/// 9113 §8.1 defines for a complete answer given before the whole request arrived, makes
+/// clients such as curl 7.88 report a stream error while they are still sending (and an
+/// HTTP/1.1 connection is closed under a client still writing). So the body is first read
+/// and discarded up to what a handler would read (bounded in size and time), letting the
+/// client finish sending; a larger one is kept unread until the answer has gone out.
+async fn answer_unread(req: axum::extract::Request, failure: ApiFailure) -> Response {
+    use futures::StreamExt;
+    let mut unread = req.into_body().into_data_stream();
+    let _ = tokio::time::timeout(UNREAD_BODY_DRAIN_TIME, async {
+        let mut drained = 0;
+        while drained <= UNREAD_BODY_DRAIN_BYTES {
+            match unread.next().await {
+                Some(Ok(chunk)) => drained += chunk.len(),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let json = serde_json::to_vec(&failure.1).unwrap_or_default();
+    let answer = futures::stream::iter([Ok::<_, Infallible>(json)]).map(move |chunk| {
+        // The answer's stream owns what is left of the body, so it is dropped with the
+        // answer, after the last frame went out.
+        let _ = &unread;
+        chunk
+    });
+    (
+        failure.0,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(answer),
+    )
+        .into_response()
+}
+
+/// The API's routes. `keys` are the control plane's public keys that every submitted
+/// command must be signed with.
+pub fn router(hub: Arc<Hub>, keys: TrustedKeys) -> Router {
     let v1 = Router::new()
-        .route("/v1/commands", post(submit))
+        .route(
+            "/v1/commands",
+            post(submit).layer(Extension(Arc::new(keys))),
+        )
         .route("/v1/commands/{id}", get(command))
         .route("/v1/commands/{id}/wait", get(wait))
         .route("/v1/agents", get(agents))
@@ -171,7 +220,12 @@ pub fn router(hub: Arc<Hub>) -> Router {
             }),
         )
         .merge(v1)
-        .fallback(|| async { ApiFailure::not_found("no such route; see /openapi.json") })
+        .fallback(|req: axum::extract::Request| {
+            answer_unread(
+                req,
+                ApiFailure::not_found("no such route; see /openapi.json"),
+            )
+        })
         .with_state(hub)
 }
 
@@ -188,8 +242,53 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     )
 }
 
-/// Checks a submission completely before anything is stored.
-pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<CommandRecord> {
+/// Why the broker does not believe a command, as an API error. A command that does not
+/// verify against the trusted keys is refused with 403 (its authority is not proven,
+/// whoever holds the client certificate); a malformed or out-of-time one with 400.
+fn refused_command(e: VerifyError) -> ApiFailure {
+    let skew = TimeWindow::DEFAULT.skew_ms();
+    match e {
+        VerifyError::UnknownKey(key_id) => ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            RejectCode::UnknownKey.as_str(),
+            format!(
+                "command is signed by key id {key_id:?}, which this broker does not trust; \
+                 sign it with a control-plane key listed in the broker's [[trusted_keys]]"
+            ),
+        ),
+        VerifyError::BadSignature(key_id) => ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            RejectCode::BadSignature.as_str(),
+            format!(
+                "signature does not match the command bytes for key id {key_id:?}: \
+                 the command was changed after signing or not signed by that key"
+            ),
+        ),
+        VerifyError::Expired(ms) => ApiFailure::bad_request(format!(
+            "command expired {ms} ms ago, beyond the allowed clock skew of {skew} ms; \
+             sign it again with a later not_after"
+        )),
+        VerifyError::NotYetValid(ms) => ApiFailure::bad_request(format!(
+            "command issued {ms} ms in the future, beyond the allowed clock skew of {skew} ms; \
+             check the control plane's clock"
+        )),
+        VerifyError::LifetimeTooLong(ms) => ApiFailure::bad_request(format!(
+            "command lifetime of {ms} ms exceeds the maximum of {MAX_COMMAND_LIFETIME_MS} ms; \
+             sign it with an earlier not_after"
+        )),
+        other => ApiFailure::bad_request(other.to_string()),
+    }
+}
+
+/// Checks a submission completely before anything is stored: the signature against the
+/// control plane's public keys first (so nobody without the signing key can take a
+/// command id), then the target, operation and arguments, then the time window (the
+/// same [`TimeWindow`] rule the agent applies).
+pub fn validate_submission(
+    req: &SubmitCommand,
+    keys: &TrustedKeys,
+    now_ms: i64,
+) -> ApiResult<CommandRecord> {
     let signed =
         SignedCommand::from_base64(&req.signed_command).map_err(ApiFailure::bad_request)?;
     if signed.body.len() > MAX_BODY_BYTES {
@@ -199,20 +298,16 @@ pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<Comman
         )));
     }
     if signed.signature.len() != 64 {
-        return Err(ApiFailure::bad_request(format!(
-            "signature must be 64 bytes (ed25519), got {}",
-            signed.signature.len()
-        )));
+        return Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            RejectCode::BadSignature.as_str(),
+            format!(
+                "signature must be 64 bytes (ed25519), got {}: sign the command with the control plane's key",
+                signed.signature.len()
+            ),
+        ));
     }
-    let body = signed
-        .peek_body()
-        .map_err(|e| ApiFailure::bad_request(format!("command body does not decode: {e}")))?;
-    if body.format != BODY_FORMAT {
-        return Err(ApiFailure::bad_request(format!(
-            "command body format {} is not supported (expected {BODY_FORMAT})",
-            body.format
-        )));
-    }
+    let body = keys.verify(&signed).map_err(refused_command)?;
     let agent = AgentId::new(body.agent_id.clone())
         .map_err(|e| ApiFailure::bad_request(format!("target: {e}")))?;
     // Names are words of a-z, 0-9, '_', optionally namespaced with dots (`db.create`).
@@ -233,23 +328,9 @@ pub fn validate_submission(req: &SubmitCommand, now_ms: i64) -> ApiResult<Comman
         Ok(serde_json::Value::Object(_)) => {}
         _ => return Err(ApiFailure::bad_request("args_json must be a JSON object")),
     }
-    if body.not_after_ms <= now_ms {
-        return Err(ApiFailure::bad_request(format!(
-            "command already expired {} ms ago; sign it again with a later not_after",
-            now_ms - body.not_after_ms
-        )));
-    }
-    if body.issued_at_ms > now_ms + DEFAULT_CLOCK_SKEW_MS {
-        return Err(ApiFailure::bad_request(format!(
-            "command issued {} ms in the future; check the control plane's clock",
-            body.issued_at_ms - now_ms
-        )));
-    }
-    if body.not_after_ms - body.issued_at_ms > MAX_COMMAND_LIFETIME_MS {
-        return Err(ApiFailure::bad_request(format!(
-            "command lifetime exceeds the maximum of {MAX_COMMAND_LIFETIME_MS} ms"
-        )));
-    }
+    TimeWindow::DEFAULT
+        .check(&body, now_ms)
+        .map_err(refused_command)?;
     Ok(CommandRecord {
         id: body.id,
         agent_id: agent.to_string(),
@@ -275,15 +356,21 @@ struct WaitQuery {
 
 async fn submit(
     State(hub): State<Arc<Hub>>,
+    Extension(keys): Extension<Arc<TrustedKeys>>,
     Query(q): Query<WaitQuery>,
     body: Result<Json<SubmitCommand>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Json(req) =
         body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
-    let rec = match validate_submission(&req, dbvm_protocol::now_ms()) {
+    let rec = match validate_submission(&req, &keys, dbvm_protocol::now_ms()) {
         Ok(r) => r,
         Err(e) => {
-            Metrics::count(&hub.metrics.submissions_refused, "reason", "invalid");
+            let reason = if e.0 == StatusCode::FORBIDDEN {
+                "signature"
+            } else {
+                "invalid"
+            };
+            Metrics::count(&hub.metrics.submissions_refused, "reason", reason);
             return Err(e);
         }
     };
@@ -573,7 +660,7 @@ mod tests {
     #[tokio::test]
     async fn every_documented_route_is_served_and_v1_needs_a_control_plane_certificate() {
         let (_dir, hub) = test_hub().await;
-        let app = router(hub);
+        let app = router(hub, TrustedKeys::new());
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
         for (method, path) in ROUTES {
             let path = path.replace("{id}", "00000000-0000-0000-0000-000000000000");
@@ -629,9 +716,10 @@ mod tests {
     #[test]
     fn submissions_are_validated_before_anything_is_stored() {
         let signer = dbvm_protocol::command::CommandSigner::generate();
+        let keys = TrustedKeys::new().trust(signer.key_id(), signer.verifying_key());
         let now = dbvm_protocol::now_ms();
         let body = dbvm_protocol::CommandBody {
-            format: BODY_FORMAT,
+            format: dbvm_protocol::command::BODY_FORMAT,
             id: Uuid::new_v4(),
             agent_id: "db1".into(),
             issued_at_ms: now,
@@ -643,23 +731,105 @@ mod tests {
         let ok = SubmitCommand {
             signed_command: signer.sign(&body).to_base64(),
         };
-        assert!(validate_submission(&ok, now).is_ok());
+        assert!(validate_submission(&ok, &keys, now).is_ok());
         let bad = |b: dbvm_protocol::CommandBody| SubmitCommand {
             signed_command: signer.sign(&b).to_base64(),
         };
+        let refused = |req: &SubmitCommand| {
+            validate_submission(req, &keys, now)
+                .map(|_| ())
+                .expect_err("refused")
+        };
         let mut b = body.clone();
         b.operation = "Drop Table".into();
-        assert!(validate_submission(&bad(b), now).is_err());
+        assert_eq!(refused(&bad(b)).0, StatusCode::BAD_REQUEST);
         let mut b = body.clone();
         b.args_json = "[1]".into();
-        assert!(validate_submission(&bad(b), now).is_err());
+        assert_eq!(refused(&bad(b)).0, StatusCode::BAD_REQUEST);
         let mut b = body.clone();
         b.not_after_ms = now + dbvm_protocol::command::MAX_COMMAND_LIFETIME_MS + 10;
-        assert!(validate_submission(&bad(b), now).is_err());
+        assert_eq!(refused(&bad(b)).0, StatusCode::BAD_REQUEST);
         let junk = SubmitCommand {
             signed_command: "!!!".into(),
         };
-        assert!(validate_submission(&junk, now).is_err());
+        assert_eq!(refused(&junk).0, StatusCode::BAD_REQUEST);
+
+        // What does not verify is refused with 403 and a code saying why.
+        let other = dbvm_protocol::command::CommandSigner::generate();
+        let e = refused(&SubmitCommand {
+            signed_command: other.sign(&body).to_base64(),
+        });
+        assert_eq!(
+            (e.0, e.1.code.as_str()),
+            (StatusCode::FORBIDDEN, "unknown_key")
+        );
+        assert!(e.1.error.contains(other.key_id()), "{}", e.1.error);
+        let mut forged = signer.sign(&body);
+        // The signature of one command over the bytes of another.
+        forged.body = signer
+            .sign(&dbvm_protocol::CommandBody {
+                operation: "db.drop".into(),
+                ..body.clone()
+            })
+            .body;
+        let e = refused(&SubmitCommand {
+            signed_command: forged.to_base64(),
+        });
+        assert_eq!(
+            (e.0, e.1.code.as_str()),
+            (StatusCode::FORBIDDEN, "bad_signature")
+        );
+        let mut unsigned = signer.sign(&body);
+        unsigned.signature.clear();
+        let e = refused(&SubmitCommand {
+            signed_command: unsigned.to_base64(),
+        });
+        assert_eq!(
+            (e.0, e.1.code.as_str()),
+            (StatusCode::FORBIDDEN, "bad_signature")
+        );
+        // A broker that trusts no key believes nothing (its config refuses that anyway).
+        let e = validate_submission(&ok, &TrustedKeys::new(), now)
+            .map(|_| ())
+            .expect_err("no keys");
+        assert_eq!(e.0, StatusCode::FORBIDDEN);
+    }
+
+    /// The broker applies the agent's time rule: what the agent accepts at the edges of
+    /// the clock skew, the broker stores; one millisecond beyond, both refuse.
+    #[test]
+    fn submissions_follow_the_agents_time_window_to_the_millisecond() {
+        let signer = dbvm_protocol::command::CommandSigner::generate();
+        let keys = TrustedKeys::new().trust(signer.key_id(), signer.verifying_key());
+        let agent =
+            dbvm_protocol::Verifier::new("db1").trust(signer.key_id(), signer.verifying_key());
+        let skew = dbvm_protocol::command::DEFAULT_CLOCK_SKEW_MS;
+        let now = dbvm_protocol::now_ms();
+        let at = |issued_at_ms: i64, not_after_ms: i64| {
+            let cmd = signer.sign(&dbvm_protocol::CommandBody {
+                format: dbvm_protocol::command::BODY_FORMAT,
+                id: Uuid::new_v4(),
+                agent_id: "db1".into(),
+                issued_at_ms,
+                not_after_ms,
+                operation: "ping".into(),
+                args_json: "{}".into(),
+                reply_key: None,
+            });
+            let broker = validate_submission(
+                &SubmitCommand {
+                    signed_command: cmd.to_base64(),
+                },
+                &keys,
+                now,
+            );
+            (broker.is_ok(), agent.verify(&cmd, now).is_ok())
+        };
+        assert_eq!(at(now - 60_000, now - skew), (true, true));
+        assert_eq!(at(now - 60_000, now - skew - 1), (false, false));
+        assert_eq!(at(now - 60_000, now - 20_000), (true, true));
+        assert_eq!(at(now + skew, now + skew + 1), (true, true));
+        assert_eq!(at(now + skew + 1, now + skew + 2), (false, false));
     }
 
     #[tokio::test]
@@ -692,7 +862,7 @@ mod tests {
             }],
         };
         hub.health.store(report.clone(), 9, &hub.metrics);
-        let app = router(hub);
+        let app = router(hub, TrustedKeys::new());
         let get = |path: &str| {
             let mut req = axum::http::Request::builder()
                 .uri(path)

@@ -1,5 +1,6 @@
 //! Broker configuration: one TOML file, parsed and validated before anything binds.
 
+use dbvm_protocol::command::TrustedKeys;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,12 @@ pub enum ConfigError {
     },
     #[error("config key {key}: {problem}")]
     Tls { key: &'static str, problem: String },
+    #[error("config key trusted_keys[{index}].{field}: {problem}")]
+    TrustedKey {
+        index: usize,
+        field: &'static str,
+        problem: String,
+    },
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -32,6 +39,11 @@ pub struct Config {
     /// Directory of the embedded store.
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
+    /// Control-plane public keys: a command is stored only when one of them signed it,
+    /// so nobody without the signing key can take a command id (the agent checks the
+    /// signature again before it runs the command).
+    #[serde(default)]
+    pub trusted_keys: Vec<TrustedKey>,
     #[serde(default)]
     pub agents: AgentSettings,
     #[serde(default)]
@@ -54,6 +66,15 @@ pub struct TlsFiles {
     /// The broker's server certificate and key (PEM).
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+}
+
+/// One `[[trusted_keys]]` entry, as `dbvmctl keygen` prints it (the agent's are the same).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKey {
+    pub key_id: String,
+    /// base64 ed25519 public key.
+    pub public_key: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -221,6 +242,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.command_keys()?;
         let a = &self.agents;
         if a.cert_lifetime_seconds < 3 {
             return Err(ConfigError::Invalid {
@@ -277,6 +299,29 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The keys of `[[trusted_keys]]`, each checked against its key id.
+    pub fn command_keys(&self) -> Result<TrustedKeys, ConfigError> {
+        if self.trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "trusted_keys",
+                problem: "no control-plane public key is trusted, so every command would be refused; \
+                          add the [[trusted_keys]] entry (key_id and public_key) that `dbvmctl keygen` printed \
+                          (the public key only: the broker never holds a signing key)"
+                    .into(),
+            });
+        }
+        let mut keys = TrustedKeys::new();
+        for (index, k) in self.trusted_keys.iter().enumerate() {
+            keys.add_entry(&k.key_id, &k.public_key)
+                .map_err(|e| ConfigError::TrustedKey {
+                    index,
+                    field: e.field(),
+                    problem: e.to_string(),
+                })?;
+        }
+        Ok(keys)
     }
 
     /// The limits of the agent and the API listener, defaults filled in and checked.
@@ -341,9 +386,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unknown_keys_and_bad_values_name_the_key() {
-        let base = r#"
+    const TLS: &str = r#"
 agent_listen = "127.0.0.1:0"
 api_listen = "127.0.0.1:0"
 data_dir = "/tmp/x"
@@ -353,7 +396,61 @@ ca_key = "b"
 server_cert = "c"
 server_key = "d"
 "#;
-        let c: Config = toml::from_str(base).unwrap();
+
+    fn key_entry() -> (dbvm_protocol::command::PublicKeyFile, String) {
+        let signer = dbvm_protocol::command::CommandSigner::generate();
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&signer.verifying_key());
+        let entry = format!(
+            "[[trusted_keys]]\nkey_id = \"{}\"\npublic_key = \"{}\"\n",
+            key.key_id, key.public_key
+        );
+        (key, entry)
+    }
+
+    #[test]
+    fn trusted_keys_are_required_and_each_mistake_names_its_entry() {
+        let e = toml::from_str::<Config>(TLS)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config key trusted_keys: "), "{e}");
+        assert!(
+            e.contains("dbvmctl keygen") && e.contains("public_key"),
+            "{e}"
+        );
+
+        let (key, entry) = key_entry();
+        let (_, second) = key_entry();
+        let c: Config = toml::from_str(&format!("{TLS}{entry}{second}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.command_keys().unwrap().len(), 2);
+
+        let wrong_id = second.replace("ed25519:", "ed25519:00");
+        let c: Config = toml::from_str(&format!("{TLS}{entry}{wrong_id}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("config key trusted_keys[1].key_id: "), "{e}");
+
+        let bad_key = entry.replace(&key.public_key, "AAAA");
+        let c: Config = toml::from_str(&format!("{TLS}{bad_key}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("config key trusted_keys[0].public_key: "),
+            "{e}"
+        );
+
+        // A signing key has no place here.
+        let e = toml::from_str::<Config>(&format!("{TLS}{}secret_key = \"x\"\n", entry))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secret_key"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let (_, entry) = key_entry();
+        let base = format!("{TLS}{entry}");
+        let c: Config = toml::from_str(&base).unwrap();
         c.validate().unwrap();
         let e = toml::from_str::<Config>(&format!("{base}\n[limits]\nbackups = 3\n")).unwrap_err();
         assert!(e.to_string().contains("backups"), "{e}");

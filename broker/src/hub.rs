@@ -12,6 +12,7 @@ use dbvm_protocol::api::Revocation;
 use dbvm_protocol::api::{
     AgentHealthSummary, AgentView, CommandError, CommandState, Event, FleetHealth, OperationClass,
 };
+use dbvm_protocol::command::TimeWindow;
 use dbvm_protocol::pki::FleetCa;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -456,9 +457,11 @@ impl Hub {
         Ok(self.await_waiter(id, rx, timeout).await?)
     }
 
-    /// Expires queued commands whose time ran out (called periodically).
+    /// Expires queued commands whose time ran out (called periodically): by the agent's
+    /// rule, so only once `not_after` plus the clock skew has passed.
     pub async fn expire_due(&self) -> Result<usize, StoreError> {
-        let expired = self.store.expire_due(dbvm_protocol::now_ms()).await?;
+        let cutoff = TimeWindow::DEFAULT.expiry_cutoff(dbvm_protocol::now_ms());
+        let expired = self.store.expire_due(cutoff).await?;
         let n = expired.len();
         for rec in expired {
             let _span =

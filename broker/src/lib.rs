@@ -52,6 +52,8 @@ pub struct Broker {
     api_listener: listener::Listener,
     agent_tls: tokio_rustls::TlsAcceptor,
     api_tls: tokio_rustls::TlsAcceptor,
+    /// The control plane's public keys, for checking submitted commands.
+    command_keys: dbvm_protocol::command::TrustedKeys,
 }
 
 impl std::fmt::Debug for Broker {
@@ -66,6 +68,7 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     pub async fn bind(config: &Config) -> Result<Self, BrokerError> {
         config.validate()?;
+        let command_keys = config.command_keys()?;
         let tls = config.tls_material()?;
         let ca = dbvm_protocol::pki::FleetCa::load(&tls.ca_cert_pem, &tls.ca_key_pem)?;
         let store: Arc<dyn store::Store> = Arc::new(store::SqliteStore::open(&config.data_dir)?);
@@ -105,6 +108,7 @@ impl Broker {
             api_listener,
             agent_tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             api_tls: tokio_rustls::TlsAcceptor::from(Arc::new(api_server)),
+            command_keys,
         })
     }
 
@@ -158,7 +162,7 @@ impl Broker {
         let api = tokio::spawn(api::serve(
             self.api_listener,
             self.api_tls,
-            api::router(hub.clone()),
+            api::router(hub.clone(), self.command_keys),
             shutdown.clone(),
             tracker.clone(),
         ));

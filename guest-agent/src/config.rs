@@ -79,13 +79,9 @@ pub struct LinkSettings {
     /// First reconnect delay; doubles on each failure (with jitter) up to `max_backoff_ms`.
     pub initial_backoff_ms: u64,
     pub max_backoff_ms: u64,
-    /// Allowed disagreement between this clock and the control plane's.
-    pub clock_skew_ms: i64,
     /// On SIGTERM, how long running commands get to finish before they are stopped and
     /// reported interrupted (keep it below systemd's `TimeoutStopSec`).
     pub drain_timeout_s: u64,
-    /// Benchmarks only: accept commands without checking signatures.
-    pub insecure_skip_signature_check: bool,
 }
 
 impl Default for LinkSettings {
@@ -93,9 +89,7 @@ impl Default for LinkSettings {
         Self {
             initial_backoff_ms: 500,
             max_backoff_ms: 30_000,
-            clock_skew_ms: dbvm_protocol::command::DEFAULT_CLOCK_SKEW_MS,
             drain_timeout_s: 30,
-            insecure_skip_signature_check: false,
         }
     }
 }
@@ -112,14 +106,46 @@ pub struct Validated {
     pub ca_pem: String,
 }
 
+/// Keys that no longer exist, with why: refused by name, so a config written for an
+/// older agent gets a clear answer instead of serde's generic "unknown field".
+const REMOVED_KEYS: &[(&str, &str, &str)] = &[
+    (
+        "link",
+        "insecure_skip_signature_check",
+        "no longer exists: the agent always checks command signatures, and no setting turns \
+         that off; remove the line (and list the control plane's keys in [[trusted_keys]])",
+    ),
+    (
+        "link",
+        "clock_skew_ms",
+        "no longer exists: the allowed clock skew is one rule of the protocol (30 s), the \
+         same in the broker and every agent, so neither refuses what the other accepts; \
+         remove the line and keep the VM's clock synchronised (health check ntp_sync)",
+    ),
+];
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let mut config: Self = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+        let mut config = Self::parse(path, &text)?;
         config.apply_env();
         Ok(config)
+    }
+
+    /// Parses the text of config file `path`, refusing [`REMOVED_KEYS`] by name first.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let parse_error =
+            |e: toml::de::Error| ConfigError::Parse(path.to_path_buf(), e.to_string());
+        let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        for (section, key, why) in REMOVED_KEYS {
+            if let Some(toml::Value::Table(t)) = table.get(*section) {
+                if t.contains_key(*key) {
+                    return Err(invalid(format!("{section}.{key}"), *why));
+                }
+            }
+        }
+        toml::from_str(text).map_err(parse_error)
     }
 
     /// `DBVM_AGENT_ID`, `DBVM_AGENT_BROKER`, `DBVM_AGENT_ENROLLMENT_TOKEN_FILE`.
@@ -164,7 +190,7 @@ impl Config {
         })?;
         dbvm_protocol::tls::roots_from_pem(&ca_pem)
             .map_err(|e| invalid("broker.ca_cert", e.to_string()))?;
-        if self.trusted_keys.is_empty() && !self.link.insecure_skip_signature_check {
+        if self.trusted_keys.is_empty() {
             return Err(invalid(
                 "trusted_keys",
                 "no control-plane key is trusted, so no command could ever run; add the [[trusted_keys]] that `dbvmctl keygen` printed",
@@ -191,12 +217,6 @@ impl Config {
             return Err(invalid(
                 "link.max_backoff_ms",
                 "initial_backoff_ms must be > 0 and max_backoff_ms at least as large",
-            ));
-        }
-        if !(0..=600_000).contains(&l.clock_skew_ms) {
-            return Err(invalid(
-                "link.clock_skew_ms",
-                "must be between 0 and 600000",
             ));
         }
         if !(1..=3600).contains(&l.drain_timeout_s) {
@@ -241,9 +261,7 @@ mod tests {
     }
 
     fn check(text: &str) -> Result<Validated, ConfigError> {
-        toml::from_str::<Config>(text)
-            .map_err(|e| ConfigError::Parse("x".into(), e.to_string()))
-            .and_then(Config::validate)
+        Config::parse(Path::new("x"), text).and_then(Config::validate)
     }
 
     #[test]
@@ -283,5 +301,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("surprise"), "{e}");
+    }
+
+    /// No setting turns signature checks off: the old switch is refused by name, with
+    /// or without trusted keys, whatever its value.
+    #[test]
+    fn the_removed_signature_switch_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = dbvm_protocol::command::CommandSigner::generate();
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&signer.verifying_key());
+        let keys = format!(
+            "[[trusted_keys]]\nkey_id = \"{}\"\npublic_key = \"{}\"\n",
+            key.key_id, key.public_key
+        );
+        for (keys, value) in [
+            ("", "true"),
+            (keys.as_str(), "true"),
+            (keys.as_str(), "false"),
+        ] {
+            let text = format!(
+                "{}[link]\ninsecure_skip_signature_check = {value}\n",
+                config(dir.path(), keys)
+            );
+            let e = check(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("config key link.insecure_skip_signature_check: no longer exists"),
+                "{e}"
+            );
+        }
+        // The clock skew is the protocol's, the broker's and the agent's alike.
+        let text = format!(
+            "{}[link]\nclock_skew_ms = 600000\n",
+            config(dir.path(), &keys)
+        );
+        let e = check(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("config key link.clock_skew_ms: no longer exists"),
+            "{e}"
+        );
     }
 }

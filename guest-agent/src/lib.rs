@@ -92,8 +92,8 @@ impl Agent {
             Arc::new(move || caps.iter().find_map(|c| c.db_kind()))
         };
 
-        let mut verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str())
-            .with_skew_ms(v.config.link.clock_skew_ms);
+        // The protocol's time window (30 s of clock skew), the same the broker applies.
+        let mut verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str());
         for (id, key) in &v.keys {
             verifier = verifier.trust(id.clone(), *key);
         }

@@ -65,8 +65,18 @@ impl Fleet {
         self.dir.path().join(name)
     }
 
-    /// The config of a broker named `name` on this fleet's CA and certificates, with its
-    /// data in `<name>-data` here; `extra` is appended.
+    /// The `[[trusted_keys]]` entry of this fleet's signing key (its public half), as
+    /// both the broker and the agent configs carry it.
+    pub fn trusted_key_entry(&self) -> String {
+        let key = dbvm_protocol::command::PublicKeyFile::from_key(&self.signer.verifying_key());
+        format!(
+            "[[trusted_keys]]\nkey_id = \"{}\"\npublic_key = \"{}\"\n",
+            key.key_id, key.public_key
+        )
+    }
+
+    /// The config of a broker named `name` on this fleet's CA and certificates, trusting
+    /// this fleet's signing key, with its data in `<name>-data` here; `extra` is appended.
     pub fn broker_config(
         &self,
         name: &str,
@@ -83,6 +93,7 @@ ca_cert = {ca}
 ca_key = {ca_key}
 server_cert = {cert}
 server_key = {key}
+{trusted_keys}
 {extra}
 "#,
             data = toml_path(&self.path(&format!("{name}-data"))),
@@ -90,6 +101,7 @@ server_key = {key}
             ca_key = toml_path(&self.path("ca.key")),
             cert = toml_path(&self.path("broker.crt")),
             key = toml_path(&self.path("broker.key")),
+            trusted_keys = self.trusted_key_entry(),
         )
     }
 
@@ -104,7 +116,6 @@ server_key = {key}
         token_file: &Path,
         extra: &str,
     ) -> String {
-        let key = dbvm_protocol::command::PublicKeyFile::from_key(&self.signer.verifying_key());
         format!(
             r#"agent_id = "{id}"
 state_dir = {state}
@@ -112,9 +123,7 @@ state_dir = {state}
 address = "localhost:{broker_port}"
 ca_cert = {ca}
 enrollment_token_file = {token}
-[[trusted_keys]]
-key_id = "{kid}"
-public_key = "{pk}"
+{trusted_keys}
 [link]
 initial_backoff_ms = 100
 max_backoff_ms = 1000
@@ -123,8 +132,7 @@ max_backoff_ms = 1000
             state = toml_path(state_dir),
             ca = toml_path(&self.path("ca.crt")),
             token = toml_path(token_file),
-            kid = key.key_id,
-            pk = key.public_key,
+            trusted_keys = self.trusted_key_entry(),
         )
     }
 

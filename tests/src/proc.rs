@@ -10,33 +10,43 @@ use std::time::Duration;
 
 static BUILD: Once = Once::new();
 
+/// The workspace's `Cargo.toml`.
+pub fn workspace_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml")
+}
+
+/// `cargo` as a shell would run it, for building or inspecting the workspace from a test.
+pub fn cargo_command() -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Without the variables cargo sets for a running test (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, …): ring's build script is rerun when one of them changes, so
+    // building with them (as a test process has them) and then without (`cargo
+    // test`, `cargo build` from a shell) rebuilt ring and everything above it each
+    // time: ~90 s for the first test binary of every run.
+    let mut cmd = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name.as_ref(),
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd
+}
+
 /// Directory of the workspace's built binaries (target/debug), building them once.
 pub fn bin_dir() -> PathBuf {
     BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        // Without the variables cargo sets for a running test (CARGO_MANIFEST_DIR,
-        // CARGO_PKG_NAME, …): ring's build script is rerun when one of them changes, so
-        // building with them (as a test process has them) and then without (`cargo
-        // test`, `cargo build` from a shell) rebuilt ring and everything above it each
-        // time: ~90 s for the first test binary of every run.
-        let mut cmd = Command::new(cargo);
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.starts_with("CARGO_PKG_")
-                || name.starts_with("CARGO_MANIFEST_")
-                || matches!(
-                    name.as_ref(),
-                    "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                )
-            {
-                cmd.env_remove(name.as_ref());
-            }
-        }
-        let status = cmd
+        let manifest = workspace_manifest();
+        let status = cargo_command()
             .args([
                 "build",
                 "--quiet",

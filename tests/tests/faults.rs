@@ -234,9 +234,11 @@ async fn queued_commands_expire_and_deployments_beyond_the_waiting_room_get_429(
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
 
-    // A command for an agent that never comes expires in the queue.
+    // A command for an agent that never comes expires in the queue, once its
+    // not_after plus the clock skew agents allow has passed: here a second from now.
     let mut b = fleet.body("ghost", "ping", json!({}));
-    b.not_after_ms = dbvm_protocol::now_ms() + 1000;
+    b.issued_at_ms = dbvm_protocol::now_ms() - 60_000;
+    b.not_after_ms = dbvm_protocol::now_ms() - dbvm_protocol::command::DEFAULT_CLOCK_SKEW_MS + 1000;
     let v = client.submit(&fleet.signer.sign(&b)).await.expect("submit");
     let v = client
         .wait(v.id, Duration::from_secs(10))

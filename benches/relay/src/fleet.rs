@@ -8,7 +8,7 @@
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use dbvm_protocol::api::SubmitCommand;
-use dbvm_protocol::command::{CommandSigner, BODY_FORMAT};
+use dbvm_protocol::command::{CommandSigner, PublicKeyFile, BODY_FORMAT};
 use dbvm_protocol::pki::{CertifiedKey, FleetCa, Identity};
 use dbvm_protocol::{AgentId, CommandBody};
 use std::path::{Path, PathBuf};
@@ -56,7 +56,12 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 /// A TOML string literal (quoted and escaped) for a path.
 fn toml_path(path: &Path) -> String {
-    toml::Value::String(path.display().to_string()).to_string()
+    toml_str(&path.display().to_string())
+}
+
+/// A TOML string literal (quoted and escaped).
+pub fn toml_str(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
 }
 
 impl Fleet {
@@ -88,15 +93,22 @@ impl Fleet {
         write(&d.join("broker.crt"), &server.cert_pem)?;
         write(&d.join("broker.key"), &server.key_pem)?;
         let broker_config = d.join("broker.toml");
+        let signer = CommandSigner::generate();
+        // The broker checks every submitted command against the control plane's public
+        // key, as in production (that cost is part of what the bench measures).
+        let public = PublicKeyFile::from_key(&signer.verifying_key());
         let config = format!(
             "agent_listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\ndata_dir = {data}\n\n\
              [tls]\nca_cert = {ca_cert}\nca_key = {ca_key}\nserver_cert = {cert}\nserver_key = {key}\n\n\
+             [[trusted_keys]]\nkey_id = {kid}\npublic_key = {pk}\n\n\
              [agents]\nheartbeat_interval_ms = {heartbeat_interval_ms}\n",
             data = toml_path(&d.join("broker-data")),
             ca_cert = toml_path(&ca_cert_path),
             ca_key = toml_path(&d.join("ca.key")),
             cert = toml_path(&d.join("broker.crt")),
             key = toml_path(&d.join("broker.key")),
+            kid = toml_str(&public.key_id),
+            pk = toml_str(&public.public_key),
         );
         write(&broker_config, &config)?;
 
@@ -109,7 +121,7 @@ impl Fleet {
             ca_pem: ca.cert_pem().to_string(),
             ca_cert_path,
             control_plane,
-            signer: CommandSigner::generate(),
+            signer,
             agents: certs,
             broker_config,
             issue_secs,

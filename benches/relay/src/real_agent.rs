@@ -13,7 +13,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::broker::{log_tail, stop_child};
-use crate::fleet::{ping_body, submit_body, Fleet};
+use crate::fleet::{ping_body, submit_body, toml_str, Fleet};
 use crate::load::{histogram, ApiClient, Outcome};
 use crate::procfs;
 use crate::report::Latency;
@@ -36,10 +36,6 @@ pub struct RealAgentReport {
     /// CPU of all its threads over the idle period (ms).
     pub idle_cpu_ms: f64,
     pub exit: String,
-}
-
-fn toml_str(text: &str) -> String {
-    toml::Value::String(text.to_string()).to_string()
 }
 
 pub async fn run(

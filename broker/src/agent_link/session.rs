@@ -488,7 +488,9 @@ impl Session {
     fn deliver(&mut self) -> Result<(), String> {
         let now = dbvm_protocol::now_ms();
         while let Some(rec) = self.pending.pop_front() {
-            if rec.state == CommandState::Queued && now > rec.not_after_ms {
+            if rec.state == CommandState::Queued
+                && dbvm_protocol::command::TimeWindow::DEFAULT.is_expired(rec.not_after_ms, now)
+            {
                 // The expirer marks it expired; never hand out a command past its time.
                 self.known.remove(&rec.id);
                 continue;
