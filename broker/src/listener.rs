@@ -124,19 +124,24 @@ impl Listener {
         H: Fn(TlsStream<TcpStream>, SocketAddr) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let handle = Arc::new(handle);
         let connections = Arc::new(Semaphore::new(self.limits.max_connections as usize));
-        let handshakes = Arc::new(Semaphore::new(self.limits.max_handshakes as usize));
-        let log = Arc::new(LogLimit::new(self.name));
-        let m = self.metrics;
+        let shared = Arc::new(Shared {
+            name: self.name,
+            limits: self.limits,
+            acceptor,
+            handshakes: Arc::new(Semaphore::new(self.limits.max_handshakes as usize)),
+            log: LogLimit::new(self.name),
+            metrics: self.metrics,
+            handle,
+        });
         loop {
             // A connection slot before accepting: at the cap, connections wait in the
             // kernel's backlog instead of in the broker's memory.
             let slot = match connections.clone().try_acquire_owned() {
                 Ok(slot) => slot,
                 Err(_) => {
-                    m.connections_full.inc();
-                    log.full("connections", self.limits.max_connections);
+                    shared.metrics.connections_full.inc();
+                    shared.log.full("connections", self.limits.max_connections);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         slot = connections.clone().acquire_owned() => match slot {
@@ -160,61 +165,79 @@ impl Listener {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let conn = Held::new(&m.connections);
-            let (acceptor, handle, handshakes, log, m) = (
-                acceptor.clone(),
-                handle.clone(),
-                handshakes.clone(),
-                log.clone(),
-                m.clone(),
-            );
-            let (name, limits, shutdown) = (self.name, self.limits, shutdown.clone());
+            let conn = Held::new(&shared.metrics.connections);
+            let (shared, shutdown) = (shared.clone(), shutdown.clone());
+            // The handshake runs in a function of its own, so its state and the
+            // connection's never take room in the task at the same time (a connection
+            // lives for days: every byte of its task counts 10,000 times).
             tracker.spawn(
                 async move {
                     let _slot = slot;
                     let _conn = conn;
-                    let turn = match handshakes.clone().try_acquire_owned() {
-                        Ok(turn) => turn,
-                        Err(_) => {
-                            m.handshakes_full.inc();
-                            log.full("handshakes", limits.max_handshakes);
-                            let _waiting = Held::new(&m.waiting);
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                turn = handshakes.acquire_owned() => match turn {
-                                    Ok(turn) => turn,
-                                    Err(_) => return, // never closed
-                                },
-                            }
-                        }
+                    // `let else`, not `if let`: the handshake's result must not stay alive
+                    // (1.3 KB of it) while the connection runs.
+                    let Some(tls) = shared.handshake(tcp, peer, &shutdown).await else {
+                        return;
                     };
-                    let in_progress = Held::new(&m.handshakes);
-                    let done =
-                        tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
-                    drop(in_progress);
-                    drop(turn);
-                    let failure = match done {
-                        Ok(Ok(tls)) => return handle(tls, peer).await,
-                        Ok(Err(e)) => (failure_reason(&e), e.to_string()),
-                        Err(_) => (
-                            "timeout",
-                            format!(
-                                "no complete handshake within {} ms",
-                                limits.handshake_timeout.as_millis()
-                            ),
-                        ),
-                    };
-                    m.failures
-                        .get_or_create(&vec![
-                            ("listener", name.to_string()),
-                            ("reason", failure.0.to_string()),
-                        ])
-                        .inc();
-                    log.failed(peer, failure.0, &failure.1);
+                    (shared.handle)(tls, peer).await;
                 }
                 .instrument(tracing::debug_span!("conn", listener = self.name, %peer)),
             );
         }
+    }
+}
+
+/// What every connection of one listener shares.
+struct Shared<H> {
+    name: &'static str,
+    limits: ListenerLimits,
+    acceptor: TlsAcceptor,
+    handshakes: Arc<Semaphore>,
+    log: LogLimit,
+    metrics: ListenerMetrics,
+    handle: H,
+}
+
+impl<H> Shared<H> {
+    /// Waits for a handshake slot, then runs the TLS handshake within the timeout;
+    /// `None` when it failed (counted and logged) or the broker is shutting down.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Option<TlsStream<TcpStream>> {
+        let m = &self.metrics;
+        let _turn = match self.handshakes.clone().try_acquire_owned() {
+            Ok(turn) => turn,
+            Err(_) => {
+                m.handshakes_full.inc();
+                self.log.full("handshakes", self.limits.max_handshakes);
+                let _waiting = Held::new(&m.waiting);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    turn = self.handshakes.clone().acquire_owned() => turn.ok()?, // never closed
+                }
+            }
+        };
+        let _in_progress = Held::new(&m.handshakes);
+        let timeout = self.limits.handshake_timeout;
+        let (reason, error) = match tokio::time::timeout(timeout, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => return Some(tls),
+            Ok(Err(e)) => (failure_reason(&e), e.to_string()),
+            Err(_) => (
+                "timeout",
+                format!("no complete handshake within {} ms", timeout.as_millis()),
+            ),
+        };
+        m.failures
+            .get_or_create(&vec![
+                ("listener", self.name.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+        self.log.failed(peer, reason, &error);
+        None
     }
 }
 

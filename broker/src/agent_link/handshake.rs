@@ -2,13 +2,13 @@
 //! `Enroll` or a `Hello` before a session starts.
 
 use super::session::{session, Link};
-use super::{refuse, send};
+use super::{refuse, send, Reader, Writer};
 use crate::enroll;
 use crate::hub::{revoked_message, Hub};
 use crate::listener::Listener;
 use crate::revocation::{LinkCert, Verdict};
 use dbvm_protocol::frame;
-use dbvm_protocol::messages::{peek_hello_version, AgentMessage, RefuseCode};
+use dbvm_protocol::messages::{peek_hello_version, AgentMessage, Hello, RefuseCode};
 use dbvm_protocol::pki::{identity_of, Identity};
 use dbvm_protocol::{AgentId, PROTOCOL_MAJOR, PROTOCOL_MINOR};
 use std::net::SocketAddr;
@@ -47,6 +47,43 @@ async fn connection(
     first_frame_timeout: Duration,
     shutdown: CancellationToken,
 ) {
+    // Getting in and the session are two futures in a row, so a connection's task holds
+    // room for the larger of them, not for both (`let else`: nothing of getting in stays
+    // alive while the session runs).
+    let Some(admitted) = get_in(tls, peer, &hub, first_frame_timeout).await else {
+        return;
+    };
+    let span = tracing::info_span!("agent", agent = %admitted.agent);
+    let Admitted {
+        agent,
+        hello,
+        link,
+        rd,
+        wr,
+    } = admitted;
+    session(hub, agent, hello, link, rd, wr, shutdown)
+        .instrument(span)
+        .await;
+}
+
+/// An agent that got in: a Hello whose certificate passed every check.
+struct Admitted {
+    agent: AgentId,
+    hello: Hello,
+    link: Link,
+    rd: Reader,
+    wr: Writer,
+}
+
+/// Reads the first frame and answers it: an enrollment is served and ends there; a
+/// Hello is checked (certificate, identity, revocation) and admitted; anything else is
+/// refused.
+async fn get_in(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    hub: &Hub,
+    first_frame_timeout: Duration,
+) -> Option<Admitted> {
     let peer_cert = tls
         .get_ref()
         .1
@@ -59,21 +96,21 @@ async fn connection(
     let payload =
         match tokio::time::timeout(first_frame_timeout, frame::read_payload(&mut rd, max)).await {
             Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => return,
+            Ok(Ok(None)) => return None,
             Ok(Err(e)) => {
                 refuse(
                     &mut wr,
-                    &hub,
+                    hub,
                     RefuseCode::ProtocolViolation,
                     format!("first frame refused: {e}"),
                 )
                 .await;
-                return;
+                return None;
             }
             Err(_) => {
                 refuse(
                     &mut wr,
-                    &hub,
+                    hub,
                     RefuseCode::ProtocolViolation,
                     format!(
                         "no Hello or Enroll within {} ms",
@@ -81,7 +118,7 @@ async fn connection(
                     ),
                 )
                 .await;
-                return;
+                return None;
             }
         };
     if let Some((major, minor)) = peek_hello_version(&payload) {
@@ -89,8 +126,8 @@ async fn connection(
             let msg = format!(
                 "agent speaks protocol {major}.{minor}; this broker speaks {PROTOCOL_MAJOR}.{PROTOCOL_MINOR}: upgrade the older side"
             );
-            refuse(&mut wr, &hub, RefuseCode::UnsupportedVersion, msg).await;
-            return;
+            refuse(&mut wr, hub, RefuseCode::UnsupportedVersion, msg).await;
+            return None;
         }
     }
     let first: AgentMessage = match frame::decode(&payload) {
@@ -98,38 +135,38 @@ async fn connection(
         Err(e) => {
             refuse(
                 &mut wr,
-                &hub,
+                hub,
                 RefuseCode::ProtocolViolation,
                 format!("first frame refused: {e}"),
             )
             .await;
-            return;
+            return None;
         }
     };
     match first {
-        AgentMessage::Enroll(req) => match enroll::enroll(&hub, req).await {
+        AgentMessage::Enroll(req) => match enroll::enroll(hub, req).await {
             Ok(reply) => {
                 let _ = send(&mut wr, &reply, frame::MAX_FRAME_LEN).await;
                 let _ = wr.shutdown().await;
             }
-            Err((code, message)) => refuse(&mut wr, &hub, code, message).await,
+            Err((code, message)) => refuse(&mut wr, hub, code, message).await,
         },
         AgentMessage::Hello(hello) => {
             let Some(der) = peer_cert else {
                 let msg = "no client certificate: this agent must enroll first".to_string();
-                refuse(&mut wr, &hub, RefuseCode::CertificateRequired, msg).await;
-                return;
+                refuse(&mut wr, hub, RefuseCode::CertificateRequired, msg).await;
+                return None;
             };
             let agent = match identity_of(&der) {
                 Ok(Identity::Agent(id)) => id,
                 Ok(Identity::ControlPlane(name)) => {
                     let msg = format!("certificate is for control plane {name:?}, not an agent");
-                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
-                    return;
+                    refuse(&mut wr, hub, RefuseCode::IdentityMismatch, msg).await;
+                    return None;
                 }
                 Err(e) => {
-                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, e.to_string()).await;
-                    return;
+                    refuse(&mut wr, hub, RefuseCode::IdentityMismatch, e.to_string()).await;
+                    return None;
                 }
             };
             if hello.agent_id != agent.as_str() {
@@ -138,39 +175,43 @@ async fn connection(
                     hello.agent_id,
                     agent.as_str()
                 );
-                refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
-                return;
+                refuse(&mut wr, hub, RefuseCode::IdentityMismatch, msg).await;
+                return None;
             }
             let cert = match LinkCert::from_der(&der) {
                 Ok(c) => c,
                 Err(e) => {
                     let msg = format!("client certificate does not parse: {e}");
-                    refuse(&mut wr, &hub, RefuseCode::IdentityMismatch, msg).await;
-                    return;
+                    refuse(&mut wr, hub, RefuseCode::IdentityMismatch, msg).await;
+                    return None;
                 }
             };
-            let revoked_at_ms = match not_revoked(&hub, &agent, &cert).await {
+            let revoked_at_ms = match not_revoked(hub, &agent, &cert).await {
                 Ok(at) => at,
                 Err((code, msg)) => {
-                    refuse(&mut wr, &hub, code, msg).await;
-                    return;
+                    refuse(&mut wr, hub, code, msg).await;
+                    return None;
                 }
             };
-            let span = tracing::info_span!("agent", agent = %agent);
             let link = Link {
                 peer,
                 cert,
                 revoked_at_ms,
             };
-            session(hub, agent, hello, link, rd, wr, shutdown)
-                .instrument(span)
-                .await;
+            return Some(Admitted {
+                agent,
+                hello,
+                link,
+                rd,
+                wr,
+            });
         }
         other => {
             let msg = format!("first frame must be Hello or Enroll, got {}", kind(&other));
-            refuse(&mut wr, &hub, RefuseCode::ProtocolViolation, msg).await;
+            refuse(&mut wr, hub, RefuseCode::ProtocolViolation, msg).await;
         }
     }
+    None
 }
 
 /// Checks a Hello's certificate against the revocation list; `Ok` carries when the
