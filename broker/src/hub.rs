@@ -294,7 +294,7 @@ impl Hub {
     // ----- commands -------------------------------------------------------------------
 
     /// Accepts a command: admission, durable store, then hand-off to a connected agent.
-    #[tracing::instrument(name = "submit", skip_all, fields(id = %rec.id, operation = %rec.operation))]
+    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(id = %rec.id, operation = %rec.operation))]
     pub async fn submit(&self, rec: CommandRecord) -> Result<(), SubmitError> {
         let deployment = rec.class == OperationClass::Deployment;
         if deployment && !self.admission.admit_deployment() {
@@ -465,7 +465,7 @@ impl Hub {
         let n = expired.len();
         for rec in expired {
             let _span =
-                tracing::info_span!("expire", id = %rec.id, operation = %rec.operation).entered();
+                tracing::debug_span!("expire", id = %rec.id, operation = %rec.operation).entered();
             tracing::debug!(
                 not_after_ms = rec.not_after_ms,
                 "command expired before delivery"
