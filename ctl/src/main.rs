@@ -389,7 +389,7 @@ fn keygen(ctx: &Ctx, force: bool) -> Result<Exit> {
     let home = ctx.home()?;
     let made = dbvmctl::keygen(&home, force)?;
     eprintln!(
-        "wrote signing key {} and sealing key to {}\nadd this to every agent's configuration to trust it:\n",
+        "wrote signing key {} and sealing key to {}\nadd this to the broker's and every agent's configuration (both check every command's signature):\n",
         made.key_id,
         home.dir().display()
     );

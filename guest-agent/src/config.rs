@@ -133,7 +133,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses the text of config file `path`, refusing [`REMOVED_KEYS`] by name first.
+    /// Parses the text of config file `path`, refusing keys that no longer exist by name first (they are listed with why).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let parse_error =
             |e: toml::de::Error| ConfigError::Parse(path.to_path_buf(), e.to_string());

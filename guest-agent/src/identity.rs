@@ -122,4 +122,17 @@ impl StateDir {
         let text = format!("{}\n{}", id.cert_pem.trim(), id.key_pem);
         write_atomic(&self.identity_path(), text.as_bytes(), 0o600)
     }
+
+    /// Sets a revoked identity aside (`identity.pem.revoked`, kept for whoever looks into
+    /// why), so the next connection enrolls again with a new token.
+    pub fn retire_identity(&self) -> Result<(), StateError> {
+        let from = self.identity_path();
+        let to = self.path.join("identity.pem.revoked");
+        match std::fs::rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StateError::Write(from, e)),
+        }
+        dbvm_host::fs::sync_dir(&from).map_err(|e| StateError::Write(self.path.clone(), e))
+    }
 }

@@ -42,6 +42,8 @@ pub struct LinkStatus {
     pub since_ms: i64,
     /// Known once the agent has a certificate.
     pub certificate: Option<CertificateStatus>,
+    /// Why the last connection attempt or session failed (cleared when a session starts).
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +58,7 @@ pub struct Uplink {
     broker_minor: AtomicU16,
     dropped: AtomicI64,
     certificate: Mutex<Option<CertificateStatus>>,
+    last_error: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,6 +111,7 @@ impl Uplink {
             connected,
             since_ms,
             certificate: lock(&self.certificate).clone(),
+            last_error: lock(&self.last_error).clone(),
         }
     }
 
@@ -122,7 +126,13 @@ impl Uplink {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Why the link is down, for the connectivity check.
+    pub(crate) fn link_failed(&self, why: String) {
+        *lock(&self.last_error) = Some(why);
+    }
+
     pub(crate) fn link_up(&self, broker_minor: u16) {
+        *lock(&self.last_error) = None;
         self.broker_minor.store(broker_minor, Ordering::Release);
         self.connected.store(true, Ordering::Release);
         self.changed_at_ms

@@ -26,7 +26,9 @@ pub const PROTOCOL_MAJOR: u16 = 1;
 ///
 /// - 1: `AgentMessage::Health` (full health reports); agents send it only to brokers
 ///   that speak minor 1 or later.
-pub const PROTOCOL_MINOR: u16 = 1;
+/// - 2: `RefuseCode::CertificateRevoked`. An agent before it cannot decode that refusal
+///   and sees a broken frame: refused either way, only the reason is lost.
+pub const PROTOCOL_MINOR: u16 = 2;
 
 /// Milliseconds since the Unix epoch, the only clock unit on the wire.
 pub fn now_ms() -> i64 {

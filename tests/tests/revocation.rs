@@ -189,29 +189,34 @@ async fn a_revoked_certificate_is_refused_at_hello_and_renewal_and_a_new_enrollm
         "{m}"
     );
 
-    // The real agent with its revoked certificate stays out, and says why.
+    // The real agent with its revoked certificate stays out, says why, and sets the
+    // certificate aside: it waits for a new token (its old one was spent).
     let agent = fleet.restart_agent(&agent);
-    eventually(WAIT, "the agent to log the refusal", || async {
-        agent
-            .proc
-            .log_text()
-            .contains("CertificateRevoked")
+    eventually(
+        WAIT,
+        "the agent to set its revoked certificate aside",
+        || async {
+            let log = agent.proc.log_text();
+            (log.contains("revoked this agent's certificate")
+                && fleet
+                    .path("agent-db1")
+                    .join("identity.pem.revoked")
+                    .exists())
             .then_some(())
-    })
+        },
+    )
     .await;
     let agents = client.agents().await.expect("agents");
     assert!(!agents.iter().any(|a| a.id == "db1" && a.connected));
 
-    // A new enrollment token brings the same VM back with a fresh certificate.
-    drop(agent);
-    std::fs::remove_file(fleet.path("agent-db1").join("identity.pem")).expect("rm identity");
+    // A new enrollment token brings the same VM back with a fresh certificate, without a
+    // restart: the running agent enrolls as soon as the token is there.
     let token = client
         .enrollment_token("db1", None)
         .await
         .expect("token")
         .token;
     std::fs::write(fleet.path("agent-db1.token"), token).expect("token file");
-    let agent = fleet.run_agent("db1", fleet.path("agent-db1.toml"), fleet.path("agent-db1"));
     connected(&client, "db1").await;
     fleet.send_ok(&client, &agent, "ping", json!({})).await;
     assert_ne!(steal(&agent), stolen, "a fresh certificate");

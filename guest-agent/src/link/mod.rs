@@ -64,6 +64,19 @@ pub enum LinkError {
     Closed,
 }
 
+impl LinkError {
+    /// The broker refused this agent's certificate as revoked.
+    pub fn is_revoked(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Refused {
+                code: dbvm_protocol::messages::RefuseCode::CertificateRevoked,
+                ..
+            }
+        )
+    }
+}
+
 /// Jittered exponential backoff: each delay is drawn between half and all of the
 /// current step; the step doubles up to the cap.
 #[derive(Debug)]
@@ -260,7 +273,13 @@ impl Link {
                         backoff.reset();
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "link to the broker failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "link to the broker failed");
+                    self.uplink.link_failed(e.to_string());
+                    if e.is_revoked() {
+                        self.retire_identity();
+                    }
+                }
             }
             if shutdown.is_cancelled() {
                 break;
@@ -279,6 +298,22 @@ impl Link {
             self.wait_for_commands(drain).await;
         }
         self.outgoing.set(None);
+    }
+
+    /// The broker revoked this agent's certificate: set it aside so the next attempt
+    /// enrolls again, which needs a new one-time token.
+    fn retire_identity(&self) {
+        let token = self.token_file.as_ref().map_or_else(
+            || "DBVM_AGENT_ENROLLMENT_TOKEN".to_string(),
+            |p| p.display().to_string(),
+        );
+        tracing::error!(
+            "the broker revoked this agent's certificate; it enrolls again as soon as a new one-time token is in {token} (dbvmctl enroll-token {})",
+            self.agent_id
+        );
+        if let Err(e) = self.state.retire_identity() {
+            tracing::error!(error = %e, "cannot set the revoked certificate aside");
+        }
     }
 
     /// Waits up to `drain` for running commands, then interrupts the rest.
@@ -516,7 +551,10 @@ impl Link {
         match end {
             Ok(SessionEnd::Drained) => Ok(SessionEnd::Drained),
             Ok(SessionEnd::After(_)) => Ok(SessionEnd::After(started.elapsed())),
+            // The caller sets the revoked certificate aside.
+            Err(e) if e.is_revoked() => Err(e),
             Err(e) => {
+                self.uplink.link_failed(e.to_string());
                 tracing::warn!(error = %e, after_ms = started.elapsed().as_millis() as u64, "session with the broker ended");
                 Ok(SessionEnd::After(started.elapsed()))
             }

@@ -52,10 +52,15 @@ fn link(run: &Run) -> (bool, bool, String) {
     if up {
         (true, true, format!("linked to the broker{ago}"))
     } else {
+        let why = link
+            .last_error
+            .as_deref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default();
         (
             false,
             false,
-            format!("NOT linked to the broker{ago}: results and events wait until it is back (see the agent log)"),
+            format!("NOT linked to the broker{ago}{why}: results and events wait until it is back (see the agent log)"),
         )
     }
 }
