@@ -493,8 +493,10 @@ impl Store for SqliteStore {
     async fn progress(&self, id: Uuid, progress: Progress) -> Result<(), StoreError> {
         self.write(move |txn| {
             txn.prepare_cached(
+                // Any unfinished command: the `delivered` / `running` marks are written only
+                // 200 ms after the event, and progress sent sooner must not be lost.
                 "UPDATE commands SET progress_percent = ?2, progress_message = ?3
-                 WHERE id = ?1 AND state IN ('delivered', 'running')",
+                 WHERE id = ?1 AND finished_at_ms IS NULL",
             )?
             .execute(rusqlite::params![
                 id.as_bytes().as_slice(),
@@ -1004,6 +1006,49 @@ mod tests {
             .unwrap()
             .len();
         assert!(wal < 12 << 20, "the WAL grew to {wal} bytes");
+    }
+
+    #[tokio::test]
+    async fn progress_is_kept_before_the_delivered_mark_and_not_after_the_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let r = rec("db1", i64::MAX);
+        let id = r.id;
+        store.insert_command(r).await.unwrap();
+        // Still `queued` in the store: the delivered mark comes 200 ms after delivery.
+        let early = Progress {
+            percent: 5,
+            message: "container engine unreachable, retrying".into(),
+        };
+        store.progress(id, early.clone()).await.unwrap();
+        assert_eq!(
+            store.command(id).await.unwrap().unwrap().progress,
+            Some(early)
+        );
+        let finish = Finish {
+            state: CommandState::Succeeded,
+            finished_at_ms: 2,
+            delivered_at_ms: Some(1),
+            output_json: Some("{}".into()),
+            error: None,
+        };
+        store.finish(id, finish).await.unwrap();
+        let late = Progress {
+            percent: 99,
+            message: "late".into(),
+        };
+        store.progress(id, late).await.unwrap();
+        assert_eq!(
+            store
+                .command(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .progress
+                .map(|p| p.percent),
+            Some(5),
+            "a finished command keeps its last progress"
+        );
     }
 
     #[tokio::test]
