@@ -29,10 +29,25 @@ struct Cli {
 enum Sub {
     /// Print the checks of every JSON report in DIR as one table.
     Summary { dir: PathBuf },
+    /// Read fio's JSON output (an fdatasync probe of the disk the broker's store is on)
+    /// and write its sync-latency percentiles as a baseline report to OUT.
+    Fio { fio_json: PathBuf, out: PathBuf },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Sub::Fio { fio_json, out }) = cli.command {
+        return match report::fio_baseline(&fio_json, &out) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("relay-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Sub::Summary { dir }) = cli.command {
         return match report::summary(&dir) {
             Ok(text) => {

@@ -385,6 +385,48 @@ impl Report {
     }
 }
 
+/// The disk's own fdatasync latency, from fio's JSON output (`sync.lat_ns` percentiles of
+/// its first job): the baseline a latency figure of the broker is read against, since every
+/// accepted command waits for durable writes. Written to `out` as a report whose checks are
+/// the percentiles (informational: no target), printed as text.
+pub fn fio_baseline(fio_json: &Path, out: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(fio_json)
+        .with_context(|| format!("cannot read {}", fio_json.display()))?;
+    // fio may print notes before its JSON object.
+    let start = text.find('{').context("no JSON object in fio's output")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).context("fio's output is not JSON")?;
+    let job = &v["jobs"][0];
+    let pct = &job["sync"]["lat_ns"]["percentile"];
+    let ms = |key: &str| pct[key].as_f64().map(|ns| ns / 1e6);
+    let mut checks = Vec::new();
+    let mut o = String::new();
+    let _ = write!(o, "disk fdatasync (fio):");
+    for (name, key) in [
+        ("p50", "50.000000"),
+        ("p99", "99.000000"),
+        ("p99.9", "99.900000"),
+    ] {
+        let v = ms(key).with_context(|| format!("fio's output has no sync {name}"))?;
+        let _ = write!(o, " {name} {v:.2} ms");
+        checks.push(serde_json::json!({
+            "name": format!("disk fdatasync {name} (fio)"),
+            "measured": format!("{v:.2} ms"),
+            "target": "baseline",
+            "pass": true,
+        }));
+    }
+    let syncs = job["sync"]["lat_ns"]["N"].as_u64().unwrap_or(0);
+    let _ = writeln!(o, " ({syncs} syncs)");
+    let report = serde_json::json!({
+        "label": "f: disk baseline (fio, 8 KiB write + fdatasync, 300/s)",
+        "checks": checks,
+    });
+    std::fs::write(out, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(o)
+}
+
 /// Prints one table of every check of every JSON report in `dir` (file name order).
 pub fn summary(dir: &Path) -> Result<String> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
