@@ -2,9 +2,8 @@
 //! agent touches anything. Environment variables starting with `DBVM_AGENT_` override
 //! a few keys for first boot (see [`Config::apply_env`]).
 
-use dbvm_protocol::command::parse_public_key;
+use dbvm_protocol::command::TrustedKeys;
 use dbvm_protocol::AgentId;
-use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -101,7 +100,8 @@ pub use dbvm_host::logging::{LogFormat, LogSettings};
 pub struct Validated {
     pub config: Config,
     pub agent_id: AgentId,
-    pub keys: Vec<(String, VerifyingKey)>,
+    /// The control-plane keys, each checked against its key id.
+    pub keys: TrustedKeys,
     pub server_name: String,
     pub ca_pem: String,
 }
@@ -196,21 +196,11 @@ impl Config {
                 "no control-plane key is trusted, so no command could ever run; add the [[trusted_keys]] that `dbvmctl keygen` printed",
             ));
         }
-        let mut keys = Vec::new();
+        // The same checks as the broker's (protocol::command::TrustedKeys::add_entry).
+        let mut keys = TrustedKeys::new();
         for (i, k) in self.trusted_keys.iter().enumerate() {
-            let key = parse_public_key(&k.public_key)
-                .map_err(|e| invalid(format!("trusted_keys[{i}].public_key"), e))?;
-            let derived = dbvm_protocol::command::key_id_for(&key);
-            if derived != k.key_id {
-                return Err(invalid(
-                    format!("trusted_keys[{i}].key_id"),
-                    format!(
-                        "{:?} does not belong to this public key (its id is {derived:?})",
-                        k.key_id
-                    ),
-                ));
-            }
-            keys.push((k.key_id.clone(), key));
+            keys.add_entry(&k.key_id, &k.public_key)
+                .map_err(|e| invalid(format!("trusted_keys[{i}].{}", e.field()), e.to_string()))?;
         }
         let l = &self.link;
         if l.initial_backoff_ms == 0 || l.max_backoff_ms < l.initial_backoff_ms {

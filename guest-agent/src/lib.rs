@@ -93,10 +93,7 @@ impl Agent {
         };
 
         // The protocol's time window (30 s of clock skew), the same the broker applies.
-        let mut verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str());
-        for (id, key) in &v.keys {
-            verifier = verifier.trust(id.clone(), *key);
-        }
+        let verifier = dbvm_protocol::Verifier::new(v.agent_id.as_str()).with_keys(v.keys.clone());
         let endpoint = link::Endpoint {
             agent_id: v.agent_id.clone(),
             server_name: v.server_name.clone(),

@@ -388,6 +388,12 @@ impl Verifier {
         self
     }
 
+    /// Trusts exactly `keys` (checked entries, as a config gives them).
+    pub fn with_keys(mut self, keys: TrustedKeys) -> Self {
+        self.keys = keys;
+        self
+    }
+
     pub fn with_skew_ms(mut self, skew_ms: i64) -> Self {
         self.window = TimeWindow::with_skew_ms(skew_ms);
         self

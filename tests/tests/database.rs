@@ -435,6 +435,17 @@ async fn create_resumes_after_the_agent_dies_between_phases() {
         )],
     );
     connected(&client, "pg3").await;
+    let kind = |agents: Vec<dbvm_protocol::api::AgentView>| {
+        agents
+            .into_iter()
+            .find(|a| a.id == "pg3")
+            .and_then(|a| a.db_kind)
+    };
+    assert_eq!(
+        kind(client.agents().await.unwrap()),
+        None,
+        "no database made yet: Hello names none"
+    );
     let cmd = fleet.sign("pg3", "db.create", spec.clone());
     let v = client.submit(&cmd).await.unwrap();
     {
@@ -451,6 +462,11 @@ async fn create_resumes_after_the_agent_dies_between_phases() {
     let v = client.wait(v.id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(v.state, CommandState::Interrupted, "{v:?}");
     assert!(format!("{:?}", v.error).contains("not run again"), "{v:?}");
+    // The restarted agent's Hello names the database it is making.
+    assert_eq!(
+        kind(client.agents().await.unwrap()).as_deref(),
+        Some("postgres")
+    );
     // Sent again, create resumes: preconfigure is not redone.
     let cmd = fleet.sign("pg3", "db.create", spec);
     let v = client.submit(&cmd).await.unwrap();
