@@ -191,6 +191,10 @@ pub struct Hub {
     pub health: HealthBook,
     /// Revoked certificates, checked at every Hello (see [`crate::revocation`]).
     pub revocations: Revocations,
+    /// Refused first frames are caused by peers (a revoked certificate's holder can cause
+    /// one per handshake): their log lines are rate-limited like failed handshakes; the
+    /// metric counts every one.
+    pub(crate) refusal_log: crate::listener::LogLimit,
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     generation: AtomicU64,
     events: broadcast::Sender<Event>,
@@ -234,6 +238,7 @@ impl Hub {
             metrics,
             health: HealthBook::new(),
             revocations,
+            refusal_log: crate::listener::LogLimit::new("agent"),
             agents: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             events,

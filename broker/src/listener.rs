@@ -259,10 +259,11 @@ fn failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// At most [`LogLimit::PER_MINUTE`] lines a minute per listener: failed handshakes come
-/// from peers, and a flood of them must not flood the journal. What was left out is
-/// counted and said in the next line that is written (the metrics count everything).
-struct LogLimit {
+/// At most [`LogLimit::PER_MINUTE`] lines a minute per listener: failed handshakes (and
+/// refused first frames, see `agent_link`) come from peers, and a flood of them must not
+/// flood the journal. What was left out is counted and said in the next line that is
+/// written (the metrics count everything).
+pub(crate) struct LogLimit {
     name: &'static str,
     state: Mutex<LogWindow>,
 }
@@ -276,7 +277,7 @@ struct LogWindow {
 impl LogLimit {
     const PER_MINUTE: u32 = 10;
 
-    fn new(name: &'static str) -> Self {
+    pub(crate) fn new(name: &'static str) -> Self {
         Self {
             name,
             state: Mutex::new(LogWindow {
@@ -288,7 +289,7 @@ impl LogLimit {
     }
 
     /// Whether a line may be written now, and how many were left out before it.
-    fn admit(&self) -> Option<u64> {
+    pub(crate) fn admit(&self) -> Option<u64> {
         // A poisoned lock only means another thread panicked while counting.
         let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if w.started.elapsed() >= Duration::from_secs(60) {

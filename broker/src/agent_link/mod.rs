@@ -43,7 +43,9 @@ pub(super) async fn send(
 pub(super) async fn refuse(wr: &mut Writer, hub: &Hub, code: RefuseCode, message: String) {
     let reason = format!("{code:?}").to_lowercase();
     Metrics::count(&hub.metrics.link_errors, "reason", &reason);
-    tracing::info!(code = ?code, %message, "refusing agent connection");
+    if let Some(skipped) = hub.refusal_log.admit() {
+        tracing::info!(code = ?code, %message, not_logged_before = skipped, "refusing agent connection");
+    }
     let _ = send(
         wr,
         &BrokerMessage::Refused { code, message },
