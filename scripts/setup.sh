@@ -15,10 +15,13 @@ fi
 # checks, the Docker engine (the agent's container runtime), PostgreSQL 15 and MariaDB
 # (their files become the local database images; their clients talk to them in tests and
 # the demo), socat for throwaway listeners in firewall tests, busybox-static for /bin/sh in
-# those images (packaging/images/build-image.sh).
+# those images (packaging/images/build-image.sh). Backups: pgbackrest and mariadb-backup
+# (the tools the agent runs, copied into the images too), zstd (streams MariaDB backups
+# compressed), stunnel4 (TLS in front of the test S3 server, which speaks plain HTTP only;
+# tests/src/s3.rs).
 packages=(build-essential pkg-config musl-tools ca-certificates curl iproute2 procps file
   nftables docker.io postgresql-15 postgresql-client-15 mariadb-server mariadb-client socat
-  busybox-static)
+  busybox-static pgbackrest mariadb-backup stunnel4 zstd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -53,5 +56,11 @@ fi
 if ! command -v cargo-machete >/dev/null 2>&1; then
   say "installing cargo-machete (checks for unused dependencies; built once, about 2 minutes)"
   cargo install cargo-machete --version 0.9.2 --locked --quiet
+fi
+# s3s-fs: the S3 server of the backup tests (verifies SigV4 signatures, keeps objects as
+# files; tests/src/s3.rs). 0.14.1 because newer releases need a newer rustc than 1.95.
+if ! command -v s3s-fs >/dev/null 2>&1 && ! [ -x "$HOME/.cargo/bin/s3s-fs" ]; then
+  say "installing s3s-fs (the S3 server of the backup tests; built once, about 2 minutes)"
+  cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
 fi
 say "setup complete: $(cargo --version)"
