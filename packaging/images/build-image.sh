@@ -12,8 +12,8 @@
 # tarball's sha256 is the image label `dbvm.content`, and when TAG already carries that
 # label nothing is imported (safe to run any number of times).
 #
-# Needs: docker CLI (docker.io), busybox-static, and postgresql-15 or mariadb-server
-# (all installed by scripts/setup.sh). See packaging/images/README.md for how to run them.
+# Needs: docker CLI (docker.io), busybox-static, zstd, and postgresql-15 + pgbackrest or
+# mariadb-server + mariadb-backup (all installed by scripts/setup.sh). See packaging/images/README.md for how to run them.
 set -euo pipefail
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -126,6 +126,13 @@ say "building the $engine image $tag"
 # C.UTF-8 locale (initdb --locale=C.UTF-8) and the time zone database (both engines).
 copy_tree /usr/lib/locale/C.utf8
 copy_tree /usr/share/zoneinfo
+# zstd (both engines): compresses backup streams in a pipe (mariadb-backup --stream | zstd);
+# 1.2 MB, its library is already in the closure of both servers.
+[ -x /usr/bin/zstd ] || die "/usr/bin/zstd is missing: install zstd (bash scripts/setup.sh)"
+copy_tree /usr/bin/zstd
+for name in unzstd zstdcat zstdmt; do
+  ln -s zstd "$root/usr/bin/$name"
+done
 
 case "$engine" in
 postgres)
@@ -135,10 +142,20 @@ postgres)
   # Without JIT: llvmjit and its bitcode pull in libLLVM (105 MB); run postgres with -c jit=off.
   copy_tree $pg --exclude="${pg#/}/lib/bitcode" --exclude='llvmjit*'
   copy_tree /usr/share/postgresql/15
+  # pgBackRest: the agent's PostgreSQL backups, and archive_command runs it inside the
+  # container. Its libraries come with the ldd closure (libxml2, lz4, libssl; ICU and libpq
+  # are the server's anyway). No /etc/pgbackrest.conf and no CA bundle: pass --config= and
+  # repo1-storage-ca-file=. Its default log, spool and repository directories exist and
+  # belong to the database user, as in Debian's package.
+  [ -x /usr/bin/pgbackrest ] || die "/usr/bin/pgbackrest is missing: install pgbackrest (bash scripts/setup.sh)"
+  copy_tree /usr/bin/pgbackrest
   write_users postgres /var/lib/postgresql
-  mkdir -p "$root/var/run/postgresql"
-  chown "$DB_UID:$DB_GID" "$root/var/run/postgresql" "$root/var/lib/postgresql"
+  mkdir -p "$root/var/run/postgresql" "$root/var/log/pgbackrest" "$root/var/spool/pgbackrest" \
+    "$root/var/lib/pgbackrest"
+  chown "$DB_UID:$DB_GID" "$root/var/run/postgresql" "$root/var/lib/postgresql" \
+    "$root/var/log/pgbackrest" "$root/var/spool/pgbackrest" "$root/var/lib/pgbackrest"
   chmod 2775 "$root/var/run/postgresql"
+  chmod 750 "$root/var/log/pgbackrest" "$root/var/spool/pgbackrest" "$root/var/lib/pgbackrest"
   # initdb runs `locale -a` to list collations; the image has C, C.utf8 and POSIX.
   printf '#!/bin/sh\n[ "$1" = -a ] && printf "C\\nC.utf8\\nPOSIX\\n"\nexit 0\n' >"$root/usr/bin/locale"
   chmod 755 "$root/usr/bin/locale"
@@ -152,16 +169,20 @@ postgres)
 mariadb)
   [ -x /usr/sbin/mariadbd ] || die "/usr/sbin/mariadbd is missing: install mariadb-server (bash scripts/setup.sh)"
   [ -x /usr/bin/mariadb ] || die "/usr/bin/mariadb is missing: install mariadb-client (bash scripts/setup.sh)"
+  [ -x /usr/bin/mariadb-backup ] || die "/usr/bin/mariadb-backup is missing: install mariadb-backup (bash scripts/setup.sh)"
+  # Backups: mariadb-backup (physical backups, --stream=xbstream), mbstream (unpacks such a
+  # stream on restore), mariadb-binlog (replays binary logs for point-in-time recovery).
   for f in /usr/sbin/mariadbd /usr/bin/mariadb /usr/bin/mariadb-admin /usr/bin/mariadb-dump \
     /usr/bin/mariadb-install-db /usr/bin/my_print_defaults /usr/bin/resolveip \
-    /usr/bin/mariadb-tzinfo-to-sql /usr/bin/mariadb-upgrade; do
+    /usr/bin/mariadb-tzinfo-to-sql /usr/bin/mariadb-upgrade /usr/bin/mariadb-backup \
+    /usr/bin/mbstream /usr/bin/mariadb-binlog; do
     copy_tree "$f"
   done
   # The usual mysql* names, so scripts written for MySQL work too.
   ln -s mariadbd "$root/usr/sbin/mysqld"
   for pair in mysql:mariadb mysqladmin:mariadb-admin mysqldump:mariadb-dump \
     mysql_install_db:mariadb-install-db mysql_tzinfo_to_sql:mariadb-tzinfo-to-sql \
-    mysql_upgrade:mariadb-upgrade; do
+    mysql_upgrade:mariadb-upgrade mariabackup:mariadb-backup mysqlbinlog:mariadb-binlog; do
     ln -s "${pair#*:}" "$root/usr/bin/${pair%%:*}"
   done
   # Error messages, character sets, and the system-table SQL that --bootstrap runs.
