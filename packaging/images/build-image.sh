@@ -10,7 +10,9 @@
 # for the database user (uid/gid 999). It is packed into a sorted tarball with owners
 # normalised and mtimes clamped, so the same Debian files always give the same layer; the
 # tarball's sha256 is the image label `dbvm.content`, and when TAG already carries that
-# label nothing is imported (safe to run any number of times).
+# label nothing is imported (safe to run any number of times). The label `dbvm.recipe` is
+# the sha256 of this script: tests/src/docker.rs rebuilds an image whose recipe is not the
+# current one (say, one built before a tool was added) without building the tarball first.
 #
 # Needs: docker CLI (docker.io), busybox-static, zstd, and postgresql-15 + pgbackrest or
 # mariadb-server + mariadb-backup (all installed by scripts/setup.sh). See packaging/images/README.md for how to run them.
@@ -40,6 +42,7 @@ fi
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
   die "no Docker engine answers at ${DOCKER_HOST:-unix:///var/run/docker.sock}: start one (bash scripts/dockerd.sh start DIR, then DOCKER_HOST=unix://DIR/docker.sock)"
 
+recipe=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-64)
 DB_UID=999
 DB_GID=999
 started=$(date +%s%N)
@@ -222,8 +225,8 @@ tar -C "$root" --sort=name --numeric-owner --mtime="@$epoch" --clamp-mtime \
 content=$(sha256sum "$tarball" | cut -c1-64)
 size=$(du -m "$tarball" | cut -f1)
 
-existing=$(docker image inspect --format '{{index .Config.Labels "dbvm.content"}}' "$tag" 2>/dev/null || true)
-if [ "$existing" = "$content" ]; then
+existing=$(docker image inspect --format '{{index .Config.Labels "dbvm.content"}} {{index .Config.Labels "dbvm.recipe"}}' "$tag" 2>/dev/null || true)
+if [ "$existing" = "$content $recipe" ]; then
   say "$tag is up to date (dbvm.content=${content:0:12}, ${size} MB); nothing to do"
   echo "$tag"
   exit 0
@@ -235,7 +238,7 @@ docker import \
   -c "USER $DB_UID:$DB_GID" \
   -c "WORKDIR /" \
   -c 'CMD ["/bin/sh"]' \
-  -c "LABEL dbvm.engine=$engine dbvm.version=$version dbvm.user=$user dbvm.uid=$DB_UID dbvm.gid=$DB_GID dbvm.stop-signal=$stopsignal dbvm.content=$content" \
+  -c "LABEL dbvm.engine=$engine dbvm.version=$version dbvm.user=$user dbvm.uid=$DB_UID dbvm.gid=$DB_GID dbvm.stop-signal=$stopsignal dbvm.content=$content dbvm.recipe=$recipe" \
   -m "dbvm $engine $version from Debian files (build-image.sh)" \
   "$tarball" "$tag" >/dev/null
 took_ms=$((($(date +%s%N) - started) / 1000000))

@@ -4,7 +4,8 @@
 //! test.sh` stops it at the end: `bash scripts/dockerd.sh stop target/dbvm-test-docker`.
 //!
 //! The database images (`packaging/images/build-image.sh`) and a tiny busybox image for
-//! throwaway containers are built into it when missing. Test binaries run in parallel, so
+//! throwaway containers are built into it when missing, and the database images again
+//! when the build script changed since (their `dbvm.recipe` label). Test binaries run in parallel, so
 //! all of this happens under a file lock (`flock`).
 
 use std::path::{Path, PathBuf};
@@ -106,15 +107,20 @@ fn start() -> Engine {
     let dir = root.join("target").join("dbvm-test-docker");
     std::fs::create_dir_all(&dir).expect("create target/dbvm-test-docker");
     let lock = root.join("target").join("dbvm-test-docker.lock");
-    // One script under the lock: start the engine, then build what is missing. The image
-    // builds check their content label themselves, but `docker image inspect` first keeps
-    // the common case (everything there) at a few milliseconds.
+    // One script under the lock: start the engine, then build what is missing or stale. The
+    // image builds check their content label themselves, but comparing the `dbvm.recipe`
+    // label (the build script's sha256) first keeps the common case (everything current)
+    // at a few milliseconds, and still rebuilds an image made by an older script.
     let script = format!(
         r#"set -euo pipefail
 sock=$(bash scripts/dockerd.sh start {dir})
 export DOCKER_HOST=unix://$sock
-docker image inspect {pg} >/dev/null 2>&1 || bash packaging/images/build-image.sh postgres {pg} >&2
-docker image inspect {my} >/dev/null 2>&1 || bash packaging/images/build-image.sh mariadb {my} >&2
+recipe=$(sha256sum packaging/images/build-image.sh | cut -c1-64)
+current() {{
+  [ "$(docker image inspect --format '{{{{index .Config.Labels "dbvm.recipe"}}}}' "$1" 2>/dev/null)" = "$recipe" ]
+}}
+current {pg} || bash packaging/images/build-image.sh postgres {pg} >&2
+current {my} || bash packaging/images/build-image.sh mariadb {my} >&2
 if ! docker image inspect {bb} >/dev/null 2>&1; then
   t=$(mktemp -d)
   mkdir -p "$t/bin" "$t/tmp"
