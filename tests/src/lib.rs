@@ -21,6 +21,7 @@ pub mod raw;
 pub mod release;
 pub mod report;
 pub mod rogue;
+pub mod s3;
 
 pub use fleet::Fleet;
 pub use proc::{AgentProc, BrokerProc};
