@@ -21,7 +21,7 @@ pub enum BuildError {
 }
 
 /// Every capability the configuration asks for, in the order they were made: `system`
-/// always; `firewall` with `[firewall]`; `database` with `[database]`; `health` unless
+/// always; `firewall` with `[firewall]`; `database` and `backup` with `[database]`; `health` unless
 /// `health.enabled = false` (last: it runs the checks the others contribute).
 pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>, BuildError> {
     let mut all: Vec<Arc<dyn Capability>> = vec![Arc::new(crate::system::System)];
@@ -49,6 +49,14 @@ pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>,
     }
     if let Some(db) = &db {
         all.push(Arc::new(crate::db::ops::Database(db.clone())));
+        all.push(Arc::new(crate::backup::capability::Backups(
+            crate::backup::BackupManager::new(
+                db.clone(),
+                config.backup.clone(),
+                &ctx.agent_id,
+                &ctx.state_dir,
+            ),
+        )));
     }
 
     if config.health.enabled {
@@ -89,7 +97,10 @@ data_root = "{d}/db"
         let ctx = Context::standalone("db1", dir.path().join("state"));
         let caps = build(&config, &ctx).unwrap();
         let names: Vec<&str> = caps.iter().map(|c| c.name()).collect();
-        assert_eq!(names, ["system", "firewall", "database", "health"]);
+        assert_eq!(
+            names,
+            ["system", "firewall", "database", "backup", "health"]
+        );
         let mut seen = std::collections::BTreeSet::new();
         for c in &caps {
             for op in c.operations() {

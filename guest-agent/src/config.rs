@@ -49,6 +49,10 @@ pub struct Config {
     /// The twelve health checks (on by default, every 10 s).
     #[serde(default)]
     pub health: crate::health::HealthSettings,
+    /// Backups of the database (a capability whenever `[database]` is there; this
+    /// section only tunes it).
+    #[serde(default)]
+    pub backup: crate::backup::BackupSettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -220,6 +224,7 @@ impl Config {
             db.validate().map_err(|(k, p)| invalid(k, p))?;
         }
         self.health.validate().map_err(|(k, p)| invalid(k, p))?;
+        self.backup.validate().map_err(|(k, p)| invalid(k, p))?;
         if let Some(fw) = &self.firewall {
             fw.validate().map_err(|e| match e {
                 crate::firewall::FirewallError::Config { key, problem } => invalid(key, problem),

@@ -8,6 +8,7 @@
 //! [`health`]) know no link: each is one module behind [`capability::Capability`], made
 //! in [`capabilities::build`].
 
+pub mod backup;
 pub mod capabilities;
 pub mod capability;
 pub mod config;

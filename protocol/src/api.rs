@@ -31,11 +31,10 @@ impl OperationClass {
         match bare {
             "create" | "preconfigure" | "configure" | "restore" | "pitr" | "clone"
             | "add_replica" => Self::Deployment,
-            "backup" => Self::Backup,
+            "backup" | "backup.run" => Self::Backup,
             "log_upload" | "archive_push" => Self::LogUpload,
-            "ping" | "facts" | "health" | "status" | "export_template" | "firewall.status" => {
-                Self::Query
-            }
+            "ping" | "facts" | "health" | "status" | "export_template" | "firewall.status"
+            | "backup.list" => Self::Query,
             _ => Self::Management,
         }
     }

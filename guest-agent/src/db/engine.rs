@@ -140,7 +140,9 @@ fn pg_quote(s: &str) -> String {
 }
 
 /// The main configuration file (the agent's; parameters go to the include file).
-pub fn main_config(spec: &DatabaseSpec, p: &Paths) -> String {
+/// `archive_command`: PostgreSQL's WAL archiving, on when the backup capability set it
+/// (never a user parameter: the agent owns where WAL goes).
+pub fn main_config(spec: &DatabaseSpec, p: &Paths, archive_command: Option<&str>) -> String {
     let f = spec.engine;
     let port = spec.port();
     match f {
@@ -173,6 +175,14 @@ pub fn main_config(spec: &DatabaseSpec, p: &Paths) -> String {
             kv(&mut s, "log_truncate_on_rotation", "on".into());
             kv(&mut s, "log_rotation_age", pg_quote("1d"));
             kv(&mut s, "jit", "off".into());
+            if let Some(cmd) = archive_command {
+                kv(&mut s, "wal_level", "replica".into());
+                kv(&mut s, "archive_mode", "on".into());
+                kv(&mut s, "archive_command", pg_quote(cmd));
+                // A quiet database still closes a WAL segment every minute: the newest
+                // archived segment is never older than that while archiving works.
+                kv(&mut s, "archive_timeout", pg_quote("60s"));
+            }
             if spec.tls {
                 kv(&mut s, "ssl", "on".into());
                 kv(
@@ -418,6 +428,30 @@ impl Admin {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// PostgreSQL only: whether the server is still in recovery, and the commit time (ms
+    /// since the epoch) of the last transaction recovery replayed, if any.
+    pub async fn pg_recovery(&mut self) -> Result<(bool, Option<i64>), DbError> {
+        match self {
+            Admin::Postgres(c, _) => {
+                timed("reading the recovery state", async {
+                    let row = c
+                        .query_one(
+                            "SELECT pg_is_in_recovery(),
+                                    (extract(epoch from pg_last_xact_replay_timestamp()) * 1000)::bigint",
+                            &[],
+                        )
+                        .await
+                        .map_err(sql_err)?;
+                    Ok((row.get(0), row.get(1)))
+                })
+                .await
+            }
+            Admin::Mysql(_) => Err(DbError::Invalid(
+                "recovery state is PostgreSQL's".into(),
+            )),
         }
     }
 

@@ -28,6 +28,32 @@ pub trait FirewallHook: Send + Sync + std::fmt::Debug {
     async fn status(&self, spec: Option<&DatabaseSpec>) -> Result<Value, String>;
 }
 
+/// Where a new database's data directory comes from when it is not initialised empty: a
+/// backup (see [`crate::backup`]). `db.restore` hands one to [`DbManager::create`]; the
+/// database manager knows nothing of backups.
+#[async_trait]
+pub trait DataSource: Send + Sync {
+    /// What the state file remembers of the source (no secrets). A restore re-sent with
+    /// the same spec and source resumes; another source is refused like another spec.
+    fn describe(&self) -> Value;
+    /// Fills the empty data directory (a one-shot run through [`DbManager::run_tool`]).
+    async fn populate(
+        &self,
+        db: &DbManager,
+        st: &DbState,
+        progress: ProgressFn<'_>,
+    ) -> Result<Value, DbError>;
+    /// After the server first started on the restored files, before users are made: waits
+    /// until recovery has ended and the server takes writes; says what was recovered.
+    async fn finish(
+        &self,
+        db: &DbManager,
+        st: &DbState,
+        admin: &mut Admin,
+        progress: ProgressFn<'_>,
+    ) -> Result<Value, DbError>;
+}
+
 /// Environment variable for fault-injection tests only: the agent process exits right
 /// after recording the named phase (`preconfigure`), as if it were killed there. A kill
 /// at an exact point cannot be produced reliably from outside, hence this switch.
@@ -245,9 +271,11 @@ impl DbManager {
         preconfigure: bool,
         configure: bool,
         reply_key: Option<[u8; 32]>,
+        source: Option<&dyn DataSource>,
         progress: ProgressFn<'_>,
     ) -> Result<Value, DbError> {
         let validated = spec.validate()?;
+        let source_described = source.map(|s| s.describe());
         if configure && reply_key.is_none() {
             return Err(DbError::Invalid(
                 "configure returns the dbaas password sealed to the control plane: the command needs a reply_key".into(),
@@ -266,10 +294,24 @@ impl DbManager {
                 want_running: true,
                 parameters: spec.parameters.clone().into_iter().collect(),
                 restart_pending: vec![],
+                archive_command: None,
+                restored_from: source_described.clone(),
                 created_at_ms: now,
                 updated_at_ms: now,
             },
-            Some(existing) if existing.spec == spec => existing.clone(),
+            Some(existing)
+                if existing.spec == spec && existing.restored_from == source_described =>
+            {
+                existing.clone()
+            }
+            Some(existing) if existing.spec == spec => {
+                return Err(DbError::Invalid(match &existing.restored_from {
+                    Some(from) => format!(
+                        "this VM's database was restored from {from}; it cannot be made again from another source (a restore builds a new database: use a new VM)"
+                    ),
+                    None => "this VM's database was created empty; a restore builds a new database on a new VM".to_string(),
+                }))
+            }
             Some(existing) => {
                 return Err(DbError::Invalid(format!(
                     "this VM already has a {} database {:?} created with a different spec (a VM holds one database; use db.set_parameters to change parameters, db.export_template to see the spec)",
@@ -314,9 +356,14 @@ impl DbManager {
                 out["configure"] = json!("already done");
                 out["note"] = json!("the database exists; its dbaas password is not sent again");
             } else {
-                let (password, steps) = self.configure(&mut st, &validated, progress).await?;
+                let (password, steps, restored) = self
+                    .configure(&mut st, &validated, source, progress)
+                    .await?;
                 for (k, v) in steps {
                     timings.insert(k, v);
+                }
+                if let Some(r) = restored {
+                    out["restored"] = r;
                 }
                 st.phase = Phase::Configured;
                 self.save(&mut st).await?;
@@ -371,8 +418,16 @@ impl DbManager {
         &self,
         st: &mut DbState,
         validated: &params::Validated,
+        source: Option<&dyn DataSource>,
         progress: ProgressFn<'_>,
-    ) -> Result<(dbvm_protocol::seal::Secret, Vec<(String, Value)>), DbError> {
+    ) -> Result<
+        (
+            dbvm_protocol::seal::Secret,
+            Vec<(String, Value)>,
+            Option<Value>,
+        ),
+        DbError,
+    > {
         let mut steps = Vec::new();
         let rt = self.runtime(progress).await?;
         let f = st.spec.engine;
@@ -385,7 +440,17 @@ impl DbManager {
         self.write_config(st, &validated.values)?;
         steps.push(("config_ms".to_string(), json!(ms(t.elapsed()))));
 
-        if !self.paths.initialised(f) {
+        let mut restored = None;
+        if let (false, Some(source)) = (self.paths.initialised(f), source) {
+            progress(60, "restoring the data directory from the backup");
+            let t = Instant::now();
+            let data = self.paths.data.clone();
+            tokio::task::spawn_blocking(move || empty_dir(&data))
+                .await
+                .map_err(|e| DbError::Failed(format!("cleanup failed: {e}")))??;
+            restored = Some(source.populate(self, st, progress).await?);
+            steps.push(("restore_ms".to_string(), json!(ms(t.elapsed()))));
+        } else if !self.paths.initialised(f) {
             progress(60, "initialising the data directory");
             let t = Instant::now();
             // A data directory that is not initialised but not empty is what an
@@ -430,6 +495,17 @@ impl DbManager {
         )
         .await?;
         steps.push(("start_ms".to_string(), json!(ms(t.elapsed()))));
+        if let Some(source) = source {
+            progress(80, "recovering to the target");
+            let t = Instant::now();
+            let recovered = source.finish(self, st, &mut admin, progress).await?;
+            steps.push(("recover_ms".to_string(), json!(ms(t.elapsed()))));
+            let mut r = restored.take().unwrap_or_else(|| json!({}));
+            if let (Some(obj), Value::Object(rec)) = (r.as_object_mut(), recovered) {
+                obj.extend(rec);
+            }
+            restored = Some(r);
+        }
 
         progress(90, "creating the dbaas user and the user database");
         let t = Instant::now();
@@ -439,7 +515,7 @@ impl DbManager {
             .await?;
         steps.push(("users_ms".to_string(), json!(ms(t.elapsed()))));
         st.want_running = true;
-        Ok((password, steps))
+        Ok((password, steps, restored))
     }
 
     fn write_config(
@@ -451,7 +527,7 @@ impl DbManager {
         let (uid, gid) = (self.settings.uid, self.settings.gid);
         engine::write_owned(
             &self.paths.main_config(f),
-            engine::main_config(&st.spec, &self.paths).as_bytes(),
+            engine::main_config(&st.spec, &self.paths, st.archive_command.as_deref()).as_bytes(),
             0o640,
             uid,
             gid,
@@ -472,6 +548,98 @@ impl DbManager {
             uid,
             gid,
         )
+    }
+
+    // ----- for other capabilities ------------------------------------------------------
+
+    /// How a program is named for this runtime (see [`Self::run_tool`]).
+    pub fn program_fn(&self) -> impl Fn(&str) -> String + '_ {
+        self.program()
+    }
+
+    /// The state of a configured database (an error names what is missing).
+    pub async fn configured_state(&self) -> Result<DbState, DbError> {
+        Ok(self.configured().await?.1)
+    }
+
+    /// Runs a tool of the database's own image (pgBackRest, mariabackup, …) once, as the
+    /// database user, on the same directories: a one-shot container named
+    /// `<container>-<role>` (the process runtime runs the host's binary of that name).
+    /// `argv` gets the function that names a program for this runtime.
+    pub async fn run_tool(
+        &self,
+        st: &DbState,
+        role: &str,
+        argv: impl FnOnce(&dyn Fn(&str) -> String) -> Vec<String>,
+        timeout: Duration,
+    ) -> Result<crate::runtime::RunOutput, DbError> {
+        let rt = self.runtime(&|_, _| {}).await?;
+        let mut spec = self.server_container(st);
+        spec.name = format!("{}-{role}", self.settings.container_name);
+        let program = self.program();
+        spec.command = argv(&program);
+        spec.restart = RestartPolicy::No;
+        spec.labels
+            .insert("dbvm.role".to_string(), format!("database-{role}"));
+        // A one-shot left behind by a killed agent is never resumed: it is replaced.
+        let _ = rt.remove(&spec.name).await;
+        Ok(rt.run_to_completion(&spec, timeout).await?)
+    }
+
+    /// Turns PostgreSQL's WAL archiving on (`Some(command)`) or off, with the restart that
+    /// `archive_mode` needs (a changed command alone is a reload). Reported like a
+    /// parameter change.
+    pub async fn set_archive_command(
+        &self,
+        command: Option<String>,
+        progress: ProgressFn<'_>,
+    ) -> Result<Value, DbError> {
+        let (mut guard, mut st) = self.configured().await?;
+        if st.spec.engine != Flavour::Postgres {
+            return Err(DbError::Invalid(
+                "archive_command is PostgreSQL's; this database is not PostgreSQL".into(),
+            ));
+        }
+        let before = st.archive_command.clone();
+        if before == command {
+            return Ok(json!({ "changed": [], "restarted": false }));
+        }
+        let mode_changes = before.is_some() != command.is_some();
+        let all = params::validate(st.spec.engine, &st.parameters.clone().into_iter().collect())
+            .map_err(|e| DbError::Invalid(e.to_string()))?;
+        st.archive_command = command;
+        self.write_config(&st, &all.values)?;
+        if mode_changes && !st.restart_pending.contains(&"archive_mode".to_string()) {
+            st.restart_pending.push("archive_mode".to_string());
+        }
+        self.save(&mut st).await?;
+        *guard = Some(st.clone());
+        let rt = self.runtime(progress).await?;
+        let running = matches!(rt.inspect(&self.settings.container_name).await?, Some(s) if s.state == State::Running);
+        let mut restarted = false;
+        if running && mode_changes {
+            progress(30, "restarting the database: archive_mode needs it");
+            self.stop_server(rt.as_ref(), &st, Duration::from_secs(60))
+                .await?;
+            self.start_and_wait(rt.as_ref(), &st).await?;
+            st.restart_pending.retain(|k| k != "archive_mode");
+            self.save(&mut st).await?;
+            *guard = Some(st.clone());
+            restarted = true;
+        } else if running {
+            let mut admin = Admin::connect(&st.spec, &self.paths).await?;
+            admin.reload(&BTreeMap::new(), st.spec.engine).await?;
+        }
+        let mut changed = vec!["archive_command"];
+        if mode_changes {
+            changed.push("archive_mode");
+        }
+        Ok(json!({
+            "changed": changed,
+            "archive_mode": if st.archive_command.is_some() { "on" } else { "off" },
+            "restarted": restarted,
+            "restart_required": st.restart_pending,
+        }))
     }
 
     // ----- day 2 ----------------------------------------------------------------------

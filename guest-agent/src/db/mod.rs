@@ -366,6 +366,14 @@ pub struct DbState {
     /// Parameter changes written but waiting for a restart.
     #[serde(default)]
     pub restart_pending: Vec<String>,
+    /// PostgreSQL's `archive_command` while WAL archiving is on (set by the backup
+    /// capability, see [`DbManager::set_archive_command`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_command: Option<String>,
+    /// What a database restored from a backup was made from (no secrets): a re-sent
+    /// restore with the same source resumes instead of being refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<serde_json::Value>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -486,6 +494,8 @@ mod tests {
             want_running: true,
             parameters: BTreeMap::new(),
             restart_pending: vec![],
+            archive_command: None,
+            restored_from: None,
             created_at_ms: 1,
             updated_at_ms: 2,
         };

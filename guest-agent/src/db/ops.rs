@@ -148,7 +148,7 @@ impl Operation for DbOp {
                     Kind::Preconfigure => (true, false),
                     _ => (false, true),
                 };
-                m.create(spec, pre, conf, ctx.command.reply_key, &progress)
+                m.create(spec, pre, conf, ctx.command.reply_key, None, &progress)
                     .await?
             }
             Kind::Start => {

@@ -1,0 +1,207 @@
+//! The backup capability: `backup.configure`, `backup.run`, `backup.list` and
+//! `db.restore` (a deployment: it builds the database). Arguments are decoded strictly
+//! and checked, sealed keys opened, before anything runs.
+
+use super::restore::{PgRestore, Target};
+use super::storage::{Location, Storage};
+use super::{BackupError, BackupManager, RunKind};
+use crate::capability::Capability;
+use crate::db::params::Flavour;
+use crate::db::DatabaseSpec;
+use crate::dispatch::{parse_args, OpContext, OpError, Operation};
+use async_trait::async_trait;
+use dbvm_protocol::api::OperationClass;
+use dbvm_protocol::seal::Sealed;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl From<BackupError> for OpError {
+    fn from(e: BackupError) -> Self {
+        match e {
+            BackupError::Invalid(m) => OpError::BadArguments(m),
+            BackupError::Db(d) => d.into(),
+            BackupError::Failed(m) => OpError::Failed(m),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Configure,
+    Run,
+    List,
+    Restore,
+}
+
+const ALL: [(Kind, &str); 4] = [
+    (Kind::Configure, "backup.configure"),
+    (Kind::Run, "backup.run"),
+    (Kind::List, "backup.list"),
+    (Kind::Restore, "db.restore"),
+];
+
+/// Backups of this VM's database, as a capability.
+#[derive(Debug)]
+pub struct Backups(pub Arc<BackupManager>);
+
+impl Capability for Backups {
+    fn name(&self) -> &'static str {
+        "backup"
+    }
+
+    fn operations(&self) -> Vec<Arc<dyn Operation>> {
+        ALL.iter()
+            .map(|&(kind, name)| {
+                Arc::new(BackupOp {
+                    kind,
+                    name,
+                    manager: self.0.clone(),
+                }) as Arc<dyn Operation>
+            })
+            .collect()
+    }
+}
+
+struct BackupOp {
+    kind: Kind,
+    name: &'static str,
+    manager: Arc<BackupManager>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigureArgs {
+    storage: Location,
+    access_key_id: Sealed,
+    secret_access_key: Sealed,
+    #[serde(default = "default_retention")]
+    retention_days: u32,
+}
+
+fn default_retention() -> u32 {
+    7
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RunArgs {
+    #[serde(default, rename = "type")]
+    kind: RunKind,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreArgs {
+    /// The new database, as `db.create` takes it.
+    spec: DatabaseSpec,
+    /// The source's bucket; its `prefix` is required (it is the source agent's).
+    source: Location,
+    access_key_id: Sealed,
+    secret_access_key: Sealed,
+    /// `latest` or an RFC 3339 time.
+    target: String,
+}
+
+#[async_trait]
+impl Operation for BackupOp {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn class(&self) -> OperationClass {
+        match self.kind {
+            Kind::Configure => OperationClass::Management,
+            Kind::Run => OperationClass::Backup,
+            Kind::List => OperationClass::Query,
+            Kind::Restore => OperationClass::Deployment,
+        }
+    }
+
+    async fn run(&self, ctx: OpContext, args: Value) -> Result<Value, OpError> {
+        let progress_ctx = ctx.clone();
+        let progress = move |p: u8, m: &str| progress_ctx.progress(p, m);
+        let m = &self.manager;
+        match self.kind {
+            Kind::Configure => {
+                let a: ConfigureArgs = parse_args(args)?;
+                let storage = Storage::open(
+                    &a.storage,
+                    &a.access_key_id,
+                    &a.secret_access_key,
+                    &ctx.sealing_key,
+                    m.agent_id(),
+                )
+                .map_err(OpError::BadArguments)?;
+                Ok(m.configure(storage, a.retention_days, &progress).await?)
+            }
+            Kind::Run => {
+                let a: RunArgs = if args.is_null() {
+                    RunArgs::default()
+                } else {
+                    parse_args(args)?
+                };
+                Ok(m.run(a.kind, &progress).await?)
+            }
+            Kind::List => {
+                if !args.is_null() && args != Value::Object(Default::default()) {
+                    return Err(OpError::BadArguments(
+                        "backup.list takes no arguments".into(),
+                    ));
+                }
+                Ok(m.list().await?)
+            }
+            Kind::Restore => {
+                let a: RestoreArgs = parse_args(args)?;
+                let mut problems = Vec::new();
+                if a.spec.engine != Flavour::Postgres {
+                    problems.push(
+                        "spec.engine: restores are available for PostgreSQL only so far".into(),
+                    );
+                }
+                if a.source.prefix.is_none() {
+                    problems.push(
+                        "source.prefix: name the source database's folder in the bucket (its agent id by default)".to_string(),
+                    );
+                }
+                let target = Target::parse(&a.target).map_err(|e| problems.push(e));
+                let storage = Storage::open(
+                    &a.source,
+                    &a.access_key_id,
+                    &a.secret_access_key,
+                    &ctx.sealing_key,
+                    "",
+                )
+                .map_err(|e| problems.push(e));
+                let (Ok(target), Ok(storage), true) = (target, storage, problems.is_empty()) else {
+                    return Err(OpError::BadArguments(problems.join("\n")));
+                };
+                if let Target::Time(ms) = target {
+                    if ms > dbvm_protocol::now_ms() {
+                        return Err(OpError::BadArguments(format!(
+                            "target: {} is in the future",
+                            a.target
+                        )));
+                    }
+                }
+                let source = PgRestore {
+                    storage,
+                    target,
+                    tuning: m.settings().tuning(),
+                    timeout: Duration::from_secs(m.settings().timeout_s),
+                };
+                Ok(m.db()
+                    .create(
+                        a.spec,
+                        true,
+                        true,
+                        ctx.command.reply_key,
+                        Some(&source),
+                        &progress,
+                    )
+                    .await?)
+            }
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! Backups: the database's data and its transaction logs to S3 over TLS, and new
+//! databases restored from them. One capability beside `db/`, `firewall/` and `health/`
+//! (see [`capability`]); it reaches the database only through [`DbManager`]'s hooks
+//! ([`DbManager::run_tool`], [`DbManager::set_archive_command`], the restore
+//! [`crate::db::manager::DataSource`]).
+//!
+//! PostgreSQL is backed up with pgBackRest ([`pgbackrest`]): the agent writes its config
+//! (the only place the S3 keys are stored, 0600, the database user's), creates the stanza,
+//! turns WAL archiving on (`archive_command` inside the database's container, applied
+//! with the restart `archive_mode` needs) and runs `check`; then each `backup.run` is the
+//! first of a chain (full) or the next in it (incremental); a new chain starts when the
+//! current one is older than the retention (chain expiry = creation + retention days, as
+//! DSM has it). `db.restore` builds a new database from a bucket and prefix up to a point
+//! in time ([`restore`]).
+//!
+//! Not built yet (issue 12 continues): MariaDB/MySQL streamed backups, the cloud bucket,
+//! the daily purger, WAL caps, health checks 9/10 from archive state, restore drills,
+//! in-place recover, schedules.
+
+pub mod capability;
+pub mod pgbackrest;
+pub mod restore;
+pub mod storage;
+
+use crate::db::params::Flavour;
+use crate::db::{DbError, DbManager, DbState};
+use pgbackrest::{BackupSet, Info, Tuning};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage::Storage;
+use tokio::sync::Mutex;
+
+/// The agent's `[backup]` section (all optional).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSettings {
+    /// Seconds a storage call may stall before it fails.
+    pub io_timeout_s: u64,
+    /// Parallel processes of one backup or restore.
+    pub process_max: u32,
+    /// How long one backup or restore may take in all.
+    pub timeout_s: u64,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        Self {
+            io_timeout_s: 60,
+            process_max: 2,
+            timeout_s: 6 * 3600,
+        }
+    }
+}
+
+impl BackupSettings {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, p: &str| Err((format!("backup.{k}"), p.to_string()));
+        if !(1..=3600).contains(&self.io_timeout_s) {
+            return bad("io_timeout_s", "must be 1..3600");
+        }
+        if !(1..=64).contains(&self.process_max) {
+            return bad("process_max", "must be 1..64");
+        }
+        if !(60..=7 * 86400).contains(&self.timeout_s) {
+            return bad("timeout_s", "must be 60..604800");
+        }
+        Ok(())
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            io_timeout_s: self.io_timeout_s,
+            process_max: self.process_max,
+        }
+    }
+}
+
+/// What the agent remembers of its backups (`state_dir/backup/state.json`; no secrets).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BackupState {
+    /// Endpoint, bucket, region, prefix.
+    pub location: Value,
+    pub retention_days: u32,
+    pub configured_at_ms: i64,
+}
+
+/// Why a backup operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Refused before anything changed.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+pub type Progress<'a> = crate::db::manager::ProgressFn<'a>;
+
+/// Backups of this VM's database.
+pub struct BackupManager {
+    db: Arc<DbManager>,
+    settings: BackupSettings,
+    agent_id: String,
+    state_path: PathBuf,
+    /// One backup operation at a time (pgBackRest holds its own lock too).
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for BackupManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupManager")
+            .field("state", &self.state_path)
+            .finish()
+    }
+}
+
+impl BackupManager {
+    pub fn new(
+        db: Arc<DbManager>,
+        settings: BackupSettings,
+        agent_id: &str,
+        state_dir: &Path,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            settings,
+            agent_id: agent_id.to_string(),
+            state_path: state_dir.join("backup").join("state.json"),
+            busy: Mutex::new(()),
+        })
+    }
+
+    pub fn db(&self) -> &Arc<DbManager> {
+        &self.db
+    }
+
+    pub fn settings(&self) -> &BackupSettings {
+        &self.settings
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    fn load(&self) -> Result<Option<BackupState>, BackupError> {
+        match std::fs::read(&self.state_path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                BackupError::Failed(format!(
+                    "the backup state file {} is damaged: {e}",
+                    self.state_path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BackupError::Failed(format!(
+                "cannot read {}: {e}",
+                self.state_path.display()
+            ))),
+        }
+    }
+
+    fn save(&self, st: &BackupState) -> Result<(), BackupError> {
+        let dir = self.state_path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackupError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        let bytes = serde_json::to_vec_pretty(st)
+            .map_err(|e| BackupError::Failed(format!("cannot encode the backup state: {e}")))?;
+        dbvm_host::fs::write_atomic(&self.state_path, &bytes, 0o600).map_err(|e| {
+            BackupError::Failed(format!("cannot write {}: {e}", self.state_path.display()))
+        })
+    }
+
+    async fn postgres(&self) -> Result<DbState, BackupError> {
+        let st = self.db.configured_state().await?;
+        match st.spec.engine {
+            Flavour::Postgres => Ok(st),
+            other => Err(BackupError::Invalid(format!(
+                "backups of {} databases are not available in this agent yet (PostgreSQL only so far)",
+                format!("{other:?}").to_lowercase()
+            ))),
+        }
+    }
+
+    /// Runs pgBackRest once in a one-shot container; a non-zero exit is explained.
+    async fn pgbackrest(
+        &self,
+        st: &DbState,
+        config: &Path,
+        args: &[String],
+        command: &str,
+        timeout: Duration,
+    ) -> Result<crate::runtime::RunOutput, BackupError> {
+        let config = config.to_path_buf();
+        let out = self
+            .db
+            .run_tool(
+                st,
+                "backup",
+                |program| pgbackrest::argv(program, &config, args, command),
+                timeout,
+            )
+            .await?;
+        if out.exit_code != 0 {
+            return Err(BackupError::Failed(format!(
+                "pgbackrest {command}: {}",
+                pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr)
+            )));
+        }
+        Ok(out)
+    }
+
+    fn write_owned(&self, path: &Path, bytes: &[u8], mode: u32) -> Result<(), BackupError> {
+        let s = self.db.settings();
+        Ok(crate::db::engine::write_owned(
+            path, bytes, mode, s.uid, s.gid,
+        )?)
+    }
+
+    /// Makes the pgBackRest directories the database user writes to.
+    fn prepare_dirs(&self) -> Result<(), BackupError> {
+        let p = self.db.paths();
+        let s = self.db.settings();
+        for dir in [p.log.join("pgbackrest"), p.run.join("pgbackrest")] {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                BackupError::Failed(format!("cannot create {}: {e}", dir.display()))
+            })?;
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(s.uid)),
+                Some(nix::unistd::Gid::from_raw(s.gid)),
+            )
+            .map_err(|e| BackupError::Failed(format!("cannot chown {}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+
+    /// `backup.configure`: checks the bucket with the new keys before anything of the
+    /// running setup changes, then switches pgBackRest's config, turns WAL archiving on
+    /// and proves it with `pgbackrest check`.
+    pub async fn configure(
+        &self,
+        storage: Storage,
+        retention_days: u32,
+        progress: Progress<'_>,
+    ) -> Result<Value, BackupError> {
+        if !(1..=3650).contains(&retention_days) {
+            return Err(BackupError::Invalid(
+                "retention_days: must be 1..3650".into(),
+            ));
+        }
+        let st = self.postgres().await?;
+        let _busy = self.busy.lock().await;
+        let t = Instant::now();
+        let p = self.db.paths().clone();
+        self.prepare_dirs()?;
+        let ca = match &storage.ca_pem {
+            Some(pem) => {
+                let path = pgbackrest::ca_path(&p, "backup");
+                self.write_owned(&path, pem.as_bytes(), 0o644)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let text = pgbackrest::config(
+            &storage,
+            ca.as_deref(),
+            &p,
+            st.spec.port(),
+            self.settings.tuning(),
+        );
+        // The candidate config is tried first: a wrong key, bucket or CA leaves the
+        // working setup as it was.
+        let live = pgbackrest::config_path(&p);
+        let candidate = p.conf.join("pgbackrest.conf.new");
+        self.write_owned(&candidate, text.as_bytes(), 0o600)?;
+        progress(10, "creating the stanza in the bucket");
+        let io = Duration::from_secs(self.settings.io_timeout_s * 4 + 60);
+        if let Err(e) = self
+            .pgbackrest(&st, &candidate, &[], "stanza-create", io)
+            .await
+        {
+            let _ = std::fs::remove_file(&candidate);
+            return Err(e);
+        }
+        std::fs::rename(&candidate, &live).map_err(|e| {
+            BackupError::Failed(format!("cannot move {} in place: {e}", live.display()))
+        })?;
+        dbvm_host::fs::sync_dir(&p.conf)
+            .map_err(|e| BackupError::Failed(format!("cannot sync {}: {e}", p.conf.display())))?;
+        progress(40, "turning WAL archiving on");
+        let archive = {
+            let program = self.db.program_fn();
+            pgbackrest::archive_command(&program, &live)
+        };
+        let params = self.db.set_archive_command(Some(archive), progress).await?;
+        progress(80, "checking that WAL reaches the bucket");
+        self.pgbackrest(&st, &live, &[], "check", io).await?;
+        let state = BackupState {
+            location: storage.describe(),
+            retention_days,
+            configured_at_ms: dbvm_protocol::now_ms(),
+        };
+        self.save(&state)?;
+        progress(100, "backups configured");
+        Ok(json!({
+            "stanza": pgbackrest::STANZA,
+            "location": state.location,
+            "retention_days": retention_days,
+            "parameters": params,
+            "check": "ok",
+            "took_ms": t.elapsed().as_millis() as u64,
+        }))
+    }
+
+    fn configured(&self) -> Result<BackupState, BackupError> {
+        self.load()?.ok_or_else(|| {
+            BackupError::Invalid(
+                "backups are not configured on this VM (send backup.configure first)".into(),
+            )
+        })
+    }
+
+    /// `pgbackrest info`, read.
+    pub async fn info(&self, st: &DbState) -> Result<Info, BackupError> {
+        let live = pgbackrest::config_path(self.db.paths());
+        let io = Duration::from_secs(self.settings.io_timeout_s * 4 + 60);
+        let out = self
+            .pgbackrest(st, &live, &["--output=json".to_string()], "info", io)
+            .await?;
+        pgbackrest::parse_info(&out.stdout).map_err(BackupError::Failed)
+    }
+
+    /// `backup.run`: `auto` is full for the first backup of a chain and incremental
+    /// after it; a chain older than the retention starts a new one.
+    pub async fn run(&self, kind: RunKind, progress: Progress<'_>) -> Result<Value, BackupError> {
+        let st = self.postgres().await?;
+        let state = self.configured()?;
+        let _busy = self.busy.lock().await;
+        let t = Instant::now();
+        progress(5, "reading the repository");
+        let info = self.info(&st).await?;
+        if !info.reachable() {
+            return Err(BackupError::Failed(format!(
+                "the backup repository is not usable: {} ({})",
+                info.status_message,
+                info.repo_message.unwrap_or_default()
+            )));
+        }
+        let now = dbvm_protocol::now_ms();
+        let (kind, why) = choose(kind, &info.backups, state.retention_days, now);
+        progress(10, &format!("{kind} backup starting ({why})"));
+        let live = pgbackrest::config_path(self.db.paths());
+        self.pgbackrest(
+            &st,
+            &live,
+            &[format!("--type={kind}")],
+            "backup",
+            Duration::from_secs(self.settings.timeout_s),
+        )
+        .await?;
+        progress(90, "reading the new backup");
+        let after = self.info(&st).await?;
+        let new = after
+            .backups
+            .iter()
+            .rfind(|b| !info.backups.iter().any(|o| o.label == b.label))
+            .cloned()
+            .ok_or_else(|| {
+                BackupError::Failed(
+                    "pgbackrest backup succeeded but no new backup is listed".into(),
+                )
+            })?;
+        let chain = chains(&after.backups, state.retention_days)
+            .into_iter()
+            .find(|c| c.backups.iter().any(|b| b.label == new.label));
+        Ok(json!({
+            "label": new.label,
+            "type": new.kind,
+            "why": why,
+            "chain": chain.map(|c| json!({"full": c.full, "created_ms": c.created_ms, "expires_ms": c.expires_ms, "backups": c.backups.len()})),
+            "size_bytes": new.size_bytes,
+            "repo_size_bytes": new.repo_size_bytes,
+            "started_ms": new.started_ms,
+            "stopped_ms": new.stopped_ms,
+            "wal_start": new.wal_start,
+            "wal_stop": new.wal_stop,
+            "took_ms": t.elapsed().as_millis() as u64,
+        }))
+    }
+
+    /// `backup.list`: chains, sizes, and the window a restore can reach.
+    pub async fn list(&self) -> Result<Value, BackupError> {
+        let st = self.postgres().await?;
+        let state = self.configured()?;
+        let info = self.info(&st).await?;
+        let chains = chains(&info.backups, state.retention_days);
+        let window = info.backups.iter().find(|b| !b.error).map(|first| {
+            json!({
+                "from_ms": first.stopped_ms,
+                "newest_backup_ms": info.backups.iter().map(|b| b.stopped_ms).max(),
+                "archived_wal_to": info.archive_max,
+            })
+        });
+        Ok(json!({
+            "location": state.location,
+            "retention_days": state.retention_days,
+            "status": {"code": info.status_code, "message": info.status_message, "repo": info.repo_message},
+            "chains": chains,
+            "archive": {"min": info.archive_min, "max": info.archive_max},
+            "recoverable": window,
+        }))
+    }
+}
+
+/// What `backup.run` is asked for.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    #[default]
+    Auto,
+    Full,
+    Incr,
+}
+
+/// A full backup and the incrementals that depend on it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Chain {
+    pub full: String,
+    pub created_ms: i64,
+    /// Creation + retention days: after this, the next backup starts a new chain; the
+    /// chain itself is purged once its last backup has expired too.
+    pub expires_ms: i64,
+    pub backups: Vec<BackupSet>,
+    pub size_bytes: u64,
+    pub repo_size_bytes: u64,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Groups backups into chains, oldest first.
+pub fn chains(backups: &[BackupSet], retention_days: u32) -> Vec<Chain> {
+    let mut out: Vec<Chain> = Vec::new();
+    for b in backups {
+        if b.kind == "full" || out.is_empty() {
+            out.push(Chain {
+                full: b.label.clone(),
+                created_ms: b.started_ms,
+                expires_ms: b.started_ms + i64::from(retention_days) * DAY_MS,
+                backups: Vec::new(),
+                size_bytes: 0,
+                repo_size_bytes: 0,
+            });
+        }
+        if let Some(c) = out.last_mut() {
+            c.size_bytes += b.size_bytes;
+            c.repo_size_bytes += b.repo_size_bytes;
+            c.backups.push(b.clone());
+        }
+    }
+    out
+}
+
+/// The kind of the next backup, and why.
+pub fn choose(
+    asked: RunKind,
+    backups: &[BackupSet],
+    retention_days: u32,
+    now_ms: i64,
+) -> (&'static str, String) {
+    let current = chains(backups, retention_days).pop();
+    match (asked, current) {
+        (RunKind::Full, _) => ("full", "asked for".into()),
+        (_, None) => (
+            "full",
+            "first backup: a chain starts with a full one".into(),
+        ),
+        (RunKind::Auto, Some(c)) if now_ms >= c.expires_ms => (
+            "full",
+            format!(
+                "chain {} is older than the retention of {retention_days} days: a new chain starts",
+                c.full
+            ),
+        ),
+        (RunKind::Incr, Some(c)) => ("incr", format!("asked for, in chain {}", c.full)),
+        (RunKind::Auto, Some(c)) => ("incr", format!("next in chain {}", c.full)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(label: &str, kind: &str, started_ms: i64) -> BackupSet {
+        BackupSet {
+            label: label.into(),
+            kind: kind.into(),
+            prior: None,
+            started_ms,
+            stopped_ms: started_ms + 1000,
+            size_bytes: 10,
+            repo_size_bytes: 1,
+            wal_start: None,
+            wal_stop: None,
+            error: false,
+        }
+    }
+
+    #[test]
+    fn the_first_backup_is_full_then_incremental_until_the_chain_expires() {
+        let now = 100 * DAY_MS;
+        assert_eq!(choose(RunKind::Auto, &[], 7, now).0, "full");
+        assert_eq!(choose(RunKind::Incr, &[], 7, now).0, "full");
+        let b = vec![
+            set("F1", "full", now - 2 * DAY_MS),
+            set("I1", "incr", now - DAY_MS),
+        ];
+        assert_eq!(choose(RunKind::Auto, &b, 7, now).0, "incr");
+        assert_eq!(choose(RunKind::Full, &b, 7, now).0, "full");
+        let (k, why) = choose(RunKind::Auto, &b, 1, now);
+        assert_eq!(k, "full");
+        assert!(why.contains("F1"), "{why}");
+        let c = chains(&b, 7);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].backups.len(), 2);
+        assert_eq!(c[0].expires_ms, now - 2 * DAY_MS + 7 * DAY_MS);
+        assert_eq!(c[0].size_bytes, 20);
+    }
+}

@@ -1,0 +1,270 @@
+//! `db.restore`: a new database from another database's backups, up to a point in time.
+//!
+//! The source's keys go into a pgBackRest config of the restore's own (0600, the database
+//! user's), used by `pgbackrest restore` and then by PostgreSQL's `restore_command` while
+//! it replays WAL; it is removed as soon as recovery has ended. The restored database
+//! does not archive into the source's repository: its own `backup.configure` gives it
+//! one.
+
+use super::pgbackrest::{self, Tuning};
+use super::storage::Storage;
+use crate::db::engine::Admin;
+use crate::db::manager::{DataSource, ProgressFn};
+use crate::db::{DbError, DbManager, DbState};
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// How far to recover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Everything archived.
+    Latest,
+    /// A point in time (ms since the epoch, UTC).
+    Time(i64),
+}
+
+impl Target {
+    /// `latest` or an RFC 3339 time (`2026-12-03T18:00:00.250Z`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "latest" {
+            return Ok(Self::Latest);
+        }
+        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| {
+                format!("target: {s:?} is neither \"latest\" nor an RFC 3339 time ({e})")
+            })?;
+        Ok(Self::Time((t.unix_timestamp_nanos() / 1_000_000) as i64))
+    }
+
+    fn describe(&self) -> Value {
+        match self {
+            Self::Latest => json!("latest"),
+            Self::Time(ms) => json!(rfc3339(*ms)),
+        }
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// PostgreSQL's timestamp syntax for `recovery_target_time`, UTC, microseconds.
+fn pg_time(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+/// A PostgreSQL restore from a pgBackRest repository.
+pub struct PgRestore {
+    pub storage: Storage,
+    pub target: Target,
+    pub tuning: Tuning,
+    pub timeout: Duration,
+}
+
+impl PgRestore {
+    fn args(&self) -> Vec<String> {
+        let mut a = vec![format!("--process-max={}", self.tuning.process_max)];
+        match self.target {
+            Target::Latest => a.push("--type=default".into()),
+            Target::Time(ms) => {
+                a.push("--type=time".into());
+                a.push(format!("--target={}", pg_time(ms)));
+                a.push("--target-action=promote".into());
+            }
+        }
+        a
+    }
+}
+
+#[async_trait]
+impl DataSource for PgRestore {
+    fn describe(&self) -> Value {
+        json!({ "location": self.storage.describe(), "target": self.target.describe() })
+    }
+
+    async fn populate(
+        &self,
+        db: &DbManager,
+        st: &DbState,
+        progress: ProgressFn<'_>,
+    ) -> Result<Value, DbError> {
+        let p = db.paths().clone();
+        let s = db.settings();
+        for dir in [p.log.join("pgbackrest"), p.run.join("pgbackrest")] {
+            std::fs::create_dir_all(&dir).map_err(|e| DbError::io("create", &dir, e))?;
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(s.uid)),
+                Some(nix::unistd::Gid::from_raw(s.gid)),
+            )
+            .map_err(|e| DbError::Failed(format!("cannot chown {}: {e}", dir.display())))?;
+        }
+        let ca = match &self.storage.ca_pem {
+            Some(pem) => {
+                let path = pgbackrest::ca_path(&p, "restore");
+                crate::db::engine::write_owned(&path, pem.as_bytes(), 0o644, s.uid, s.gid)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let config = pgbackrest::restore_config_path(&p);
+        let text = pgbackrest::config(
+            &self.storage,
+            ca.as_deref(),
+            &p,
+            st.spec.port(),
+            self.tuning,
+        );
+        crate::db::engine::write_owned(&config, text.as_bytes(), 0o600, s.uid, s.gid)?;
+        progress(
+            62,
+            &format!(
+                "pgbackrest restore from {}/{} to {}",
+                self.storage.bucket,
+                self.storage.prefix,
+                self.target.describe()
+            ),
+        );
+        let args = self.args();
+        let out = db
+            .run_tool(
+                st,
+                "restore",
+                |program| pgbackrest::argv(program, &config, &args, "restore"),
+                self.timeout,
+            )
+            .await?;
+        if out.exit_code != 0 {
+            let _ = std::fs::remove_file(&config);
+            let text = format!("{}\n{}", out.stdout, out.stderr);
+            let hint = if text.contains("unable to find backup set")
+                || text.contains("no backup set found")
+            {
+                " — the target is before the first backup of this repository; see backup.list on the source for the recoverable window"
+            } else {
+                ""
+            };
+            return Err(DbError::Failed(format!(
+                "restore failed{hint}: {}",
+                pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr)
+            )));
+        }
+        // The backup set pgBackRest chose is in its log line "restore backup set …".
+        let set = pgbackrest_log_set(&p.log.join("pgbackrest"));
+        Ok(json!({ "backup_set": set, "target": self.target.describe() }))
+    }
+
+    async fn finish(
+        &self,
+        db: &DbManager,
+        _st: &DbState,
+        admin: &mut Admin,
+        progress: ProgressFn<'_>,
+    ) -> Result<Value, DbError> {
+        let p = db.paths().clone();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut said = false;
+        let (_, replayed) = loop {
+            match admin.pg_recovery().await {
+                Ok((false, replayed)) => break (false, replayed),
+                Ok((true, _)) => {}
+                Err(e) => {
+                    // The server ends itself when the target cannot be reached.
+                    let _ = std::fs::remove_file(pgbackrest::restore_config_path(&p));
+                    return Err(DbError::Failed(format!(
+                        "recovery did not finish: {e}{}",
+                        server_log_reason(&p.log)
+                    )));
+                }
+            }
+            if !said {
+                progress(82, "replaying WAL up to the target");
+                said = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DbError::Failed(format!(
+                    "recovery did not finish within {:?}",
+                    self.timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // Recovery is over: the source's keys are no longer needed on this VM.
+        let config = pgbackrest::restore_config_path(&p);
+        std::fs::remove_file(&config).map_err(|e| DbError::io("remove", &config, e))?;
+        Ok(json!({
+            "recovered_to_ms": replayed,
+            "recovered_to": replayed.map(rfc3339),
+        }))
+    }
+}
+
+/// The label in pgBackRest's newest "restore backup set" log line, if any.
+fn pgbackrest_log_set(dir: &std::path::Path) -> Option<String> {
+    let text =
+        std::fs::read_to_string(dir.join(format!("{}-restore.log", pgbackrest::STANZA))).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.split("restore backup set ").nth(1))
+        .map(|s| s.split([',', ' ']).next().unwrap_or(s).to_string())
+}
+
+/// The last FATAL line of PostgreSQL's newest log, to say why recovery stopped.
+fn server_log_reason(dir: &std::path::Path) -> String {
+    let newest = std::fs::read_dir(dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("postgresql-"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    newest
+        .and_then(|e| std::fs::read_to_string(e.path()).ok())
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find(|l| l.contains("FATAL:"))
+                .map(|l| format!(" (the server said: {})", l.trim()))
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(Target::parse("latest").unwrap(), Target::Latest);
+        assert_eq!(
+            Target::parse("2026-12-03T18:00:00.250Z").unwrap(),
+            Target::Time(1_796_320_800_250)
+        );
+        assert_eq!(
+            Target::parse("2026-12-03T19:00:00.250+01:00").unwrap(),
+            Target::Time(1_796_320_800_250)
+        );
+        assert!(Target::parse("yesterday").unwrap_err().contains("RFC 3339"));
+        assert_eq!(pg_time(1_796_320_800_250), "2026-12-03 18:00:00.250000+00");
+        assert_eq!(rfc3339(1_796_320_800_250), "2026-12-03T18:00:00.25Z");
+    }
+}

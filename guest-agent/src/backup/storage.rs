@@ -1,0 +1,290 @@
+//! Where backups go: an S3 bucket over TLS, as a command names it. Everything is checked
+//! before anything is written; the access keys arrive sealed to this agent and stay
+//! [`Secret`]s (never printed, never in a result or an error).
+
+use dbvm_protocol::seal::{Sealed, SealingKey, Secret};
+use serde::{Deserialize, Serialize};
+
+/// A bucket as a command names it (the secrets travel beside it, sealed).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Location {
+    /// `https://host[:port]`. Plain `http://` is refused: backups travel over TLS only.
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// The repository's folder in the bucket; the agent's id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// PEM of the CA that signed the endpoint's certificate, when it is not a public one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// A checked location with its keys.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pub host: String,
+    pub port: u16,
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
+    pub ca_pem: Option<String>,
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+}
+
+impl Storage {
+    /// Checks `location` and opens the sealed keys. Every problem is named; no secret is
+    /// ever part of the message.
+    pub fn open(
+        location: &Location,
+        access_key_id: &Sealed,
+        secret_access_key: &Sealed,
+        key: &SealingKey,
+        default_prefix: &str,
+    ) -> Result<Self, String> {
+        let mut problems = Vec::new();
+        let (host, port) = match parse_endpoint(&location.endpoint) {
+            Ok(hp) => hp,
+            Err(e) => {
+                problems.push(format!("endpoint: {e}"));
+                (String::new(), 0)
+            }
+        };
+        if let Err(e) = check_bucket(&location.bucket) {
+            problems.push(format!("bucket: {e}"));
+        }
+        if location.region.is_empty()
+            || location.region.len() > 64
+            || !location
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            problems.push(format!(
+                "region: {:?} is not a region name (lower-case letters, digits, '-')",
+                location.region
+            ));
+        }
+        let prefix = location
+            .prefix
+            .clone()
+            .unwrap_or_else(|| default_prefix.to_string());
+        if let Err(e) = check_prefix(&prefix) {
+            problems.push(format!("prefix: {e}"));
+        }
+        if let Some(pem) = &location.ca_pem {
+            if !pem.contains("-----BEGIN CERTIFICATE-----") || pem.len() > 64 * 1024 {
+                problems.push("ca_pem: not a PEM certificate (at most 64 KiB)".into());
+            }
+        }
+        let open = |name: &str, sealed: &Sealed, problems: &mut Vec<String>| match key.open(sealed)
+        {
+            Ok(s) if !s.expose().is_empty() && s.expose().len() <= 256 => Some(s),
+            Ok(_) => {
+                problems.push(format!("{name}: empty or longer than 256 characters"));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                None
+            }
+        };
+        let access_key_id = open("access_key_id", access_key_id, &mut problems);
+        let secret_access_key = open("secret_access_key", secret_access_key, &mut problems);
+        for (name, s) in [
+            ("access_key_id", &access_key_id),
+            ("secret_access_key", &secret_access_key),
+        ] {
+            // The keys end up in a config file of `key=value` lines.
+            if s.as_ref()
+                .is_some_and(|s| s.expose().chars().any(|c| c.is_control()))
+            {
+                problems.push(format!("{name}: contains a control character"));
+            }
+        }
+        match (access_key_id, secret_access_key) {
+            (Some(access_key_id), Some(secret_access_key)) if problems.is_empty() => Ok(Self {
+                host,
+                port,
+                bucket: location.bucket.clone(),
+                region: location.region.clone(),
+                prefix,
+                ca_pem: location.ca_pem.clone(),
+                access_key_id,
+                secret_access_key,
+            }),
+            _ => Err(problems.join("\n")),
+        }
+    }
+
+    /// The location without secrets, for results and the state file.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "endpoint": format!("https://{}:{}", self.host, self.port),
+            "bucket": self.bucket,
+            "region": self.region,
+            "prefix": self.prefix,
+        })
+    }
+}
+
+/// `https://host[:port][/]` → host and port (443 when absent). Written by hand: four
+/// rules, and the refusals must say why (plain HTTP, an IP address, a path).
+pub fn parse_endpoint(endpoint: &str) -> Result<(String, u16), String> {
+    if endpoint.starts_with("http://") {
+        return Err(format!(
+            "{endpoint:?} is plain HTTP: backups travel over TLS only (https://)"
+        ));
+    }
+    let rest = endpoint.strip_prefix("https://").ok_or_else(|| {
+        format!("{endpoint:?} is not an https:// URL (expected https://host[:port])")
+    })?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "{endpoint:?} has a path, query or user part: give https://host[:port] only"
+        ));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{endpoint:?}: port {p:?} is not 1..65535"))?,
+        ),
+        None => (rest, 443),
+    };
+    if host.is_empty()
+        || host.len() > 253
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        || host.starts_with(['-', '.'])
+    {
+        return Err(format!("{endpoint:?}: {host:?} is not a host name"));
+    }
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        // pgBackRest 2.45 checks only the DNS names of the server's certificate.
+        return Err(format!(
+            "{endpoint:?}: give the endpoint's DNS name, not an IP address (pgBackRest verifies the certificate against DNS names only)"
+        ));
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// S3 bucket naming rules (the strict, DNS-compatible ones).
+fn check_bucket(b: &str) -> Result<(), String> {
+    let ok_chars = b
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let ends_ok = b
+        .chars()
+        .next()
+        .zip(b.chars().last())
+        .is_some_and(|(f, l)| f.is_ascii_alphanumeric() && l.is_ascii_alphanumeric());
+    if (3..=63).contains(&b.len()) && ok_chars && ends_ok && !b.contains("..") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{b:?} is not a bucket name (3-63 lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// A folder inside the bucket: segments of letters, digits, `-`, `_`, `.`, no `..`.
+fn check_prefix(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 128
+        && p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{p:?} is not a folder name (segments of letters, digits, '-', '_', '.' separated by '/', at most 128)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_https_host_names() {
+        assert_eq!(
+            parse_endpoint("https://localhost:9443").unwrap(),
+            ("localhost".into(), 9443)
+        );
+        assert_eq!(
+            parse_endpoint("https://S3.example.com/").unwrap(),
+            ("s3.example.com".into(), 443)
+        );
+        for (bad, needle) in [
+            ("http://localhost:9000", "plain HTTP"),
+            ("ftp://x", "not an https"),
+            ("https://127.0.0.1:9443", "not an IP address"),
+            ("https://localhost:0", "port"),
+            ("https://localhost:9443/bucket", "path"),
+            ("https://user@localhost", "path"),
+            ("https://", "not a host name"),
+            ("https://a b", "not a host name"),
+        ] {
+            let e = parse_endpoint(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_named_and_no_secret_is_shown() {
+        let key = SealingKey::generate();
+        let other = SealingKey::generate();
+        let ak = Sealed::seal(&key.public_key(), "AKIDSECRETVALUE").unwrap();
+        let sk = Sealed::seal(&other.public_key(), "s3cr3t-v4lue").unwrap();
+        let loc = Location {
+            endpoint: "http://x".into(),
+            bucket: "B".into(),
+            region: "US".into(),
+            prefix: Some("../x".into()),
+            ca_pem: Some("junk".into()),
+        };
+        let e = Storage::open(&loc, &ak, &sk, &key, "db1").unwrap_err();
+        for needle in [
+            "endpoint:",
+            "bucket:",
+            "region:",
+            "prefix:",
+            "ca_pem:",
+            "secret_access_key:",
+        ] {
+            assert!(e.contains(needle), "{needle} missing from {e}");
+        }
+        assert!(!e.contains("AKIDSECRETVALUE") && !e.contains("s3cr3t"));
+        let sk = Sealed::seal(&key.public_key(), "s3cr3t-v4lue").unwrap();
+        let good = Location {
+            endpoint: "https://localhost:9443".into(),
+            bucket: "dbvm".into(),
+            region: "us-east-1".into(),
+            prefix: None,
+            ca_pem: None,
+        };
+        let s = Storage::open(&good, &ak, &sk, &key, "db1").unwrap();
+        assert_eq!(s.prefix, "db1");
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+        assert!(!s.describe().to_string().contains("AKID"));
+    }
+}

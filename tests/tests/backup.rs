@@ -1,0 +1,427 @@
+//! Backups end to end: a real broker, real agents, PostgreSQL and pgBackRest in the
+//! database image on a real Docker engine, an S3 server that verifies signatures behind
+//! TLS (`dbvm_e2e::s3`). Every step is a signed command; the S3 keys travel sealed.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use dbvm_e2e::s3::S3Server;
+use dbvm_e2e::{AgentProc, BrokerProc, Fleet};
+use dbvm_protocol::api::{CommandState, CommandView};
+use dbvm_protocol::seal::Sealed;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Vm {
+    agent: AgentProc,
+    port: u16,
+}
+
+struct Rig {
+    fleet: Fleet,
+    broker: BrokerProc,
+    client: dbvmctl::Client,
+    engine: dbvm_e2e::docker::Engine,
+    s3: S3Server,
+    vms: Vec<String>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for c in &self.vms {
+            for suffix in ["", "-init", "-backup", "-restore"] {
+                self.engine.remove_container(&format!("{c}{suffix}"));
+            }
+        }
+    }
+}
+
+impl Rig {
+    async fn new() -> Self {
+        let engine = dbvm_e2e::docker::engine();
+        let fleet = Fleet::new();
+        let broker = fleet.start_broker("");
+        let client = fleet.client(&broker);
+        let s3 = S3Server::start(&fleet.path("s3"));
+        Self {
+            fleet,
+            broker,
+            client,
+            engine,
+            s3,
+            vms: Vec::new(),
+        }
+    }
+
+    /// An enrolled agent with its own data root and container; storage calls give up
+    /// after 5 s so that failures are quick.
+    async fn vm(&mut self, id: &str) -> Vm {
+        let container = dbvm_e2e::docker::unique_name("dbvm-bk");
+        self.vms.push(container.clone());
+        let section =
+            self.engine
+                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
+        let section = format!("{section}\n[backup]\nio_timeout_s = 5\n");
+        let agent = self
+            .fleet
+            .enroll_agent(&self.client, self.broker.agent_addr, id, &section)
+            .await;
+        Vm {
+            agent,
+            port: dbvm_e2e::docker::free_port(),
+        }
+    }
+
+    async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
+        self.fleet
+            .send(&self.client, &vm.agent, operation, args)
+            .await
+    }
+
+    async fn ok(&self, vm: &Vm, operation: &str, args: Value) -> Value {
+        self.fleet
+            .send_ok(&self.client, &vm.agent, operation, args)
+            .await
+    }
+
+    async fn refused(&self, vm: &Vm, operation: &str, args: Value) -> (CommandState, String) {
+        let v = self.send(vm, operation, args).await;
+        assert!(
+            matches!(v.state, CommandState::Failed | CommandState::Rejected),
+            "{operation} should fail: {v:?}"
+        );
+        (
+            v.state,
+            v.error
+                .map(|e| format!("{}: {}", e.code, e.message))
+                .unwrap_or_default(),
+        )
+    }
+
+    async fn seal_to(&self, vm: &Vm, secret: &str) -> Sealed {
+        let agent = self
+            .client
+            .agents()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.id == vm.agent.id)
+            .expect("agent listed");
+        let key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
+            .unwrap();
+        Sealed::seal(&key, secret).unwrap()
+    }
+
+    fn location(&self, bucket: &str, prefix: Option<&str>) -> Value {
+        let mut l = json!({
+            "endpoint": self.s3.endpoint_url(),
+            "bucket": bucket,
+            "region": self.s3.region,
+            "ca_pem": std::fs::read_to_string(&self.s3.ca_pem_path).unwrap(),
+        });
+        if let Some(p) = prefix {
+            l["prefix"] = json!(p);
+        }
+        l
+    }
+
+    async fn keys(&self, vm: &Vm, secret: &str) -> (Sealed, Sealed) {
+        (
+            self.seal_to(vm, &self.s3.access_key).await,
+            self.seal_to(vm, secret).await,
+        )
+    }
+
+    async fn create_postgres(&self, vm: &Vm) -> String {
+        let out = self
+            .ok(
+                vm,
+                "db.create",
+                json!({"engine": "postgres", "database": "app", "port": vm.port}),
+            )
+            .await;
+        self.password(&out)
+    }
+
+    fn password(&self, out: &Value) -> String {
+        let sealed: Sealed = serde_json::from_value(out["password"].clone()).expect("sealed");
+        self.fleet
+            .reply_key
+            .open(&sealed)
+            .unwrap()
+            .expose()
+            .to_string()
+    }
+}
+
+async fn pg(port: u16, password: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("dbaas")
+        .password(password)
+        .dbname("app")
+        .connect_timeout(Duration::from_secs(5))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+async fn insert(c: &tokio_postgres::Client, from: i32, to: i32) {
+    c.execute(
+        "INSERT INTO t SELECT g, now() FROM generate_series($1::int, $2::int) g",
+        &[&from, &to],
+    )
+    .await
+    .unwrap();
+}
+
+/// A superuser session over the database's unix socket (root reaches its 0700
+/// directory), for what `dbaas` may not do.
+async fn pg_super(data_root: &std::path::Path, port: u16) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host_path(data_root.join("run"))
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect as postgres over the socket");
+    tokio::spawn(conn);
+    client
+}
+
+/// Closes the current WAL segment and waits until PostgreSQL says it is archived.
+async fn archive_now(c: &tokio_postgres::Client) {
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the WAL segment archived",
+        || async {
+            let row = c
+                .query_one(
+                    "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let last: String = row.get(0);
+            (last.as_str() >= seg.as_str()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_backup_then_point_in_time_restore_into_a_new_database() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let src = rig.vm("src1").await;
+    let password = rig.create_postgres(&src).await;
+    let c = pg(src.port, &password).await;
+    c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz)")
+        .await
+        .unwrap();
+    insert(&c, 1, 100).await;
+
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &src,
+            "backup.configure",
+            json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 7}),
+        )
+        .await;
+    assert_eq!(out["check"], "ok", "{out}");
+    assert_eq!(out["parameters"]["archive_mode"], "on", "{out}");
+    assert_eq!(out["parameters"]["restarted"], true, "{out}");
+    let raw = out.to_string();
+    assert!(
+        !raw.contains(&rig.s3.secret_key) && !raw.contains(&rig.s3.access_key),
+        "keys never come back: {raw}"
+    );
+
+    let c = pg(src.port, &password).await;
+    let full = rig.ok(&src, "backup.run", json!({})).await;
+    assert_eq!(full["type"], "full", "{full}");
+    insert(&c, 101, 200).await;
+    let incr = rig.ok(&src, "backup.run", json!({})).await;
+    assert_eq!(incr["type"], "incr", "{incr}");
+    assert_eq!(incr["chain"]["full"], full["label"], "{incr}");
+    insert(&c, 201, 300).await;
+
+    // The target: after row 300 committed, before row 301.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let target: String = c
+        .query_one(
+            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    insert(&c, 301, 400).await;
+    archive_now(&pg_super(&rig.fleet.path("src1-db"), src.port).await).await;
+
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    assert_eq!(list["chains"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(
+        list["chains"][0]["backups"].as_array().unwrap().len(),
+        2,
+        "{list}"
+    );
+    assert!(list["recoverable"]["from_ms"].as_i64().is_some(), "{list}");
+
+    // A new VM restores the source's chain up to the target.
+    let dst = rig.vm("dst1").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let restore = json!({
+        "spec": {"engine": "postgres", "database": "app", "port": dst.port},
+        "source": rig.location("bkp", Some("src1")),
+        "access_key_id": ak, "secret_access_key": sk,
+        "target": target,
+    });
+    let out = rig.ok(&dst, "db.restore", restore.clone()).await;
+    eprintln!("restore: {}", out["restored"]);
+    eprintln!("restore timings: {}", out["timings"]);
+    let target_ms =
+        time::OffsetDateTime::parse(&target, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            .unix_timestamp_nanos()
+            / 1_000_000;
+    let reached = out["restored"]["recovered_to_ms"]
+        .as_i64()
+        .expect("the point reached is reported");
+    assert!(
+        i128::from(reached) <= target_ms && i128::from(reached) > target_ms - 5_000,
+        "reported {reached}, target {target_ms}: {out}"
+    );
+    assert!(
+        out["restored"]["backup_set"]
+            .as_str()
+            .is_some_and(|s| s == incr["label"]),
+        "the newest backup before the target was used: {out}"
+    );
+    assert!(
+        !out.to_string().contains(&rig.s3.secret_key),
+        "keys never come back"
+    );
+    let restored_password = rig.password(&out);
+    let d = pg(dst.port, &restored_password).await;
+    let (n, max): (i64, i32) = {
+        let r = d
+            .query_one("SELECT count(*), max(id) FROM t", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (n, max),
+        (300, 300),
+        "rows before the target are there, rows after it are not"
+    );
+    // It takes writes, and the source's keys are gone from the new VM.
+    d.execute("INSERT INTO t VALUES (1000, now())", &[])
+        .await
+        .unwrap();
+    let leftover = rig
+        .fleet
+        .path("dst1-db")
+        .join("conf")
+        .join("pgbackrest-restore.conf");
+    assert!(!leftover.exists(), "{} left behind", leftover.display());
+    // The same restore again is a no-op; a create on that VM is refused.
+    let again = rig.ok(&dst, "db.restore", restore).await;
+    assert_eq!(again["configure"], "already done", "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_storage_is_refused_and_changes_nothing() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let vm = rig.vm("bad1").await;
+    let password = rig.create_postgres(&vm).await;
+
+    // Refused before anything runs.
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    let mut plain = rig.location("bkp", None);
+    plain["endpoint"] = json!(format!("http://localhost:{}", rig.s3.http_port));
+    let (state, e) = rig
+        .refused(
+            &vm,
+            "backup.configure",
+            json!({"storage": plain, "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert_eq!(state, CommandState::Rejected, "{e}");
+    assert!(e.contains("plain HTTP"), "{e}");
+    let (state, e) = rig.refused(&vm, "backup.run", json!({})).await;
+    assert_eq!(state, CommandState::Rejected, "{e}");
+    assert!(e.contains("not configured"), "{e}");
+
+    // Refused by the storage: wrong secret, unknown bucket, a certificate from another CA.
+    let wrong = "wrong-secret-0123456789abcdef";
+    let (ak, sk) = rig.keys(&vm, wrong).await;
+    let (_, e) = rig
+        .refused(
+            &vm,
+            "backup.configure",
+            json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(!e.contains(wrong), "the secret is never echoed: {e}");
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(
+            &vm,
+            "backup.configure",
+            json!({"storage": rig.location("nobucket", None), "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert!(e.contains("bucket does not exist"), "{e}");
+    let mut other_ca = rig.location("bkp", None);
+    other_ca["ca_pem"] = json!(std::fs::read_to_string(rig.s3.other_ca_pem()).unwrap());
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(
+            &vm,
+            "backup.configure",
+            json!({"storage": other_ca, "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert!(e.contains("TLS certificate"), "{e}");
+
+    // Nothing changed: archiving is off, no pgBackRest config, the database serves.
+    let status = rig.ok(&vm, "db.status", json!({})).await;
+    assert_eq!(status["restart_pending"], json!([]), "{status}");
+    let conf = rig.fleet.path("bad1-db").join("conf");
+    assert!(!conf.join("pgbackrest.conf").exists());
+    assert!(!conf.join("pgbackrest.conf.new").exists());
+    let c = pg(vm.port, &password).await;
+    let mode: String = c.query_one("SHOW archive_mode", &[]).await.unwrap().get(0);
+    assert_eq!(mode, "off");
+
+    // A restore to before the first backup of an empty repository names the problem.
+    let dst = rig.vm("bad2").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(
+            &dst,
+            "db.restore",
+            json!({
+                "spec": {"engine": "postgres", "database": "app", "port": dst.port},
+                "source": rig.location("bkp", Some("nothing-here")),
+                "access_key_id": ak, "secret_access_key": sk,
+                "target": "latest",
+            }),
+        )
+        .await;
+    assert!(e.contains("restore failed"), "{e}");
+}
