@@ -104,7 +104,7 @@ say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
 say "a private Docker engine (host-neutral: no bridge, no iptables) and the local PostgreSQL image"
 sock=$(bash scripts/dockerd.sh start "$demo/docker")
 cleanup_db() {
-  DOCKER_HOST="unix://$sock" docker rm -f db-demo-pg >/dev/null 2>&1 || true
+  DOCKER_HOST="unix://$sock" docker rm -f db-demo-pg db-demo-restored >/dev/null 2>&1 || true
   bash scripts/dockerd.sh stop "$demo/docker" >/dev/null 2>&1 || true
   ip netns del "$netns" 2>/dev/null || true
 }
@@ -201,6 +201,108 @@ run "$bin/dbvmctl" send db-demo db.start
 sleep 6
 kill "$events_pid" 2>/dev/null || true
 run "$bin/dbvmctl" fleet
+
+# ---- backups ------------------------------------------------------------------------
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+say "an S3 server that verifies request signatures (s3s-fs) behind TLS (stunnel), with a CA of its own"
+s3="$demo/s3"
+mkdir -p "$s3/data/dbvm" "$s3/tls"
+(
+  cd "$s3/tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=dbvm demo S3 CA" -keyout ca.key -out ca.crt \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+  # pgBackRest 2.45 checks DNS names only: the endpoint is "localhost".
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n' > server.ext
+  openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -sha256 -extfile server.ext -out server.crt 2>/dev/null
+)
+(umask 077; openssl rand -hex 10 > "$s3/access_key"; openssl rand -hex 20 > "$s3/secret_key")
+s3_plain=$(free_port)
+s3_port=$(free_port)
+# The stand-in S3 server takes its keys as arguments; dbvm itself never puts them on an argv.
+s3s_fs=$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")
+"$s3s_fs" --host 127.0.0.1 --port "$s3_plain" --access-key "$(cat "$s3/access_key")" \
+  --secret-key "$(cat "$s3/secret_key")" "$s3/data" > "$s3/s3s-fs.log" 2>&1 &
+pids+=($!)
+cat > "$s3/stunnel.conf" <<CONF
+foreground = yes
+pid =
+[s3]
+accept = 127.0.0.1:$s3_port
+connect = 127.0.0.1:$s3_plain
+cert = $s3/tls/server.crt
+key = $s3/tls/server.key
+CONF
+stunnel4 "$s3/stunnel.conf" > "$s3/stunnel.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  curl -s -o /dev/null --cacert "$s3/tls/ca.crt" "https://localhost:$s3_port/" && break
+  sleep 0.1
+done
+echo "S3 at https://localhost:$s3_port (bucket dbvm), CA $s3/tls/ca.crt"
+ca_json=$(awk '{printf "%s\\n", $0}' "$s3/tls/ca.crt")
+storage="{\"endpoint\":\"https://localhost:$s3_port\",\"bucket\":\"dbvm\",\"ca_pem\":\"$ca_json\"}"
+
+say "backups on: pgBackRest (in the database image) with the keys sealed to the agent (--secret-file: never on a command line); archiving needs a restart, reported"
+printf '\033[2m$ dbvmctl send db-demo backup.configure storage={"endpoint":"https://localhost:%s","bucket":"dbvm","ca_pem":"…"} retention_days=7 --secret-file access_key_id=%s --secret-file secret_access_key=%s\033[0m\n' \
+  "$s3_port" "$s3/access_key" "$s3/secret_key" >&2
+"$bin/dbvmctl" send db-demo backup.configure "storage=$storage" retention_days=7 \
+  --secret-file "access_key_id=$s3/access_key" --secret-file "secret_access_key=$s3/secret_key"
+
+psql_app() { psql -h 127.0.0.1 -p "$port" -U dbaas -d app -v ON_ERROR_STOP=1 "$@"; }
+psql_app -qc "CREATE TABLE orders (id int primary key, note text); INSERT INTO orders SELECT g, 'before the first backup' FROM generate_series(1, 1000) g"
+say "a full backup (the first of a chain), 1,000 more rows, an incremental one"
+run "$bin/dbvmctl" send db-demo backup.run
+psql_app -qc "INSERT INTO orders SELECT g, 'between the backups' FROM generate_series(1001, 2000) g"
+run "$bin/dbvmctl" send db-demo backup.run
+sleep 1
+target=$(psql_app -Atc "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+sleep 1
+psql_app -qc "INSERT INTO orders SELECT g, 'after the target: not restored' FROM generate_series(2001, 2500) g"
+# Close the WAL segment now rather than within archive_timeout (60 s): as the database
+# superuser over its unix socket, which only root and the database user reach.
+psql_super() { psql -h "$demo/db/run" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 -Atc "$1"; }
+seg=$(psql_super "SELECT pg_walfile_name(pg_switch_wal())")
+for _ in $(seq 150); do
+  last=$(psql_super "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+  [[ "$last" > "$seg" || "$last" == "$seg" ]] && break
+  sleep 0.2
+done
+echo "target time: $target (rows 1-2000 before it, rows 2001-2500 after it)"
+run "$bin/dbvmctl" send db-demo backup.list
+
+say "restore to $target into a second database: a new VM's agent (db-restored), its own data directory and port"
+token2=$("$bin/dbvmctl" enroll-token db-restored --ttl 600)
+printf '%s' "$token2" > "$demo/enroll-restored.token"
+port2=$(free_port)
+sed -e 's/^agent_id = .*/agent_id = "db-restored"/' \
+  -e "s|^state_dir = .*|state_dir = \"$demo/agent-restored-state\"|" \
+  -e "s|^enrollment_token_file = .*|enrollment_token_file = \"$demo/enroll-restored.token\"|" \
+  -e "s|^metrics_listen = .*|metrics_listen = \"127.0.0.1:$(free_port)\"|" \
+  -e "s|^data_root = .*|data_root = \"$demo/db-restored\"|" \
+  -e 's/^container_name = .*/container_name = "db-demo-restored"/' \
+  "$demo/agent.toml" | sed '/^\[firewall\]/,/^netns/d' > "$demo/agent-restored.toml"
+"$agent_bin" --config "$demo/agent-restored.toml" 2> "$demo/agent-restored.log" &
+pids+=($!)
+for _ in $(seq 100); do
+  "$bin/dbvmctl" agents --json 2>/dev/null | tr -d ' \n' | grep -q '"id":"db-restored","connected":true' && break
+  sleep 0.1
+done
+source_json="{\"endpoint\":\"https://localhost:$s3_port\",\"bucket\":\"dbvm\",\"prefix\":\"db-demo\",\"ca_pem\":\"$ca_json\"}"
+printf '\033[2m$ dbvmctl send db-restored db.restore spec={"engine":"postgres","database":"app","port":%s} source={"bucket":"dbvm","prefix":"db-demo",…} target=%s --secret-file … --reveal\033[0m\n' "$port2" "$target" >&2
+"$bin/dbvmctl" send db-restored db.restore "spec={\"engine\":\"postgres\",\"database\":\"app\",\"port\":$port2}" \
+  "source=$source_json" "target=$target" --timeout 600 \
+  --secret-file "access_key_id=$s3/access_key" --secret-file "secret_access_key=$s3/secret_key" \
+  --reveal --json > "$demo/restore.json"
+grep -v '"password"' "$demo/restore.json" | grep -A8 '"restored"'
+password2=$(grep -o '"password": *"[^"]*"' "$demo/restore.json" | sed -E 's/.*: *"([^"]*)"/\1/')
+
+say "row counts: the source now, and the restored database at $target"
+src_rows=$(psql_app -Atc "SELECT count(*) FROM orders")
+restored_rows=$(PGPASSWORD="$password2" psql -h 127.0.0.1 -p "$port2" -U dbaas -d app -Atc "SELECT count(*) FROM orders")
+echo "source db-demo:        $src_rows rows"
+echo "restored db-restored:  $restored_rows rows (those committed before $target)"
+[ "$src_rows" = 2500 ] && [ "$restored_rows" = 2000 ] || { echo "unexpected row counts"; exit 1; }
 
 say "the agent's Prometheus endpoint (what Telegraf or Prometheus scrapes)"
 curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^dbvm_agent_(health_status|db_|link_up|process_resident)' | head -20

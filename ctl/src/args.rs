@@ -17,6 +17,12 @@ pub enum ArgsError {
     SecretNotAPair(usize),
     #[error("secret {0:?} is also given as a plain key=value argument: give it once")]
     SecretDuplicate(String),
+    #[error("cannot read secret {name:?} from {path}: {error}")]
+    SecretFile {
+        name: String,
+        path: String,
+        error: String,
+    },
     #[error("cannot seal secret {name:?} to the agent's key: {error}")]
     Seal { name: String, error: SealError },
 }
@@ -55,6 +61,32 @@ pub fn parse_secrets(pairs: &[String]) -> Result<Vec<(String, Secret)>, ArgsErro
             return Err(ArgsError::Duplicate(name.to_string()));
         }
         out.push((name.to_string(), Secret::new(value)));
+    }
+    Ok(out)
+}
+
+/// Reads `name=path` secrets: the file's text, one trailing newline dropped. Errors name
+/// the file, never its content.
+pub fn read_secret_files(pairs: &[String]) -> Result<Vec<(String, Secret)>, ArgsError> {
+    let mut out: Vec<(String, Secret)> = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let (name, path) = match pair.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => (name, path),
+            _ => return Err(ArgsError::NotAPair(pair.clone())),
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(ArgsError::Duplicate(name.to_string()));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| ArgsError::SecretFile {
+            name: name.to_string(),
+            path: path.to_string(),
+            error: e.to_string(),
+        })?;
+        let text = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text);
+        out.push((name.to_string(), Secret::new(text)));
     }
     Ok(out)
 }
@@ -137,6 +169,19 @@ mod tests {
             matches!(err, ArgsError::Duplicate(ref k) if k == "a"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn secret_files_are_read_without_their_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        std::fs::write(&f, "s3cr3t\n").unwrap();
+        let got = read_secret_files(&[format!("key={}", f.display())]).unwrap();
+        assert_eq!(got[0].0, "key");
+        assert_eq!(got[0].1.expose(), "s3cr3t");
+        let e = read_secret_files(&["key=/nonexistent/x".to_string()]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x"), "{e}");
+        assert!(read_secret_files(&["key".to_string()]).is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod send;
 pub mod sign;
 pub mod sse;
 
-pub use args::{parse_args, parse_secrets, seal_secrets, ArgsError};
+pub use args::{parse_args, parse_secrets, read_secret_files, seal_secrets, ArgsError};
 pub use client::{Client, ClientError, EventStream};
 pub use home::{Home, HomeError, HomeFile};
 pub use keys::{ca_init, keygen, CaInitOptions, CaInitOutput, KeygenOutput, KeysError};

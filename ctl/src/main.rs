@@ -207,6 +207,10 @@ struct SendArgs {
     /// (repeatable)
     #[arg(long = "secret", value_name = "NAME=VALUE")]
     secrets: Vec<String>,
+    /// A secret argument read from a file (one trailing newline dropped), so that it is
+    /// never in a process's arguments (repeatable)
+    #[arg(long = "secret-file", value_name = "NAME=PATH")]
+    secret_files: Vec<String>,
     /// How long the command stays valid, in seconds
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     ttl: u64,
@@ -676,7 +680,16 @@ async fn send(ctx: &Ctx, a: SendArgs) -> Result<Exit> {
     // Everything local first: a usage or key problem stops before the broker is asked.
     let request = dbvmctl::send::Request {
         args: dbvmctl::parse_args(&a.args)?,
-        secrets: dbvmctl::parse_secrets(&a.secrets)?,
+        secrets: {
+            let mut all = dbvmctl::parse_secrets(&a.secrets)?;
+            for (name, secret) in dbvmctl::read_secret_files(&a.secret_files)? {
+                if all.iter().any(|(n, _)| *n == name) {
+                    anyhow::bail!("secret {name:?} is given twice (--secret and --secret-file)");
+                }
+                all.push((name, secret));
+            }
+            all
+        },
         ttl: Duration::from_secs(a.ttl),
         ..dbvmctl::send::Request::new(a.agent.clone(), &a.operation)
     };

@@ -185,12 +185,12 @@ impl Operation for BackupOp {
                         )));
                     }
                 }
-                let source = PgRestore {
+                let source = PgRestore::new(
                     storage,
                     target,
-                    tuning: m.settings().tuning(),
-                    timeout: Duration::from_secs(m.settings().timeout_s),
-                };
+                    m.settings().tuning(),
+                    Duration::from_secs(m.settings().timeout_s),
+                );
                 Ok(m.db()
                     .create(
                         a.spec,

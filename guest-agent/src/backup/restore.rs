@@ -78,9 +78,41 @@ pub struct PgRestore {
     pub target: Target,
     pub tuning: Tuning,
     pub timeout: Duration,
+    /// The stop time of the backup set pgBackRest restored (from `populate` to `finish`).
+    pub backup_stopped_ms: std::sync::Mutex<Option<i64>>,
+    /// The restore's config (the source's keys), removed when the restore ends however
+    /// it ends (an agent killed mid-restore leaves it until the next attempt rewrites and
+    /// removes it).
+    config: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+impl Drop for PgRestore {
+    fn drop(&mut self) {
+        let path = self.config.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(path) = path {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the restore's config (it holds the source's keys)")
+                }
+            }
+        }
+    }
 }
 
 impl PgRestore {
+    pub fn new(storage: Storage, target: Target, tuning: Tuning, timeout: Duration) -> Self {
+        Self {
+            storage,
+            target,
+            tuning,
+            timeout,
+            backup_stopped_ms: std::sync::Mutex::new(None),
+            config: std::sync::Mutex::new(None),
+        }
+    }
+
     fn args(&self) -> Vec<String> {
         let mut a = vec![format!("--process-max={}", self.tuning.process_max)];
         match self.target {
@@ -134,6 +166,7 @@ impl DataSource for PgRestore {
             st.spec.port(),
             self.tuning,
         );
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
         crate::db::engine::write_owned(&config, text.as_bytes(), 0o600, s.uid, s.gid)?;
         progress(
             62,
@@ -168,9 +201,36 @@ impl DataSource for PgRestore {
                 pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr)
             )));
         }
-        // The backup set pgBackRest chose is in its log line "restore backup set …".
+        // The backup set pgBackRest chose is in its log line "restore backup set …"; its
+        // stop time is the point reached when no transaction follows it before the target.
         let set = pgbackrest_log_set(&p.log.join("pgbackrest"));
-        Ok(json!({ "backup_set": set, "target": self.target.describe() }))
+        let info = db
+            .run_tool(
+                st,
+                "restore",
+                |program| {
+                    pgbackrest::argv(program, &config, &["--output=json".to_string()], "info")
+                },
+                Duration::from_secs(self.tuning.io_timeout_s * 4 + 60),
+            )
+            .await
+            .ok()
+            .and_then(|out| pgbackrest::parse_info(&out.stdout).ok());
+        let stopped = info.and_then(|i| {
+            i.backups
+                .into_iter()
+                .find(|b| Some(&b.label) == set.as_ref())
+                .map(|b| b.stopped_ms)
+        });
+        *self
+            .backup_stopped_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = stopped;
+        Ok(json!({
+            "backup_set": set,
+            "backup_stopped_ms": stopped,
+            "target": self.target.describe(),
+        }))
     }
 
     async fn finish(
@@ -211,9 +271,22 @@ impl DataSource for PgRestore {
         // Recovery is over: the source's keys are no longer needed on this VM.
         let config = pgbackrest::restore_config_path(&p);
         std::fs::remove_file(&config).map_err(|e| DbError::io("remove", &config, e))?;
+        // With no transaction replayed after the backup, the database is as the backup
+        // left it: the point reached is the backup's end.
+        let (reached, how) = match replayed {
+            Some(ms) => (Some(ms), "the last transaction replayed"),
+            None => (
+                *self
+                    .backup_stopped_ms
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+                "the end of the backup (no transaction committed after it before the target)",
+            ),
+        };
         Ok(json!({
-            "recovered_to_ms": replayed,
-            "recovered_to": replayed.map(rfc3339),
+            "recovered_to_ms": reached,
+            "recovered_to": reached.map(rfc3339),
+            "recovered_to_is": how,
         }))
     }
 }

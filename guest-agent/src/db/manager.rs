@@ -441,9 +441,13 @@ impl DbManager {
         steps.push(("config_ms".to_string(), json!(ms(t.elapsed()))));
 
         let mut restored = None;
-        if let (false, Some(source)) = (self.paths.initialised(f), source) {
+        if let Some(source) = source {
+            // A restore that did not reach Configured is redone from the start: what an
+            // earlier attempt left (a half-replayed cluster) is not trusted.
             progress(60, "restoring the data directory from the backup");
             let t = Instant::now();
+            self.stop_server(rt.as_ref(), st, Duration::from_secs(60))
+                .await?;
             let data = self.paths.data.clone();
             tokio::task::spawn_blocking(move || empty_dir(&data))
                 .await
@@ -486,19 +490,36 @@ impl DbManager {
         let t = Instant::now();
         let server = self.server_container(st);
         rt.ensure_running(&server).await?;
-        let mut admin = Admin::wait(
+        let started = Admin::wait(
             &st.spec,
             &self.paths,
             Duration::from_secs(self.settings.start_timeout_s),
             rt.as_ref(),
             &server.name,
         )
-        .await?;
+        .await;
+        let mut admin = match (started, source) {
+            (Ok(a), _) => a,
+            (Err(e), Some(_)) => {
+                // A restored server that cannot finish recovery must not linger (it would
+                // promote wherever its WAL ends): stopped, the error stands.
+                let _ = rt.stop(&server.name, Duration::from_secs(30)).await;
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         steps.push(("start_ms".to_string(), json!(ms(t.elapsed()))));
         if let Some(source) = source {
             progress(80, "recovering to the target");
             let t = Instant::now();
-            let recovered = source.finish(self, st, &mut admin, progress).await?;
+            let recovered = match source.finish(self, st, &mut admin, progress).await {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(admin);
+                    let _ = rt.stop(&server.name, Duration::from_secs(30)).await;
+                    return Err(e);
+                }
+            };
             steps.push(("recover_ms".to_string(), json!(ms(t.elapsed()))));
             let mut r = restored.take().unwrap_or_else(|| json!({}));
             if let (Some(obj), Value::Object(rec)) = (r.as_object_mut(), recovered) {
