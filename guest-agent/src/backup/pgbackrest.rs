@@ -125,10 +125,36 @@ pub fn archive_command(program: &dyn Fn(&str) -> String, config: &Path) -> Strin
     )
 }
 
+/// S3 error bodies that pgBackRest prints can echo what was signed: the access key id,
+/// the string to sign, the canonical request. Their contents are cut out.
+const ECHOED_TAGS: [&str; 5] = [
+    "AWSAccessKeyId",
+    "StringToSign",
+    "StringToSignBytes",
+    "CanonicalRequest",
+    "SignatureProvided",
+];
+
+/// Cuts the contents of [`ECHOED_TAGS`] out of `text`.
+pub fn redact_echoes(text: &str) -> String {
+    let mut out = text.to_string();
+    for tag in ECHOED_TAGS {
+        let open = format!("<{tag}>");
+        let close = format!("</{tag}>");
+        let mut from = 0;
+        while let Some(i) = out[from..].find(&open).map(|i| i + from + open.len()) {
+            let end = out[i..].find(&close).map_or(out.len(), |j| i + j);
+            out.replace_range(i..end, "[redacted]");
+            from = i + "[redacted]".len();
+        }
+    }
+    out
+}
+
 /// Why a pgBackRest call failed, in words a person can act on, with pgBackRest's own
-/// message (its last error lines) after them.
+/// message (its last error lines, S3's echoes of the request cut out) after them.
 pub fn explain_failure(exit_code: i64, stdout: &str, stderr: &str) -> String {
-    let text = format!("{stderr}\n{stdout}");
+    let text = redact_echoes(&format!("{stderr}\n{stdout}"));
     let errors: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -289,6 +315,21 @@ mod tests {
         let i = parse_info(j).unwrap();
         assert!(!i.reachable());
         assert!(i.repo_message.unwrap().contains("unable to connect"));
+    }
+
+    #[test]
+    fn echoed_request_parts_are_cut_out() {
+        let body = "ERROR: [039]: HTTP request failed with 403 (Forbidden): <Error><Code>SignatureDoesNotMatch</Code><AWSAccessKeyId>AKIDEXAMPLE</AWSAccessKeyId><StringToSign>AWS4-HMAC-SHA256\nx</StringToSign></Error>";
+        let e = explain_failure(39, "", body);
+        assert!(
+            !e.contains("AKIDEXAMPLE") && !e.contains("AWS4-HMAC"),
+            "{e}"
+        );
+        assert!(e.contains("refused the credentials"), "{e}");
+        assert_eq!(
+            redact_echoes("<AWSAccessKeyId>a"),
+            "<AWSAccessKeyId>[redacted]"
+        );
     }
 
     #[test]
