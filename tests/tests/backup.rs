@@ -246,6 +246,20 @@ async fn postgres_backup_then_point_in_time_restore_into_a_new_database() {
         "keys never come back: {raw}"
     );
 
+    // A bad reconfiguration (a CA that did not sign the server) is refused and leaves the
+    // working setup alone: the backups below use it.
+    let mut other_ca = rig.location("bkp", None);
+    other_ca["ca_pem"] = json!(std::fs::read_to_string(rig.s3.other_ca_pem()).unwrap());
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(
+            &src,
+            "backup.configure",
+            json!({"storage": other_ca, "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert!(e.contains("TLS certificate"), "{e}");
+
     let c = pg(src.port, &password).await;
     let full = rig.ok(&src, "backup.run", json!({})).await;
     assert_eq!(full["type"], "full", "{full}");
@@ -406,7 +420,9 @@ async fn bad_storage_is_refused_and_changes_nothing() {
     assert_eq!(status["restart_pending"], json!([]), "{status}");
     let conf = rig.fleet.path("bad1-db").join("conf");
     assert!(!conf.join("pgbackrest.conf").exists());
-    assert!(!conf.join("pgbackrest.conf.new").exists());
+    for f in ["pgbackrest.conf.new", "backup-ca.pem", "backup-ca.pem.new"] {
+        assert!(!conf.join(f).exists(), "{f} left behind");
+    }
     let c = pg(vm.port, &password).await;
     let mode: String = c.query_one("SHOW archive_mode", &[]).await.unwrap().get(0);
     assert_eq!(mode, "off");

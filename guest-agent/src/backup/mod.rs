@@ -257,38 +257,47 @@ impl BackupManager {
         let t = Instant::now();
         let p = self.db.paths().clone();
         self.prepare_dirs()?;
-        let ca = match &storage.ca_pem {
-            Some(pem) => {
-                let path = pgbackrest::ca_path(&p, "backup");
-                self.write_owned(&path, pem.as_bytes(), 0o644)?;
-                Some(path)
-            }
-            None => None,
-        };
-        let text = pgbackrest::config(
-            &storage,
-            ca.as_deref(),
-            &p,
-            st.spec.port(),
-            self.settings.tuning(),
-        );
-        // The candidate config is tried first: a wrong key, bucket or CA leaves the
-        // working setup as it was.
+        // The candidate (config and CA, beside the live ones) is tried first: a wrong key,
+        // bucket or CA leaves the working setup as it was.
         let live = pgbackrest::config_path(&p);
+        let live_ca = pgbackrest::ca_path(&p, "backup");
         let candidate = p.conf.join("pgbackrest.conf.new");
-        self.write_owned(&candidate, text.as_bytes(), 0o600)?;
+        let candidate_ca = p.conf.join("backup-ca.pem.new");
+        let render = |ca: Option<&Path>| {
+            pgbackrest::config(&storage, ca, &p, st.spec.port(), self.settings.tuning())
+        };
+        let remove_candidates = || {
+            let _ = std::fs::remove_file(&candidate);
+            let _ = std::fs::remove_file(&candidate_ca);
+        };
+        if let Some(pem) = &storage.ca_pem {
+            self.write_owned(&candidate_ca, pem.as_bytes(), 0o644)?;
+        }
+        let has_ca = storage.ca_pem.is_some();
+        let text = render(has_ca.then_some(candidate_ca.as_path()));
+        if let Err(e) = self.write_owned(&candidate, text.as_bytes(), 0o600) {
+            remove_candidates();
+            return Err(e);
+        }
         progress(10, "creating the stanza in the bucket");
         let io = Duration::from_secs(self.settings.io_timeout_s * 4 + 60);
         if let Err(e) = self
             .pgbackrest(&st, &candidate, &[], "stanza-create", io)
             .await
         {
-            let _ = std::fs::remove_file(&candidate);
+            remove_candidates();
             return Err(e);
         }
-        std::fs::rename(&candidate, &live).map_err(|e| {
-            BackupError::Failed(format!("cannot move {} in place: {e}", live.display()))
-        })?;
+        // Proven: the CA and the config take the live names (the config is rendered again
+        // with the CA's live path, and written atomically).
+        if has_ca {
+            std::fs::rename(&candidate_ca, &live_ca).map_err(|e| {
+                BackupError::Failed(format!("cannot move {} in place: {e}", live_ca.display()))
+            })?;
+        }
+        let text = render(has_ca.then_some(live_ca.as_path()));
+        self.write_owned(&live, text.as_bytes(), 0o600)?;
+        remove_candidates();
         dbvm_host::fs::sync_dir(&p.conf)
             .map_err(|e| BackupError::Failed(format!("cannot sync {}: {e}", p.conf.display())))?;
         progress(40, "turning WAL archiving on");
