@@ -135,7 +135,7 @@ const ECHOED_TAGS: [&str; 5] = [
     "SignatureProvided",
 ];
 
-/// Cuts the contents of [`ECHOED_TAGS`] out of `text`.
+/// Cuts the contents of the tags S3 echoes (`ECHOED_TAGS`) out of `text`.
 pub fn redact_echoes(text: &str) -> String {
     let mut out = text.to_string();
     for tag in ECHOED_TAGS {
