@@ -6,6 +6,26 @@ use crate::docker::Engine;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// `dbaas` over TCP to `127.0.0.1:port`, as a control plane's user connects with the
+/// password `db.create` or `db.restore` sealed to it.
+pub async fn pg_dbaas(
+    port: u16,
+    password: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("dbaas")
+        .password(password)
+        .dbname(db)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
 impl Engine {
     fn docker(&self, args: &[&str]) -> std::process::Output {
         Command::new("docker")

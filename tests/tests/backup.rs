@@ -154,18 +154,9 @@ impl Rig {
 }
 
 async fn pg(port: u16, password: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("dbaas")
-        .password(password)
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(5))
-        .connect(tokio_postgres::NoTls)
+    dbvm_e2e::dbtest::pg_dbaas(port, password, "app")
         .await
-        .expect("connect");
-    tokio::spawn(conn);
-    client
+        .expect("dbaas connects")
 }
 
 async fn insert(c: &tokio_postgres::Client, from: i32, to: i32) {

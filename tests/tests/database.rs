@@ -123,23 +123,7 @@ impl Setup {
     }
 }
 
-async fn pg(
-    port: u16,
-    password: &str,
-    db: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("dbaas")
-        .password(password)
-        .dbname(db)
-        .connect_timeout(Duration::from_secs(5))
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
+use dbvm_e2e::dbtest::pg_dbaas as pg;
 
 async fn pg_show(c: &tokio_postgres::Client, name: &str) -> String {
     c.query_one(&format!("SHOW {name}"), &[])

@@ -308,18 +308,9 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn dbaas(port: u16, password: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("dbaas")
-        .password(password)
-        .dbname("app")
-        .connect_timeout(Duration::from_secs(5))
-        .connect(tokio_postgres::NoTls)
+    dbvm_e2e::dbtest::pg_dbaas(port, password, "app")
         .await
-        .expect("dbaas connects over TCP");
-    tokio::spawn(conn);
-    client
+        .expect("dbaas connects over TCP")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,24 +220,6 @@ impl BackupManager {
         )?)
     }
 
-    /// Makes the pgBackRest directories the database user writes to.
-    fn prepare_dirs(&self) -> Result<(), BackupError> {
-        let p = self.db.paths();
-        let s = self.db.settings();
-        for dir in [p.log.join("pgbackrest"), p.run.join("pgbackrest")] {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                BackupError::Failed(format!("cannot create {}: {e}", dir.display()))
-            })?;
-            nix::unistd::chown(
-                &dir,
-                Some(nix::unistd::Uid::from_raw(s.uid)),
-                Some(nix::unistd::Gid::from_raw(s.gid)),
-            )
-            .map_err(|e| BackupError::Failed(format!("cannot chown {}: {e}", dir.display())))?;
-        }
-        Ok(())
-    }
-
     /// `backup.configure`: checks the bucket with the new keys before anything of the
     /// running setup changes, then switches pgBackRest's config, turns WAL archiving on
     /// and proves it with `pgbackrest check`.
@@ -256,7 +238,8 @@ impl BackupManager {
         let _busy = self.busy.lock().await;
         let t = Instant::now();
         let p = self.db.paths().clone();
-        self.prepare_dirs()?;
+        pgbackrest::prepare_dirs(&p, self.db.settings().uid, self.db.settings().gid)
+            .map_err(BackupError::Failed)?;
         // The candidate (config and CA, beside the live ones) is tried first: a wrong key,
         // bucket or CA leaves the working setup as it was.
         let live = pgbackrest::config_path(&p);
@@ -280,7 +263,7 @@ impl BackupManager {
             return Err(e);
         }
         progress(10, "creating the stanza in the bucket");
-        let io = Duration::from_secs(self.settings.io_timeout_s * 4 + 60);
+        let io = self.settings.tuning().call_timeout();
         if let Err(e) = self
             .pgbackrest(&st, &candidate, &[], "stanza-create", io)
             .await
@@ -336,7 +319,7 @@ impl BackupManager {
     /// `pgbackrest info`, read.
     pub async fn info(&self, st: &DbState) -> Result<Info, BackupError> {
         let live = pgbackrest::config_path(self.db.paths());
-        let io = Duration::from_secs(self.settings.io_timeout_s * 4 + 60);
+        let io = self.settings.tuning().call_timeout();
         let out = self
             .pgbackrest(st, &live, &["--output=json".to_string()], "info", io)
             .await?;

@@ -39,6 +39,29 @@ pub struct Tuning {
     pub process_max: u32,
 }
 
+impl Tuning {
+    /// How long a short call (stanza-create, check, info) may take in all: pgBackRest
+    /// retries a stalled request until `io-timeout`, a few times.
+    pub fn call_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.io_timeout_s * 4 + 60)
+    }
+}
+
+/// The directories pgBackRest writes (its log and lock paths), owned by the database user.
+pub fn prepare_dirs(p: &Paths, uid: u32, gid: u32) -> Result<(), String> {
+    for dir in [p.log.join("pgbackrest"), p.run.join("pgbackrest")] {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        nix::unistd::chown(
+            &dir,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| format!("cannot chown {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// The configuration file's text. It holds the keys: write it 0600 for the database
 /// user only, and keep it out of logs.
 pub fn config(
@@ -48,55 +71,65 @@ pub fn config(
     port: u16,
     tuning: Tuning,
 ) -> Zeroizing<String> {
-    let mut s = Zeroizing::new(String::from(
+    // Room for the whole file up front: a String that grows leaves copies of the keys in
+    // the buffers it gave up, which Zeroizing never sees.
+    let mut s = Zeroizing::new(String::with_capacity(4096));
+    s.push_str(
         "# Written by dbvm-agent: changes here are overwritten. Mode 0600: it holds the S3 keys.\n[global]\n",
-    ));
-    let mut kv = |k: &str, v: &str| {
-        s.push_str(k);
-        s.push('=');
-        s.push_str(v);
-        s.push('\n');
-    };
-    kv("repo1-type", "s3");
-    kv("repo1-s3-endpoint", &storage.host);
+    );
+    kv(&mut s, "repo1-type", "s3");
+    kv(&mut s, "repo1-s3-endpoint", &storage.host);
     // pgBackRest's port option for S3 (`repo1-port` is something else and is ignored).
-    kv("repo1-storage-port", &storage.port.to_string());
-    kv("repo1-s3-uri-style", "path");
-    kv("repo1-s3-bucket", &storage.bucket);
-    kv("repo1-s3-region", &storage.region);
-    kv("repo1-s3-key", storage.access_key_id.expose());
-    kv("repo1-s3-key-secret", storage.secret_access_key.expose());
+    kv(&mut s, "repo1-storage-port", &storage.port.to_string());
+    kv(&mut s, "repo1-s3-uri-style", "path");
+    kv(&mut s, "repo1-s3-bucket", &storage.bucket);
+    kv(&mut s, "repo1-s3-region", &storage.region);
+    kv(&mut s, "repo1-s3-key", storage.access_key_id.expose());
+    kv(
+        &mut s,
+        "repo1-s3-key-secret",
+        storage.secret_access_key.expose(),
+    );
     if let Some(ca) = ca_file {
-        kv("repo1-storage-ca-file", &ca.display().to_string());
+        kv(&mut s, "repo1-storage-ca-file", &ca.display().to_string());
     }
-    kv("repo1-path", &format!("/{}", storage.prefix));
+    kv(&mut s, "repo1-path", &format!("/{}", storage.prefix));
     // Chains are purged by the agent's own rules (chain expiry = creation + retention
     // days), never by pgBackRest's count-based default.
-    kv("repo1-retention-full-type", "time");
-    kv("repo1-retention-full", "9999999");
-    kv("expire-auto", "n");
-    kv("start-fast", "y");
-    kv("compress-type", "lz4");
-    kv("process-max", &tuning.process_max.to_string());
-    kv("io-timeout", &tuning.io_timeout_s.to_string());
-    kv("log-path", &p.log.join("pgbackrest").display().to_string());
-    kv("lock-path", &p.run.join("pgbackrest").display().to_string());
-    kv("log-level-console", "warn");
-    kv("log-level-stderr", "off");
-    kv("log-level-file", "info");
-    kv("log-timestamp", "y");
+    kv(&mut s, "repo1-retention-full-type", "time");
+    kv(&mut s, "repo1-retention-full", "9999999");
+    kv(&mut s, "expire-auto", "n");
+    kv(&mut s, "start-fast", "y");
+    kv(&mut s, "compress-type", "lz4");
+    kv(&mut s, "process-max", &tuning.process_max.to_string());
+    kv(&mut s, "io-timeout", &tuning.io_timeout_s.to_string());
+    kv(
+        &mut s,
+        "log-path",
+        &p.log.join("pgbackrest").display().to_string(),
+    );
+    kv(
+        &mut s,
+        "lock-path",
+        &p.run.join("pgbackrest").display().to_string(),
+    );
+    kv(&mut s, "log-level-console", "warn");
+    kv(&mut s, "log-level-stderr", "off");
+    kv(&mut s, "log-level-file", "info");
+    kv(&mut s, "log-timestamp", "y");
     s.push_str(&format!("[{STANZA}]\n"));
-    let mut kv = |k: &str, v: &str| {
-        s.push_str(k);
-        s.push('=');
-        s.push_str(v);
-        s.push('\n');
-    };
-    kv("pg1-path", &p.data.display().to_string());
-    kv("pg1-port", &port.to_string());
-    kv("pg1-socket-path", &p.run.display().to_string());
-    kv("pg1-user", "postgres");
+    kv(&mut s, "pg1-path", &p.data.display().to_string());
+    kv(&mut s, "pg1-port", &port.to_string());
+    kv(&mut s, "pg1-socket-path", &p.run.display().to_string());
+    kv(&mut s, "pg1-user", "postgres");
     s
+}
+
+fn kv(s: &mut String, k: &str, v: &str) {
+    s.push_str(k);
+    s.push('=');
+    s.push_str(v);
+    s.push('\n');
 }
 
 /// `pgbackrest --config=FILE --stanza=db ARGS… COMMAND`.

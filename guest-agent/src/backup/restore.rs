@@ -141,15 +141,7 @@ impl DataSource for PgRestore {
     ) -> Result<Value, DbError> {
         let p = db.paths().clone();
         let s = db.settings();
-        for dir in [p.log.join("pgbackrest"), p.run.join("pgbackrest")] {
-            std::fs::create_dir_all(&dir).map_err(|e| DbError::io("create", &dir, e))?;
-            nix::unistd::chown(
-                &dir,
-                Some(nix::unistd::Uid::from_raw(s.uid)),
-                Some(nix::unistd::Gid::from_raw(s.gid)),
-            )
-            .map_err(|e| DbError::Failed(format!("cannot chown {}: {e}", dir.display())))?;
-        }
+        pgbackrest::prepare_dirs(&p, s.uid, s.gid).map_err(DbError::Failed)?;
         let ca = match &self.storage.ca_pem {
             Some(pem) => {
                 let path = pgbackrest::ca_path(&p, "restore");
@@ -211,7 +203,7 @@ impl DataSource for PgRestore {
                 |program| {
                     pgbackrest::argv(program, &config, &["--output=json".to_string()], "info")
                 },
-                Duration::from_secs(self.tuning.io_timeout_s * 4 + 60),
+                self.tuning.call_timeout(),
             )
             .await
             .ok()

@@ -148,6 +148,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_hung_nft_is_killed_at_the_timeout() {
+        // A stand-in, and the only one here: a real nft that hangs cannot be produced on
+        // demand, so a script that never returns plays it.
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("nft");
         std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
