@@ -435,3 +435,85 @@ async fn bad_storage_is_refused_and_changes_nothing() {
         .await;
     assert!(e.contains("restore failed"), "{e}");
 }
+
+/// The status and message of one check in a fresh report (a signed `health` command).
+async fn check(rig: &Rig, vm: &Vm, id: &str) -> (String, String) {
+    let out = rig.ok(vm, "health", json!({})).await;
+    let c = out["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == id))
+        .unwrap_or_else(|| panic!("no check {id}: {out}"))
+        .clone();
+    (
+        c["status"].as_str().unwrap_or("").to_string(),
+        c["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_keeps_the_wal_goes_critical_and_catches_up_when_it_returns() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let vm = rig.vm("down1").await;
+    let password = rig.create_postgres(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    rig.ok(
+        &vm,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    rig.ok(&vm, "backup.run", json!({})).await;
+    let c = pg(vm.port, &password).await;
+    c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz)")
+        .await
+        .unwrap();
+    let root = rig.fleet.path("down1-db");
+    let su = pg_super(&root, vm.port).await;
+
+    // The storage goes away: a backup fails clearly, archiving fails, the segment stays.
+    rig.s3.stop_s3();
+    insert(&c, 1, 100).await;
+    let seg: String = su
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (_, e) = rig.refused(&vm, "backup.run", json!({})).await;
+    eprintln!("backup.run with the storage down: {e}");
+    assert!(
+        e.contains("backup repository") || e.contains("pgbackrest"),
+        "{e}"
+    );
+    let (status, message) = dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "check 9 to go critical",
+        || async {
+            let (s, m) = check(&rig, &vm, "binlog").await;
+            (s == "critical").then_some((s, m))
+        },
+    )
+    .await;
+    eprintln!("check 9 with the storage down: {message}");
+    assert!(message.contains("FAILING"), "{status}: {message}");
+    let kept: bool = su
+        .query_one(
+            "SELECT count(*) = 1 FROM pg_ls_waldir() WHERE name = $1",
+            &[&seg],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(kept, "the unarchived segment {seg} is kept");
+
+    // It comes back: archiving catches up by itself, the check recovers, backups work.
+    rig.s3.start_s3();
+    archive_now(&su).await;
+    dbvm_e2e::eventually(Duration::from_secs(90), "check 9 to recover", || async {
+        let (s, _) = check(&rig, &vm, "binlog").await;
+        (s == "ok").then_some(())
+    })
+    .await;
+    let next = rig.ok(&vm, "backup.run", json!({})).await;
+    assert_eq!(next["type"], "incr", "the chain is intact: {next}");
+}

@@ -336,10 +336,11 @@ impl BackupManager {
         progress(5, "reading the repository");
         let info = self.info(&st).await?;
         if !info.reachable() {
+            let repo = info.repo_message.unwrap_or_default();
             return Err(BackupError::Failed(format!(
-                "the backup repository is not usable: {} ({})",
+                "the backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was backed up",
+                pgbackrest::cause(&repo),
                 info.status_message,
-                info.repo_message.unwrap_or_default()
             )));
         }
         let now = dbvm_protocol::now_ms();

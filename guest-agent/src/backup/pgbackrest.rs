@@ -184,23 +184,10 @@ pub fn redact_echoes(text: &str) -> String {
     out
 }
 
-/// Why a pgBackRest call failed, in words a person can act on, with pgBackRest's own
-/// message (its last error lines, S3's echoes of the request cut out) after them.
-pub fn explain_failure(exit_code: i64, stdout: &str, stderr: &str) -> String {
-    let text = redact_echoes(&format!("{stderr}\n{stdout}"));
-    let errors: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.contains("ERROR:") || l.contains("WARN:"))
-        .collect();
-    let detail = if errors.is_empty() {
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(6)..].join("\n")
-    } else {
-        errors[errors.len().saturating_sub(6)..].join("\n")
-    };
+/// The cause of a pgBackRest failure, in words a person can act on.
+pub fn cause(text: &str) -> &'static str {
     let lower = text.to_lowercase();
-    let cause = if lower.contains("signaturedoesnotmatch")
+    if lower.contains("signaturedoesnotmatch")
         || lower.contains("invalidaccesskeyid")
         || lower.contains("accessdenied")
         || lower.contains("403 (forbidden)")
@@ -217,6 +204,7 @@ pub fn explain_failure(exit_code: i64, stdout: &str, stderr: &str) -> String {
         "the storage's TLS certificate was not accepted (is ca_pem the CA that signed it, and does it name the endpoint's host?)"
     } else if lower.contains("unable to connect")
         || lower.contains("connection refused")
+        || lower.contains("tls error")
         || lower.contains("timeout")
         || lower.contains("unable to get address")
     {
@@ -225,7 +213,25 @@ pub fn explain_failure(exit_code: i64, stdout: &str, stderr: &str) -> String {
         "the disk is full"
     } else {
         "pgBackRest failed"
+    }
+}
+
+/// Why a pgBackRest call failed, in words a person can act on, with pgBackRest's own
+/// message (its last error lines, S3's echoes of the request cut out) after them.
+pub fn explain_failure(exit_code: i64, stdout: &str, stderr: &str) -> String {
+    let text = redact_echoes(&format!("{stderr}\n{stdout}"));
+    let errors: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("ERROR:") || l.contains("WARN:"))
+        .collect();
+    let detail = if errors.is_empty() {
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(6)..].join("\n")
+    } else {
+        errors[errors.len().saturating_sub(6)..].join("\n")
     };
+    let cause = cause(&text);
     format!("{cause} (pgBackRest exit code {exit_code}):\n{detail}")
 }
 
