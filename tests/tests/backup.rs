@@ -517,3 +517,60 @@ async fn s3_down_keeps_the_wal_goes_critical_and_catches_up_when_it_returns() {
     let next = rig.ok(&vm, "backup.run", json!({})).await;
     assert_eq!(next["type"], "incr", "the chain is intact: {next}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_backup_reports_it_interrupted_and_the_next_backup_works() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let mut vm = rig.vm("kill1").await;
+    let password = rig.create_postgres(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    rig.ok(
+        &vm,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    // Enough data that the full backup takes seconds, so the kill lands inside it.
+    pg(vm.port, &password)
+        .await
+        .batch_execute(
+            "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS pad FROM generate_series(1, 2000000) g",
+        )
+        .await
+        .unwrap();
+
+    let cmd = rig.fleet.sign(&vm.agent.id, "backup.run", json!({}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    dbvm_e2e::eventually(Duration::from_secs(60), "the backup to start", || async {
+        let v = rig.client.command(v.id).await.ok()?;
+        v.progress
+            .filter(|p| p.message.contains("backup starting"))
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    vm.agent.proc.kill();
+    vm.agent = rig.fleet.restart_agent(&vm.agent);
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Interrupted, "{done:?}");
+
+    // The next backup replaces what the killed agent left running and succeeds; the
+    // repository lists only complete backups.
+    let next = rig.ok(&vm, "backup.run", json!({})).await;
+    eprintln!("the backup after the kill: {next}");
+    let list = rig.ok(&vm, "backup.list", json!({})).await;
+    let sets: Vec<&Value> = list["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["backups"].as_array().unwrap())
+        .collect();
+    assert!(!sets.is_empty(), "{list}");
+    assert!(sets.iter().all(|b| b["error"] == false), "{list}");
+    assert!(sets.iter().any(|b| b["label"] == next["label"]), "{list}");
+}
