@@ -149,6 +149,53 @@ pub fn argv(
     v
 }
 
+/// Printed between the backup and `info` by [`backup_then_info_argv`].
+const BACKUP_DONE: &str = "dbvm: backup done";
+
+/// `sh -c 'pgbackrest … backup || exit $?; echo MARK; exec pgbackrest … info --output=json'`:
+/// both in one container. Every word is single-quoted for the shell.
+pub fn backup_then_info_argv(
+    program: &dyn Fn(&str) -> String,
+    config: &Path,
+    backup_args: &[String],
+) -> Vec<String> {
+    let quote = |words: Vec<String>| {
+        words
+            .iter()
+            .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let backup = quote(argv(program, config, backup_args, "backup"));
+    let info = quote(argv(
+        program,
+        config,
+        &["--output=json".to_string()],
+        "info",
+    ));
+    vec![
+        program("sh"),
+        "-c".to_string(),
+        format!("{backup} || exit $?; echo '{BACKUP_DONE}'; exec {info}"),
+    ]
+}
+
+/// What [`backup_then_info_argv`] printed: whether the backup finished, and the listing
+/// after it (the last line that is a JSON array), if any.
+pub fn split_backup_then_info(stdout: &str) -> (bool, Option<&str>) {
+    match stdout.split_once(BACKUP_DONE) {
+        None => (false, None),
+        Some((_, after)) => (
+            true,
+            after
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| l.starts_with('[')),
+        ),
+    }
+}
+
 /// PostgreSQL's `archive_command` (runs in the database's container; `%p` is the segment).
 pub fn archive_command(program: &dyn Fn(&str) -> String, config: &Path) -> String {
     format!(
@@ -354,6 +401,26 @@ mod tests {
         let i = parse_info(j).unwrap();
         assert!(!i.reachable());
         assert!(i.repo_message.unwrap().contains("unable to connect"));
+    }
+
+    #[test]
+    fn backup_then_info_is_one_quoted_script_and_its_output_splits() {
+        let program = |p: &str| format!("/usr/bin/{p}");
+        let v = backup_then_info_argv(
+            &program,
+            Path::new("/d/it's/pgbackrest.conf"),
+            &["--type=full".to_string()],
+        );
+        assert_eq!(v[0], "/usr/bin/sh");
+        assert_eq!(v[1], "-c");
+        assert!(v[2].starts_with("'/usr/bin/pgbackrest' '--config=/d/it'\\''s/pgbackrest.conf' '--stanza=db' '--type=full' 'backup' || exit $?;"), "{}", v[2]);
+        assert!(v[2].ends_with("'--output=json' 'info'"), "{}", v[2]);
+        assert_eq!(split_backup_then_info("P00 WARN: x\n"), (false, None));
+        assert_eq!(
+            split_backup_then_info("WARN: y\ndbvm: backup done\n[{\"name\":\"db\"}]\n"),
+            (true, Some("[{\"name\":\"db\"}]"))
+        );
+        assert_eq!(split_backup_then_info("dbvm: backup done\n"), (true, None));
     }
 
     #[test]
