@@ -333,18 +333,31 @@ impl BackupManager {
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
         let t = Instant::now();
-        progress(5, "reading the repository");
-        let info = self.info(&st).await?;
-        if !info.reachable() {
-            let repo = info.repo_message.unwrap_or_default();
-            return Err(BackupError::Failed(format!(
-                "the backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was backed up",
-                pgbackrest::cause(&repo),
-                info.status_message,
-            )));
-        }
+        // Which kind comes from the chain in the repository, unless a full one is asked
+        // for: then the listing is not needed first (one container start less), and an
+        // unreachable repository fails the backup itself, explained the same way.
+        let before = if kind == RunKind::Full {
+            None
+        } else {
+            progress(5, "reading the repository");
+            let info = self.info(&st).await?;
+            if !info.reachable() {
+                let repo = info.repo_message.unwrap_or_default();
+                return Err(BackupError::Failed(format!(
+                    "the backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was backed up",
+                    pgbackrest::cause(&repo),
+                    info.status_message,
+                )));
+            }
+            Some(info.backups)
+        };
         let now = dbvm_protocol::now_ms();
-        let (kind, why) = choose(kind, &info.backups, state.retention_days, now);
+        let (kind, why) = choose(
+            kind,
+            before.as_deref().unwrap_or_default(),
+            state.retention_days,
+            now,
+        );
         progress(10, &format!("{kind} backup starting ({why})"));
         let live = pgbackrest::config_path(self.db.paths());
         // The backup and then `info` in one one-shot container: the new backup's figures
@@ -373,10 +386,16 @@ impl BackupManager {
             // The backup is stored; only the listing failed: read it once more.
             _ => self.info(&st).await?,
         };
+        // The new backup: the newest one not listed before (the newest, when nothing was
+        // listed first).
         let new = after
             .backups
             .iter()
-            .rfind(|b| !info.backups.iter().any(|o| o.label == b.label))
+            .rfind(|b| {
+                before
+                    .as_ref()
+                    .is_none_or(|old| !old.iter().any(|o| o.label == b.label))
+            })
             .cloned()
             .ok_or_else(|| {
                 BackupError::Failed(
