@@ -574,3 +574,250 @@ async fn agent_killed_mid_backup_reports_it_interrupted_and_the_next_backup_work
     assert!(sets.iter().all(|b| b["error"] == false), "{list}");
     assert!(sets.iter().any(|b| b["label"] == next["label"]), "{list}");
 }
+
+/// The database's clock now, as an RFC 3339 target.
+async fn db_now(c: &tokio_postgres::Client) -> String {
+    c.query_one(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn count(port: u16, out: &Value, rig: &Rig) -> i64 {
+    pg(port, &rig.password(out))
+        .await
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_outside_the_recoverable_window_names_it_and_a_corrected_target_works() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let src = rig.vm("win1").await;
+    let password = rig.create_postgres(&src).await;
+    let c = pg(src.port, &password).await;
+    c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz)")
+        .await
+        .unwrap();
+    insert(&c, 1, 100).await;
+    let before_backups = db_now(&c).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    let full = rig.ok(&src, "backup.run", json!({})).await;
+    // backup.configure restarted the server (archive_mode): a new session.
+    let c = pg(src.port, &password).await;
+    insert(&c, 101, 200).await;
+    archive_now(&pg_super(&rig.fleet.path("win1-db"), src.port).await).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Nothing is committed after this: the archive ends before it.
+    let after_logs = db_now(&c).await;
+
+    let dst = rig.vm("win2").await;
+    let restore = |target: &str, ak: Sealed, sk: Sealed| {
+        json!({
+            "spec": {"engine": "postgres", "database": "app", "port": dst.port},
+            "source": rig.location("bkp", Some("win1")),
+            "access_key_id": ak, "secret_access_key": sk,
+            "target": target,
+        })
+    };
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(&dst, "db.restore", restore(&before_backups, ak, sk))
+        .await;
+    eprintln!("target before the first backup: {e}");
+    assert!(
+        e.contains("before the recoverable window")
+            && e.contains(full["label"].as_str().unwrap())
+            && e.contains("nothing was restored"),
+        "{e}"
+    );
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(&dst, "db.restore", restore(&after_logs, ak, sk))
+        .await;
+    eprintln!("target after the last archived transaction: {e}");
+    assert!(
+        e.contains("after the last archived transaction") && e.contains("recoverable window"),
+        "{e}"
+    );
+    // The same VM takes the restore again with a target inside the window.
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let out = rig.ok(&dst, "db.restore", restore("latest", ak, sk)).await;
+    assert_eq!(count(dst.port, &out, &rig).await, 200, "{out}");
+}
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs on {}", dir.display());
+        Self(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_on_the_restore_target_fails_clearly_and_a_retry_with_room_works() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let src = rig.vm("fill1").await;
+    let password = rig.create_postgres(&src).await;
+    let c = pg(src.port, &password).await;
+    // About 150 MB of table: more than the target's disk holds at first.
+    c.batch_execute(
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS pad FROM generate_series(1, 1000000) g",
+    )
+    .await
+    .unwrap();
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    rig.ok(&src, "backup.run", json!({})).await;
+
+    // The target VM's data disk is 64 MiB.
+    let disk = Tmpfs::mount(&rig.fleet.path("fill2-db"), "64m");
+    let dst = rig.vm("fill2").await;
+    let restore = |ak: Sealed, sk: Sealed| {
+        json!({
+            "spec": {"engine": "postgres", "database": "app", "port": dst.port},
+            "source": rig.location("bkp", Some("fill1")),
+            "access_key_id": ak, "secret_access_key": sk,
+            "target": "latest",
+        })
+    };
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let (_, e) = rig.refused(&dst, "db.restore", restore(ak, sk)).await;
+    eprintln!("restore onto a full disk: {e}");
+    assert!(e.contains("data disk of this VM is too small"), "{e}");
+    let status = rig.ok(&dst, "db.status", json!({})).await;
+    assert_ne!(status["phase"], "configured", "{status}");
+
+    // Given room, the same command succeeds and everything is there.
+    disk.resize("1g");
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let out = rig.ok(&dst, "db.restore", restore(ak, sk)).await;
+    assert_eq!(count(dst.port, &out, &rig).await, 1_000_000, "{out}");
+    drop(rig);
+    drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_during_a_backup_fails_it_with_the_reason_and_the_chain_stays_valid() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let vm = rig.vm("mid1").await;
+    let password = rig.create_postgres(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    rig.ok(
+        &vm,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    let first = rig.ok(&vm, "backup.run", json!({})).await;
+    // Enough changed data that the next backup takes seconds.
+    pg(vm.port, &password)
+        .await
+        .batch_execute(
+            "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS pad FROM generate_series(1, 2000000) g",
+        )
+        .await
+        .unwrap();
+
+    let sets = rig
+        .s3
+        .root
+        .join("bkp")
+        .join("mid1")
+        .join("backup")
+        .join("db");
+    let first_label = first["label"].as_str().unwrap().to_string();
+    let cmd = rig.fleet.sign(&vm.agent.id, "backup.run", json!({}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    // The storage goes away once the new backup's first files are in the bucket.
+    let new_label = dbvm_e2e::eventually(
+        Duration::from_secs(120),
+        "the new backup's files to reach the bucket",
+        || async {
+            std::fs::read_dir(&sets)
+                .ok()?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .find(|n| n.starts_with(&first_label[..8]) && *n != first_label && n.contains('_'))
+                .filter(|n| sets.join(n).join("pg_data").exists())
+        },
+    )
+    .await;
+    rig.s3.stop_s3();
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(300))
+        .await
+        .unwrap();
+    let e = done
+        .error
+        .as_ref()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    eprintln!("backup {new_label} with the storage gone midway: {e}");
+    assert_eq!(done.state, CommandState::Failed, "{done:?}");
+    assert!(e.contains("could not be reached"), "{e}");
+
+    // Back: the repository lists only the complete backup, and the chain goes on.
+    rig.s3.start_s3();
+    let list = rig.ok(&vm, "backup.list", json!({})).await;
+    let labels: Vec<&str> = list["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["backups"].as_array().unwrap())
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, vec![first_label.as_str()], "{list}");
+    let next = rig.ok(&vm, "backup.run", json!({})).await;
+    assert_eq!(next["type"], "incr", "{next}");
+    assert_eq!(next["chain"]["full"], first["label"], "{next}");
+}

@@ -6,7 +6,7 @@
 //! does not archive into the source's repository: its own `backup.configure` gives it
 //! one.
 
-use super::pgbackrest::{self, Tuning};
+use super::pgbackrest::{self, Info, Tuning};
 use super::storage::Storage;
 use crate::db::engine::Admin;
 use crate::db::manager::{DataSource, ProgressFn};
@@ -80,6 +80,8 @@ pub struct PgRestore {
     pub timeout: Duration,
     /// The stop time of the backup set pgBackRest restored (from `populate` to `finish`).
     pub backup_stopped_ms: std::sync::Mutex<Option<i64>>,
+    /// What the repository can restore, read before anything is restored.
+    window: std::sync::Mutex<Option<Window>>,
     /// The restore's config (the source's keys), removed when the restore ends however
     /// it ends (an agent killed mid-restore leaves it until the next attempt rewrites and
     /// removes it).
@@ -109,6 +111,7 @@ impl PgRestore {
             tuning,
             timeout,
             backup_stopped_ms: std::sync::Mutex::new(None),
+            window: std::sync::Mutex::new(None),
             config: std::sync::Mutex::new(None),
         }
     }
@@ -124,6 +127,139 @@ impl PgRestore {
             }
         }
         a
+    }
+
+    /// `pgbackrest info` with the restore's config; an unreachable repository fails here,
+    /// before anything is restored.
+    async fn read_info(
+        &self,
+        db: &DbManager,
+        st: &DbState,
+        config: &std::path::Path,
+    ) -> Result<Info, DbError> {
+        let out = db
+            .run_tool(
+                st,
+                "restore",
+                |program| pgbackrest::argv(program, config, &["--output=json".to_string()], "info"),
+                self.tuning.call_timeout(),
+            )
+            .await?;
+        let info = (out.exit_code == 0)
+            .then(|| pgbackrest::parse_info(&out.stdout).ok())
+            .flatten();
+        match info {
+            Some(info) if info.reachable() => Ok(info),
+            Some(info) => {
+                let _ = std::fs::remove_file(config);
+                let repo = info.repo_message.unwrap_or_default();
+                Err(DbError::Failed(format!(
+                    "the source's repository {}/{} cannot be read: {} (pgBackRest: {}: {repo}); nothing was restored",
+                    self.storage.bucket,
+                    self.storage.prefix,
+                    pgbackrest::cause(&repo),
+                    info.status_message,
+                )))
+            }
+            None => {
+                let _ = std::fs::remove_file(config);
+                Err(DbError::Failed(format!(
+                    "pgbackrest info: {}; nothing was restored",
+                    pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr)
+                )))
+            }
+        }
+    }
+
+    /// Why recovery stopped, from the server's log, with the window when the target lies
+    /// beyond the last archived transaction.
+    fn recovery_failed(&self, error: &str, log_dir: &std::path::Path) -> String {
+        let log = newest_server_log(log_dir);
+        let window = self
+            .window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Window::describe)
+            .unwrap_or_default();
+        if log.contains("recovery ended before configured recovery target was reached") {
+            let last = last_transaction_time(&log)
+                .map(|t| format!("the last archived transaction is from {t}"))
+                .unwrap_or_else(|| "no transaction after the backup was archived".into());
+            return format!(
+                "target {} is after the last archived transaction of {}/{}: {last}; the recoverable window is {window}. Restore to `latest` or a time inside the window (the source may not have archived its newest WAL yet)",
+                self.target.describe().as_str().unwrap_or("?"),
+                self.storage.bucket,
+                self.storage.prefix,
+            );
+        }
+        let reason = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("FATAL:"))
+            .map(|l| format!(" (the server said: {})", l.trim()))
+            .unwrap_or_default();
+        format!("recovery did not finish: {error}{reason}")
+    }
+}
+
+/// What a repository can restore: from the end of its first complete backup up to its
+/// newest archived WAL. The listing names that segment but not its time; the newest
+/// backup's end is the latest time known for certain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub first_backup: String,
+    pub from_ms: i64,
+    pub newest_backup_ms: i64,
+    pub archived_to: Option<String>,
+}
+
+impl Window {
+    pub fn of(info: &Info) -> Option<Self> {
+        let complete = || info.backups.iter().filter(|b| !b.error);
+        let first = complete().min_by_key(|b| b.stopped_ms)?;
+        Some(Self {
+            first_backup: first.label.clone(),
+            from_ms: first.stopped_ms,
+            newest_backup_ms: complete()
+                .map(|b| b.stopped_ms)
+                .max()
+                .unwrap_or(first.stopped_ms),
+            archived_to: info.archive_max.clone(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "from {} (the end of backup {}) to the newest archived WAL ({}; the newest backup ended {})",
+            rfc3339(self.from_ms),
+            self.first_backup,
+            self.archived_to.as_deref().unwrap_or("none archived"),
+            rfc3339(self.newest_backup_ms)
+        )
+    }
+}
+
+/// A restore that ran out of space says so (pgBackRest names only the file it could not
+/// write; the file system's free space tells why).
+fn disk_full_hint(stdout: &str, stderr: &str, free: Option<u64>) -> &'static str {
+    let said =
+        stdout.contains("No space left on device") || stderr.contains("No space left on device");
+    let unable = stdout.contains("unable to write") || stderr.contains("unable to write");
+    if said || (unable && free.is_some_and(|f| f < (16 << 20))) {
+        " — the data disk of this VM is full: the restored database does not fit; give the VM a larger data disk and send db.restore again (nothing of the source changed)"
+    } else {
+        ""
+    }
+}
+
+/// Bytes for people (MiB/GiB, one decimal).
+fn human(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
     }
 }
 
@@ -160,6 +296,59 @@ impl DataSource for PgRestore {
         );
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(config.clone());
         crate::db::engine::write_owned(&config, text.as_bytes(), 0o600, s.uid, s.gid)?;
+        // The listing first: a target outside what the repository holds is refused
+        // before the data directory is touched, naming the window. (The same listing
+        // gives the chosen backup's stop time afterwards: no second container start.)
+        progress(60, "reading the source's repository");
+        let info = self.read_info(db, st, &config).await?;
+        let window = Window::of(&info).ok_or_else(|| {
+            let _ = std::fs::remove_file(&config);
+            DbError::Failed(format!(
+                "there is no complete backup in {}/{}: nothing to restore (is the prefix the source's agent id, and did a backup.run succeed there?)",
+                self.storage.bucket, self.storage.prefix
+            ))
+        })?;
+        if let Target::Time(ms) = self.target {
+            if ms < window.from_ms {
+                let _ = std::fs::remove_file(&config);
+                return Err(DbError::Failed(format!(
+                    "target {} is before the recoverable window of {}/{}: {}; nothing was restored",
+                    rfc3339(ms),
+                    self.storage.bucket,
+                    self.storage.prefix,
+                    window.describe()
+                )));
+            }
+        }
+        *self.window.lock().unwrap_or_else(|p| p.into_inner()) = Some(window);
+        // The set pgBackRest will choose (the newest complete one that ended before the
+        // target) must fit on the data disk: refused before a byte is written.
+        let chosen = info
+            .backups
+            .iter()
+            .filter(|b| !b.error)
+            .filter(|b| match self.target {
+                Target::Latest => true,
+                Target::Time(ms) => b.stopped_ms <= ms,
+            })
+            .max_by_key(|b| b.stopped_ms);
+        let free = crate::db::manager::fs_free(&p.data);
+        if let (Some(set), Some(free)) = (chosen, free) {
+            // One WAL segment beside the files, at least.
+            let needed = set.size_bytes + (16 << 20);
+            if needed > free {
+                let _ = std::fs::remove_file(&config);
+                return Err(DbError::Failed(format!(
+                    "the data disk of this VM is too small: backup {} of {}/{} restores to {} and {} is free on {}; give the VM a larger data disk and send db.restore again (nothing was restored)",
+                    set.label,
+                    self.storage.bucket,
+                    self.storage.prefix,
+                    human(set.size_bytes),
+                    human(free),
+                    p.data.display()
+                )));
+            }
+        }
         progress(
             62,
             &format!(
@@ -180,40 +369,24 @@ impl DataSource for PgRestore {
             .await?;
         if out.exit_code != 0 {
             let _ = std::fs::remove_file(&config);
-            let text = format!("{}\n{}", out.stdout, out.stderr);
-            let hint = if text.contains("unable to find backup set")
-                || text.contains("no backup set found")
-            {
-                " — the target is before the first backup of this repository; see backup.list on the source for the recoverable window"
-            } else {
-                ""
-            };
             return Err(DbError::Failed(format!(
-                "restore failed{hint}: {}",
-                pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr)
+                "restore failed: {}{}",
+                pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr),
+                disk_full_hint(
+                    &out.stdout,
+                    &out.stderr,
+                    crate::db::manager::fs_free(&p.data)
+                ),
             )));
         }
         // The backup set pgBackRest chose is in its log line "restore backup set …"; its
         // stop time is the point reached when no transaction follows it before the target.
         let set = pgbackrest_log_set(&p.log.join("pgbackrest"));
-        let info = db
-            .run_tool(
-                st,
-                "restore",
-                |program| {
-                    pgbackrest::argv(program, &config, &["--output=json".to_string()], "info")
-                },
-                self.tuning.call_timeout(),
-            )
-            .await
-            .ok()
-            .and_then(|out| pgbackrest::parse_info(&out.stdout).ok());
-        let stopped = info.and_then(|i| {
-            i.backups
-                .into_iter()
-                .find(|b| Some(&b.label) == set.as_ref())
-                .map(|b| b.stopped_ms)
-        });
+        let stopped = info
+            .backups
+            .iter()
+            .find(|b| Some(&b.label) == set.as_ref())
+            .map(|b| b.stopped_ms);
         *self
             .backup_stopped_ms
             .lock()
@@ -242,10 +415,9 @@ impl DataSource for PgRestore {
                 Err(e) => {
                     // The server ends itself when the target cannot be reached.
                     let _ = std::fs::remove_file(pgbackrest::restore_config_path(&p));
-                    return Err(DbError::Failed(format!(
-                        "recovery did not finish: {e}{}",
-                        server_log_reason(&p.log)
-                    )));
+                    return Err(DbError::Failed(
+                        self.recovery_failed(&e.to_string(), &p.log),
+                    ));
                 }
             }
             if !said {
@@ -293,8 +465,8 @@ fn pgbackrest_log_set(dir: &std::path::Path) -> Option<String> {
         .map(|s| s.split([',', ' ']).next().unwrap_or(s).to_string())
 }
 
-/// The last FATAL line of PostgreSQL's newest log, to say why recovery stopped.
-fn server_log_reason(dir: &std::path::Path) -> String {
+/// The text of PostgreSQL's newest log file (empty when there is none).
+fn newest_server_log(dir: &std::path::Path) -> String {
     let newest = std::fs::read_dir(dir)
         .ok()
         .into_iter()
@@ -304,13 +476,18 @@ fn server_log_reason(dir: &std::path::Path) -> String {
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
     newest
         .and_then(|e| std::fs::read_to_string(e.path()).ok())
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .find(|l| l.contains("FATAL:"))
-                .map(|l| format!(" (the server said: {})", l.trim()))
-        })
         .unwrap_or_default()
+}
+
+/// The time in the server's "last completed transaction was at log time …" line.
+fn last_transaction_time(log: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            l.split("last completed transaction was at log time ")
+                .nth(1)
+        })
+        .map(|t| t.trim().to_string())
 }
 
 #[cfg(test)]
@@ -331,5 +508,70 @@ mod tests {
         assert!(Target::parse("yesterday").unwrap_err().contains("RFC 3339"));
         assert_eq!(pg_time(1_796_320_800_250), "2026-12-03 18:00:00.250000+00");
         assert_eq!(rfc3339(1_796_320_800_250), "2026-12-03T18:00:00.25Z");
+    }
+
+    fn set(label: &str, stopped_ms: i64, error: bool) -> pgbackrest::BackupSet {
+        pgbackrest::BackupSet {
+            label: label.into(),
+            kind: "full".into(),
+            prior: None,
+            started_ms: stopped_ms - 1000,
+            stopped_ms,
+            size_bytes: 1,
+            repo_size_bytes: 1,
+            wal_start: None,
+            wal_stop: None,
+            error,
+        }
+    }
+
+    #[test]
+    fn the_window_starts_at_the_first_complete_backup_and_names_the_archive() {
+        let mut info = Info {
+            status_code: 0,
+            status_message: "ok".into(),
+            repo_message: None,
+            backups: vec![],
+            archive_min: None,
+            archive_max: None,
+        };
+        assert_eq!(Window::of(&info), None, "no backup, no window");
+        info.backups = vec![
+            set("B0", 1_796_320_700_000, true),
+            set("B1", 1_796_320_800_250, false),
+            set("B2", 1_796_320_900_000, false),
+        ];
+        info.archive_max = Some("000000010000000000000007".into());
+        let w = Window::of(&info).unwrap();
+        assert_eq!(
+            (w.first_backup.as_str(), w.from_ms),
+            ("B1", 1_796_320_800_250)
+        );
+        let d = w.describe();
+        assert!(
+            d.contains("2026-12-03T18:00:00.25Z")
+                && d.contains("B1")
+                && d.contains("000000010000000000000007"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn the_last_replayed_transaction_is_read_from_the_server_log() {
+        let log = "LOG:  redo done at 0/3000100\nLOG:  last completed transaction was at log time 2026-12-03 18:00:01.5+00\nFATAL:  recovery ended before configured recovery target was reached\n";
+        assert_eq!(
+            last_transaction_time(log).as_deref(),
+            Some("2026-12-03 18:00:01.5+00")
+        );
+        assert_eq!(last_transaction_time("FATAL: x"), None);
+        assert!(disk_full_hint("", "No space left on device", None).contains("full"));
+        assert!(
+            disk_full_hint("ERROR: [064]: unable to write 'x'", "", Some(4096)).contains("full")
+        );
+        assert_eq!(
+            disk_full_hint("ERROR: [064]: unable to write 'x'", "", Some(1 << 30)),
+            ""
+        );
+        assert_eq!(human(3 << 29), "1.5 GiB");
     }
 }

@@ -304,6 +304,18 @@ impl DbManager {
             {
                 existing.clone()
             }
+            // A restore that has not finished may be sent again with another target or
+            // source: its data directory is rebuilt from empty anyway.
+            Some(existing)
+                if existing.spec == spec
+                    && existing.phase < Phase::Configured
+                    && existing.restored_from.is_some()
+                    && source_described.is_some() =>
+            {
+                let mut st = existing.clone();
+                st.restored_from = source_described.clone();
+                st
+            }
             Some(existing) if existing.spec == spec => {
                 return Err(DbError::Invalid(match &existing.restored_from {
                     Some(from) => format!(
@@ -1074,7 +1086,8 @@ fn empty_dir(dir: &Path) -> Result<(), DbError> {
     Ok(())
 }
 
-fn fs_free(path: &Path) -> Option<u64> {
+/// Bytes free for an unprivileged writer on the file system of `path`.
+pub fn fs_free(path: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
     Some(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
