@@ -821,3 +821,141 @@ async fn s3_down_during_a_backup_fails_it_with_the_reason_and_the_chain_stays_va
     assert_eq!(next["type"], "incr", "{next}");
     assert_eq!(next["chain"]["full"], first["label"], "{next}");
 }
+
+/// WAL on disk: bytes and segment names, oldest first.
+async fn wal(su: &tokio_postgres::Client) -> (i64, Vec<String>) {
+    let rows = su
+        .query(
+            "SELECT name, size FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{24}$' ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap();
+    (
+        rows.iter().map(|r| r.get::<_, i64>(1)).sum(),
+        rows.iter().map(|r| r.get(0)).collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_stays_under_its_cap_while_archiving_works_and_nothing_unarchived_goes_when_it_breaks()
+{
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    let _disk = Tmpfs::mount(&rig.fleet.path("cap1-db"), "1g");
+    let vm = rig.vm("cap1").await;
+    let password = rig.create_postgres(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &vm,
+            "backup.configure",
+            json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    let cap = out["parameters"]["wal_cap_bytes"]
+        .as_i64()
+        .expect("the cap is reported");
+    assert_eq!(cap, (1i64 << 30) / 100 * 15, "15% of the data disk: {out}");
+    let su = pg_super(&rig.fleet.path("cap1-db"), vm.port).await;
+    let max_wal: String = su.query_one("SHOW max_wal_size", &[]).await.unwrap().get(0);
+    assert_eq!(max_wal, format!("{}MB", (cap / 2) >> 20));
+    let c = pg(vm.port, &password).await;
+    c.batch_execute(
+        "CREATE TABLE churn AS SELECT g AS id, md5(g::text) AS pad FROM generate_series(1, 50000) g",
+    )
+    .await
+    .unwrap();
+
+    // A write load with archiving working: WAL stays under the cap.
+    let mut peak = 0i64;
+    let start = su_lsn(&su).await;
+    for _ in 0..40 {
+        c.batch_execute("UPDATE churn SET pad = md5(pad)")
+            .await
+            .unwrap();
+        peak = peak.max(wal(&su).await.0);
+    }
+    let written = su_lsn(&su).await - start;
+    let (status, message) = check(&rig, &vm, "binlog").await;
+    eprintln!(
+        "archiving on: {} MiB of WAL written, peak on disk {} MiB, cap {} MiB; check 9 {status}: {message}",
+        written >> 20,
+        peak >> 20,
+        cap >> 20
+    );
+    assert!(written > 2 * cap, "the load wrote more than twice the cap");
+    assert!(
+        peak < cap,
+        "WAL peaked at {peak} bytes, over the cap of {cap}"
+    );
+    assert_ne!(status, "critical", "{message}");
+
+    // The storage goes away: WAL grows past the cap, every unarchived segment stays, and
+    // check 9 is critical.
+    rig.s3.stop_s3();
+    let first_unarchived: String = su
+        .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..40 {
+        c.batch_execute("UPDATE churn SET pad = md5(pad)")
+            .await
+            .unwrap();
+    }
+    su.batch_execute("CHECKPOINT").await.unwrap();
+    let (bytes, names) = wal(&su).await;
+    let kept: Vec<u64> = names
+        .iter()
+        .filter(|n| n.as_str() >= first_unarchived.as_str())
+        .map(|n| u64::from_str_radix(&n[8..], 16).unwrap())
+        .collect();
+    let segments_per_log = 0x1_0000_0000u64 / (16 << 20);
+    let seq = |v: u64| (v >> 32) * segments_per_log + (v & 0xffff_ffff);
+    assert!(
+        kept.windows(2).all(|w| seq(w[1]) == seq(w[0]) + 1) && kept.len() > 10,
+        "every segment since archiving broke is still there: {names:?}"
+    );
+    assert!(
+        bytes > cap,
+        "WAL grew past the cap with archiving broken: {bytes}"
+    );
+    let (status, message) = dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "check 9 critical over the cap",
+        || async {
+            let (s, m) = check(&rig, &vm, "binlog").await;
+            (s == "critical" && m.contains("OVER its cap")).then_some((s, m))
+        },
+    )
+    .await;
+    eprintln!(
+        "archiving broken: {} MiB of WAL; check 9 {status}: {message}",
+        bytes >> 20
+    );
+
+    // Back: the archive catches up and WAL returns under the cap.
+    rig.s3.start_s3();
+    archive_now(&su).await;
+    su.batch_execute("CHECKPOINT").await.unwrap();
+    dbvm_e2e::eventually(
+        Duration::from_secs(120),
+        "WAL back under the cap",
+        || async {
+            su.batch_execute("CHECKPOINT").await.ok()?;
+            (wal(&su).await.0 < cap).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn su_lsn(su: &tokio_postgres::Client) -> i64 {
+    su.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

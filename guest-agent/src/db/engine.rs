@@ -139,10 +139,27 @@ fn pg_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// DSM's log caps while backups are on: a PostgreSQL primary's WAL is held to this share
+/// of the data disk, a MySQL primary's binary logs to [`BINLOG_CAP_PCT`].
+pub const WAL_CAP_PCT: u64 = 15;
+/// See [`WAL_CAP_PCT`].
+pub const BINLOG_CAP_PCT: u64 = 10;
+
+/// The WAL cap for a data disk of `disk_bytes`.
+pub fn wal_cap(disk_bytes: u64) -> u64 {
+    disk_bytes / 100 * WAL_CAP_PCT
+}
+
 /// The main configuration file (the agent's; parameters go to the include file).
 /// `archive_command`: PostgreSQL's WAL archiving, on when the backup capability set it
-/// (never a user parameter: the agent owns where WAL goes).
-pub fn main_config(spec: &DatabaseSpec, p: &Paths, archive_command: Option<&str>) -> String {
+/// (never a user parameter: the agent owns where WAL goes). `wal_cap_bytes`: the WAL
+/// cap ([`WAL_CAP_PCT`] of the data disk), set with archiving.
+pub fn main_config(
+    spec: &DatabaseSpec,
+    p: &Paths,
+    archive_command: Option<&str>,
+    wal_cap_bytes: Option<u64>,
+) -> String {
     let f = spec.engine;
     let port = spec.port();
     match f {
@@ -201,6 +218,20 @@ pub fn main_config(spec: &DatabaseSpec, p: &Paths, archive_command: Option<&str>
                 "include {}\n",
                 pg_quote(&p.params_file(f).display().to_string())
             ));
+            if let Some(cap) = wal_cap_bytes {
+                // After the include, so a parameter cannot lift the cap. Checkpoints keep
+                // WAL near max_wal_size; slots may hold the other half. PostgreSQL never
+                // removes a segment that is not archived yet: a failing archive grows
+                // past the cap, and health check 9 says so.
+                let mb = |b: u64| format!("{}MB", (b >> 20).max(32));
+                s.push_str(&format!(
+                    "# The WAL cap: {WAL_CAP_PCT}% of the data disk ({} MiB) while backups are on\n",
+                    cap >> 20
+                ));
+                kv(&mut s, "max_wal_size", mb(cap / 2));
+                kv(&mut s, "min_wal_size", mb((cap / 4).min(80 << 20)));
+                kv(&mut s, "max_slot_wal_keep_size", mb(cap / 2));
+            }
             s
         }
         Flavour::Mariadb | Flavour::Mysql8 => {

@@ -551,6 +551,14 @@ impl DbManager {
         Ok((password, steps, restored))
     }
 
+    /// PostgreSQL's WAL cap while archiving is on (see [`engine::WAL_CAP_PCT`]).
+    pub fn wal_cap(&self, st: &DbState) -> Option<u64> {
+        if st.spec.engine != Flavour::Postgres || st.archive_command.is_none() {
+            return None;
+        }
+        fs_total(&self.paths.data).map(engine::wal_cap)
+    }
+
     fn write_config(
         &self,
         st: &DbState,
@@ -560,7 +568,13 @@ impl DbManager {
         let (uid, gid) = (self.settings.uid, self.settings.gid);
         engine::write_owned(
             &self.paths.main_config(f),
-            engine::main_config(&st.spec, &self.paths, st.archive_command.as_deref()).as_bytes(),
+            engine::main_config(
+                &st.spec,
+                &self.paths,
+                st.archive_command.as_deref(),
+                self.wal_cap(st),
+            )
+            .as_bytes(),
             0o640,
             uid,
             gid,
@@ -667,9 +681,14 @@ impl DbManager {
         if mode_changes {
             changed.push("archive_mode");
         }
+        let cap = self.wal_cap(&st);
+        if cap.is_some() {
+            changed.extend(["max_wal_size", "min_wal_size", "max_slot_wal_keep_size"]);
+        }
         Ok(json!({
             "changed": changed,
             "archive_mode": if st.archive_command.is_some() { "on" } else { "off" },
+            "wal_cap_bytes": cap,
             "restarted": restarted,
             "restart_required": st.restart_pending,
         }))
@@ -1084,6 +1103,12 @@ fn empty_dir(dir: &Path) -> Result<(), DbError> {
         res.map_err(|e| DbError::io("remove", &path, e))?;
     }
     Ok(())
+}
+
+/// The size of the file system of `path`.
+pub fn fs_total(path: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(s.blocks() as u64 * s.fragment_size() as u64)
 }
 
 /// Bytes free for an unprivileged writer on the file system of `path`.

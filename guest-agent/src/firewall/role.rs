@@ -139,7 +139,7 @@ mod tests {
         let paths = engine::Paths::new(std::path::Path::new("/var/lib/dbvm/db"));
         for f in Flavour::ALL {
             let s = spec(json!({"engine": f, "database": "a", "port": 24680}));
-            let config = engine::main_config(&s, &paths, None);
+            let config = engine::main_config(&s, &paths, None, None);
             assert!(config.contains("\nport = 24680\n"), "{f}: {config}");
             let role = FirewallRole::of_database(Some(&s));
             assert_eq!(role.services[0].ports, PortRange::one(24680), "{f}");

@@ -115,6 +115,24 @@ impl Check for Binlog {
                 }
             }
         };
+        // While archiving is on (backups configured), DSM's cap holds WAL to a share of
+        // the data disk; over it means the archive is not keeping up. Nothing unarchived
+        // is ever deleted to get under it.
+        let cap = crate::db::engine::WAL_CAP_PCT as f64;
+        let (status, msg) = match &facts.log {
+            LogFacts::Postgres(p) if p.archiving() && share.is_finite() => {
+                figures.push(("cap_pct", cap));
+                if share > cap {
+                    (
+                        HealthStatus::Critical,
+                        format!("WAL is OVER its cap of {cap:.0}% of the data disk ({share:.1}%): segments are kept until they are archived, never deleted unarchived; {msg}"),
+                    )
+                } else {
+                    (status, msg)
+                }
+            }
+            _ => (status, msg),
+        };
         let msg = if volume_status > HealthStatus::Ok {
             format!("{msg}: logs take a large share of the data disk; check archiving and replication slots")
         } else {
