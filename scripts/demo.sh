@@ -240,21 +240,18 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 echo "S3 at https://localhost:$s3_port (bucket dbvm), CA $s3/tls/ca.crt"
-ca_json=$(awk '{printf "%s\\n", $0}' "$s3/tls/ca.crt")
-storage="{\"endpoint\":\"https://localhost:$s3_port\",\"bucket\":\"dbvm\",\"ca_pem\":\"$ca_json\"}"
 
-say "backups on: pgBackRest (in the database image) with the keys sealed to the agent (--secret-file: never on a command line); archiving needs a restart, reported"
-printf '\033[2m$ dbvmctl send db-demo backup.configure storage={"endpoint":"https://localhost:%s","bucket":"dbvm","ca_pem":"…"} retention_days=7 --secret-file access_key_id=%s --secret-file secret_access_key=%s\033[0m\n' \
-  "$s3_port" "$s3/access_key" "$s3/secret_key" >&2
-"$bin/dbvmctl" send db-demo backup.configure "storage=$storage" retention_days=7 \
-  --secret-file "access_key_id=$s3/access_key" --secret-file "secret_access_key=$s3/secret_key"
+say "backups on: pgBackRest (in the database image) with the keys sealed to the agent (read from files: never on a command line); archiving needs a restart, reported; WAL is capped at 15% of the data disk"
+storage_flags=(--endpoint "https://localhost:$s3_port" --bucket dbvm --ca-file "$s3/tls/ca.crt"
+  --access-key-file "$s3/access_key" --secret-key-file "$s3/secret_key")
+run "$bin/dbvmctl" backup configure db-demo "${storage_flags[@]}" --retention-days 7
 
 psql_app() { psql -h 127.0.0.1 -p "$port" -U dbaas -d app -v ON_ERROR_STOP=1 "$@"; }
 psql_app -qc "CREATE TABLE orders (id int primary key, note text); INSERT INTO orders SELECT g, 'before the first backup' FROM generate_series(1, 1000) g"
 say "a full backup (the first of a chain), 1,000 more rows, an incremental one"
-run "$bin/dbvmctl" send db-demo backup.run
+run "$bin/dbvmctl" backup db-demo
 psql_app -qc "INSERT INTO orders SELECT g, 'between the backups' FROM generate_series(1001, 2000) g"
-run "$bin/dbvmctl" send db-demo backup.run
+run "$bin/dbvmctl" backup db-demo
 sleep 1
 target=$(psql_app -Atc "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
 sleep 1
@@ -269,7 +266,7 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 echo "target time: $target (rows 1-2000 before it, rows 2001-2500 after it)"
-run "$bin/dbvmctl" send db-demo backup.list
+run "$bin/dbvmctl" backups db-demo
 
 say "restore to $target into a second database: a new VM's agent (db-restored), its own data directory and port"
 token2=$("$bin/dbvmctl" enroll-token db-restored --ttl 600)
@@ -288,12 +285,9 @@ for _ in $(seq 100); do
   "$bin/dbvmctl" agents --json 2>/dev/null | tr -d ' \n' | grep -q '"id":"db-restored","connected":true' && break
   sleep 0.1
 done
-source_json="{\"endpoint\":\"https://localhost:$s3_port\",\"bucket\":\"dbvm\",\"prefix\":\"db-demo\",\"ca_pem\":\"$ca_json\"}"
-printf '\033[2m$ dbvmctl send db-restored db.restore spec={"engine":"postgres","database":"app","port":%s} source={"bucket":"dbvm","prefix":"db-demo",…} target=%s --secret-file … --reveal\033[0m\n' "$port2" "$target" >&2
-"$bin/dbvmctl" send db-restored db.restore "spec={\"engine\":\"postgres\",\"database\":\"app\",\"port\":$port2}" \
-  "source=$source_json" "target=$target" --timeout 600 \
-  --secret-file "access_key_id=$s3/access_key" --secret-file "secret_access_key=$s3/secret_key" \
-  --reveal --json > "$demo/restore.json"
+printf '\033[2m$ dbvmctl restore db-restored --endpoint https://localhost:%s --bucket dbvm --prefix db-demo --ca-file … --access-key-file … --secret-key-file … --port %s --target %s --reveal --json\033[0m\n' "$s3_port" "$port2" "$target" >&2
+"$bin/dbvmctl" restore db-restored "${storage_flags[@]}" --prefix db-demo --port "$port2" \
+  --target "$target" --timeout 600 --reveal --json > "$demo/restore.json"
 grep -v '"password"' "$demo/restore.json" | grep -A8 '"restored"'
 password2=$(grep -o '"password": *"[^"]*"' "$demo/restore.json" | sed -E 's/.*: *"([^"]*)"/\1/')
 

@@ -9,11 +9,14 @@
 //!   as `dbvmctl send` does it;
 //! - [`health`]: an agent's health report, stored by the broker or run fresh;
 //! - [`reveal()`] and [`redact`]: sealed values in results;
+//! - [`backup`]: storage arguments and the backup listing for `dbvmctl backup`, `backups`,
+//!   `restore` and `recover`;
 //! - [`output`]: the human renderings `dbvmctl` prints.
 //!
 //! Wire types come from `dbvm-protocol`; nothing here defines an encoding.
 
 pub mod args;
+pub mod backup;
 pub mod client;
 pub mod health;
 pub mod home;

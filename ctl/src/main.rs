@@ -135,6 +135,63 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up an agent's database now (the first backup of a chain is full, later ones
+    /// incremental), or `backup configure` / `backup verify`
+    ///
+    /// Progress shows while it runs; exit code 0 when the backup succeeded.
+    #[command(args_conflicts_with_subcommands = true)]
+    Backup {
+        agent: Option<AgentId>,
+        /// auto: full for a new chain, incremental otherwise
+        #[arg(long = "type", value_name = "KIND", value_parser = ["auto", "full", "incr"], default_value = "auto")]
+        kind: String,
+        #[command(flatten)]
+        wait: OpWait,
+        #[command(subcommand)]
+        command: Option<BackupCommand>,
+    },
+    /// List an agent's backups: chains, sizes, and the window a restore can reach
+    Backups {
+        agent: AgentId,
+        /// Print the agent's answer (`backup.list`) as JSON
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the answer, in seconds
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Build a new database on an agent from another database's backups, up to a point
+    /// in time (restore always makes a new database; `recover` works in place)
+    Restore {
+        agent: AgentId,
+        /// The source's storage; --prefix names the source database's folder (its
+        /// agent's id)
+        #[command(flatten)]
+        storage: StorageFlags,
+        /// Engine of the new database
+        #[arg(long, value_parser = ["postgres", "mariadb", "mysql8"], default_value = "postgres")]
+        engine: String,
+        /// Name of the application database
+        #[arg(long, default_value = "app")]
+        database: String,
+        /// The new database's port [default: the engine's]
+        #[arg(long)]
+        port: Option<u16>,
+        /// `latest`, or an RFC 3339 time such as 2026-12-03T18:00:00Z
+        #[arg(long, default_value = "latest")]
+        target: String,
+        #[command(flatten)]
+        wait: OpWait,
+    },
+    /// Recover an agent's database in place from its own backups, to `latest` or a time
+    Recover {
+        agent: AgentId,
+        /// `latest`, or an RFC 3339 time such as 2026-12-03T18:00:00Z
+        #[arg(long)]
+        target: String,
+        #[command(flatten)]
+        wait: OpWait,
+    },
     /// Follow the broker's events, one line each
     Events {
         /// Only this agent's events
@@ -162,6 +219,94 @@ enum AgentsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Point an agent's backups at a bucket: checked with the keys before the working
+    /// setup changes; turns on continuous archiving of the transaction logs
+    Configure {
+        agent: AgentId,
+        #[command(flatten)]
+        storage: StorageFlags,
+        /// Days a chain takes new incrementals (chain expiry = creation + these days)
+        #[arg(long, value_name = "DAYS", default_value_t = 7)]
+        retention_days: u32,
+        #[command(flatten)]
+        wait: OpWait,
+    },
+    /// Restore drill: restore a backup into a throwaway database on the VM and check it
+    Verify {
+        agent: AgentId,
+        /// The backup to check [default: the newest]
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        wait: OpWait,
+    },
+}
+
+/// Where backups are (an S3 bucket over TLS) and the keys to it, read from files so that
+/// they are never in a process's arguments; they are sealed to the agent.
+#[derive(Args)]
+struct StorageFlags {
+    /// S3 endpoint, https://host:port (TLS is required)
+    #[arg(long, value_name = "URL")]
+    endpoint: String,
+    #[arg(long)]
+    bucket: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Folder in the bucket [backup: default the agent's id; restore: the source's]
+    #[arg(long)]
+    prefix: Option<String>,
+    /// CA certificate (PEM) that signed the endpoint's certificate
+    #[arg(long, value_name = "PATH")]
+    ca_file: Option<PathBuf>,
+    /// File holding the access key id
+    #[arg(long, value_name = "PATH")]
+    access_key_file: PathBuf,
+    /// File holding the secret access key
+    #[arg(long, value_name = "PATH")]
+    secret_key_file: PathBuf,
+}
+
+impl StorageFlags {
+    fn build(
+        &self,
+    ) -> Result<(
+        serde_json::Value,
+        Vec<(String, dbvm_protocol::seal::Secret)>,
+    )> {
+        Ok(dbvmctl::backup::StorageArgs {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            region: self.region.clone(),
+            prefix: self.prefix.clone(),
+            ca_file: self.ca_file.clone(),
+            access_key_file: self.access_key_file.clone(),
+            secret_key_file: self.secret_key_file.clone(),
+        }
+        .build()?)
+    }
+}
+
+/// Waiting for a backup command, and how to print it.
+#[derive(Args)]
+struct OpWait {
+    /// How long to wait for the result, in seconds
+    #[arg(long, value_name = "SECONDS", default_value_t = 21600)]
+    timeout: u64,
+    /// Return once the broker has accepted the command
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the command as the broker's JSON
+    #[arg(long)]
+    json: bool,
+    /// Open sealed values in the output with this home's sealing key (prints secrets,
+    /// such as a restored database's password)
+    #[arg(long)]
+    reveal: bool,
 }
 
 #[derive(Subcommand)]
@@ -367,6 +512,141 @@ async fn run(cli: Cli) -> Result<Exit> {
         }
         Command::Fleet { json } => fleet(&ctx, json).await,
         Command::Events { agent, json } => events(&ctx, agent.as_ref(), json).await,
+        Command::Backup {
+            agent,
+            kind,
+            wait,
+            command: None,
+        } => {
+            let agent = agent.context(
+                "name the agent: dbvmctl backup <AGENT> (or backup configure / backup verify)",
+            )?;
+            let args = serde_json::json!({"type": kind});
+            operation(&ctx, &agent, "backup.run", args, Vec::new(), &wait).await
+        }
+        Command::Backup {
+            command:
+                Some(BackupCommand::Configure {
+                    agent,
+                    storage,
+                    retention_days,
+                    wait,
+                }),
+            ..
+        } => {
+            let (location, keys) = storage.build()?;
+            let args = serde_json::json!({"storage": location, "retention_days": retention_days});
+            operation(&ctx, &agent, "backup.configure", args, keys, &wait).await
+        }
+        Command::Backup {
+            command: Some(BackupCommand::Verify { agent, label, wait }),
+            ..
+        } => {
+            let args = match label {
+                Some(l) => serde_json::json!({"label": l}),
+                None => serde_json::json!({}),
+            };
+            operation(&ctx, &agent, "backup.verify", args, Vec::new(), &wait).await
+        }
+        Command::Backups {
+            agent,
+            json,
+            timeout,
+        } => backups(&ctx, &agent, json, Duration::from_secs(timeout)).await,
+        Command::Restore {
+            agent,
+            storage,
+            engine,
+            database,
+            port,
+            target,
+            wait,
+        } => {
+            if storage.prefix.is_none() {
+                anyhow::bail!(
+                    "--prefix: name the source database's folder in the bucket (its agent's id)"
+                );
+            }
+            let (source, keys) = storage.build()?;
+            let mut spec = serde_json::json!({"engine": engine, "database": database});
+            if let Some(port) = port {
+                spec["port"] = serde_json::json!(port);
+            }
+            let args = serde_json::json!({"spec": spec, "source": source, "target": target});
+            operation(&ctx, &agent, "db.restore", args, keys, &wait).await
+        }
+        Command::Recover {
+            agent,
+            target,
+            wait,
+        } => {
+            let args = serde_json::json!({"target": target});
+            operation(&ctx, &agent, "db.recover", args, Vec::new(), &wait).await
+        }
+    }
+}
+
+/// Signs and sends one operation with its sealed secrets, waits with progress, prints it.
+async fn operation(
+    ctx: &Ctx,
+    agent: &AgentId,
+    name: &str,
+    args: serde_json::Value,
+    secrets: Vec<(String, dbvm_protocol::seal::Secret)>,
+    wait: &OpWait,
+) -> Result<Exit> {
+    let serde_json::Value::Object(args) = args else {
+        anyhow::bail!("the arguments of {name} are not an object");
+    };
+    let request = dbvmctl::send::Request {
+        args,
+        secrets,
+        ..dbvmctl::send::Request::new(agent.clone(), name)
+    };
+    let show = ShowArgs {
+        json: wait.json,
+        reveal: wait.reveal,
+    };
+    submit_and_show(
+        ctx,
+        request,
+        wait.no_wait,
+        Duration::from_secs(wait.timeout),
+        &show,
+    )
+    .await
+}
+
+/// `backup.list`, as a table or JSON.
+async fn backups(ctx: &Ctx, agent: &AgentId, json: bool, timeout: Duration) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let signer = home.signer()?;
+    let sender = Sender::new(&client, &signer, home.sealing_public_key()?);
+    let view = sender
+        .submit(dbvmctl::send::Request::new(agent.clone(), "backup.list"))
+        .await?;
+    let Some(view) = wait_for(ctx, &client, view, timeout).await? else {
+        return Ok(Exit::CommandFailed);
+    };
+    match (&view.state, &view.output) {
+        (CommandState::Succeeded, Some(output)) => {
+            if json {
+                out_json(output)?;
+            } else {
+                out(&dbvmctl::backup::backups_table(output))?;
+            }
+            Ok(Exit::Success)
+        }
+        _ => show_command(
+            &view,
+            &ShowArgs {
+                json,
+                reveal: false,
+            },
+            None,
+            Some(timeout),
+        ),
     }
 }
 
@@ -549,9 +829,13 @@ struct Watch {
 impl Watch {
     fn new(verbose: bool) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new_spinner();
-            if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed} {wide_msg}") {
-                bar.set_style(style);
+            // A bar of the command's percent (long work such as a backup reports it),
+            // with its state and latest message beside it.
+            let bar = ProgressBar::new(100);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} {elapsed:>4} [{bar:24}] {pos:>3}% {wide_msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
             }
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
@@ -577,7 +861,8 @@ impl Watch {
                 view.agent_id
             );
             if let Some(p) = &view.progress {
-                line.push_str(&format!("  {}% {}", p.percent, p.message));
+                bar.set_position(u64::from(p.percent.min(100)));
+                line.push_str(&format!(": {}", p.message));
             }
             bar.set_message(line);
             return;
@@ -693,8 +978,26 @@ async fn send(ctx: &Ctx, a: SendArgs) -> Result<Exit> {
         ttl: Duration::from_secs(a.ttl),
         ..dbvmctl::send::Request::new(a.agent.clone(), &a.operation)
     };
+    submit_and_show(
+        ctx,
+        request,
+        a.no_wait,
+        Duration::from_secs(a.timeout),
+        &a.show,
+    )
+    .await
+}
+
+/// Submits a request, waits for it (unless `no_wait`) with progress, prints it.
+async fn submit_and_show(
+    ctx: &Ctx,
+    request: dbvmctl::send::Request,
+    no_wait: bool,
+    timeout: Duration,
+    show: &ShowArgs,
+) -> Result<Exit> {
     let home = ctx.home()?;
-    let opener = if a.show.reveal {
+    let opener = if show.reveal {
         Some(home.sealing_key()?)
     } else {
         None
@@ -709,12 +1012,11 @@ async fn send(ctx: &Ctx, a: SendArgs) -> Result<Exit> {
             view.id, view.operation, view.agent_id
         );
     }
-    if a.no_wait {
-        return show_command(&view, &a.show, opener.as_ref(), None);
+    if no_wait {
+        return show_command(&view, show, opener.as_ref(), None);
     }
-    let timeout = Duration::from_secs(a.timeout);
     match wait_for(ctx, &client, view, timeout).await? {
-        Some(view) => show_command(&view, &a.show, opener.as_ref(), Some(timeout)),
+        Some(view) => show_command(&view, show, opener.as_ref(), Some(timeout)),
         None => Ok(Exit::CommandFailed),
     }
 }
@@ -882,6 +1184,67 @@ mod tests {
         assert!(Cli::try_parse_from(["dbvmctl", "agents", "revoke"]).is_err());
         assert!(Cli::try_parse_from(["dbvmctl", "agents", "revoke", "Bad/Id"]).is_err());
         assert!(Cli::try_parse_from(["dbvmctl", "enroll-token", "Bad/Id"]).is_err());
+    }
+
+    #[test]
+    fn backup_commands_parse() {
+        let cli = Cli::try_parse_from(["dbvmctl", "backup", "db1", "--type", "full"]).unwrap();
+        let Command::Backup {
+            agent,
+            kind,
+            command: None,
+            ..
+        } = cli.command
+        else {
+            panic!("not backup")
+        };
+        assert_eq!((agent.unwrap().as_str(), kind.as_str()), ("db1", "full"));
+        assert!(Cli::try_parse_from(["dbvmctl", "backup", "db1", "--type", "diff"]).is_err());
+        let cli = Cli::try_parse_from(["dbvmctl", "backup", "verify", "db1", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Backup {
+                command: Some(BackupCommand::Verify { .. }),
+                ..
+            }
+        ));
+        let storage = [
+            "--endpoint",
+            "https://localhost:9443",
+            "--bucket",
+            "bkp",
+            "--access-key-file",
+            "/k",
+            "--secret-key-file",
+            "/s",
+        ];
+        let mut argv = vec!["dbvmctl", "backup", "configure", "db1"];
+        argv.extend(storage);
+        assert!(Cli::try_parse_from(&argv).is_ok());
+        let mut argv = vec!["dbvmctl", "restore", "db2", "--prefix", "db1"];
+        argv.extend(storage);
+        argv.extend(["--target", "2026-12-03T18:00:00Z"]);
+        let Command::Restore { target, engine, .. } = Cli::try_parse_from(&argv).unwrap().command
+        else {
+            panic!("not restore")
+        };
+        assert_eq!(
+            (target.as_str(), engine.as_str()),
+            ("2026-12-03T18:00:00Z", "postgres")
+        );
+        // Keys are never arguments: no flag takes them.
+        assert!(Cli::try_parse_from([
+            "dbvmctl",
+            "backup",
+            "configure",
+            "db1",
+            "--secret-key",
+            "x"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["dbvmctl", "recover", "db1"]).is_err());
+        assert!(Cli::try_parse_from(["dbvmctl", "recover", "db1", "--target", "latest"]).is_ok());
+        assert!(Cli::try_parse_from(["dbvmctl", "backups", "db1", "--json"]).is_ok());
     }
 
     #[test]
