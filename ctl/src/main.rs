@@ -235,6 +235,13 @@ enum BackupCommand {
         #[command(flatten)]
         wait: OpWait,
     },
+    /// Purge now what the daily purger would: chains whose last backup has expired
+    /// (never the newest)
+    Purge {
+        agent: AgentId,
+        #[command(flatten)]
+        wait: OpWait,
+    },
     /// Restore drill: restore a backup into a throwaway database on the VM and check it
     Verify {
         agent: AgentId,
@@ -537,6 +544,13 @@ async fn run(cli: Cli) -> Result<Exit> {
             let (location, keys) = storage.build()?;
             let args = serde_json::json!({"storage": location, "retention_days": retention_days});
             operation(&ctx, &agent, "backup.configure", args, keys, &wait).await
+        }
+        Command::Backup {
+            command: Some(BackupCommand::Purge { agent, wait }),
+            ..
+        } => {
+            let args = serde_json::json!({});
+            operation(&ctx, &agent, "backup.purge", args, Vec::new(), &wait).await
         }
         Command::Backup {
             command: Some(BackupCommand::Verify { agent, label, wait }),

@@ -49,14 +49,14 @@ pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>,
     }
     if let Some(db) = &db {
         all.push(Arc::new(crate::db::ops::Database(db.clone())));
-        all.push(Arc::new(crate::backup::capability::Backups(
-            crate::backup::BackupManager::new(
-                db.clone(),
-                config.backup.clone(),
-                &ctx.agent_id,
-                &ctx.state_dir,
-            ),
-        )));
+        let backups = crate::backup::BackupManager::new(
+            db.clone(),
+            config.backup.clone(),
+            &ctx.agent_id,
+            &ctx.state_dir,
+        );
+        backups.set_outbox(ctx.outbox.clone());
+        all.push(Arc::new(crate::backup::capability::Backups(backups)));
     }
 
     if config.health.enabled {

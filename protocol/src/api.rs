@@ -31,7 +31,7 @@ impl OperationClass {
         match bare {
             "create" | "preconfigure" | "configure" | "restore" | "pitr" | "clone"
             | "add_replica" => Self::Deployment,
-            "backup" | "backup.run" => Self::Backup,
+            "backup" | "backup.run" | "backup.purge" => Self::Backup,
             "log_upload" | "archive_push" => Self::LogUpload,
             "ping" | "facts" | "health" | "status" | "export_template" | "firewall.status"
             | "backup.list" => Self::Query,

@@ -71,6 +71,30 @@ impl Rig {
         }
     }
 
+    /// [`Self::vm`] with extra environment variables for the agent.
+    async fn vm_env(&mut self, id: &str, env: &[(&str, &str)]) -> Vm {
+        let container = dbvm_e2e::docker::unique_name("dbvm-bk");
+        self.vms.push(container.clone());
+        let section =
+            self.engine
+                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
+        let section = format!("{section}\n[backup]\nio_timeout_s = 5\n");
+        let token = self
+            .client
+            .enrollment_token(id, None)
+            .await
+            .expect("enrollment token")
+            .token;
+        let agent =
+            self.fleet
+                .start_agent_env(id, self.broker.agent_addr, Some(&token), &section, env);
+        dbvm_e2e::connected(&self.client, id).await;
+        Vm {
+            agent,
+            port: dbvm_e2e::docker::free_port(),
+        }
+    }
+
     async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
         self.fleet
             .send(&self.client, &vm.agent, operation, args)
@@ -958,4 +982,96 @@ async fn su_lsn(su: &tokio_postgres::Client) -> i64 {
     .await
     .unwrap()
     .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purger_removes_a_chain_only_after_its_last_backup_expired_and_keeps_the_newest() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    // Days cannot pass in a test: the debug agent takes a 20 s retention day.
+    let vm = rig
+        .vm_env("purge1", &[(dbvm_agent::backup::TEST_DAY_S, "20")])
+        .await;
+    let password = rig.create_postgres(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    rig.ok(
+        &vm,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 1}),
+    )
+    .await;
+    let f1 = rig.ok(&vm, "backup.run", json!({})).await;
+    let chain_expiry = f1["chain"]["expires_ms"].as_i64().unwrap();
+    let c = pg(vm.port, &password).await;
+    c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz)")
+        .await
+        .unwrap();
+    insert(&c, 1, 100).await;
+    // The chain's last incremental, late in its day: it keeps the chain a day longer.
+    tokio::time::sleep(Duration::from_millis(
+        (chain_expiry - 6_000 - dbvm_protocol::now_ms()).max(0) as u64,
+    ))
+    .await;
+    let i1 = rig.ok(&vm, "backup.run", json!({})).await;
+    assert_eq!(i1["type"], "incr", "{i1}");
+    // The chain's day is over: the next backup starts a new chain.
+    tokio::time::sleep(Duration::from_millis(
+        (chain_expiry - dbvm_protocol::now_ms()).max(0) as u64 + 500,
+    ))
+    .await;
+    let f2 = rig.ok(&vm, "backup.run", json!({})).await;
+    assert_eq!(f2["type"], "full", "{f2}");
+
+    // The old chain's incremental is younger than a day: the chain stays.
+    let p = rig.ok(&vm, "backup.purge", json!({})).await;
+    eprintln!("purge before the old chain's last backup expired: {p}");
+    assert_eq!(p["purged"], json!([]), "{p}");
+    assert_eq!(p["chains"][0]["purge"], false, "{p}");
+    let from = p["chains"][0]["purgeable_from_ms"].as_i64().unwrap();
+    assert!(
+        from >= i1["started_ms"].as_i64().unwrap() + 20_000,
+        "kept a day after its LAST backup: {p}"
+    );
+    tokio::time::sleep(Duration::from_millis(
+        (from - dbvm_protocol::now_ms()).max(0) as u64 + 500,
+    ))
+    .await;
+    let p = rig.ok(&vm, "backup.purge", json!({})).await;
+    eprintln!("purge after it expired: {p}");
+    assert_eq!(p["purged"], json!([f1["label"]]), "{p}");
+    assert!(
+        p["chains"][1]["why"].as_str().unwrap().contains("newest"),
+        "{p}"
+    );
+    let list = rig.ok(&vm, "backup.list", json!({})).await;
+    let chains = list["chains"].as_array().unwrap();
+    assert_eq!(chains.len(), 1, "{list}");
+    assert_eq!(chains[0]["full"], f2["label"], "{list}");
+    // What the purger removed is gone from the bucket too.
+    let set_dir = rig
+        .s3
+        .root
+        .join("bkp/purge1/backup/db")
+        .join(f1["label"].as_str().unwrap());
+    let files = walk(&set_dir);
+    assert!(files.is_empty(), "still in the bucket: {files:?}");
+    // So is the WAL only the purged chain needed.
+    assert!(
+        p["archive"]["min"].as_str() >= f2["wal_start"].as_str(),
+        "the archive starts at the oldest chain left: {p} {f2}"
+    );
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -33,13 +33,15 @@ enum Kind {
     Run,
     List,
     Restore,
+    Purge,
 }
 
-const ALL: [(Kind, &str); 4] = [
+const ALL: [(Kind, &str); 5] = [
     (Kind::Configure, "backup.configure"),
     (Kind::Run, "backup.run"),
     (Kind::List, "backup.list"),
     (Kind::Restore, "db.restore"),
+    (Kind::Purge, "backup.purge"),
 ];
 
 /// Backups of this VM's database, as a capability.
@@ -61,6 +63,10 @@ impl Capability for Backups {
                 }) as Arc<dyn Operation>
             })
             .collect()
+    }
+
+    fn start(&self, tasks: &crate::capability::Tasks) {
+        tasks.spawn("backup-purger", self.0.clone().purge_daily(tasks.token()));
     }
 }
 
@@ -116,6 +122,7 @@ impl Operation for BackupOp {
             Kind::Run => OperationClass::Backup,
             Kind::List => OperationClass::Query,
             Kind::Restore => OperationClass::Deployment,
+            Kind::Purge => OperationClass::Backup,
         }
     }
 
@@ -151,6 +158,14 @@ impl Operation for BackupOp {
                     ));
                 }
                 Ok(m.list().await?)
+            }
+            Kind::Purge => {
+                if !args.is_null() && args != Value::Object(Default::default()) {
+                    return Err(OpError::BadArguments(
+                        "backup.purge takes no arguments".into(),
+                    ));
+                }
+                Ok(m.purge(&progress).await?)
             }
             Kind::Restore => {
                 let a: RestoreArgs = parse_args(args)?;

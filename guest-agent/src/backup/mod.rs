@@ -19,6 +19,7 @@
 
 pub mod capability;
 pub mod pgbackrest;
+pub mod purge;
 pub mod restore;
 pub mod storage;
 
@@ -43,6 +44,8 @@ pub struct BackupSettings {
     pub process_max: u32,
     /// How long one backup or restore may take in all.
     pub timeout_s: u64,
+    /// When the purger runs every day, `HH:MM` UTC.
+    pub purge_at: String,
 }
 
 impl Default for BackupSettings {
@@ -51,6 +54,7 @@ impl Default for BackupSettings {
             io_timeout_s: 60,
             process_max: 2,
             timeout_s: 6 * 3600,
+            purge_at: "12:00".into(),
         }
     }
 }
@@ -66,6 +70,9 @@ impl BackupSettings {
         }
         if !(60..=7 * 86400).contains(&self.timeout_s) {
             return bad("timeout_s", "must be 60..604800");
+        }
+        if let Err(e) = purge::parse_at(&self.purge_at) {
+            return bad("purge_at", &e);
         }
         Ok(())
     }
@@ -109,6 +116,8 @@ pub struct BackupManager {
     state_path: PathBuf,
     /// One backup operation at a time (pgBackRest holds its own lock too).
     busy: Mutex<()>,
+    /// Where background work (the purger) reports events.
+    outbox: std::sync::OnceLock<crate::capability::Outbox>,
 }
 
 impl std::fmt::Debug for BackupManager {
@@ -132,7 +141,13 @@ impl BackupManager {
             agent_id: agent_id.to_string(),
             state_path: state_dir.join("backup").join("state.json"),
             busy: Mutex::new(()),
+            outbox: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives background work its outbox (once, when the capability is made).
+    pub fn set_outbox(&self, outbox: crate::capability::Outbox) {
+        let _ = self.outbox.set(outbox);
     }
 
     pub fn db(&self) -> &Arc<DbManager> {
@@ -444,6 +459,114 @@ impl BackupManager {
     }
 }
 
+impl BackupManager {
+    /// `backup.purge` and the daily purger: removes the chains whose last backup has
+    /// expired (see [`purge`]), never the newest.
+    pub async fn purge(&self, progress: Progress<'_>) -> Result<Value, BackupError> {
+        let st = self.postgres().await?;
+        let state = self.configured()?;
+        let _busy = self.busy.lock().await;
+        let t = Instant::now();
+        progress(10, "reading the repository");
+        let info = self.info(&st).await?;
+        if !info.reachable() {
+            let repo = info.repo_message.unwrap_or_default();
+            return Err(BackupError::Failed(format!(
+                "the backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was purged",
+                pgbackrest::cause(&repo),
+                info.status_message,
+            )));
+        }
+        let all = chains(&info.backups, state.retention_days);
+        let plan = purge::plan(&all, state.retention_days, dbvm_protocol::now_ms());
+        let live = pgbackrest::config_path(self.db.paths());
+        let mut purged = Vec::new();
+        for d in plan.iter().filter(|d| d.purge) {
+            progress(30, &format!("purging chain {} ({})", d.full, d.why));
+            // `expire --set` removes the full backup and every backup that depends on
+            // it, and the WAL no remaining backup needs.
+            self.pgbackrest(
+                &st,
+                &live,
+                &[format!("--set={}", d.full)],
+                "expire",
+                Duration::from_secs(self.settings.timeout_s),
+            )
+            .await
+            .map_err(|e| {
+                BackupError::Failed(format!(
+                    "{e}; purged so far: {}",
+                    if purged.is_empty() {
+                        "none".to_string()
+                    } else {
+                        purged.join(", ")
+                    }
+                ))
+            })?;
+            purged.push(d.full.clone());
+        }
+        let after = if purged.is_empty() {
+            info
+        } else {
+            // WAL older than the oldest chain left restores nothing: pgBackRest keeps the
+            // archive of as many full backups as there are chains left.
+            let left = plan.iter().filter(|d| !d.purge).count().max(1);
+            self.pgbackrest(
+                &st,
+                &live,
+                &[
+                    "--repo1-retention-archive-type=full".to_string(),
+                    format!("--repo1-retention-archive={left}"),
+                ],
+                "expire",
+                Duration::from_secs(self.settings.timeout_s),
+            )
+            .await?;
+            self.info(&st).await?
+        };
+        progress(100, "purge done");
+        Ok(json!({
+            "purged": purged,
+            "chains": plan,
+            "retention_days": state.retention_days,
+            "archive": {"min": after.archive_min, "max": after.archive_max},
+            "took_ms": t.elapsed().as_millis() as u64,
+        }))
+    }
+
+    /// The daily purger at `[backup] purge_at` (UTC), until `token` is cancelled. Results
+    /// are events (`backup.purged`, `backup.purge_failed`); a VM without backups
+    /// configured has nothing to purge.
+    pub async fn purge_daily(self: Arc<Self>, token: tokio_util::sync::CancellationToken) {
+        let Ok((hh, mm)) = purge::parse_at(&self.settings.purge_at) else {
+            return;
+        };
+        loop {
+            let wait = purge::until_next(dbvm_protocol::now_ms(), hh, mm);
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if !matches!(self.load(), Ok(Some(_))) {
+                continue;
+            }
+            let (kind, payload) = match self.purge(&|_, _| {}).await {
+                Ok(v) => {
+                    tracing::info!(purged = %v["purged"], "daily purge done");
+                    ("backup.purged", v)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "daily purge failed");
+                    ("backup.purge_failed", json!({ "error": e.to_string() }))
+                }
+            };
+            if let Some(outbox) = self.outbox.get() {
+                outbox.event(kind, dbvm_protocol::now_ms(), payload.to_string());
+            }
+        }
+    }
+}
+
 /// What `backup.run` is asked for.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -467,7 +590,25 @@ pub struct Chain {
     pub repo_size_bytes: u64,
 }
 
-const DAY_MS: i64 = 86_400_000;
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Environment variable for tests only, honoured only by debug builds: the length of a
+/// retention day in seconds. Days cannot pass in a test; a release agent ignores it.
+pub const TEST_DAY_S: &str = "DBVM_AGENT_TEST_DAY_S";
+
+/// The length of a retention day: [`DAY_MS`] (see [`TEST_DAY_S`]).
+pub fn day_ms() -> i64 {
+    if cfg!(debug_assertions) {
+        if let Some(s) = std::env::var(TEST_DAY_S)
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|s| *s > 0)
+        {
+            return s * 1000;
+        }
+    }
+    DAY_MS
+}
 
 /// Groups backups into chains, oldest first.
 pub fn chains(backups: &[BackupSet], retention_days: u32) -> Vec<Chain> {
@@ -477,7 +618,7 @@ pub fn chains(backups: &[BackupSet], retention_days: u32) -> Vec<Chain> {
             out.push(Chain {
                 full: b.label.clone(),
                 created_ms: b.started_ms,
-                expires_ms: b.started_ms + i64::from(retention_days) * DAY_MS,
+                expires_ms: b.started_ms + i64::from(retention_days) * day_ms(),
                 backups: Vec::new(),
                 size_bytes: 0,
                 repo_size_bytes: 0,
