@@ -520,6 +520,9 @@ async fn s3_down_keeps_the_wal_goes_critical_and_catches_up_when_it_returns() {
     .await;
     eprintln!("check 9 with the storage down: {message}");
     assert!(message.contains("FAILING"), "{status}: {message}");
+    let (status, message) = check(&rig, &vm, "binlog_cloud_sync").await;
+    eprintln!("check 10 with the storage down: {status}: {message}");
+    assert_eq!(status, "critical", "{message}");
     let kept: bool = su
         .query_one(
             "SELECT count(*) = 1 FROM pg_ls_waldir() WHERE name = $1",

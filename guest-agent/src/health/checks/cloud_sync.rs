@@ -1,7 +1,10 @@
 //! Check 10, Database bin log cloud sync: how far the newest log safely stored off the VM is
-//! behind. Backups and log upload to S3 come in a later release; until then this reports
-//! what the database's own archiver says, and `unknown` where nothing is configured —
-//! never a made-up `ok`.
+//! behind. With backups configured, PostgreSQL's `archive_command` is pgBackRest's
+//! `archive-push` to the bucket and succeeds only once the segment is stored there, so
+//! the archiver's own figures are the bucket's state: segments waiting, the age of the
+//! newest one stored, failures (critical: nothing reaches the bucket). `unknown` where
+//! nothing is configured — never a made-up `ok`. MySQL's binary log upload replaces this
+//! check through the backup capability.
 
 use crate::health::db::LogFacts;
 use crate::health::{duration, grade, Check, Finding, Run};
@@ -43,8 +46,10 @@ impl Check for CloudSync {
                     t.archive_warning_s as f64,
                     t.archive_critical_s as f64,
                 );
+                // A failing archive_command means nothing reaches the bucket now: the
+                // point a restore can reach stops moving, whatever the age so far.
                 if p.failing() {
-                    status = status.max(HealthStatus::Warning);
+                    status = HealthStatus::Critical;
                 }
                 let msg = if behind == 0.0 {
                     format!(
