@@ -101,6 +101,79 @@ impl Drop for Rig {
     }
 }
 
+impl Rig {
+    /// Another agent of the same fleet (a new VM): enrolled with its own token and
+    /// config sections, connected (30 s at most). The caller stops it.
+    pub async fn add_agent(
+        &self,
+        bins: &Bins,
+        id: &str,
+        sections: &str,
+        log_level: &str,
+    ) -> Result<AgentProc> {
+        let token = self
+            .client
+            .enrollment_token(id, None)
+            .await
+            .context("cannot get an enrollment token")?
+            .token;
+        let mut agent = spawn_agent(
+            &self.fleet,
+            bins,
+            self.broker.agent_addr,
+            id,
+            &token,
+            sections,
+            log_level,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let agents = self.client.agents().await.unwrap_or_default();
+            if agents.iter().any(|a| a.id == id && a.connected) {
+                return Ok(agent);
+            }
+            if !agent.proc.is_running() || Instant::now() > deadline {
+                bail!(
+                    "agent {id} did not connect within 30 s:\n{}",
+                    agent.proc.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Writes an agent's token file and config in the fleet's directory and starts it.
+fn spawn_agent(
+    fleet: &Fleet,
+    bins: &Bins,
+    broker: SocketAddr,
+    id: &str,
+    token: &str,
+    sections: &str,
+    log_level: &str,
+) -> Result<AgentProc> {
+    let state_dir = fleet.path(&format!("agent-{id}"));
+    let token_file = fleet.path(&format!("agent-{id}.token"));
+    std::fs::write(&token_file, token).context("cannot write the token file")?;
+    let config = fleet.agent_config(id, broker.port(), &state_dir, &token_file, sections);
+    let config_path = fleet.path(&format!("agent-{id}.toml"));
+    std::fs::write(&config_path, config).context("cannot write the agent config")?;
+    let (proc, _) = spawn(
+        "agent",
+        &bins.agent,
+        &config_path,
+        fleet.path(&format!("agent-{id}.log")),
+        log_level,
+    )?;
+    Ok(AgentProc {
+        proc,
+        id: id.to_string(),
+        config: config_path,
+        state_dir,
+    })
+}
+
 /// Starts the broker on `fleet` (its embedded store in the fleet's directory), enrolls
 /// the agent with a one-time token and waits until it is connected (30 s at most).
 pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -> Result<Rig> {
@@ -134,32 +207,17 @@ pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -
         .token;
 
     let id = spec.agent_id;
-    let state_dir = fleet.path(&format!("agent-{id}"));
-    let token_file = fleet.path(&format!("agent-{id}.token"));
-    std::fs::write(&token_file, &token).context("cannot write the token file")?;
-    let config = fleet.agent_config(
+    let agent = spawn_agent(
+        &fleet,
+        bins,
+        agent_addr,
         id,
-        agent_addr.port(),
-        &state_dir,
-        &token_file,
+        &token,
         &spec.sections,
-    );
-    let config_path = fleet.path(&format!("agent-{id}.toml"));
-    std::fs::write(&config_path, config).context("cannot write the agent config")?;
-    let (proc, _) = spawn(
-        "agent",
-        &bins.agent,
-        &config_path,
-        fleet.path(&format!("agent-{id}.log")),
         spec.log_level,
     )?;
     let mut rig = Rig {
-        agent: AgentProc {
-            proc,
-            id: id.to_string(),
-            config: config_path,
-            state_dir,
-        },
+        agent,
         broker,
         client,
         engine: engine.clone(),

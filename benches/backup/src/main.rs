@@ -2,8 +2,11 @@
 //! the broker, waited for — against the same `pgbackrest backup --type=full` run directly
 //! in a one-shot container of the database's image on the same data, interleaved in
 //! pairs, on a `pgbench -i -s SCALE` database; plus the agent's peak memory and the
-//! static agent's size. Real broker, real agent, the test harness's S3 server (s3s-fs
-//! behind stunnel) and private Docker engine (see run.sh).
+//! static agent's size. Then the point-in-time restore of that database: a signed
+//! `db.restore` to a new agent, waited for, against `pgbackrest restore --type=time` and
+//! PostgreSQL's recovery to the same target run directly, interleaved. Real broker, real
+//! agents, the test harness's S3 server (s3s-fs behind stunnel) and private Docker engine
+//! (see run.sh).
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -35,6 +38,13 @@ struct Args {
     /// Target for the median ratio agent / direct.
     #[arg(long, default_value_t = 1.05)]
     target_ratio: f64,
+    /// Interleaved restore pairs (a signed db.restore to a point in time on a new agent,
+    /// against pgbackrest restore + PostgreSQL's recovery run directly); 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    restore_pairs: usize,
+    /// Target for the median restore ratio agent / direct.
+    #[arg(long, default_value_t = 1.10)]
+    target_restore_ratio: f64,
 }
 
 fn main() -> ExitCode {
@@ -206,6 +216,24 @@ async fn run(args: Args) -> Result<bool> {
     let (ma, md) = (median(agent_s), median(direct_s));
     let ratio = ma / md;
     let hwm_mib = vm_hwm_kib(rig.agent.proc.pid()).map(|k| k as f64 / 1024.0);
+    let restore = if args.restore_pairs > 0 {
+        Some(
+            restore_pairs(
+                &rig,
+                &bins,
+                &engine,
+                &s3,
+                &ca,
+                &root,
+                port,
+                password.expose(),
+                args.restore_pairs,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let size_mib = std::fs::metadata(&bins.agent)
         .map(|m| m.len() as f64 / (1 << 20) as f64)
         .unwrap_or(f64::NAN);
@@ -232,5 +260,232 @@ async fn run(args: Args) -> Result<bool> {
         "static agent: {size_mib:.1} MiB (target < 25) {}",
         verdict(size_ok)
     );
-    Ok(ratio_ok && rss_ok && size_ok)
+    let restore_ok = match restore {
+        Some((ra, rd, rss)) => {
+            let r = ra / rd;
+            let ok = r <= args.target_restore_ratio && rss < 64.0;
+            println!(
+                "point-in-time restore, median of {}: agent {ra:.2} s vs direct {rd:.2} s: ratio {r:.3} (target ≤ {}) {}; restoring agent's peak RSS {rss:.1} MiB (target < 64) {}",
+                args.restore_pairs,
+                args.target_restore_ratio,
+                verdict(r <= args.target_restore_ratio),
+                verdict(rss < 64.0)
+            );
+            ok
+        }
+        None => true,
+    };
+    Ok(ratio_ok && rss_ok && size_ok && restore_ok)
+}
+
+fn docker(engine: &dbvm_e2e::docker::Engine) -> Command {
+    let mut c = Command::new("docker");
+    c.env("DOCKER_HOST", engine.docker_host());
+    c
+}
+
+/// Writes for a while, takes the target time, writes more, archives it all; then
+/// interleaves restores to that target. Returns the medians (agent, direct) in seconds
+/// and the restoring agents' highest peak RSS in MiB.
+#[allow(clippy::too_many_arguments)]
+async fn restore_pairs(
+    rig: &Rig,
+    bins: &Bins,
+    engine: &dbvm_e2e::docker::Engine,
+    s3: &S3Server,
+    ca: &str,
+    root: &std::path::Path,
+    port: u16,
+    password: &str,
+    pairs: usize,
+) -> Result<(f64, f64, f64)> {
+    let pgbench = |secs: &str| -> Result<()> {
+        let st = Command::new("/usr/lib/postgresql/15/bin/pgbench")
+            .args(["-n", "-q", "-c", "2", "-T", secs, "-h", "127.0.0.1"])
+            .args(["-p", &port.to_string(), "-U", "dbaas", "app"])
+            .env("PGPASSWORD", password)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("pgbench")?;
+        if !st.success() {
+            bail!("pgbench failed");
+        }
+        Ok(())
+    };
+    let psql_super = |sql: &str| -> Result<String> {
+        let o = Command::new("psql")
+            .arg("-h")
+            .arg(root.join("run"))
+            .args([
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                sql,
+            ])
+            .output()
+            .context("psql")?;
+        if !o.status.success() {
+            bail!("psql: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    eprintln!("== pgbench writes, the target, more writes");
+    pgbench("10")?;
+    std::thread::sleep(Duration::from_millis(1100));
+    let target = psql_super(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+    )?;
+    std::thread::sleep(Duration::from_millis(1100));
+    pgbench("5")?;
+    let seg = psql_super("SELECT pg_walfile_name(pg_switch_wal())")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while psql_super("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")? < seg {
+        if Instant::now() > deadline {
+            bail!("WAL {seg} was not archived within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pg_target = target.replace('T', " ").replace('Z', "+00");
+    eprintln!("   target {target}");
+
+    let conf = root.join("conf").join("pgbackrest.conf");
+    let direct = |i: usize| -> Result<f64> {
+        let dir = rig.fleet.path(&format!("direct-restore-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::chown(&dir, Some(999), Some(999))?;
+        let name = dbvm_e2e::docker::unique_name("bench-direct");
+        let t = Instant::now();
+        let o = docker(engine)
+            .args(["run", "--rm", "--network", "host", "--user", "999:999"])
+            .arg("-v")
+            .arg(format!("{0}:{0}", root.display()))
+            .arg("-v")
+            .arg(format!("{0}:{0}", dir.display()))
+            .arg(&engine.postgres_image)
+            .arg("pgbackrest")
+            .arg(format!("--config={}", conf.display()))
+            .arg(format!("--pg1-path={}", dir.display()))
+            .args(["--stanza=db", "--type=time", "--target-action=promote"])
+            .arg(format!("--target={pg_target}"))
+            .arg("restore")
+            .output()
+            .context("docker run pgbackrest restore")?;
+        if !o.status.success() {
+            bail!(
+                "direct restore failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let rport = dbvm_e2e::docker::free_port();
+        let st = docker(engine)
+            .args([
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--network",
+                "host",
+                "--user",
+                "999:999",
+            ])
+            .arg("-v")
+            .arg(format!("{0}:{0}", root.display()))
+            .arg("-v")
+            .arg(format!("{0}:{0}", dir.display()))
+            .arg(&engine.postgres_image)
+            .args(["postgres", "-D"])
+            .arg(&dir)
+            .args([
+                "-c",
+                &format!("port={rport}"),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.display()))
+            .args(["-c", "archive_mode=off", "-c", "logging_collector=off"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("docker run postgres")?;
+        if !st.success() {
+            bail!("cannot start PostgreSQL on the restored directory");
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let done = loop {
+            let o = docker(engine).args(["logs", &name]).output()?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            if text.contains("database system is ready to accept connections") {
+                break t.elapsed().as_secs_f64();
+            }
+            if text.contains("FATAL") || Instant::now() > deadline {
+                let _ = docker(engine).args(["rm", "-f", &name]).output();
+                bail!("the directly restored PostgreSQL did not come up:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let _ = docker(engine).args(["rm", "-f", &name]).output();
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(done)
+    };
+    let mut agent_s = Vec::new();
+    let mut direct_s = Vec::new();
+    let mut peak = 0.0f64;
+    for i in 0..pairs {
+        let id = format!("bench-rs{i}");
+        let container = dbvm_e2e::docker::unique_name("bench-rs");
+        let rroot = rig.fleet.path(&format!("{id}-db"));
+        let sections = engine.database_section(&rroot, &container, 10, "");
+        let agent = rig.add_agent(bins, &id, &sections, "info").await?;
+        let view = rig.client.agent(&id).await.context("agent")?;
+        let key = dbvm_protocol::seal::parse_public_key(
+            view.sealing_key.as_deref().context("no sealing key")?,
+        )
+        .context("sealing key")?;
+        let seal = |s: &str| Sealed::seal(&key, s).map_err(|e| anyhow::anyhow!("seal: {e}"));
+        let args = json!({
+            "spec": {"engine": "postgres", "database": "app", "port": dbvm_e2e::docker::free_port()},
+            "source": {"endpoint": s3.endpoint_url(), "bucket": "bkp", "region": s3.region, "prefix": AGENT_ID, "ca_pem": ca},
+            "access_key_id": seal(&s3.access_key)?,
+            "secret_access_key": seal(&s3.secret_key)?,
+            "target": target,
+        });
+        let t = Instant::now();
+        let cmd = rig.fleet.sign(&id, "db.restore", args);
+        let v = rig.client.submit(&cmd).await.context("submit")?;
+        let v = rig
+            .client
+            .wait(v.id, Duration::from_secs(3600))
+            .await
+            .context("wait")?;
+        let a = t.elapsed().as_secs_f64();
+        if v.state != CommandState::Succeeded {
+            bail!(
+                "db.restore did not succeed: {:?}\n{}",
+                v.error,
+                agent.proc.log_tail()
+            );
+        }
+        peak = peak.max(vm_hwm_kib(agent.proc.pid()).map_or(0.0, |k| k as f64 / 1024.0));
+        let mut agent = agent;
+        agent.proc.kill();
+        engine.remove_container(&container);
+        let _ = std::fs::remove_dir_all(&rroot);
+        let d = direct(i)?;
+        println!(
+            "restore pair {}: agent {a:.2} s (signed db.restore on a new agent, waited: restore, recovery to {target}, users), direct {d:.2} s (pgbackrest restore --type=time, then PostgreSQL until it accepts connections), ratio {:.3}",
+            i + 1,
+            a / d
+        );
+        agent_s.push(a);
+        direct_s.push(d);
+    }
+    Ok((median(agent_s), median(direct_s), peak))
 }
