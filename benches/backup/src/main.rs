@@ -301,7 +301,7 @@ async fn restore_pairs(
 ) -> Result<(f64, f64, f64)> {
     let pgbench = |secs: &str| -> Result<()> {
         let st = Command::new("/usr/lib/postgresql/15/bin/pgbench")
-            .args(["-n", "-q", "-c", "2", "-T", secs, "-h", "127.0.0.1"])
+            .args(["-n", "-c", "2", "-T", secs, "-h", "127.0.0.1"])
             .args(["-p", &port.to_string(), "-U", "dbaas", "app"])
             .env("PGPASSWORD", password)
             .stdout(std::process::Stdio::null())
