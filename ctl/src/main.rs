@@ -232,6 +232,9 @@ enum BackupCommand {
         /// Days a chain takes new incrementals (chain expiry = creation + these days)
         #[arg(long, value_name = "DAYS", default_value_t = 7)]
         retention_days: u32,
+        /// Hours between the backups the agent runs by itself (0: none)
+        #[arg(long, value_name = "HOURS", default_value_t = 24)]
+        schedule_hours: u32,
         #[command(flatten)]
         wait: OpWait,
     },
@@ -537,12 +540,17 @@ async fn run(cli: Cli) -> Result<Exit> {
                     agent,
                     storage,
                     retention_days,
+                    schedule_hours,
                     wait,
                 }),
             ..
         } => {
             let (location, keys) = storage.build()?;
-            let args = serde_json::json!({"storage": location, "retention_days": retention_days});
+            let args = serde_json::json!({
+                "storage": location,
+                "retention_days": retention_days,
+                "schedule_hours": schedule_hours,
+            });
             operation(&ctx, &agent, "backup.configure", args, keys, &wait).await
         }
         Command::Backup {

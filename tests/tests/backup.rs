@@ -28,7 +28,7 @@ struct Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         for c in &self.vms {
-            for suffix in ["", "-init", "-backup", "-restore"] {
+            for suffix in ["", "-init", "-backup", "-info", "-restore"] {
                 self.engine.remove_container(&format!("{c}{suffix}"));
             }
         }
@@ -1077,4 +1077,66 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_run_by_themselves_full_then_incremental() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
+    // A 48 s retention day: an hour is 2 s, so a 3-hour schedule runs every 6 s.
+    let vm = rig
+        .vm_env("sched1", &[(dbvm_agent::backup::TEST_DAY_S, "48")])
+        .await;
+    rig.create_postgres(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    let (_, e) = rig
+        .refused(
+            &vm,
+            "backup.configure",
+            json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk, "schedule_hours": 10000}),
+        )
+        .await;
+    assert!(e.contains("schedule_hours"), "{e}");
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &vm,
+            "backup.configure",
+            json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk, "schedule_hours": 3}),
+        )
+        .await;
+    assert_eq!(out["schedule"]["every_hours"], 3, "{out}");
+    // No backup.run is sent: the agent's schedule makes the chain.
+    let list = dbvm_e2e::eventually(
+        Duration::from_secs(120),
+        "two scheduled backups",
+        || async {
+            let list = rig.ok(&vm, "backup.list", json!({})).await;
+            let n = list["chains"]
+                .as_array()?
+                .iter()
+                .map(|c| c["backups"].as_array().map_or(0, Vec::len))
+                .sum::<usize>();
+            (n >= 2).then_some(list)
+        },
+    )
+    .await;
+    let backups = list["chains"][0]["backups"].as_array().unwrap();
+    assert_eq!(backups[0]["kind"], "full", "{list}");
+    assert_eq!(backups[1]["kind"], "incr", "{list}");
+
+    // Listings while a backup runs leave it alone (each has its own one-shot container).
+    let cmd = rig
+        .fleet
+        .sign(&vm.agent.id, "backup.run", json!({"type": "full"}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    for _ in 0..3 {
+        rig.ok(&vm, "backup.list", json!({})).await;
+    }
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
 }

@@ -67,6 +67,10 @@ impl Capability for Backups {
 
     fn start(&self, tasks: &crate::capability::Tasks) {
         tasks.spawn("backup-purger", self.0.clone().purge_daily(tasks.token()));
+        tasks.spawn(
+            "backup-schedule",
+            self.0.clone().run_schedule(tasks.token()),
+        );
     }
 }
 
@@ -84,6 +88,13 @@ struct ConfigureArgs {
     secret_access_key: Sealed,
     #[serde(default = "default_retention")]
     retention_days: u32,
+    /// Hours between scheduled backups; 0: none.
+    #[serde(default = "default_schedule")]
+    schedule_hours: u32,
+}
+
+fn default_schedule() -> u32 {
+    24
 }
 
 fn default_retention() -> u32 {
@@ -141,7 +152,18 @@ impl Operation for BackupOp {
                     m.agent_id(),
                 )
                 .map_err(OpError::BadArguments)?;
-                Ok(m.configure(storage, a.retention_days, &progress).await?)
+                if a.schedule_hours > 24 * 31 {
+                    return Err(OpError::BadArguments(
+                        "schedule_hours: must be 0 (no schedule) to 744 (a month)".into(),
+                    ));
+                }
+                let mut out = m.configure(storage, a.retention_days, &progress).await?;
+                let s = m.set_schedule(a.schedule_hours)?;
+                out["schedule"] = serde_json::json!({
+                    "every_hours": s.every_hours,
+                    "next_ms": s.due_ms(),
+                });
+                Ok(out)
             }
             Kind::Run => {
                 let a: RunArgs = if args.is_null() {

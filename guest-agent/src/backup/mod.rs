@@ -21,6 +21,7 @@ pub mod capability;
 pub mod pgbackrest;
 pub mod purge;
 pub mod restore;
+pub mod schedule;
 pub mod storage;
 
 use crate::db::params::Flavour;
@@ -116,6 +117,8 @@ pub struct BackupManager {
     state_path: PathBuf,
     /// One backup operation at a time (pgBackRest holds its own lock too).
     busy: Mutex<()>,
+    /// One listing (`pgbackrest info`) at a time; it does not wait for `busy`.
+    listing: Mutex<()>,
     /// Where background work (the purger) reports events.
     outbox: std::sync::OnceLock<crate::capability::Outbox>,
 }
@@ -141,6 +144,7 @@ impl BackupManager {
             agent_id: agent_id.to_string(),
             state_path: state_dir.join("backup").join("state.json"),
             busy: Mutex::new(()),
+            listing: Mutex::new(()),
             outbox: std::sync::OnceLock::new(),
         })
     }
@@ -210,11 +214,19 @@ impl BackupManager {
         timeout: Duration,
     ) -> Result<crate::runtime::RunOutput, BackupError> {
         let config = config.to_path_buf();
+        // A listing may run beside a backup (backup.list does not wait for one): its
+        // one-shot container has a name of its own, so neither replaces the other's,
+        // and listings take turns.
+        let (role, _turn) = if command == "info" {
+            ("info", Some(self.listing.lock().await))
+        } else {
+            ("backup", None)
+        };
         let out = self
             .db
             .run_tool(
                 st,
-                "backup",
+                role,
                 |program| pgbackrest::argv(program, &config, args, command),
                 timeout,
             )
