@@ -20,6 +20,7 @@
 pub mod capability;
 pub mod pgbackrest;
 pub mod restore;
+pub mod s3;
 pub mod storage;
 
 use crate::db::params::Flavour;
