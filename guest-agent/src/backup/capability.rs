@@ -62,6 +62,14 @@ impl Capability for Backups {
             })
             .collect()
     }
+
+    fn start(&self, tasks: &crate::capability::Tasks) {
+        // MariaDB's binlog uploader (idle on other engines and until backup.configure).
+        tasks.spawn(
+            "binlog-upload",
+            super::mariabackup::binlog_task(self.0.clone(), tasks.token()),
+        );
+    }
 }
 
 struct BackupOp {
@@ -155,9 +163,10 @@ impl Operation for BackupOp {
             Kind::Restore => {
                 let a: RestoreArgs = parse_args(args)?;
                 let mut problems = Vec::new();
-                if a.spec.engine != Flavour::Postgres {
+                if !matches!(a.spec.engine, Flavour::Postgres | Flavour::Mariadb) {
                     problems.push(
-                        "spec.engine: restores are available for PostgreSQL only so far".into(),
+                        "spec.engine: restores are available for PostgreSQL and MariaDB so far"
+                            .into(),
                     );
                 }
                 if a.source.prefix.is_none() {
@@ -184,6 +193,29 @@ impl Operation for BackupOp {
                             a.target
                         )));
                     }
+                }
+                if a.spec.engine == Flavour::Mariadb {
+                    // The plan comes from the bucket's manifests before anything on this
+                    // VM is touched: a target outside the window is refused here.
+                    let source = super::maria_restore::prepare(
+                        storage,
+                        target,
+                        Duration::from_secs(m.settings().io_timeout_s),
+                        Duration::from_secs(m.settings().timeout_s),
+                    )
+                    .await
+                    .map_err(OpError::BadArguments)?;
+                    return Ok(m
+                        .db()
+                        .create(
+                            a.spec,
+                            true,
+                            true,
+                            ctx.command.reply_key,
+                            Some(&source),
+                            &progress,
+                        )
+                        .await?);
                 }
                 let source = PgRestore::new(
                     storage,

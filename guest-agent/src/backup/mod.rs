@@ -18,6 +18,9 @@
 //! in-place recover, schedules.
 
 pub mod capability;
+pub mod manifest;
+pub mod maria_restore;
+pub mod mariabackup;
 pub mod pgbackrest;
 pub mod restore;
 pub mod s3;
@@ -44,6 +47,8 @@ pub struct BackupSettings {
     pub process_max: u32,
     /// How long one backup or restore may take in all.
     pub timeout_s: u64,
+    /// MariaDB: seconds between binlog rotations (`FLUSH BINARY LOGS`) and upload rounds.
+    pub binlog_rotate_s: u64,
 }
 
 impl Default for BackupSettings {
@@ -52,6 +57,7 @@ impl Default for BackupSettings {
             io_timeout_s: 60,
             process_max: 2,
             timeout_s: 6 * 3600,
+            binlog_rotate_s: 60,
         }
     }
 }
@@ -67,6 +73,9 @@ impl BackupSettings {
         }
         if !(60..=7 * 86400).contains(&self.timeout_s) {
             return bad("timeout_s", "must be 60..604800");
+        }
+        if !(1..=3600).contains(&self.binlog_rotate_s) {
+            return bad("binlog_rotate_s", "must be 1..3600");
         }
         Ok(())
     }
@@ -110,6 +119,8 @@ pub struct BackupManager {
     state_path: PathBuf,
     /// One backup operation at a time (pgBackRest holds its own lock too).
     busy: Mutex<()>,
+    /// MariaDB's binlog uploader and manifest lock.
+    pub maria: mariabackup::MariaState,
 }
 
 impl std::fmt::Debug for BackupManager {
@@ -133,6 +144,7 @@ impl BackupManager {
             agent_id: agent_id.to_string(),
             state_path: state_dir.join("backup").join("state.json"),
             busy: Mutex::new(()),
+            maria: Default::default(),
         })
     }
 
@@ -180,7 +192,7 @@ impl BackupManager {
         match st.spec.engine {
             Flavour::Postgres => Ok(st),
             other => Err(BackupError::Invalid(format!(
-                "backups of {} databases are not available in this agent yet (PostgreSQL only so far)",
+                "backups of {} databases are not available in this agent yet (PostgreSQL and MariaDB so far)",
                 format!("{other:?}").to_lowercase()
             ))),
         }
@@ -230,6 +242,9 @@ impl BackupManager {
         retention_days: u32,
         progress: Progress<'_>,
     ) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::configure(self, storage, retention_days, progress).await;
+        }
         if !(1..=3650).contains(&retention_days) {
             return Err(BackupError::Invalid(
                 "retention_days: must be 1..3650".into(),
@@ -330,6 +345,9 @@ impl BackupManager {
     /// `backup.run`: `auto` is full for the first backup of a chain and incremental
     /// after it; a chain older than the retention starts a new one.
     pub async fn run(&self, kind: RunKind, progress: Progress<'_>) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::run(self, kind, progress).await;
+        }
         let st = self.postgres().await?;
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
@@ -423,6 +441,9 @@ impl BackupManager {
 
     /// `backup.list`: chains, sizes, and the window a restore can reach.
     pub async fn list(&self) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::list(self).await;
+        }
         let st = self.postgres().await?;
         let state = self.configured()?;
         let info = self.info(&st).await?;
