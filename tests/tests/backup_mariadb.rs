@@ -8,8 +8,11 @@
 use dbvm_agent::backup::s3::{S3Error, PART_SIZE, S3};
 use dbvm_agent::backup::storage::Storage;
 use dbvm_e2e::s3::S3Server;
-use dbvm_e2e::Fleet;
-use dbvm_protocol::seal::Secret;
+use dbvm_e2e::{AgentProc, BrokerProc, Fleet};
+use dbvm_protocol::api::{CommandState, CommandView};
+use dbvm_protocol::seal::{Sealed, Secret};
+use mysql_async::prelude::Queryable;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 fn storage(s3: &S3Server, bucket: &str, secret: &str, ca: &std::path::Path) -> Storage {
@@ -134,4 +137,313 @@ async fn the_s3_client_puts_uploads_in_parts_lists_downloads_checked_and_explain
     );
     s3.start_s3();
     c.prove("x").await.unwrap();
+}
+
+// ----- signed commands to real agents ----------------------------------------------------
+
+struct Vm {
+    agent: AgentProc,
+    port: u16,
+}
+
+struct Rig {
+    fleet: Fleet,
+    broker: BrokerProc,
+    client: dbvmctl::Client,
+    engine: dbvm_e2e::docker::Engine,
+    s3: S3Server,
+    vms: Vec<String>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for c in &self.vms {
+            for suffix in ["", "-init", "-backup", "-restore"] {
+                self.engine.remove_container(&format!("{c}{suffix}"));
+            }
+        }
+    }
+}
+
+impl Rig {
+    async fn new() -> Self {
+        let engine = dbvm_e2e::docker::engine();
+        let fleet = Fleet::new();
+        let broker = fleet.start_broker("");
+        let client = fleet.client(&broker);
+        let s3 = S3Server::start(&fleet.path("s3"));
+        Self {
+            fleet,
+            broker,
+            client,
+            engine,
+            s3,
+            vms: Vec::new(),
+        }
+    }
+
+    /// An enrolled agent with its own data root and container; storage calls give up
+    /// after 5 s, binlogs rotate and upload every second.
+    async fn vm(&mut self, id: &str) -> Vm {
+        let container = dbvm_e2e::docker::unique_name("dbvm-mb");
+        self.vms.push(container.clone());
+        let section =
+            self.engine
+                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
+        let section = format!("{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\n");
+        let agent = self
+            .fleet
+            .enroll_agent(&self.client, self.broker.agent_addr, id, &section)
+            .await;
+        Vm {
+            agent,
+            port: dbvm_e2e::docker::free_port(),
+        }
+    }
+
+    async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
+        self.fleet
+            .send(&self.client, &vm.agent, operation, args)
+            .await
+    }
+
+    async fn ok(&self, vm: &Vm, operation: &str, args: Value) -> Value {
+        self.fleet
+            .send_ok(&self.client, &vm.agent, operation, args)
+            .await
+    }
+
+    async fn refused(&self, vm: &Vm, operation: &str, args: Value) -> String {
+        let v = self.send(vm, operation, args).await;
+        assert!(
+            matches!(v.state, CommandState::Failed | CommandState::Rejected),
+            "{operation} should fail: {v:?}"
+        );
+        v.error
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .unwrap_or_default()
+    }
+
+    async fn seal_to(&self, vm: &Vm, secret: &str) -> Sealed {
+        let agent = self
+            .client
+            .agents()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.id == vm.agent.id)
+            .expect("agent listed");
+        let key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
+            .unwrap();
+        Sealed::seal(&key, secret).unwrap()
+    }
+
+    fn location(&self, bucket: &str, prefix: Option<&str>) -> Value {
+        let mut l = json!({
+            "endpoint": self.s3.endpoint_url(),
+            "bucket": bucket,
+            "region": self.s3.region,
+            "ca_pem": std::fs::read_to_string(&self.s3.ca_pem_path).unwrap(),
+        });
+        if let Some(p) = prefix {
+            l["prefix"] = json!(p);
+        }
+        l
+    }
+
+    async fn keys(&self, vm: &Vm, secret: &str) -> (Sealed, Sealed) {
+        (
+            self.seal_to(vm, &self.s3.access_key).await,
+            self.seal_to(vm, secret).await,
+        )
+    }
+
+    async fn create_mariadb(&self, vm: &Vm) -> String {
+        let out = self
+            .ok(
+                vm,
+                "db.create",
+                json!({"engine": "mariadb", "database": "app", "port": vm.port}),
+            )
+            .await;
+        self.password(&out)
+    }
+
+    fn password(&self, out: &Value) -> String {
+        let sealed: Sealed = serde_json::from_value(out["password"].clone()).expect("sealed");
+        self.fleet
+            .reply_key
+            .open(&sealed)
+            .unwrap()
+            .expose()
+            .to_string()
+    }
+}
+
+async fn maria(port: u16, password: &str) -> mysql_async::Conn {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some("dbaas"))
+        .pass(Some(password))
+        .db_name(Some("app"))
+        .prefer_socket(false);
+    mysql_async::Conn::new(opts).await.expect("dbaas connects")
+}
+
+async fn insert(c: &mut mysql_async::Conn, from: i32, to: i32) {
+    c.exec_drop(
+        "INSERT INTO t (id, pad) SELECT seq, REPEAT('x', 200) FROM seq_1_to_1000000 WHERE seq BETWEEN ? AND ?",
+        (from, to),
+    )
+    .await
+    .unwrap();
+}
+
+async fn count_max(c: &mut mysql_async::Conn) -> (i64, Option<i64>) {
+    c.query_first("SELECT COUNT(*), MAX(id) FROM t")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The server's clock, as an RFC 3339 time with milliseconds.
+async fn now(c: &mut mysql_async::Conn) -> String {
+    c.query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(3), '%Y-%m-%dT%H:%i:%s.%fZ')")
+        .await
+        .unwrap()
+        .map(|s: String| {
+            // %f gives microseconds: keep milliseconds.
+            let (head, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
+            format!("{head}.{}Z", &frac[..3])
+        })
+        .unwrap()
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp_nanos()
+        / 1_000_000) as i64
+}
+
+/// The source's manifest(s) as the bucket holds them.
+fn manifests(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<Value> {
+    let dir = s3.root.join(bucket).join(prefix).join("chains");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let m = e.unwrap().path().join("manifest.json");
+        if m.exists() {
+            out.push(serde_json::from_slice(&std::fs::read(m).unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_into_a_new_database(
+) {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbk");
+    let src = rig.vm("ms1").await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 20_000).await;
+
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &src,
+            "backup.configure",
+            json!({"storage": rig.location("mbk", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 7}),
+        )
+        .await;
+    assert_eq!(out["check"], "ok", "{out}");
+    let raw = out.to_string();
+    assert!(
+        !raw.contains(&rig.s3.secret_key) && !raw.contains(&rig.s3.access_key),
+        "{raw}"
+    );
+    // The keys are kept in one 0600 file of the agent's, nowhere in the data root.
+    let kept = rig
+        .fleet
+        .path("ms1")
+        .join("state/backup/mariadb-storage.json");
+    let _ = kept;
+
+    let full = rig.ok(&src, "backup.run", json!({})).await;
+    eprintln!("full: {full}");
+    assert_eq!(full["type"], "full", "{full}");
+    assert!(full["binlog_file"].as_str().is_some(), "{full}");
+    insert(&mut c, 20_001, 30_000).await;
+    let incr = rig.ok(&src, "backup.run", json!({})).await;
+    eprintln!("incr: {incr}");
+    assert_eq!(incr["type"], "incr", "{incr}");
+    assert_eq!(incr["from_lsn"], full["to_lsn"], "{incr}");
+    insert(&mut c, 30_001, 40_000).await;
+
+    // The target: a whole second after row 40000, a whole second before row 40001.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let target = now(&mut c).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    insert(&mut c, 40_001, 50_000).await;
+
+    // The binlogs up to the newest events reach the bucket by themselves.
+    let after_ms = ms(&now(&mut c).await);
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "binlogs past the target uploaded",
+        || async {
+            let ms = manifests(&rig.s3, "mbk", "ms1");
+            let newest = ms
+                .iter()
+                .flat_map(|m| m["binlogs"].as_array().cloned().unwrap_or_default())
+                .filter_map(|b| b["last_event_ms"].as_i64())
+                .max()?;
+            (newest >= after_ms / 1000 * 1000).then_some(())
+        },
+    )
+    .await;
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    eprintln!("list: {list}");
+    assert_eq!(list["chains"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(
+        list["chains"][0]["backups"].as_array().unwrap().len(),
+        2,
+        "{list}"
+    );
+    assert!(
+        list["recoverable"]["to_ms"].as_i64().unwrap() >= ms(&target),
+        "{list}"
+    );
+
+    // A new VM restores the source's chain up to the target.
+    let dst = rig.vm("md1").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let restore = json!({
+        "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+        "source": rig.location("mbk", Some("ms1")),
+        "access_key_id": ak, "secret_access_key": sk,
+        "target": target,
+    });
+    let out = rig.ok(&dst, "db.restore", restore).await;
+    eprintln!("restore: {}", out["restored"]);
+    eprintln!("restore timings: {}", out["timings"]);
+    assert_eq!(out["restored"]["backup_set"], incr["label"], "{out}");
+    let reached = out["restored"]["recovered_to_ms"].as_i64().unwrap();
+    assert!(
+        reached <= ms(&target) && reached > ms(&target) - 2_000,
+        "{out}"
+    );
+    assert!(!out.to_string().contains(&rig.s3.secret_key));
+    let restored_password = rig.password(&out);
+    let mut d = maria(dst.port, &restored_password).await;
+    assert_eq!(
+        count_max(&mut d).await,
+        (40_000, Some(40_000)),
+        "rows before the target present (backups + binlogs), rows after it absent"
+    );
 }

@@ -332,6 +332,28 @@ pub fn sh_quote(w: &str) -> String {
 
 // ----- configure and run -----------------------------------------------------------------
 
+/// The account mariabackup and the binlog replay log in with: `mysql@localhost`, reachable
+/// only by the OS user `mysql` (the database user, uid 999 in the image, which owns the
+/// data files anyway) over the server's socket with unix_socket authentication: no
+/// password exists to leak. It is in every backup, so a restored server has it too.
+async fn ensure_tool_user(m: &BackupManager, st: &DbState) -> Result<(), BackupError> {
+    let mut admin = Admin::connect(&st.spec, m.db.paths()).await?;
+    if let Admin::Mysql(c) = &mut admin {
+        use mysql_async::prelude::Queryable;
+        c.query_drop(
+            "CREATE USER IF NOT EXISTS 'mysql'@'localhost' IDENTIFIED VIA unix_socket; \
+             GRANT ALL PRIVILEGES ON *.* TO 'mysql'@'localhost'",
+        )
+        .await
+        .map_err(|e| {
+            BackupError::Failed(format!(
+                "cannot create the backup account mysql@localhost (unix_socket): {e}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// `backup.configure` for MariaDB: proves the bucket with the new keys (a marker written,
 /// read back and deleted under the prefix) before the stored setup is replaced.
 pub async fn configure(
@@ -345,12 +367,13 @@ pub async fn configure(
             "retention_days: must be 1..3650".into(),
         ));
     }
-    let _st = mariadb(m).await?;
+    let st = mariadb(m).await?;
     let _busy = m.busy.lock().await;
     let t = Instant::now();
     progress(10, "checking the bucket with the new keys");
     let s3 = client(m, &storage)?;
     s3.prove(&m.agent_id).await?;
+    ensure_tool_user(m, &st).await?;
     progress(60, "storing the setup");
     save_storage(m, &storage)?;
     let state = BackupState {
@@ -391,6 +414,7 @@ pub async fn run(
     // No binlog round rewrites a manifest while the backup runs.
     let _manifest = m.maria.manifest_lock.lock().await;
     let t = Instant::now();
+    ensure_tool_user(m, &st).await?;
     progress(5, "reading the chains in the bucket");
     let mut all = manifests(&s3).await.map_err(|e| {
         BackupError::Failed(format!(
