@@ -447,3 +447,165 @@ async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_
         "rows before the target present (backups + binlogs), rows after it absent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change_nothing() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbb");
+    let src = rig.vm("ms2").await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 1_000).await;
+    let kept = src
+        .agent
+        .state_dir
+        .join("backup")
+        .join("mariadb-storage.json");
+
+    // Wrong secret, unknown bucket, a CA that did not sign the server: each refused with
+    // its cause, no secret in the answer, nothing stored, no backup possible.
+    let (ak, sk) = rig.keys(&src, "not-the-secret-0123456789").await;
+    let e = rig
+        .refused(&src, "backup.configure", json!({"storage": rig.location("mbb", None), "access_key_id": ak, "secret_access_key": sk}))
+        .await;
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(
+        !e.contains("not-the-secret") && !e.contains(&rig.s3.access_key),
+        "{e}"
+    );
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&src, "backup.configure", json!({"storage": rig.location("nosuch", None), "access_key_id": ak, "secret_access_key": sk}))
+        .await;
+    assert!(e.contains("bucket does not exist"), "{e}");
+    let mut other = rig.location("mbb", None);
+    other["ca_pem"] = json!(std::fs::read_to_string(rig.s3.other_ca_pem()).unwrap());
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(
+            &src,
+            "backup.configure",
+            json!({"storage": other, "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert!(e.contains("TLS certificate was not accepted"), "{e}");
+    assert!(!kept.exists(), "a refused setup stores nothing");
+    let e = rig.refused(&src, "backup.run", json!({})).await;
+    assert!(e.contains("not configured"), "{e}");
+
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("mbb", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(&kept).unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o600,
+            "the keys' file is the agent's only"
+        );
+        let text = std::fs::read_to_string(rig.fleet.path("ms2-db").join("conf/my.cnf")).unwrap();
+        assert!(!text.contains(&rig.s3.secret_key));
+    }
+    let full = rig.ok(&src, "backup.run", json!({"type": "full"})).await;
+    insert(&mut c, 1_001, 2_000).await;
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the rows' binlog uploaded",
+        || async {
+            let l = rig.ok(&src, "backup.list", json!({})).await;
+            let to = l["recoverable"]["to_ms"].as_i64()?;
+            (to > full["stopped_ms"].as_i64()? && l["binlog_upload"]["pending"] == 0).then_some(())
+        },
+    )
+    .await;
+    // The source stops uploading (its agent is gone): the window ends where it ends.
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    let window = list["recoverable"].clone();
+    drop(src);
+    let (from_ms, to_ms) = (
+        window["from_ms"].as_i64().unwrap(),
+        window["to_ms"].as_i64().unwrap(),
+    );
+
+    let dst = rig.vm("md2").await;
+    let data = rig.fleet.path("md2-db");
+    let restore = |target: String, ak: Sealed, sk: Sealed| {
+        json!({
+            "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+            "source": rig.location("mbb", Some("ms2")),
+            "access_key_id": ak, "secret_access_key": sk,
+            "target": target,
+        })
+    };
+    let rfc = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&dst, "db.restore", restore(rfc(from_ms - 60_000), ak, sk))
+        .await;
+    assert!(
+        e.contains("before the first backup") && e.contains("recoverable window"),
+        "{e}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&dst, "db.restore", restore(rfc(to_ms + 1_000), ak, sk))
+        .await;
+    eprintln!("after the window: {e}");
+    assert!(
+        e.contains("after the newest uploaded binlog") && e.contains("recoverable window"),
+        "{e}"
+    );
+    assert!(
+        !data.join("data").exists()
+            || std::fs::read_dir(data.join("data"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "nothing was touched on the target VM"
+    );
+
+    // One byte of the full backup changed behind the agent's back: found while streaming,
+    // the restore fails naming the object, no server runs.
+    let object = rig
+        .s3
+        .root
+        .join("mbb")
+        .join(full["object"].as_str().unwrap());
+    let mut bytes = std::fs::read(&object).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&object, &bytes).unwrap();
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&dst, "db.restore", restore(rfc(to_ms), ak, sk))
+        .await;
+    eprintln!("corrupted: {e}");
+    assert!(
+        e.contains("is damaged") && e.contains(full["label"].as_str().unwrap()),
+        "{e}"
+    );
+    let status = rig.ok(&dst, "db.status", json!({})).await;
+    assert_eq!(
+        status["phase"], "preconfigured",
+        "the restore did not complete: {status}"
+    );
+    assert_eq!(
+        status["container"]["status"],
+        Value::Null,
+        "no restored server runs: {status}"
+    );
+}

@@ -59,6 +59,9 @@ pub struct MariaState {
     pub status: std::sync::Mutex<BinlogStatus>,
     /// Held while a manifest is read, changed and written (a backup, a binlog round).
     pub manifest_lock: tokio::sync::Mutex<()>,
+    /// The binlog being written and its size right after the last rotation: while they
+    /// stay the same the server wrote nothing, and no empty binlog is made.
+    last_rotation: std::sync::Mutex<Option<(String, u64)>>,
 }
 
 /// Health check 10 for MariaDB: how far the newest binlog in the bucket is behind.
@@ -677,21 +680,54 @@ pub async fn binlog_round(m: &BackupManager) -> Result<(), BackupError> {
         s.configured = true;
     }
     let p = m.db.paths().clone();
-    // Rotation: the server must be up; a stopped server has nothing new to rotate.
-    if let Ok(mut admin) = Admin::connect(&st.spec, &p).await {
-        if let Admin::Mysql(c) = &mut admin {
-            use mysql_async::prelude::Queryable;
-            if let Err(e) = c.query_drop("FLUSH BINARY LOGS").await {
-                tracing::warn!(error = %e, "cannot rotate the binlog");
+    let read_index = || {
+        binlog_index(&p).map_err(|e| {
+            BackupError::Failed(format!(
+                "cannot read the binlog index in {}: {e}",
+                p.data.display()
+            ))
+        })
+    };
+    let current = |index: &[String]| {
+        index.last().map(|n| {
+            let size = std::fs::metadata(p.data.join(n)).map_or(0, |md| md.len());
+            (n.clone(), size)
+        })
+    };
+    let mut index = read_index()?;
+    // Idle: the same file as right after the last rotation, grown by at most a binlog
+    // checkpoint event (the server appends one after a rotation, ~40 bytes; the smallest
+    // transaction — GTID, BEGIN, table map, rows, XID — is over 200).
+    let idle = {
+        let last = m
+            .maria
+            .last_rotation
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or(None);
+        match (last, current(&index)) {
+            (Some((n0, s0)), Some((n1, s1))) => n0 == n1 && s1 <= s0 + 128,
+            _ => false,
+        }
+    };
+    // Rotation, so the newest events leave the VM: only when the server wrote something
+    // since the last one, and only while it runs.
+    if !idle {
+        if let Ok(mut admin) = Admin::connect(&st.spec, &p).await {
+            if let Admin::Mysql(c) = &mut admin {
+                use mysql_async::prelude::Queryable;
+                match c.query_drop("FLUSH BINARY LOGS").await {
+                    Ok(()) => {
+                        index = read_index()?;
+                        if let Ok(mut l) = m.maria.last_rotation.lock() {
+                            *l = current(&index);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot rotate the binlog"),
+                }
             }
         }
     }
-    let index = binlog_index(&p).map_err(|e| {
-        BackupError::Failed(format!(
-            "cannot read the binlog index in {}: {e}",
-            p.data.display()
-        ))
-    })?;
     let rotated = &index[..index.len().saturating_sub(1)];
     let s3 = client(m, &storage)?;
     let _manifest = m.maria.manifest_lock.lock().await;
