@@ -609,3 +609,84 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
         "no restored server runs: {status}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_it_returns() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbd");
+    let src = rig.vm("ms3").await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 1_000).await;
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("mbd", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    rig.ok(&src, "backup.run", json!({})).await;
+
+    rig.s3.stop_s3();
+    insert(&mut c, 1_001, 2_000).await;
+    let written_ms = ms(&now(&mut c).await);
+    let down = dbvm_e2e::eventually(Duration::from_secs(60), "upload rounds failing", || async {
+        let l = rig.ok(&src, "backup.list", json!({})).await;
+        let u = &l["binlog_upload"];
+        (u["consecutive_failures"].as_u64()? >= 2).then_some(l)
+    })
+    .await;
+    eprintln!("while S3 is down: {down}");
+    assert_eq!(down["status"]["reachable"], false, "{down}");
+    assert!(
+        down["binlog_upload"]["pending"].as_u64().unwrap() >= 1,
+        "{down}"
+    );
+    assert!(
+        down["binlog_upload"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be reached"),
+        "{down}"
+    );
+    // The binlogs stay on the VM: every one the server lists is there.
+    let index =
+        std::fs::read_to_string(rig.fleet.path("ms3-db").join("data/binlog.index")).unwrap();
+    for l in index.lines() {
+        assert!(std::path::Path::new(l.trim()).exists(), "{l} kept");
+    }
+
+    rig.s3.start_s3();
+    let up = dbvm_e2e::eventually(Duration::from_secs(60), "uploads caught up", || async {
+        let l = rig.ok(&src, "backup.list", json!({})).await;
+        let u = &l["binlog_upload"];
+        (u["consecutive_failures"] == 0
+            && u["pending"] == 0
+            && l["recoverable"]["to_ms"].as_i64()? >= written_ms / 1000 * 1000)
+            .then_some(l)
+    })
+    .await;
+    eprintln!("after S3 returned: {up}");
+
+    // What was written while S3 was down is restorable.
+    let dst = rig.vm("md3").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &dst,
+            "db.restore",
+            json!({
+                "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+                "source": rig.location("mbd", Some("ms3")),
+                "access_key_id": ak, "secret_access_key": sk,
+                "target": "latest",
+            }),
+        )
+        .await;
+    eprintln!("restore latest: {}", out["restored"]);
+    let mut d = maria(dst.port, &rig.password(&out)).await;
+    assert_eq!(count_max(&mut d).await, (2_000, Some(2_000)));
+}

@@ -301,7 +301,9 @@ impl DataSource for MariaRestore {
         Ok(json!({
             "recovered_to_ms": reached,
             "recovered_to": rfc3339(reached),
-            "recovered_to_is": if replayed > 0 {
+            "recovered_to_is": if replayed > 0 && self.plan.stop_ms.is_none() {
+                "the last event of the newest uploaded binlog"
+            } else if replayed > 0 {
                 "the last whole second before the target (binlog events carry whole seconds)"
             } else {
                 "the end of the backup (no binlog follows it before the target)"

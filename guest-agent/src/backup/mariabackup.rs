@@ -635,10 +635,24 @@ pub async fn list(m: &BackupManager) -> Result<Value, BackupError> {
         )
     })?;
     let s3 = client(m, &storage)?;
-    let all = manifests(&s3).await?;
-    let chains = super::chains(&as_sets(&all), state.retention_days);
     let status = m.maria.status.lock().map(|s| s.clone()).unwrap_or_default();
+    // An unreachable bucket is an answer too (as pgBackRest's info gives it): what the
+    // uploader knows stays visible.
+    let all = match manifests(&s3).await {
+        Ok(all) => all,
+        Err(e) => {
+            return Ok(json!({
+                "engine": "mariadb",
+                "location": state.location,
+                "retention_days": state.retention_days,
+                "status": {"reachable": false, "message": e.to_string()},
+                "binlog_upload": status,
+            }))
+        }
+    };
+    let chains = super::chains(&as_sets(&all), state.retention_days);
     Ok(json!({
+        "status": {"reachable": true},
         "engine": "mariadb",
         "location": state.location,
         "retention_days": state.retention_days,
@@ -729,6 +743,22 @@ pub async fn binlog_round(m: &BackupManager) -> Result<(), BackupError> {
         }
     }
     let rotated = &index[..index.len().saturating_sub(1)];
+    // Pending as far as this VM knows before asking the bucket (after the newest upload,
+    // or every rotated file when nothing was uploaded since the agent started): what
+    // health shows while the bucket cannot be reached.
+    let newest_up = m
+        .maria
+        .status
+        .lock()
+        .ok()
+        .and_then(|s| s.last_uploaded.as_deref().and_then(manifest::seq));
+    set_pending(
+        m,
+        rotated
+            .iter()
+            .filter(|n| manifest::seq(n).is_some_and(|s| newest_up.is_none_or(|u| s > u)))
+            .count(),
+    );
     let s3 = client(m, &storage)?;
     let _manifest = m.maria.manifest_lock.lock().await;
     let mut all = manifests(&s3).await?;

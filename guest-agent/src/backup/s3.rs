@@ -194,7 +194,7 @@ impl S3 {
         let detail = match (&code, e.message()) {
             (Some(c), Some(m)) => format!("{c}: {m}"),
             (Some(c), None) => c.clone(),
-            _ => DisplayErrorContext(&e).to_string(),
+            _ => sources(&e),
         };
         if code.as_deref() == Some("NoSuchKey") {
             return S3Error::NotFound {
@@ -513,6 +513,22 @@ impl S3 {
             .await?;
         self.delete(&name).await
     }
+}
+
+/// An error and its sources, each by its `Display` (the SDK's own context printer adds
+/// `Debug` dumps of every layer).
+fn sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }
 
 /// Reads up to one part (less only at the end of the input).
