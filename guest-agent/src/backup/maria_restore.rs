@@ -186,6 +186,10 @@ impl DataSource for MariaRestore {
             failure
         };
         let (out, failure) = tokio::join!(tool, feed);
+        if out.is_err() || failure.is_some() || out.as_ref().is_ok_and(|o| o.exit_code != 0) {
+            // What was unpacked is not trusted and not kept (a copy of the source's data).
+            let _ = std::fs::remove_dir_all(&stage);
+        }
         let out = out?;
         if let Some(f) = failure {
             return Err(DbError::Failed(format!(
@@ -193,9 +197,8 @@ impl DataSource for MariaRestore {
             )));
         }
         if out.exit_code != 0 {
-            let space = "";
             return Err(DbError::Failed(format!(
-                "unpacking or preparing the backup failed (exit code {}){space}:\n{}\n{}",
+                "unpacking or preparing the backup failed (exit code {}):\n{}\n{}",
                 out.exit_code,
                 tail(&out.stderr),
                 tail(&out.stdout)

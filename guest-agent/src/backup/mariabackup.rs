@@ -728,17 +728,19 @@ pub async fn binlog_round(m: &BackupManager) -> Result<(), BackupError> {
     // since the last one, and only while it runs.
     if !idle {
         if let Ok(mut admin) = Admin::connect(&st.spec, &p).await {
-            if let Admin::Mysql(c) = &mut admin {
-                use mysql_async::prelude::Queryable;
-                match c.query_drop("FLUSH BINARY LOGS").await {
-                    Ok(()) => {
-                        index = read_index()?;
-                        if let Ok(mut l) = m.maria.last_rotation.lock() {
-                            *l = current(&index);
-                        }
+            use mysql_async::prelude::Queryable;
+            let flushed = match &mut admin {
+                Admin::Mysql(c) => c.query_drop("FLUSH BINARY LOGS").await,
+                Admin::Postgres(..) => Ok(()),
+            };
+            match flushed {
+                Ok(()) => {
+                    index = read_index()?;
+                    if let Ok(mut l) = m.maria.last_rotation.lock() {
+                        *l = current(&index);
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot rotate the binlog"),
                 }
+                Err(e) => tracing::warn!(error = %e, "cannot rotate the binlog"),
             }
         }
     }

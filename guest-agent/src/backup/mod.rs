@@ -13,9 +13,16 @@
 //! DSM has it). `db.restore` builds a new database from a bucket and prefix up to a point
 //! in time ([`restore`]).
 //!
-//! Not built yet (issue 12 continues): MariaDB/MySQL streamed backups, the cloud bucket,
-//! the daily purger, WAL caps, health checks 9/10 from archive state, restore drills,
-//! in-place recover, schedules.
+//! MariaDB is backed up by the agent itself ([`mariabackup`]): `mariadb-backup --stream |
+//! zstd` in a one-shot container into a FIFO, multipart-uploaded with the agent's own S3
+//! client ([`s3`]); binlogs uploaded as they rotate; a manifest per chain in the bucket
+//! ([`manifest`]); `db.restore` of MariaDB checks every object against it
+//! ([`maria_restore`]).
+//!
+//! Not built yet (issue 12 continues): MySQL 8 (XtraBackup), the cloud bucket, the daily
+//! purger, WAL/binlog caps, health checks 9/10 from archive state (MariaDB's figure is
+//! [`mariabackup::mysql_cloud_sync`], not wired yet), restore drills, in-place recover,
+//! schedules.
 
 pub mod capability;
 pub mod manifest;
