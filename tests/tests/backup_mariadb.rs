@@ -610,6 +610,20 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     );
 }
 
+/// The status and message of one check in a fresh report (a signed `health` command).
+async fn check(rig: &Rig, vm: &Vm, id: &str) -> (String, String) {
+    let out = rig.ok(vm, "health", json!({})).await;
+    let c = out["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == id))
+        .unwrap_or_else(|| panic!("no check {id}: {out}"))
+        .clone();
+    (
+        c["status"].as_str().unwrap_or("").to_string(),
+        c["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_it_returns() {
     let mut rig = Rig::new().await;
@@ -652,6 +666,16 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
             .contains("could not be reached"),
         "{down}"
     );
+    let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
+    eprintln!("check 10 with the storage down: {status}: {message}");
+    assert!(
+        status == "critical" || status == "warning",
+        "{status}: {message}"
+    );
+    assert!(
+        message.contains("failed") && message.contains("could not be reached"),
+        "{message}"
+    );
     // The binlogs stay on the VM: every one the server lists is there.
     let index =
         std::fs::read_to_string(rig.fleet.path("ms3-db").join("data/binlog.index")).unwrap();
@@ -670,6 +694,8 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
     })
     .await;
     eprintln!("after S3 returned: {up}");
+    let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
+    assert_eq!(status, "ok", "{message}");
 
     // What was written while S3 was down is restorable.
     let dst = rig.vm("md3").await;

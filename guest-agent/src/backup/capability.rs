@@ -63,6 +63,11 @@ impl Capability for Backups {
             .collect()
     }
 
+    fn checks(&self) -> Vec<Arc<dyn crate::health::Check>> {
+        // Check 10: MariaDB's binlog upload (PostgreSQL's stays the health capability's).
+        vec![Arc::new(super::mariabackup::CloudSyncCheck(self.0.clone()))]
+    }
+
     fn start(&self, tasks: &crate::capability::Tasks) {
         // MariaDB's binlog uploader (idle on other engines and until backup.configure).
         tasks.spawn(

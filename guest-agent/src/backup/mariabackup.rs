@@ -110,6 +110,40 @@ pub fn mysql_cloud_sync(
         .figure("failures", f64::from(status.consecutive_failures))
 }
 
+/// Check 10 (`binlog_cloud_sync`) as the backup capability contributes it: MariaDB's from
+/// the uploader's status ([`mysql_cloud_sync`]); other engines get the health
+/// capability's own check unchanged.
+pub struct CloudSyncCheck(pub Arc<BackupManager>);
+
+#[async_trait::async_trait]
+impl crate::health::Check for CloudSyncCheck {
+    fn id(&self) -> &'static str {
+        "binlog_cloud_sync"
+    }
+
+    async fn run(&self, run: &crate::health::Run) -> crate::health::Finding {
+        if self.0.db.flavour() != Some(Flavour::Mariadb) {
+            return crate::health::checks::cloud_sync::CloudSync.run(run).await;
+        }
+        let t = &run.settings().thresholds;
+        let mut status = self
+            .0
+            .maria
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        // Configured before the uploader's first round after a restart.
+        status.configured |= storage_path(&self.0).exists();
+        mysql_cloud_sync(
+            &status,
+            dbvm_protocol::now_ms(),
+            t.archive_warning_s as f64,
+            t.archive_critical_s as f64,
+        )
+    }
+}
+
 // ----- the stored storage ---------------------------------------------------------------
 
 #[derive(Deserialize, Serialize)]
