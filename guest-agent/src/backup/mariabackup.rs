@@ -512,7 +512,7 @@ pub async fn run(
             .await;
         // The container is gone: a reader still waiting for it must not wait forever.
         unblock_fifo(&fifo);
-        r
+        (r, Instant::now())
     };
     let upload = async {
         let file = open_fifo(&fifo, false).await.map_err(|e| {
@@ -531,7 +531,12 @@ pub async fn run(
         // broken pipe and the backup ends instead of waiting.
         Ok::<_, BackupError>(s3.upload(&key, &mut rx).await?)
     };
-    let (out, stored) = tokio::join!(tool, upload);
+    let streaming = Instant::now();
+    let ((out, tool_done), stored) = tokio::join!(tool, upload);
+    // Where the time went: the container (mariabackup | zstd, its start included) and
+    // what the upload still needed after the stream ended (the last part, completion).
+    let container_ms = tool_done.duration_since(streaming).as_millis() as u64;
+    let upload_tail_ms = tool_done.elapsed().as_millis() as u64;
     let out = out?;
     let stopped = dbvm_protocol::now_ms();
     let tail = |s: &str| {
@@ -616,6 +621,8 @@ pub async fn run(
         "started_ms": started,
         "stopped_ms": stopped,
         "took_ms": took.as_millis() as u64,
+        "container_ms": container_ms,
+        "upload_tail_ms": upload_tail_ms,
         "upload_mib_s": (stored.size as f64 / 1048576.0) / took.as_secs_f64().max(0.001),
     }))
 }

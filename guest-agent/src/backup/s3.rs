@@ -531,13 +531,20 @@ fn sources(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Reads up to one part (less only at the end of the input).
+/// Reads up to one part (less only at the end of the input) into one allocation of
+/// exactly [`PART_SIZE`]: `read_to_end` would grow a full buffer to twice its size
+/// while probing for more, doubling the memory a backup holds.
 async fn read_part(input: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(PART_SIZE);
-    (&mut *input)
-        .take(PART_SIZE as u64)
-        .read_to_end(&mut buf)
-        .await?;
+    let mut buf = vec![0u8; PART_SIZE];
+    let mut filled = 0;
+    while filled < PART_SIZE {
+        let n = input.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
     Ok(buf)
 }
 
