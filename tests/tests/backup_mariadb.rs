@@ -666,6 +666,12 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
             .contains("could not be reached"),
         "{down}"
     );
+    let e = rig.refused(&src, "backup.run", json!({})).await;
+    eprintln!("backup.run with the storage down: {e}");
+    assert!(
+        e.contains("could not be reached") && e.contains("nothing was backed up"),
+        "{e}"
+    );
     let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
     eprintln!("check 10 with the storage down: {status}: {message}");
     assert!(
@@ -696,6 +702,8 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
     eprintln!("after S3 returned: {up}");
     let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
     assert_eq!(status, "ok", "{message}");
+    let next = rig.ok(&src, "backup.run", json!({})).await;
+    assert_eq!(next["type"], "incr", "the chain is intact: {next}");
 
     // What was written while S3 was down is restorable.
     let dst = rig.vm("md3").await;
