@@ -65,11 +65,21 @@ impl Capability for Backups {
             .collect()
     }
 
+    fn checks(&self) -> Vec<Arc<dyn crate::health::Check>> {
+        // Check 10: MariaDB's binlog upload (PostgreSQL's stays the health capability's).
+        vec![Arc::new(super::mariabackup::CloudSyncCheck(self.0.clone()))]
+    }
+
     fn start(&self, tasks: &crate::capability::Tasks) {
         tasks.spawn("backup-purger", self.0.clone().purge_daily(tasks.token()));
         tasks.spawn(
             "backup-schedule",
             self.0.clone().run_schedule(tasks.token()),
+        );
+        // MariaDB's binlog uploader (idle on other engines and until backup.configure).
+        tasks.spawn(
+            "binlog-upload",
+            super::mariabackup::binlog_task(self.0.clone(), tasks.token()),
         );
     }
 }
@@ -192,9 +202,10 @@ impl Operation for BackupOp {
             Kind::Restore => {
                 let a: RestoreArgs = parse_args(args)?;
                 let mut problems = Vec::new();
-                if a.spec.engine != Flavour::Postgres {
+                if !matches!(a.spec.engine, Flavour::Postgres | Flavour::Mariadb) {
                     problems.push(
-                        "spec.engine: restores are available for PostgreSQL only so far".into(),
+                        "spec.engine: restores are available for PostgreSQL and MariaDB so far"
+                            .into(),
                     );
                 }
                 if a.source.prefix.is_none() {
@@ -221,6 +232,29 @@ impl Operation for BackupOp {
                             a.target
                         )));
                     }
+                }
+                if a.spec.engine == Flavour::Mariadb {
+                    // The plan comes from the bucket's manifests before anything on this
+                    // VM is touched: a target outside the window is refused here.
+                    let source = super::maria_restore::prepare(
+                        storage,
+                        target,
+                        Duration::from_secs(m.settings().io_timeout_s),
+                        Duration::from_secs(m.settings().timeout_s),
+                    )
+                    .await
+                    .map_err(OpError::BadArguments)?;
+                    return Ok(m
+                        .db()
+                        .create(
+                            a.spec,
+                            true,
+                            true,
+                            ctx.command.reply_key,
+                            Some(&source),
+                            &progress,
+                        )
+                        .await?);
                 }
                 let source = PgRestore::new(
                     storage,

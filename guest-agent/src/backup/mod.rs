@@ -13,14 +13,23 @@
 //! DSM has it). `db.restore` builds a new database from a bucket and prefix up to a point
 //! in time ([`restore`]).
 //!
-//! Not built yet (issue 12 continues): MariaDB/MySQL streamed backups, the cloud bucket,
-//! the daily purger, WAL caps, health checks 9/10 from archive state, restore drills,
-//! in-place recover, schedules.
+//! MariaDB is backed up by the agent itself ([`mariabackup`]): `mariadb-backup --stream |
+//! zstd` in a one-shot container into a FIFO, multipart-uploaded with the agent's own S3
+//! client ([`s3`]); binlogs uploaded as they rotate; a manifest per chain in the bucket
+//! ([`manifest`]); `db.restore` of MariaDB checks every object against it
+//! ([`maria_restore`]).
+//!
+//! Chains are purged by [`purge`] (daily, and `backup.purge`); [`schedule`] runs backups
+//! by itself. Not built yet (issue 12 continues): MySQL 8 (XtraBackup), the cloud bucket.
 
 pub mod capability;
+pub mod manifest;
+pub mod maria_restore;
+pub mod mariabackup;
 pub mod pgbackrest;
 pub mod purge;
 pub mod restore;
+pub mod s3;
 pub mod schedule;
 pub mod storage;
 
@@ -47,6 +56,8 @@ pub struct BackupSettings {
     pub timeout_s: u64,
     /// When the purger runs every day, `HH:MM` UTC.
     pub purge_at: String,
+    /// MariaDB: seconds between binlog rotations (`FLUSH BINARY LOGS`) and upload rounds.
+    pub binlog_rotate_s: u64,
 }
 
 impl Default for BackupSettings {
@@ -56,6 +67,7 @@ impl Default for BackupSettings {
             process_max: 2,
             timeout_s: 6 * 3600,
             purge_at: "12:00".into(),
+            binlog_rotate_s: 60,
         }
     }
 }
@@ -74,6 +86,9 @@ impl BackupSettings {
         }
         if let Err(e) = purge::parse_at(&self.purge_at) {
             return bad("purge_at", &e);
+        }
+        if !(1..=3600).contains(&self.binlog_rotate_s) {
+            return bad("binlog_rotate_s", "must be 1..3600");
         }
         Ok(())
     }
@@ -121,6 +136,8 @@ pub struct BackupManager {
     listing: Mutex<()>,
     /// Where background work (the purger) reports events.
     outbox: std::sync::OnceLock<crate::capability::Outbox>,
+    /// MariaDB's binlog uploader and manifest lock.
+    pub maria: mariabackup::MariaState,
 }
 
 impl std::fmt::Debug for BackupManager {
@@ -146,6 +163,7 @@ impl BackupManager {
             busy: Mutex::new(()),
             listing: Mutex::new(()),
             outbox: std::sync::OnceLock::new(),
+            maria: Default::default(),
         })
     }
 
@@ -198,7 +216,7 @@ impl BackupManager {
         match st.spec.engine {
             Flavour::Postgres => Ok(st),
             other => Err(BackupError::Invalid(format!(
-                "backups of {} databases are not available in this agent yet (PostgreSQL only so far)",
+                "backups of {} databases are not available in this agent yet (PostgreSQL and MariaDB so far)",
                 format!("{other:?}").to_lowercase()
             ))),
         }
@@ -256,6 +274,9 @@ impl BackupManager {
         retention_days: u32,
         progress: Progress<'_>,
     ) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::configure(self, storage, retention_days, progress).await;
+        }
         if !(1..=3650).contains(&retention_days) {
             return Err(BackupError::Invalid(
                 "retention_days: must be 1..3650".into(),
@@ -356,6 +377,9 @@ impl BackupManager {
     /// `backup.run`: `auto` is full for the first backup of a chain and incremental
     /// after it; a chain older than the retention starts a new one.
     pub async fn run(&self, kind: RunKind, progress: Progress<'_>) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::run(self, kind, progress).await;
+        }
         let st = self.postgres().await?;
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
@@ -449,6 +473,9 @@ impl BackupManager {
 
     /// `backup.list`: chains, sizes, and the window a restore can reach.
     pub async fn list(&self) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::list(self).await;
+        }
         let st = self.postgres().await?;
         let state = self.configured()?;
         let info = self.info(&st).await?;

@@ -1,0 +1,803 @@
+//! MariaDB backups end to end: the agent's own S3 client against a real S3 server that
+//! verifies signatures behind TLS (`dbvm_e2e::s3`), and (below) streamed mariabackup
+//! backups, binlog upload and point-in-time restore through signed commands, with MariaDB
+//! and mariabackup in the database image on a real Docker engine.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use dbvm_agent::backup::s3::{S3Error, PART_SIZE, S3};
+use dbvm_agent::backup::storage::Storage;
+use dbvm_e2e::s3::S3Server;
+use dbvm_e2e::{AgentProc, BrokerProc, Fleet};
+use dbvm_protocol::api::{CommandState, CommandView};
+use dbvm_protocol::seal::{Sealed, Secret};
+use mysql_async::prelude::Queryable;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn storage(s3: &S3Server, bucket: &str, secret: &str, ca: &std::path::Path) -> Storage {
+    Storage {
+        host: s3.endpoint_host.clone(),
+        port: s3.port,
+        bucket: bucket.into(),
+        region: s3.region.clone(),
+        prefix: "p1".into(),
+        ca_pem: Some(std::fs::read_to_string(ca).unwrap()),
+        access_key_id: Secret::new(s3.access_key.clone()),
+        secret_access_key: Secret::new(secret),
+    }
+}
+
+/// Deterministic, poorly compressible bytes.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_s3_client_puts_uploads_in_parts_lists_downloads_checked_and_explains_refusals() {
+    let fleet = Fleet::new();
+    let s3 = S3Server::start(&fleet.path("s3"));
+    s3.create_bucket("mtb");
+    let io = Duration::from_secs(5);
+    let c = S3::new(&storage(&s3, "mtb", &s3.secret_key, &s3.ca_pem_path), io).unwrap();
+
+    let small = c.put("a/small", b"hello".to_vec()).await.unwrap();
+    assert_eq!(small.size, 5);
+    assert_eq!(c.get("a/small").await.unwrap().unwrap(), b"hello");
+    assert_eq!(c.get("a/none").await.unwrap(), None);
+
+    // Two and a half parts, through a pipe: a multipart upload.
+    let data = noise(PART_SIZE * 5 / 2);
+    let (mut w, mut r) = tokio::io::duplex(64 * 1024);
+    let feed = data.clone();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&feed).await.unwrap();
+    });
+    let big = c.upload("a/big", &mut r).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(big.size, data.len() as u64);
+    let on_disk = std::fs::read(s3.root.join("mtb/p1/a/big")).unwrap();
+    assert!(on_disk == data, "the stored object is the stream");
+    let mut back = Vec::new();
+    let got = c
+        .download("a/big", &mut back, Some(&big.sha256))
+        .await
+        .unwrap();
+    assert_eq!(got, big);
+    assert!(back == data);
+
+    let mut names: Vec<_> = c
+        .list("a/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.name, l.size))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            ("a/big".to_string(), data.len() as u64),
+            ("a/small".to_string(), 5)
+        ]
+    );
+
+    // A damaged object is found while it streams.
+    let mut damaged = on_disk.clone();
+    damaged[PART_SIZE + 7] ^= 0xff;
+    std::fs::write(s3.root.join("mtb/p1/a/big"), &damaged).unwrap();
+    let e = c
+        .download("a/big", &mut Vec::new(), Some(&big.sha256))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, S3Error::Mismatch { .. }), "{e}");
+    assert!(e.to_string().contains("is damaged"), "{e}");
+
+    c.delete("a/small").await.unwrap();
+    assert_eq!(c.get("a/small").await.unwrap(), None);
+    c.prove("agent-1").await.unwrap();
+    assert!(!s3.root.join("mtb/p1/dbvm-check-agent-1").exists());
+
+    // Refusals, each explained and without the secret.
+    let wrong = S3::new(
+        &storage(&s3, "mtb", "not-the-secret-0123456789", &s3.ca_pem_path),
+        io,
+    )
+    .unwrap();
+    let e = wrong.prove("x").await.unwrap_err().to_string();
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(
+        !e.contains(&s3.secret_key) && !e.contains("not-the-secret"),
+        "{e}"
+    );
+    let nobucket = S3::new(
+        &storage(&s3, "nobucket", &s3.secret_key, &s3.ca_pem_path),
+        io,
+    )
+    .unwrap();
+    let e = nobucket.prove("x").await.unwrap_err().to_string();
+    assert!(e.contains("bucket does not exist"), "{e}");
+    let other = S3::new(&storage(&s3, "mtb", &s3.secret_key, &s3.other_ca_pem()), io).unwrap();
+    let e = other.prove("x").await.unwrap_err().to_string();
+    assert!(e.contains("TLS certificate was not accepted"), "{e}");
+    s3.stop_s3();
+    let e = c.prove("x").await.unwrap_err().to_string();
+    assert!(
+        e.contains("could not be reached") || e.contains("answered with an error"),
+        "{e}"
+    );
+    s3.start_s3();
+    c.prove("x").await.unwrap();
+}
+
+// ----- signed commands to real agents ----------------------------------------------------
+
+struct Vm {
+    agent: AgentProc,
+    port: u16,
+}
+
+struct Rig {
+    fleet: Fleet,
+    broker: BrokerProc,
+    client: dbvmctl::Client,
+    engine: dbvm_e2e::docker::Engine,
+    s3: S3Server,
+    vms: Vec<String>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for c in &self.vms {
+            for suffix in ["", "-init", "-backup", "-restore"] {
+                self.engine.remove_container(&format!("{c}{suffix}"));
+            }
+        }
+    }
+}
+
+impl Rig {
+    async fn new() -> Self {
+        let engine = dbvm_e2e::docker::engine();
+        let fleet = Fleet::new();
+        let broker = fleet.start_broker("");
+        let client = fleet.client(&broker);
+        let s3 = S3Server::start(&fleet.path("s3"));
+        Self {
+            fleet,
+            broker,
+            client,
+            engine,
+            s3,
+            vms: Vec::new(),
+        }
+    }
+
+    /// An enrolled agent with its own data root and container; storage calls give up
+    /// after 5 s, binlogs rotate and upload every second.
+    async fn vm(&mut self, id: &str) -> Vm {
+        let container = dbvm_e2e::docker::unique_name("dbvm-mb");
+        self.vms.push(container.clone());
+        let section =
+            self.engine
+                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
+        let section = format!("{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\n");
+        let agent = self
+            .fleet
+            .enroll_agent(&self.client, self.broker.agent_addr, id, &section)
+            .await;
+        Vm {
+            agent,
+            port: dbvm_e2e::docker::free_port(),
+        }
+    }
+
+    async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
+        self.fleet
+            .send(&self.client, &vm.agent, operation, args)
+            .await
+    }
+
+    async fn ok(&self, vm: &Vm, operation: &str, args: Value) -> Value {
+        self.fleet
+            .send_ok(&self.client, &vm.agent, operation, args)
+            .await
+    }
+
+    async fn refused(&self, vm: &Vm, operation: &str, args: Value) -> String {
+        let v = self.send(vm, operation, args).await;
+        assert!(
+            matches!(v.state, CommandState::Failed | CommandState::Rejected),
+            "{operation} should fail: {v:?}"
+        );
+        v.error
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .unwrap_or_default()
+    }
+
+    async fn seal_to(&self, vm: &Vm, secret: &str) -> Sealed {
+        let agent = self
+            .client
+            .agents()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.id == vm.agent.id)
+            .expect("agent listed");
+        let key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
+            .unwrap();
+        Sealed::seal(&key, secret).unwrap()
+    }
+
+    fn location(&self, bucket: &str, prefix: Option<&str>) -> Value {
+        let mut l = json!({
+            "endpoint": self.s3.endpoint_url(),
+            "bucket": bucket,
+            "region": self.s3.region,
+            "ca_pem": std::fs::read_to_string(&self.s3.ca_pem_path).unwrap(),
+        });
+        if let Some(p) = prefix {
+            l["prefix"] = json!(p);
+        }
+        l
+    }
+
+    async fn keys(&self, vm: &Vm, secret: &str) -> (Sealed, Sealed) {
+        (
+            self.seal_to(vm, &self.s3.access_key).await,
+            self.seal_to(vm, secret).await,
+        )
+    }
+
+    async fn create_mariadb(&self, vm: &Vm) -> String {
+        let out = self
+            .ok(
+                vm,
+                "db.create",
+                json!({"engine": "mariadb", "database": "app", "port": vm.port}),
+            )
+            .await;
+        self.password(&out)
+    }
+
+    fn password(&self, out: &Value) -> String {
+        let sealed: Sealed = serde_json::from_value(out["password"].clone()).expect("sealed");
+        self.fleet
+            .reply_key
+            .open(&sealed)
+            .unwrap()
+            .expose()
+            .to_string()
+    }
+}
+
+async fn maria(port: u16, password: &str) -> mysql_async::Conn {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some("dbaas"))
+        .pass(Some(password))
+        .db_name(Some("app"))
+        .prefer_socket(false);
+    mysql_async::Conn::new(opts).await.expect("dbaas connects")
+}
+
+async fn insert(c: &mut mysql_async::Conn, from: i32, to: i32) {
+    c.exec_drop(
+        "INSERT INTO t (id, pad) SELECT seq, REPEAT('x', 200) FROM seq_1_to_1000000 WHERE seq BETWEEN ? AND ?",
+        (from, to),
+    )
+    .await
+    .unwrap();
+}
+
+async fn count_max(c: &mut mysql_async::Conn) -> (i64, Option<i64>) {
+    c.query_first("SELECT COUNT(*), MAX(id) FROM t")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The server's clock, as an RFC 3339 time with milliseconds.
+async fn now(c: &mut mysql_async::Conn) -> String {
+    c.query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(3), '%Y-%m-%dT%H:%i:%s.%fZ')")
+        .await
+        .unwrap()
+        .map(|s: String| {
+            // %f gives microseconds: keep milliseconds.
+            let (head, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
+            format!("{head}.{}Z", &frac[..3])
+        })
+        .unwrap()
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp_nanos()
+        / 1_000_000) as i64
+}
+
+/// The source's manifest(s) as the bucket holds them.
+fn manifests(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<Value> {
+    let dir = s3.root.join(bucket).join(prefix).join("chains");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    for e in entries {
+        let m = e.unwrap().path().join("manifest.json");
+        if m.exists() {
+            out.push(serde_json::from_slice(&std::fs::read(m).unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_into_a_new_database(
+) {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbk");
+    let src = rig.vm("ms1").await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 20_000).await;
+
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &src,
+            "backup.configure",
+            json!({"storage": rig.location("mbk", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 7}),
+        )
+        .await;
+    assert_eq!(out["check"], "ok", "{out}");
+    let raw = out.to_string();
+    assert!(
+        !raw.contains(&rig.s3.secret_key) && !raw.contains(&rig.s3.access_key),
+        "{raw}"
+    );
+    // The keys are kept in one 0600 file of the agent's, nowhere in the data root.
+    let kept = rig
+        .fleet
+        .path("ms1")
+        .join("state/backup/mariadb-storage.json");
+    let _ = kept;
+
+    let full = rig.ok(&src, "backup.run", json!({})).await;
+    eprintln!("full: {full}");
+    assert_eq!(full["type"], "full", "{full}");
+    assert!(full["binlog_file"].as_str().is_some(), "{full}");
+    insert(&mut c, 20_001, 30_000).await;
+    let incr = rig.ok(&src, "backup.run", json!({})).await;
+    eprintln!("incr: {incr}");
+    assert_eq!(incr["type"], "incr", "{incr}");
+    assert_eq!(incr["from_lsn"], full["to_lsn"], "{incr}");
+    insert(&mut c, 30_001, 40_000).await;
+
+    // The target: a whole second after row 40000, a whole second before row 40001.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let target = now(&mut c).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    insert(&mut c, 40_001, 50_000).await;
+
+    // The binlogs up to the newest events reach the bucket by themselves.
+    let after_ms = ms(&now(&mut c).await);
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "binlogs past the target uploaded",
+        || async {
+            let ms = manifests(&rig.s3, "mbk", "ms1");
+            let newest = ms
+                .iter()
+                .flat_map(|m| m["binlogs"].as_array().cloned().unwrap_or_default())
+                .filter_map(|b| b["last_event_ms"].as_i64())
+                .max()?;
+            (newest >= after_ms / 1000 * 1000).then_some(())
+        },
+    )
+    .await;
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    eprintln!("list: {list}");
+    assert_eq!(list["chains"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(
+        list["chains"][0]["backups"].as_array().unwrap().len(),
+        2,
+        "{list}"
+    );
+    assert!(
+        list["recoverable"]["to_ms"].as_i64().unwrap() >= ms(&target),
+        "{list}"
+    );
+
+    // A new VM restores the source's chain up to the target.
+    let dst = rig.vm("md1").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let restore = json!({
+        "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+        "source": rig.location("mbk", Some("ms1")),
+        "access_key_id": ak, "secret_access_key": sk,
+        "target": target,
+    });
+    let out = rig.ok(&dst, "db.restore", restore).await;
+    eprintln!("restore: {}", out["restored"]);
+    eprintln!("restore timings: {}", out["timings"]);
+    assert_eq!(out["restored"]["backup_set"], incr["label"], "{out}");
+    let reached = out["restored"]["recovered_to_ms"].as_i64().unwrap();
+    assert!(
+        reached <= ms(&target) && reached > ms(&target) - 2_000,
+        "{out}"
+    );
+    assert!(!out.to_string().contains(&rig.s3.secret_key));
+    let restored_password = rig.password(&out);
+    let mut d = maria(dst.port, &restored_password).await;
+    assert_eq!(
+        count_max(&mut d).await,
+        (40_000, Some(40_000)),
+        "rows before the target present (backups + binlogs), rows after it absent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change_nothing() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbb");
+    let src = rig.vm("ms2").await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 1_000).await;
+    let kept = src
+        .agent
+        .state_dir
+        .join("backup")
+        .join("mariadb-storage.json");
+
+    // Wrong secret, unknown bucket, a CA that did not sign the server: each refused with
+    // its cause, no secret in the answer, nothing stored, no backup possible.
+    let (ak, sk) = rig.keys(&src, "not-the-secret-0123456789").await;
+    let e = rig
+        .refused(&src, "backup.configure", json!({"storage": rig.location("mbb", None), "access_key_id": ak, "secret_access_key": sk}))
+        .await;
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(
+        !e.contains("not-the-secret") && !e.contains(&rig.s3.access_key),
+        "{e}"
+    );
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&src, "backup.configure", json!({"storage": rig.location("nosuch", None), "access_key_id": ak, "secret_access_key": sk}))
+        .await;
+    assert!(e.contains("bucket does not exist"), "{e}");
+    let mut other = rig.location("mbb", None);
+    other["ca_pem"] = json!(std::fs::read_to_string(rig.s3.other_ca_pem()).unwrap());
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(
+            &src,
+            "backup.configure",
+            json!({"storage": other, "access_key_id": ak, "secret_access_key": sk}),
+        )
+        .await;
+    assert!(e.contains("TLS certificate was not accepted"), "{e}");
+    assert!(!kept.exists(), "a refused setup stores nothing");
+    let e = rig.refused(&src, "backup.run", json!({})).await;
+    assert!(e.contains("not configured"), "{e}");
+
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("mbb", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(&kept).unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o777,
+            0o600,
+            "the keys' file is the agent's only"
+        );
+        let text = std::fs::read_to_string(rig.fleet.path("ms2-db").join("conf/my.cnf")).unwrap();
+        assert!(!text.contains(&rig.s3.secret_key));
+    }
+    let full = rig.ok(&src, "backup.run", json!({"type": "full"})).await;
+    insert(&mut c, 1_001, 2_000).await;
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the rows' binlog uploaded",
+        || async {
+            let l = rig.ok(&src, "backup.list", json!({})).await;
+            let to = l["recoverable"]["to_ms"].as_i64()?;
+            (to > full["stopped_ms"].as_i64()? && l["binlog_upload"]["pending"] == 0).then_some(())
+        },
+    )
+    .await;
+    // The source stops uploading (its agent is gone): the window ends where it ends.
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    let window = list["recoverable"].clone();
+    drop(src);
+    let (from_ms, to_ms) = (
+        window["from_ms"].as_i64().unwrap(),
+        window["to_ms"].as_i64().unwrap(),
+    );
+
+    let dst = rig.vm("md2").await;
+    let data = rig.fleet.path("md2-db");
+    let restore = |target: String, ak: Sealed, sk: Sealed| {
+        json!({
+            "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+            "source": rig.location("mbb", Some("ms2")),
+            "access_key_id": ak, "secret_access_key": sk,
+            "target": target,
+        })
+    };
+    let rfc = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&dst, "db.restore", restore(rfc(from_ms - 60_000), ak, sk))
+        .await;
+    assert!(
+        e.contains("before the first backup") && e.contains("recoverable window"),
+        "{e}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&dst, "db.restore", restore(rfc(to_ms + 1_000), ak, sk))
+        .await;
+    eprintln!("after the window: {e}");
+    assert!(
+        e.contains("after the newest uploaded binlog") && e.contains("recoverable window"),
+        "{e}"
+    );
+    assert!(
+        !data.join("data").exists()
+            || std::fs::read_dir(data.join("data"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "nothing was touched on the target VM"
+    );
+
+    // One byte of the full backup changed behind the agent's back: found while streaming,
+    // the restore fails naming the object, no server runs.
+    let object = rig
+        .s3
+        .root
+        .join("mbb")
+        .join(full["object"].as_str().unwrap());
+    let mut bytes = std::fs::read(&object).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&object, &bytes).unwrap();
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let e = rig
+        .refused(&dst, "db.restore", restore(rfc(to_ms), ak, sk))
+        .await;
+    eprintln!("corrupted: {e}");
+    assert!(
+        e.contains("is damaged") && e.contains(full["label"].as_str().unwrap()),
+        "{e}"
+    );
+    let status = rig.ok(&dst, "db.status", json!({})).await;
+    assert_eq!(
+        status["phase"], "preconfigured",
+        "the restore did not complete: {status}"
+    );
+    assert_eq!(
+        status["container"]["status"],
+        Value::Null,
+        "no restored server runs: {status}"
+    );
+}
+
+/// The status and message of one check in a fresh report (a signed `health` command).
+async fn check(rig: &Rig, vm: &Vm, id: &str) -> (String, String) {
+    let out = rig.ok(vm, "health", json!({})).await;
+    let c = out["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == id))
+        .unwrap_or_else(|| panic!("no check {id}: {out}"))
+        .clone();
+    (
+        c["status"].as_str().unwrap_or("").to_string(),
+        c["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_it_returns() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbd");
+    let src = rig.vm("ms3").await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 1_000).await;
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("mbd", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    rig.ok(&src, "backup.run", json!({})).await;
+
+    rig.s3.stop_s3();
+    insert(&mut c, 1_001, 2_000).await;
+    let written_ms = ms(&now(&mut c).await);
+    let down = dbvm_e2e::eventually(Duration::from_secs(60), "upload rounds failing", || async {
+        let l = rig.ok(&src, "backup.list", json!({})).await;
+        let u = &l["binlog_upload"];
+        (u["consecutive_failures"].as_u64()? >= 2).then_some(l)
+    })
+    .await;
+    eprintln!("while S3 is down: {down}");
+    assert_eq!(down["status"]["reachable"], false, "{down}");
+    assert!(
+        down["binlog_upload"]["pending"].as_u64().unwrap() >= 1,
+        "{down}"
+    );
+    assert!(
+        down["binlog_upload"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be reached"),
+        "{down}"
+    );
+    let e = rig.refused(&src, "backup.run", json!({})).await;
+    eprintln!("backup.run with the storage down: {e}");
+    assert!(
+        e.contains("could not be reached") && e.contains("nothing was backed up"),
+        "{e}"
+    );
+    let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
+    eprintln!("check 10 with the storage down: {status}: {message}");
+    assert!(
+        status == "critical" || status == "warning",
+        "{status}: {message}"
+    );
+    assert!(
+        message.contains("failed") && message.contains("could not be reached"),
+        "{message}"
+    );
+    // The binlogs stay on the VM: every one the server lists is there.
+    let index =
+        std::fs::read_to_string(rig.fleet.path("ms3-db").join("data/binlog.index")).unwrap();
+    for l in index.lines() {
+        assert!(std::path::Path::new(l.trim()).exists(), "{l} kept");
+    }
+
+    rig.s3.start_s3();
+    let up = dbvm_e2e::eventually(Duration::from_secs(60), "uploads caught up", || async {
+        let l = rig.ok(&src, "backup.list", json!({})).await;
+        let u = &l["binlog_upload"];
+        (u["consecutive_failures"] == 0
+            && u["pending"] == 0
+            && l["recoverable"]["to_ms"].as_i64()? >= written_ms / 1000 * 1000)
+            .then_some(l)
+    })
+    .await;
+    eprintln!("after S3 returned: {up}");
+    let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
+    assert_eq!(status, "ok", "{message}");
+    let next = rig.ok(&src, "backup.run", json!({})).await;
+    assert_eq!(next["type"], "incr", "the chain is intact: {next}");
+
+    // What was written while S3 was down is restorable.
+    let dst = rig.vm("md3").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &dst,
+            "db.restore",
+            json!({
+                "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+                "source": rig.location("mbd", Some("ms3")),
+                "access_key_id": ak, "secret_access_key": sk,
+                "target": "latest",
+            }),
+        )
+        .await;
+    eprintln!("restore latest: {}", out["restored"]);
+    let mut d = maria(dst.port, &rig.password(&out)).await;
+    assert_eq!(count_max(&mut d).await, (2_000, Some(2_000)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_agent_killed_mid_backup_reports_it_interrupted_and_the_next_backup_works() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbk");
+    let mut vm = rig.vm("mk1").await;
+    let password = rig.create_mariadb(&vm).await;
+    let mut c = maria(vm.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    // Enough data that the backup streams for seconds, so the kill lands inside it.
+    for k in 0..4 {
+        c.exec_drop(
+            "INSERT INTO t (id, pad) SELECT seq, CONCAT(SHA2(seq, 512), SHA2(seq + 7, 256)) FROM seq_1_to_10000000 WHERE seq BETWEEN ? AND ?",
+            (k * 200_000 + 1, (k + 1) * 200_000),
+        )
+        .await
+        .unwrap();
+    }
+    drop(c);
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
+    rig.ok(
+        &vm,
+        "backup.configure",
+        json!({"storage": rig.location("mbk", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+
+    let cmd = rig.fleet.sign(&vm.agent.id, "backup.run", json!({}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    dbvm_e2e::eventually(Duration::from_secs(60), "the backup to start", || async {
+        let v = rig.client.command(v.id).await.ok()?;
+        v.progress
+            .filter(|p| p.message.contains("backup starting"))
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    vm.agent.proc.kill();
+    vm.agent = rig.fleet.restart_agent(&vm.agent);
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Interrupted, "{done:?}");
+    assert!(
+        manifests(&rig.s3, "mbk", "mk1").is_empty(),
+        "the killed backup recorded nothing"
+    );
+
+    // The next backup replaces the one-shot the killed agent left and succeeds; the
+    // manifest lists it alone, and its object is the one recorded.
+    let next = rig.ok(&vm, "backup.run", json!({})).await;
+    eprintln!("the backup after the kill: {next}");
+    assert_eq!(next["type"], "full", "{next}");
+    let ms = manifests(&rig.s3, "mbk", "mk1");
+    assert_eq!(ms.len(), 1);
+    let backups = ms[0]["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 1, "{ms:?}");
+    let object = rig
+        .s3
+        .root
+        .join("mbk/mk1")
+        .join(backups[0]["key"].as_str().unwrap());
+    let bytes = std::fs::read(object).unwrap();
+    use sha2::Digest;
+    let sha: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(backups[0]["sha256"], json!(sha));
+}
