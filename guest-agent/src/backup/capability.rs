@@ -67,7 +67,11 @@ impl Capability for Backups {
 
     fn checks(&self) -> Vec<Arc<dyn crate::health::Check>> {
         // Check 10: MariaDB's binlog upload (PostgreSQL's stays the health capability's).
-        vec![Arc::new(super::mariabackup::CloudSyncCheck(self.0.clone()))]
+        // Check 9: MariaDB's binlog cap and uploads (the same for other engines).
+        vec![
+            Arc::new(super::binlog_cap::BinlogCheck(self.0.clone())),
+            Arc::new(super::mariabackup::CloudSyncCheck(self.0.clone())),
+        ]
     }
 
     fn start(&self, tasks: &crate::capability::Tasks) {

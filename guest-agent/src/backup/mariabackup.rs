@@ -93,8 +93,10 @@ pub fn mysql_cloud_sync(
     } else {
         HealthStatus::Ok
     };
+    // Failing uploads mean nothing reaches the bucket now: the point a restore can reach
+    // stops moving (as PostgreSQL's failing archive_command is).
     if status.consecutive_failures > 0 {
-        level = level.max(HealthStatus::Warning);
+        level = HealthStatus::Critical;
     }
     let msg = match &status.last_error {
         Some(e) if status.consecutive_failures > 0 => format!(
@@ -141,6 +143,13 @@ impl crate::health::Check for CloudSyncCheck {
             t.archive_warning_s as f64,
             t.archive_critical_s as f64,
         )
+    }
+}
+
+impl BackupManager {
+    /// Whether MariaDB's backups are configured on this VM (its storage is stored).
+    pub fn maria_configured(&self) -> bool {
+        storage_path(self).exists()
     }
 }
 
@@ -871,6 +880,33 @@ pub async fn binlog_round(m: &BackupManager) -> Result<(), BackupError> {
     current.binlogs.sort_by_key(|b| manifest::seq(&b.name));
     let uploaded = current.binlogs.len();
     write_manifest(&s3, &current).await?;
+    // Only what is safe off the VM may be purged under the cap: the binlogs the bucket's
+    // manifests hold, and those older than the oldest backup there (that backup holds
+    // their changes; no restore replays them).
+    let oldest_needed = all
+        .iter()
+        .chain(std::iter::once(&current))
+        .flat_map(|m| m.backups.iter())
+        .filter_map(|b| b.binlog_file.as_deref().and_then(manifest::seq))
+        .min();
+    let in_bucket: std::collections::BTreeSet<String> = all
+        .iter()
+        .chain(std::iter::once(&current))
+        .flat_map(|m| m.binlogs.iter().map(|b| b.name.clone()))
+        .chain(
+            index
+                .iter()
+                .filter(|n| {
+                    manifest::seq(n)
+                        .zip(oldest_needed)
+                        .is_some_and(|(s, oldest)| s < oldest)
+                })
+                .cloned(),
+        )
+        .collect();
+    if let Err(e) = super::binlog_cap::enforce(&st, &p, &index, &in_bucket).await {
+        tracing::warn!(error = %e, "binlog cap");
+    }
     if let Ok(mut s) = m.maria.status.lock() {
         if let Some(last) = current.binlogs.last() {
             s.last_uploaded = Some(last.name.clone());

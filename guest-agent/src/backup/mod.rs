@@ -22,6 +22,7 @@
 //! Chains are purged by [`purge`] (daily, and `backup.purge`); [`schedule`] runs backups
 //! by itself. Not built yet (issue 12 continues): MySQL 8 (XtraBackup), the cloud bucket.
 
+pub mod binlog_cap;
 pub mod capability;
 pub mod manifest;
 pub mod maria_restore;
