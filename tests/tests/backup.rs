@@ -991,7 +991,8 @@ async fn su_lsn(su: &tokio_postgres::Client) -> i64 {
 async fn the_purger_removes_a_chain_only_after_its_last_backup_expired_and_keeps_the_newest() {
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
-    // Days cannot pass in a test: the debug agent takes a 20 s retention day.
+    // Days cannot pass in a test: the debug agent takes a 20 s retention day (and no
+    // schedule: its backups would land in the middle of this one's).
     let vm = rig
         .vm_env("purge1", &[(dbvm_agent::backup::TEST_DAY_S, "20")])
         .await;
@@ -1000,7 +1001,7 @@ async fn the_purger_removes_a_chain_only_after_its_last_backup_expired_and_keeps
     rig.ok(
         &vm,
         "backup.configure",
-        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 1}),
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 1, "schedule_hours": 0}),
     )
     .await;
     let f1 = rig.ok(&vm, "backup.run", json!({})).await;

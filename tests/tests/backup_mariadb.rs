@@ -201,6 +201,30 @@ impl Rig {
         }
     }
 
+    /// [`Self::vm`] with extra environment variables for the agent.
+    async fn vm_env(&mut self, id: &str, env: &[(&str, &str)]) -> Vm {
+        let container = dbvm_e2e::docker::unique_name("dbvm-mb");
+        self.vms.push(container.clone());
+        let section =
+            self.engine
+                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
+        let section = format!("{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\n");
+        let token = self
+            .client
+            .enrollment_token(id, None)
+            .await
+            .expect("enrollment token")
+            .token;
+        let agent =
+            self.fleet
+                .start_agent_env(id, self.broker.agent_addr, Some(&token), &section, env);
+        dbvm_e2e::connected(&self.client, id).await;
+        Vm {
+            agent,
+            port: dbvm_e2e::docker::free_port(),
+        }
+    }
+
     async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
         self.fleet
             .send(&self.client, &vm.agent, operation, args)
@@ -961,4 +985,86 @@ async fn mariadb_binlogs_stay_under_their_cap_while_uploads_work_and_none_unuplo
         || async { (binlogs(&data).0 < cap).then_some(()) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_purger_removes_an_expired_chain_with_its_objects_and_keeps_the_newest() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mbp");
+    // Days cannot pass in a test: the debug agent takes a 20 s retention day (and no
+    // schedule: its backups would land in the middle of this one's).
+    let src = rig
+        .vm_env("mpurge", &[(dbvm_agent::backup::TEST_DAY_S, "20")])
+        .await;
+    let password = rig.create_mariadb(&src).await;
+    let mut c = maria(src.port, &password).await;
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
+        .await
+        .unwrap();
+    insert(&mut c, 1, 1_000).await;
+    let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
+    rig.ok(
+        &src,
+        "backup.configure",
+        json!({"storage": rig.location("mbp", None), "access_key_id": ak, "secret_access_key": sk, "retention_days": 1, "schedule_hours": 0}),
+    )
+    .await;
+    let f1 = rig.ok(&src, "backup.run", json!({})).await;
+    insert(&mut c, 1_001, 2_000).await;
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    let chain_expiry = list["chains"][0]["expires_ms"].as_i64().unwrap();
+    // The old chain's last backup, late in its day.
+    tokio::time::sleep(Duration::from_millis(
+        (chain_expiry - 6_000 - dbvm_protocol::now_ms()).max(0) as u64,
+    ))
+    .await;
+    let i1 = rig.ok(&src, "backup.run", json!({})).await;
+    assert_eq!(i1["type"], "incr", "{i1}");
+    tokio::time::sleep(Duration::from_millis(
+        (chain_expiry - dbvm_protocol::now_ms()).max(0) as u64 + 1_000,
+    ))
+    .await;
+    insert(&mut c, 2_001, 3_000).await;
+    let f2 = rig.ok(&src, "backup.run", json!({})).await;
+    assert_eq!(f2["type"], "full", "{f2}");
+
+    let p = rig.ok(&src, "backup.purge", json!({})).await;
+    eprintln!("purge before the old chain's last backup expired: {p}");
+    assert_eq!(p["purged"], json!([]), "{p}");
+    let from = p["chains"][0]["purgeable_from_ms"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_millis(
+        (from - dbvm_protocol::now_ms()).max(0) as u64 + 500,
+    ))
+    .await;
+    let p = rig.ok(&src, "backup.purge", json!({})).await;
+    eprintln!("purge after it expired: {p}");
+    let old = f1["label"].as_str().unwrap();
+    assert_eq!(p["purged"], json!([old]), "{p}");
+    let list = rig.ok(&src, "backup.list", json!({})).await;
+    let chains = list["chains"].as_array().unwrap();
+    assert_eq!(chains.len(), 1, "{list}");
+    assert_eq!(chains[0]["full"], f2["label"], "{list}");
+    // Nothing of the old chain is left in the bucket.
+    let left = rig.s3.root.join("mbp/mpurge/chains").join(old);
+    let files: Vec<_> = std::fs::read_dir(&left)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(files.is_empty(), "left in the bucket: {files:?}");
+    // The newest chain still restores.
+    let dst = rig.vm("mpurge2").await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
+    let out = rig
+        .ok(
+            &dst,
+            "db.restore",
+            json!({
+                "spec": {"engine": "mariadb", "database": "app", "port": dst.port},
+                "source": rig.location("mbp", Some("mpurge")),
+                "access_key_id": ak, "secret_access_key": sk,
+                "target": "latest",
+            }),
+        )
+        .await;
+    let mut d = maria(dst.port, &rig.password(&out)).await;
+    assert_eq!(count_max(&mut d).await.0, 3_000, "{out}");
 }

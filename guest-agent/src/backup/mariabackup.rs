@@ -675,6 +675,79 @@ fn backup_argv(
     ]
 }
 
+/// `backup.purge` for MariaDB: the chains whose last backup has expired go, never the
+/// newest ([`super::purge::plan`]). A chain's manifest goes first — a chain without one is
+/// never restored from — then its backups and the binlogs only it lists; what a purge cut
+/// off left behind (objects of a chain with no manifest) goes on the next one.
+pub async fn purge(m: &BackupManager, progress: super::Progress<'_>) -> Result<Value, BackupError> {
+    let _st = mariadb(m).await?;
+    let state = m.configured()?;
+    let storage = load_storage(m)?.ok_or_else(|| {
+        BackupError::Invalid(
+            "backups are not configured on this VM (send backup.configure first)".into(),
+        )
+    })?;
+    let s3 = client(m, &storage)?;
+    let t = std::time::Instant::now();
+    // No backup or binlog round writes a manifest meanwhile.
+    let _manifest = m.maria.manifest_lock.lock().await;
+    progress(10, "reading the chains' manifests");
+    let all = manifests(&s3)
+        .await
+        .map_err(|e| BackupError::Failed(format!("{e}; nothing was purged")))?;
+    let chains = super::chains(&as_sets(&all), state.retention_days);
+    let plan = super::purge::plan(&chains, state.retention_days, dbvm_protocol::now_ms());
+    let mut purged = Vec::new();
+    let so_far = |p: &[String]| {
+        if p.is_empty() {
+            "none".to_string()
+        } else {
+            p.join(", ")
+        }
+    };
+    for d in plan.iter().filter(|d| d.purge) {
+        let Some(chain) = all.iter().find(|c| c.chain == d.full) else {
+            continue;
+        };
+        progress(30, &format!("purging chain {} ({})", d.full, d.why));
+        let keys = std::iter::once(manifest_key(&chain.chain))
+            .chain(chain.backups.iter().map(|b| b.key.clone()))
+            .chain(chain.binlogs.iter().map(|b| b.key.clone()));
+        for key in keys {
+            s3.delete(&key).await.map_err(|e| {
+                BackupError::Failed(format!(
+                    "{e}; purged so far: {} (the rest of chain {} goes on the next purge)",
+                    so_far(&purged),
+                    d.full
+                ))
+            })?;
+        }
+        purged.push(d.full.clone());
+    }
+    // Leftovers of a purge cut off: a chain folder with no manifest.
+    let listed = s3.list("chains/").await?;
+    let with_manifest: std::collections::BTreeSet<&str> = listed
+        .iter()
+        .filter_map(|l| l.name.strip_suffix("/manifest.json"))
+        .collect();
+    let mut leftovers = 0usize;
+    for l in &listed {
+        let dir = l.name.rsplit_once('/').map_or("", |(d, _)| d);
+        if !with_manifest.contains(dir) {
+            s3.delete(&l.name).await?;
+            leftovers += 1;
+        }
+    }
+    progress(100, "purge done");
+    Ok(json!({
+        "purged": purged,
+        "chains": plan,
+        "retention_days": state.retention_days,
+        "leftovers_removed": leftovers,
+        "took_ms": t.elapsed().as_millis() as u64,
+    }))
+}
+
 /// `backup.list` for MariaDB: chains, sizes, binlogs and the window a restore can reach.
 pub async fn list(m: &BackupManager) -> Result<Value, BackupError> {
     let _st = mariadb(m).await?;

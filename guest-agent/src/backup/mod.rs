@@ -503,6 +503,9 @@ impl BackupManager {
     /// `backup.purge` and the daily purger: removes the chains whose last backup has
     /// expired (see [`purge`]), never the newest.
     pub async fn purge(&self, progress: Progress<'_>) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(Flavour::Mariadb) {
+            return mariabackup::purge(self, progress).await;
+        }
         let st = self.postgres().await?;
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
