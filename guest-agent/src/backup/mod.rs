@@ -11,16 +11,19 @@
 //! first of a chain (full) or the next in it (incremental); a new chain starts when the
 //! current one is older than the retention (chain expiry = creation + retention days, as
 //! DSM has it). `db.restore` builds a new database from a bucket and prefix up to a point
-//! in time ([`restore`]).
+//! in time ([`restore`]). `db.recover` recovers the database in place from its own
+//! repository ([`recover`]); `backup.verify` is the restore drill ([`verify`]).
 //!
 //! Not built yet (issue 12 continues): MariaDB/MySQL streamed backups, the cloud bucket,
-//! the daily purger, WAL caps, health checks 9/10 from archive state, restore drills,
-//! in-place recover, schedules.
+//! the daily purger, WAL caps, health checks 9/10 from archive state (the drill's last
+//! result is recorded for them), scheduled drills, schedules.
 
 pub mod capability;
 pub mod pgbackrest;
+pub mod recover;
 pub mod restore;
 pub mod storage;
+pub mod verify;
 
 use crate::db::params::Flavour;
 use crate::db::{DbError, DbManager, DbState};
@@ -85,6 +88,9 @@ pub struct BackupState {
     pub location: Value,
     pub retention_days: u32,
     pub configured_at_ms: i64,
+    /// The last restore drill's result (`backup.verify`), for health to report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<Value>,
 }
 
 /// Why a backup operation failed.
@@ -295,6 +301,7 @@ impl BackupManager {
             location: storage.describe(),
             retention_days,
             configured_at_ms: dbvm_protocol::now_ms(),
+            last_verify: None,
         };
         self.save(&state)?;
         progress(100, "backups configured");
