@@ -46,19 +46,13 @@ pub fn plan(info: &Info, target: &Target, now_ms: i64) -> Result<Plan, String> {
         );
     };
     let from = first.stopped_ms + STOP_SLACK_MS;
-    let window = || {
-        format!(
-            "the recoverable window is {} .. now ({})",
-            rfc3339(from),
-            rfc3339(now_ms)
-        )
-    };
+    let window = || format!("{} .. now ({})", rfc3339(from), rfc3339(now_ms));
     let chosen = match target {
         Target::Latest => intact.last().copied(),
         Target::Time(t) => {
             if *t < from || *t > now_ms {
                 return Err(format!(
-                    "target {} is outside the recoverable window: {}",
+                    "target {} is outside the recoverable window {}",
                     rfc3339(*t),
                     window()
                 ));
@@ -70,7 +64,12 @@ pub fn plan(info: &Info, target: &Target, now_ms: i64) -> Result<Plan, String> {
                 .copied()
         }
     };
-    let b = chosen.ok_or_else(|| format!("no backup ends before the target: {}", window()))?;
+    let b = chosen.ok_or_else(|| {
+        format!(
+            "no backup ends before the target: the recoverable window is {}",
+            window()
+        )
+    })?;
     Ok(Plan {
         backup_set: b.label.clone(),
         backup_stopped_ms: b.stopped_ms,

@@ -55,7 +55,9 @@ pub trait DataSource: Send + Sync {
 }
 
 /// Environment variable for fault-injection tests only: the agent process exits right
-/// after recording the named phase (`preconfigure`), as if it were killed there. A kill
+/// after recording the named phase (`preconfigure`; `recover-restored`: an in-place
+/// recover's data directory rewritten, the server not started yet), as if it were
+/// killed there. A kill
 /// at an exact point cannot be produced reliably from outside, hence this switch.
 pub const FAULT_EXIT_AFTER_PHASE: &str = "DBVM_AGENT_FAULT_EXIT_AFTER_PHASE";
 
@@ -744,6 +746,7 @@ impl DbManager {
             Err(e) => return Err(touched(e)),
         };
         let populate_ms = ms(t_populate.elapsed());
+        fault_point("recover-restored");
         progress(75, "starting the server on the restored data");
         let t_start = Instant::now();
         let server = self.server_container(&st);
