@@ -423,7 +423,7 @@ async fn recover_outside_the_window_or_with_the_storage_down_is_refused_and_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_and_by_restore() {
+async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_and_by_recover() {
     let mut rig = Rig::new().await;
     let vm = rig.vm("ver1").await;
     let password = rig.database_with_backups(&vm).await;
@@ -504,7 +504,7 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_and_by_rest
         "no restored server is left serving: {status}"
     );
 
-    // The file put back, another one deleted: caught too.
+    // The file put back and then deleted: caught too.
     std::fs::write(&victim, &original).unwrap();
     std::fs::remove_file(&victim).unwrap();
     assert!(!victim.exists(), "the damage is real");
@@ -516,6 +516,33 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_and_by_rest
     // The source database itself was never touched by the drills.
     let c = pg(vm.port, &password).await;
     assert_eq!(count(&c).await, (20_000, 20_000));
+
+    // An in-place recover from the damaged chain fails once pgBackRest reaches the
+    // missing object (rows written since the backup make the delta restore fetch it), and
+    // leaves the database stopped and marked: never half-recovered and running.
+    insert(&c, 20_001, 21_000).await;
+    drop(c);
+    let (state, e) = rig
+        .refused(&vm, "db.recover", json!({"target": "latest"}))
+        .await;
+    eprintln!("db.recover from a chain missing an object: {e}");
+    assert_eq!(state, CommandState::Failed, "{e}");
+    assert!(e.contains("after the data directory was rewritten"), "{e}");
+    assert!(e.contains(&label) && e.contains("missing"), "{e}");
+    assert!(e.contains("db.restore"), "what to do is said: {e}");
+    let status = rig.ok(&vm, "db.status", json!({})).await;
+    assert!(status["recovering"].is_object(), "{status}");
+    assert_ne!(
+        status["container"]["status"]["state"], "Running",
+        "not left running half-recovered: {status}"
+    );
+
+    // The object back, the recover sent again finishes with every row.
+    std::fs::write(&victim, &original).unwrap();
+    let out = rig.ok(&vm, "db.recover", json!({"target": "latest"})).await;
+    eprintln!("db.recover once the object is back: {out}");
+    let c = pg(vm.port, &password).await;
+    assert_eq!(count(&c).await, (21_000, 21_000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

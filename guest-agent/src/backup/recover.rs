@@ -155,7 +155,15 @@ impl DataSource for PgRecover {
             })?;
         if out.exit_code != 0 {
             let text = format!("{}\n{}", out.stdout, out.stderr);
-            let why = pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr);
+            // The info lines (asked for above) list the options, `--io-timeout` among
+            // them: kept out of the explanation, which reads words such as "timeout".
+            let stdout: String = out
+                .stdout
+                .lines()
+                .filter(|l| !l.contains(" INFO: "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let why = pgbackrest::explain_failure(out.exit_code, &stdout, &out.stderr);
             let why = match super::verify::damage(&text) {
                 Some(d) => format!(
                     "{}: {why}",
