@@ -528,6 +528,10 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_
     eprintln!("db.recover from a chain missing an object: {e}");
     assert_eq!(state, CommandState::Failed, "{e}");
     assert!(e.contains("after the data directory was rewritten"), "{e}");
+    assert!(
+        !e.contains("could not be reached"),
+        "the storage answered: {e}"
+    );
     assert!(e.contains(&label) && e.contains("missing"), "{e}");
     assert!(e.contains("db.restore"), "what to do is said: {e}");
     let status = rig.ok(&vm, "db.status", json!({})).await;
@@ -611,6 +615,14 @@ async fn agent_killed_mid_recover_leaves_the_database_stopped_and_marked_and_rec
     }
     let (_, e) = rig.refused(&vm, "db.start", json!({})).await;
     assert!(e.contains("recover did not finish"), "{e}");
+    // A recover refused now (the storage away) does not pretend all is well.
+    rig.s3.stop_s3();
+    let (_, e) = rig
+        .refused(&vm, "db.recover", json!({"target": "latest"}))
+        .await;
+    eprintln!("db.recover on a half-restored directory with the storage down: {e}");
+    assert!(e.contains("still half-restored"), "{e}");
+    rig.s3.start_s3();
 
     // Sent again, the recover finishes: every row is back, the mark is gone.
     let out = rig.ok(&vm, "db.recover", json!({"target": "latest"})).await;

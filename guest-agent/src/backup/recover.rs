@@ -222,23 +222,37 @@ impl BackupManager {
         let _state = self.configured()?;
         let _busy = self.busy.lock().await;
         let t = Instant::now();
+        // What a refusal before anything ran leaves: the database as it was, which is
+        // stopped on a half-restored directory when an earlier recover was cut off.
+        let unchanged = |m: String| {
+            match st.recovering {
+            None => format!("{m}; nothing was changed"),
+            Some(_) => format!(
+                "{m}; nothing was changed by this command, but the data directory is still half-restored by an earlier recover. {}",
+                crate::db::manager::RECOVER_INTERRUPTED
+            ),
+        }
+        };
         progress(5, "reading the repository");
-        let info = self.info(&st).await?;
+        let info = self.info(&st).await.map_err(|e| match e {
+            BackupError::Failed(m) => BackupError::Failed(unchanged(m)),
+            other => other,
+        })?;
         if !info.reachable() {
             let repo = info.repo_message.unwrap_or_default();
-            return Err(BackupError::Failed(format!(
-                "the backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was changed",
+            return Err(BackupError::Failed(unchanged(format!(
+                "the backup repository cannot be read: {} (pgBackRest: {}: {repo})",
                 pgbackrest::cause(&repo),
                 info.status_message,
-            )));
+            ))));
         }
         let plan = plan(&info, &target, dbvm_protocol::now_ms())
-            .map_err(|e| BackupError::Invalid(format!("{e}; nothing was changed")))?;
+            .map_err(|e| BackupError::Invalid(unchanged(e)))?;
         if st.recovering.is_none() {
             progress(10, "archiving the newest WAL before the server stops");
             self.archive_current_wal(&st)
                 .await
-                .map_err(|e| BackupError::Failed(format!("{e}; nothing was changed")))?;
+                .map_err(|e| BackupError::Failed(unchanged(e)))?;
         }
         // Else an earlier recover was cut off: the server is down on a half-restored data
         // directory, whose WAL is not worth archiving; this recover rewrites it again.

@@ -689,7 +689,8 @@ impl DbManager {
     /// validated everything it can first; the database manager knows nothing of backups.
     ///
     /// A `populate` that fails with [`DbError::Invalid`] changed nothing: the server is
-    /// started again on its data as they were. Any later failure leaves the server
+    /// started again on its data as they were (unless an earlier recover was cut off:
+    /// then they are half-restored and stay stopped and marked). Any later failure leaves the server
     /// stopped and the state marked (`recovering`), so neither the reconciler nor `start`
     /// runs a half-restored data directory; the error says what to do.
     pub async fn recover_in_place(
@@ -700,21 +701,31 @@ impl DbManager {
         let (mut guard, mut st) = self.configured().await?;
         let rt = self.runtime(progress).await?;
         let t = Instant::now();
+        // An earlier recover cut off left the data directory half-restored: whatever
+        // fails now, it stays marked and stopped.
+        let half_restored = st.recovering.is_some();
+        let still_half = |m: String| {
+            DbError::Failed(format!(
+                "{m}; the data directory is still half-restored by an earlier recover. {RECOVER_INTERRUPTED}"
+            ))
+        };
         st.recovering = Some(json!({
             "source": source.describe(),
             "started_ms": dbvm_protocol::now_ms(),
         }));
         self.save(&mut st).await?;
         *guard = Some(st.clone());
-        let untouched = |st: &mut DbState| {
-            st.recovering = None;
-        };
         progress(20, "stopping the server");
         if let Err(e) = self
             .stop_server(rt.as_ref(), &st, Duration::from_secs(60))
             .await
         {
-            untouched(&mut st);
+            if half_restored {
+                return Err(still_half(format!(
+                    "cannot stop the server for the recover: {e}"
+                )));
+            }
+            st.recovering = None;
             self.save(&mut st).await?;
             *guard = Some(st.clone());
             return Err(DbError::Failed(format!(
@@ -730,9 +741,10 @@ impl DbManager {
         let t_populate = Instant::now();
         let restored = match source.populate(self, &st, progress).await {
             Ok(r) => r,
+            Err(DbError::Invalid(m)) if half_restored => return Err(still_half(m)),
             Err(DbError::Invalid(m)) => {
                 // Refused before any file changed: the database goes on as it was.
-                untouched(&mut st);
+                st.recovering = None;
                 self.save(&mut st).await?;
                 *guard = Some(st.clone());
                 let back = self.start_and_wait(rt.as_ref(), &st).await;
