@@ -1,7 +1,7 @@
 //! The backup capability: `backup.configure`, `backup.run`, `backup.list`,
 //! `backup.verify` (the restore drill), `db.restore` (a deployment: it builds the
-//! database) and `db.recover` (a deployment too: it rebuilds it in place). Arguments are decoded strictly
-//! and checked, sealed keys opened, before anything runs.
+//! database) and `db.recover` (a deployment too: it rebuilds it in place). Arguments are
+//! decoded strictly and checked, sealed keys opened, before anything runs.
 
 use super::restore::{PgRestore, Target};
 use super::storage::{Location, Storage};

@@ -277,7 +277,11 @@ impl BackupManager {
     async fn archive_current_wal(&self, st: &DbState) -> Result<(), String> {
         let mut admin = Admin::connect(&st.spec, self.db.paths())
             .await
-            .map_err(|e| format!("the database does not answer: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "the database does not answer ({e}); a recover first archives its newest WAL: start it (db.start) and send db.recover again"
+                )
+            })?;
         let Admin::Postgres(c, _) = &mut admin else {
             return Err("WAL archiving is PostgreSQL's".into());
         };
