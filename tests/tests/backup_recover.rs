@@ -633,6 +633,51 @@ async fn agent_killed_mid_recover_leaves_the_database_stopped_and_marked_and_rec
     assert!(status.get("recovering").is_none(), "{status}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_drill_leaves_no_copy_behind_and_the_next_drill_passes() {
+    let mut rig = Rig::new().await;
+    let mut vm = rig.vm("ver3").await;
+    let password = rig.database_with_backups(&vm).await;
+    let c = pg(vm.port, &password).await;
+    insert(&c, 101, 20_000).await;
+    drop(c);
+    rig.ok(&vm, "backup.run", json!({})).await;
+    let copy = rig.data_root(&vm).join("verify");
+
+    let cmd = rig.fleet.sign(&vm.agent.id, "backup.verify", json!({}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    dbvm_e2e::eventually(
+        Duration::from_secs(120),
+        "the drill to restore into its copy",
+        || async {
+            let v = rig.client.command(v.id).await.ok()?;
+            let restoring = v
+                .progress
+                .is_some_and(|p| p.message.contains("into a throwaway directory"));
+            (restoring && copy.join("data").exists()).then_some(())
+        },
+    )
+    .await;
+    vm.agent.proc.kill();
+    vm.agent = rig.fleet.restart_agent(&vm.agent);
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Interrupted, "{done:?}");
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the restarted agent to remove the drill's copy",
+        || async { (!copy.exists()).then_some(()) },
+    )
+    .await;
+
+    let drill = rig.ok(&vm, "backup.verify", json!({})).await;
+    assert_eq!(drill["ok"], true, "{drill}");
+    assert!(!copy.exists(), "the copy is removed");
+}
+
 /// A superuser session over the database's unix socket (root reaches its 0700
 /// directory), for what `dbaas` may not do.
 async fn pg_super(data_root: &Path, port: u16) -> tokio_postgres::Client {

@@ -132,6 +132,7 @@ impl BackupManager {
         agent_id: &str,
         state_dir: &Path,
     ) -> Arc<Self> {
+        verify::remove_leftover(&db.paths().root);
         Arc::new(Self {
             db,
             settings,

@@ -256,10 +256,7 @@ impl BackupManager {
             Ok(s) => (s, None),
             Err(e) => (Vec::new(), Some(e)),
         };
-        let drill = match self.prepare(&dir, &source) {
-            Ok(()) => self.drill(&st, &set, &dir, source, progress).await,
-            Err(e) => Err(DbError::Failed(e)),
-        };
+        let drill = self.drill(&st, &set, &dir, source, progress).await;
         // The copy goes, however the drill went.
         let removed = remove_dir(&dir).await;
         let mut drill = drill.map_err(|e| BackupError::Failed(format!("{e}")))?;
@@ -437,6 +434,10 @@ impl BackupManager {
         d.checked.push(
             "pgbackrest verify: every file of every backup and every WAL segment in the repository against its checksum",
         );
+        // Made only now: a drill container left by an agent that died mid-drill was
+        // replaced by the step above and can no longer write into the new copy.
+        remove_dir(dir).await.map_err(DbError::Failed)?;
+        self.prepare(dir, &source).map_err(DbError::Failed)?;
         progress(
             20,
             &format!(
@@ -588,6 +589,24 @@ fn choose(backups: &[BackupSet], label: Option<&str>) -> Result<BackupSet, Strin
             "the repository holds no backup to verify yet (send backup.run first)".into()
         }),
     }
+}
+
+/// Removes the copy a drill left when the agent died during it (it can be as large as
+/// the database, and the next drill may be a week away). In the background: the agent's
+/// start does not wait for it.
+pub fn remove_leftover(root: &Path) {
+    let dir = root.join("verify");
+    if !dir.exists() {
+        return;
+    }
+    std::thread::spawn(move || match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {
+            tracing::info!(dir = %dir.display(), "removed the copy an interrupted restore drill left")
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the copy an interrupted restore drill left (the next drill removes it)")
+        }
+    });
 }
 
 async fn remove_dir(dir: &Path) -> Result<(), String> {
