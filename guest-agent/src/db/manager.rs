@@ -986,6 +986,8 @@ impl DbManager {
         progress: ProgressFn<'_>,
     ) -> Result<Value, DbError> {
         let (mut guard, mut st) = self.configured().await?;
+        // It may restart the server: never on a half-restored data directory.
+        refuse_if_recovering(&st)?;
         let f = st.spec.engine;
         if changes.is_empty() {
             return Err(DbError::Invalid("parameters: nothing to change".into()));
