@@ -615,6 +615,14 @@ async fn agent_killed_mid_recover_leaves_the_database_stopped_and_marked_and_rec
     }
     let (_, e) = rig.refused(&vm, "db.start", json!({})).await;
     assert!(e.contains("recover did not finish"), "{e}");
+    let (_, e) = rig
+        .refused(
+            &vm,
+            "db.set_parameters",
+            json!({"parameters": {"max_connections": 120}, "allow_restart": true}),
+        )
+        .await;
+    assert!(e.contains("recover did not finish"), "{e}");
     // A recover refused now (the storage away) does not pretend all is well.
     rig.s3.stop_s3();
     let (_, e) = rig
