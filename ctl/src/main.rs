@@ -248,9 +248,9 @@ enum BackupCommand {
     /// Restore drill: restore a backup into a throwaway database on the VM and check it
     Verify {
         agent: AgentId,
-        /// The backup to check [default: the newest]
-        #[arg(long)]
-        label: Option<String>,
+        /// The backup to check (a label from `dbvmctl backups`) [default: the newest]
+        #[arg(long, value_name = "LABEL")]
+        backup_set: Option<String>,
         #[command(flatten)]
         wait: OpWait,
     },
@@ -561,11 +561,16 @@ async fn run(cli: Cli) -> Result<Exit> {
             operation(&ctx, &agent, "backup.purge", args, Vec::new(), &wait).await
         }
         Command::Backup {
-            command: Some(BackupCommand::Verify { agent, label, wait }),
+            command:
+                Some(BackupCommand::Verify {
+                    agent,
+                    backup_set,
+                    wait,
+                }),
             ..
         } => {
-            let args = match label {
-                Some(l) => serde_json::json!({"label": l}),
+            let args = match backup_set {
+                Some(l) => serde_json::json!({"backup_set": l}),
                 None => serde_json::json!({}),
             };
             operation(&ctx, &agent, "backup.verify", args, Vec::new(), &wait).await

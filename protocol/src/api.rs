@@ -29,9 +29,9 @@ impl OperationClass {
         // by the bare name.
         let bare = operation.strip_prefix("db.").unwrap_or(operation);
         match bare {
-            "create" | "preconfigure" | "configure" | "restore" | "pitr" | "clone"
+            "create" | "preconfigure" | "configure" | "restore" | "recover" | "pitr" | "clone"
             | "add_replica" => Self::Deployment,
-            "backup" | "backup.run" | "backup.purge" => Self::Backup,
+            "backup" | "backup.run" | "backup.purge" | "backup.verify" => Self::Backup,
             "log_upload" | "archive_push" => Self::LogUpload,
             "ping" | "facts" | "health" | "status" | "export_template" | "firewall.status"
             | "backup.list" => Self::Query,
@@ -490,5 +490,8 @@ mod tests {
         assert_eq!(OperationClass::of("firewall.status"), OperationClass::Query);
         assert_eq!(OperationClass::of("db.restart"), OperationClass::Management);
         assert_eq!(OperationClass::of("backup"), OperationClass::Backup);
+        // Recover rebuilds the database in place; the restore drill is a backup's load.
+        assert_eq!(OperationClass::of("db.recover"), OperationClass::Deployment);
+        assert_eq!(OperationClass::of("backup.verify"), OperationClass::Backup);
     }
 }

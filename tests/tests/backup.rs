@@ -28,7 +28,9 @@ struct Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         for c in &self.vms {
-            for suffix in ["", "-init", "-backup", "-info", "-restore"] {
+            for suffix in [
+                "", "-init", "-backup", "-info", "-restore", "-recover", "-verify",
+            ] {
                 self.engine.remove_container(&format!("{c}{suffix}"));
             }
         }

@@ -1,6 +1,7 @@
-//! The backup capability: `backup.configure`, `backup.run`, `backup.list` and
-//! `db.restore` (a deployment: it builds the database). Arguments are decoded strictly
-//! and checked, sealed keys opened, before anything runs.
+//! The backup capability: `backup.configure`, `backup.run`, `backup.list`,
+//! `backup.verify` (the restore drill), `db.restore` (a deployment: it builds the
+//! database) and `db.recover` (a deployment too: it rebuilds it in place). Arguments are
+//! decoded strictly and checked, sealed keys opened, before anything runs.
 
 use super::restore::{PgRestore, Target};
 use super::storage::{Location, Storage};
@@ -34,14 +35,18 @@ enum Kind {
     List,
     Restore,
     Purge,
+    Recover,
+    Verify,
 }
 
-const ALL: [(Kind, &str); 5] = [
+const ALL: [(Kind, &str); 7] = [
     (Kind::Configure, "backup.configure"),
     (Kind::Run, "backup.run"),
     (Kind::List, "backup.list"),
     (Kind::Restore, "db.restore"),
     (Kind::Purge, "backup.purge"),
+    (Kind::Recover, "db.recover"),
+    (Kind::Verify, "backup.verify"),
 ];
 
 /// Backups of this VM's database, as a capability.
@@ -135,6 +140,29 @@ struct RestoreArgs {
     target: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverArgs {
+    /// `latest` or an RFC 3339 time.
+    target: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VerifyArgs {
+    /// A backup's label (`backup.list`); the newest when absent.
+    #[serde(default)]
+    backup_set: Option<String>,
+}
+
+/// A pgBackRest backup label: `20261203-180000F` or `…F_20261203-181000I`.
+fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 #[async_trait]
 impl Operation for BackupOp {
     fn name(&self) -> &'static str {
@@ -146,8 +174,8 @@ impl Operation for BackupOp {
             Kind::Configure => OperationClass::Management,
             Kind::Run => OperationClass::Backup,
             Kind::List => OperationClass::Query,
-            Kind::Restore => OperationClass::Deployment,
-            Kind::Purge => OperationClass::Backup,
+            Kind::Restore | Kind::Recover => OperationClass::Deployment,
+            Kind::Purge | Kind::Verify => OperationClass::Backup,
         }
     }
 
@@ -202,6 +230,26 @@ impl Operation for BackupOp {
                     ));
                 }
                 Ok(m.purge(&progress).await?)
+            }
+            Kind::Recover => {
+                let a: RecoverArgs = parse_args(args)?;
+                let target = Target::parse(&a.target).map_err(OpError::BadArguments)?;
+                Ok(m.recover(target, &progress).await?)
+            }
+            Kind::Verify => {
+                let a: VerifyArgs = if args.is_null() {
+                    VerifyArgs::default()
+                } else {
+                    parse_args(args)?
+                };
+                if let Some(l) = &a.backup_set {
+                    if !valid_label(l) {
+                        return Err(OpError::BadArguments(format!(
+                            "backup_set: {l:?} is not a backup label (see backup.list)"
+                        )));
+                    }
+                }
+                Ok(m.verify(a.backup_set, &progress).await?)
             }
             Kind::Restore => {
                 let a: RestoreArgs = parse_args(args)?;

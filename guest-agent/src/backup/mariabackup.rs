@@ -426,6 +426,7 @@ pub async fn configure(
         location: storage.describe(),
         retention_days,
         configured_at_ms: dbvm_protocol::now_ms(),
+        last_verify: None,
     };
     m.save(&state)?;
     if let Ok(mut s) = m.maria.status.lock() {

@@ -11,7 +11,8 @@
 //! first of a chain (full) or the next in it (incremental); a new chain starts when the
 //! current one is older than the retention (chain expiry = creation + retention days, as
 //! DSM has it). `db.restore` builds a new database from a bucket and prefix up to a point
-//! in time ([`restore`]).
+//! in time ([`restore`]). `db.recover` recovers the database in place from its own
+//! repository ([`recover`]); `backup.verify` is the restore drill ([`verify`]).
 //!
 //! MariaDB is backed up by the agent itself ([`mariabackup`]): `mariadb-backup --stream |
 //! zstd` in a one-shot container into a FIFO, multipart-uploaded with the agent's own S3
@@ -20,7 +21,8 @@
 //! ([`maria_restore`]).
 //!
 //! Chains are purged by [`purge`] (daily, and `backup.purge`); [`schedule`] runs backups
-//! by itself. Not built yet (issue 12 continues): MySQL 8 (XtraBackup), the cloud bucket.
+//! by itself. Not built yet (issue 12 continues): MySQL 8 (XtraBackup), the cloud bucket,
+//! scheduled drills, and drills and in-place recover for MariaDB.
 
 pub mod binlog_cap;
 pub mod capability;
@@ -29,10 +31,12 @@ pub mod maria_restore;
 pub mod mariabackup;
 pub mod pgbackrest;
 pub mod purge;
+pub mod recover;
 pub mod restore;
 pub mod s3;
 pub mod schedule;
 pub mod storage;
+pub mod verify;
 
 use crate::db::params::Flavour;
 use crate::db::{DbError, DbManager, DbState};
@@ -109,6 +113,9 @@ pub struct BackupState {
     pub location: Value,
     pub retention_days: u32,
     pub configured_at_ms: i64,
+    /// The last restore drill's result (`backup.verify`), for health to report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<Value>,
 }
 
 /// Why a backup operation failed.
@@ -156,6 +163,7 @@ impl BackupManager {
         agent_id: &str,
         state_dir: &Path,
     ) -> Arc<Self> {
+        verify::remove_leftover(&db.paths().root);
         Arc::new(Self {
             db,
             settings,
@@ -212,12 +220,15 @@ impl BackupManager {
         })
     }
 
-    async fn postgres(&self) -> Result<DbState, BackupError> {
+    /// The database's state when it is PostgreSQL; `op` names what was asked, for the
+    /// refusal (backups, restores and purges exist for MariaDB too; recover and drills
+    /// for PostgreSQL only so far; MySQL 8 has none yet).
+    async fn postgres(&self, op: &str) -> Result<DbState, BackupError> {
         let st = self.db.configured_state().await?;
         match st.spec.engine {
             Flavour::Postgres => Ok(st),
             other => Err(BackupError::Invalid(format!(
-                "backups of {} databases are not available in this agent yet (PostgreSQL and MariaDB so far)",
+                "{op} is not available for {} databases in this agent yet",
                 format!("{other:?}").to_lowercase()
             ))),
         }
@@ -283,7 +294,7 @@ impl BackupManager {
                 "retention_days: must be 1..3650".into(),
             ));
         }
-        let st = self.postgres().await?;
+        let st = self.postgres("backup.configure").await?;
         let _busy = self.busy.lock().await;
         let t = Instant::now();
         let p = self.db.paths().clone();
@@ -344,6 +355,7 @@ impl BackupManager {
             location: storage.describe(),
             retention_days,
             configured_at_ms: dbvm_protocol::now_ms(),
+            last_verify: None,
         };
         self.save(&state)?;
         progress(100, "backups configured");
@@ -381,7 +393,7 @@ impl BackupManager {
         if self.db.flavour() == Some(Flavour::Mariadb) {
             return mariabackup::run(self, kind, progress).await;
         }
-        let st = self.postgres().await?;
+        let st = self.postgres("backup.run").await?;
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
         let t = Instant::now();
@@ -477,7 +489,7 @@ impl BackupManager {
         if self.db.flavour() == Some(Flavour::Mariadb) {
             return mariabackup::list(self).await;
         }
-        let st = self.postgres().await?;
+        let st = self.postgres("backup.list").await?;
         let state = self.configured()?;
         let info = self.info(&st).await?;
         let chains = chains(&info.backups, state.retention_days);
@@ -506,7 +518,7 @@ impl BackupManager {
         if self.db.flavour() == Some(Flavour::Mariadb) {
             return mariabackup::purge(self, progress).await;
         }
-        let st = self.postgres().await?;
+        let st = self.postgres("backup.purge").await?;
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
         let t = Instant::now();

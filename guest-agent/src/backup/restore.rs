@@ -37,7 +37,7 @@ impl Target {
         Ok(Self::Time((t.unix_timestamp_nanos() / 1_000_000) as i64))
     }
 
-    fn describe(&self) -> Value {
+    pub fn describe(&self) -> Value {
         match self {
             Self::Latest => json!("latest"),
             Self::Time(ms) => json!(rfc3339(*ms)),
@@ -57,7 +57,7 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 /// PostgreSQL's timestamp syntax for `recovery_target_time`, UTC, microseconds.
-fn pg_time(ms: i64) -> String {
+pub fn pg_time(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
@@ -193,13 +193,8 @@ impl PgRestore {
                 self.storage.prefix,
             );
         }
-        let reason = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("FATAL:"))
-            .map(|l| format!(" (the server said: {})", l.trim()))
-            .unwrap_or_default();
-        format!("recovery did not finish: {error}{reason}")
+        // `error` already carries the server's last FATAL line.
+        error.to_string()
     }
 }
 
@@ -369,8 +364,22 @@ impl DataSource for PgRestore {
             .await?;
         if out.exit_code != 0 {
             let _ = std::fs::remove_file(&config);
+            let text = format!("{}\n{}", out.stdout, out.stderr);
+            let set = pgbackrest_log_set(&p.log.join("pgbackrest"));
+            let hint = if text.contains("unable to find backup set")
+                || text.contains("no backup set found")
+            {
+                " — the target is before the first backup of this repository; see backup.list on the source for the recoverable window".to_string()
+            } else if let Some(damage) = super::verify::damage(&text) {
+                format!(
+                    " — {}: it cannot be restored as it is (nothing restored from it is used); restore to an earlier time that another chain covers, or run backup.verify on the source",
+                    super::verify::damaged_set(set.as_deref(), damage)
+                )
+            } else {
+                String::new()
+            };
             return Err(DbError::Failed(format!(
-                "restore failed: {}{}",
+                "restore failed{hint}: {}{}",
                 pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr),
                 disk_full_hint(
                     &out.stdout,
@@ -406,31 +415,15 @@ impl DataSource for PgRestore {
         progress: ProgressFn<'_>,
     ) -> Result<Value, DbError> {
         let p = db.paths().clone();
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut said = false;
-        let (_, replayed) = loop {
-            match admin.pg_recovery().await {
-                Ok((false, replayed)) => break (false, replayed),
-                Ok((true, _)) => {}
-                Err(e) => {
-                    // The server ends itself when the target cannot be reached.
-                    let _ = std::fs::remove_file(pgbackrest::restore_config_path(&p));
-                    return Err(DbError::Failed(
-                        self.recovery_failed(&e.to_string(), &p.log),
-                    ));
-                }
+        let replayed = match wait_for_recovery_end(admin, &p.log, self.timeout, progress).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The server ends itself when the target cannot be reached.
+                let _ = std::fs::remove_file(pgbackrest::restore_config_path(&p));
+                return Err(DbError::Failed(
+                    self.recovery_failed(&e.to_string(), &p.log),
+                ));
             }
-            if !said {
-                progress(82, "replaying WAL up to the target");
-                said = true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DbError::Failed(format!(
-                    "recovery did not finish within {:?}",
-                    self.timeout
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         };
         // Recovery is over: the source's keys are no longer needed on this VM.
         let config = pgbackrest::restore_config_path(&p);
@@ -455,14 +448,59 @@ impl DataSource for PgRestore {
     }
 }
 
+/// Waits until the server has left recovery (polling its state; a server that ends
+/// itself because the target cannot be reached is explained from its log). Returns the
+/// commit time of the last transaction replayed, if any.
+pub async fn wait_for_recovery_end(
+    admin: &mut Admin,
+    log_dir: &std::path::Path,
+    timeout: Duration,
+    progress: ProgressFn<'_>,
+) -> Result<Option<i64>, DbError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut said = false;
+    loop {
+        match admin.pg_recovery().await {
+            Ok((false, replayed)) => return Ok(replayed),
+            Ok((true, _)) => {}
+            Err(e) => {
+                return Err(DbError::Failed(format!(
+                    "recovery did not finish: {e}{}",
+                    server_log_reason(log_dir)
+                )));
+            }
+        }
+        if !said {
+            progress(82, "replaying WAL up to the target");
+            said = true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DbError::Failed(format!(
+                "recovery did not finish within {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The label in pgBackRest's newest "restore backup set" log line, if any.
-fn pgbackrest_log_set(dir: &std::path::Path) -> Option<String> {
+pub fn pgbackrest_log_set(dir: &std::path::Path) -> Option<String> {
     let text =
         std::fs::read_to_string(dir.join(format!("{}-restore.log", pgbackrest::STANZA))).ok()?;
     text.lines()
         .rev()
         .find_map(|l| l.split("restore backup set ").nth(1))
         .map(|s| s.split([',', ' ']).next().unwrap_or(s).to_string())
+}
+
+/// The last FATAL line of PostgreSQL's newest log, to say why recovery stopped.
+pub fn server_log_reason(dir: &std::path::Path) -> String {
+    newest_server_log(dir)
+        .lines()
+        .rev()
+        .find(|l| l.contains("FATAL:"))
+        .map(|l| format!(" (the server said: {})", l.trim()))
+        .unwrap_or_default()
 }
 
 /// The text of PostgreSQL's newest log file (empty when there is none).

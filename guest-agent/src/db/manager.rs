@@ -55,7 +55,9 @@ pub trait DataSource: Send + Sync {
 }
 
 /// Environment variable for fault-injection tests only: the agent process exits right
-/// after recording the named phase (`preconfigure`), as if it were killed there. A kill
+/// after recording the named phase (`preconfigure`; `recover-restored`: an in-place
+/// recover's data directory rewritten, the server not started yet), as if it were
+/// killed there. A kill
 /// at an exact point cannot be produced reliably from outside, hence this switch.
 pub const FAULT_EXIT_AFTER_PHASE: &str = "DBVM_AGENT_FAULT_EXIT_AFTER_PHASE";
 
@@ -296,6 +298,7 @@ impl DbManager {
                 restart_pending: vec![],
                 archive_command: None,
                 restored_from: source_described.clone(),
+                recovering: None,
                 created_at_ms: now,
                 updated_at_ms: now,
             },
@@ -620,8 +623,25 @@ impl DbManager {
         argv: impl FnOnce(&dyn Fn(&str) -> String) -> Vec<String>,
         timeout: Duration,
     ) -> Result<crate::runtime::RunOutput, DbError> {
+        self.run_tool_bounded(st, role, None, argv, timeout).await
+    }
+
+    /// [`Self::run_tool`] with its own memory (bytes) and CPU limits instead of the
+    /// server's (a restore drill must not starve the database it checks).
+    pub async fn run_tool_bounded(
+        &self,
+        st: &DbState,
+        role: &str,
+        limits: Option<(u64, f64)>,
+        argv: impl FnOnce(&dyn Fn(&str) -> String) -> Vec<String>,
+        timeout: Duration,
+    ) -> Result<crate::runtime::RunOutput, DbError> {
         let rt = self.runtime(&|_, _| {}).await?;
         let mut spec = self.server_container(st);
+        if let Some((memory, cpus)) = limits {
+            spec.memory_bytes = Some(memory);
+            spec.cpus = Some(cpus);
+        }
         spec.name = format!("{}-{role}", self.settings.container_name);
         let program = self.program();
         spec.command = argv(&program);
@@ -694,6 +714,134 @@ impl DbManager {
         }))
     }
 
+    /// Recovers the database in place: records in the state file that a recover is under
+    /// way, stops the server, lets `source` rewrite the data directory (a one-shot run),
+    /// starts the server and lets `source` wait for the end of recovery. The caller has
+    /// validated everything it can first; the database manager knows nothing of backups.
+    ///
+    /// A `populate` that fails with [`DbError::Invalid`] changed nothing: the server is
+    /// started again on its data as they were (unless an earlier recover was cut off:
+    /// then they are half-restored and stay stopped and marked). Any later failure leaves the server
+    /// stopped and the state marked (`recovering`), so neither the reconciler nor `start`
+    /// runs a half-restored data directory; the error says what to do.
+    pub async fn recover_in_place(
+        &self,
+        source: &dyn DataSource,
+        progress: ProgressFn<'_>,
+    ) -> Result<Value, DbError> {
+        let (mut guard, mut st) = self.configured().await?;
+        let rt = self.runtime(progress).await?;
+        let t = Instant::now();
+        // An earlier recover cut off left the data directory half-restored: whatever
+        // fails now, it stays marked and stopped.
+        let half_restored = st.recovering.is_some();
+        let still_half = |m: String| {
+            DbError::Failed(format!(
+                "{m}; the data directory is still half-restored by an earlier recover. {RECOVER_INTERRUPTED}"
+            ))
+        };
+        st.recovering = Some(json!({
+            "source": source.describe(),
+            "started_ms": dbvm_protocol::now_ms(),
+        }));
+        self.save(&mut st).await?;
+        *guard = Some(st.clone());
+        progress(20, "stopping the server");
+        if let Err(e) = self
+            .stop_server(rt.as_ref(), &st, Duration::from_secs(60))
+            .await
+        {
+            if half_restored {
+                return Err(still_half(format!(
+                    "cannot stop the server for the recover: {e}"
+                )));
+            }
+            st.recovering = None;
+            self.save(&mut st).await?;
+            *guard = Some(st.clone());
+            return Err(DbError::Failed(format!(
+                "cannot stop the server for the recover: {e}; nothing was changed"
+            )));
+        }
+        let touched = |e: DbError| {
+            DbError::Failed(format!(
+                "recover failed after the data directory was rewritten: {e}. {RECOVER_INTERRUPTED}"
+            ))
+        };
+        progress(30, "restoring the data directory in place");
+        let t_populate = Instant::now();
+        let restored = match source.populate(self, &st, progress).await {
+            Ok(r) => r,
+            Err(DbError::Invalid(m)) if half_restored => return Err(still_half(m)),
+            Err(DbError::Invalid(m)) => {
+                // Refused before any file changed: the database goes on as it was.
+                st.recovering = None;
+                self.save(&mut st).await?;
+                *guard = Some(st.clone());
+                let back = self.start_and_wait(rt.as_ref(), &st).await;
+                return Err(DbError::Failed(match back {
+                    Ok(_) => format!("{m}; nothing was changed: the database runs as before"),
+                    Err(b) => format!(
+                        "{m}; the data directory was not changed, but the server did not start again: {b}"
+                    ),
+                }));
+            }
+            Err(e) => return Err(touched(e)),
+        };
+        let populate_ms = ms(t_populate.elapsed());
+        fault_point("recover-restored");
+        progress(75, "starting the server on the restored data");
+        let t_start = Instant::now();
+        let server = self.server_container(&st);
+        let started = match rt.ensure_running(&server).await {
+            Ok(_) => {
+                Admin::wait(
+                    &st.spec,
+                    &self.paths,
+                    Duration::from_secs(self.settings.start_timeout_s),
+                    rt.as_ref(),
+                    &server.name,
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        let mut admin = match started {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = rt.stop(&server.name, Duration::from_secs(30)).await;
+                return Err(touched(e));
+            }
+        };
+        let start_ms = ms(t_start.elapsed());
+        progress(80, "recovering to the target");
+        let t_recover = Instant::now();
+        let recovered = match source.finish(self, &st, &mut admin, progress).await {
+            Ok(r) => r,
+            Err(e) => {
+                drop(admin);
+                // Not left running: it would promote wherever its WAL ends.
+                let _ = rt.stop(&server.name, Duration::from_secs(30)).await;
+                return Err(touched(e));
+            }
+        };
+        st.recovering = None;
+        st.want_running = true;
+        self.save(&mut st).await?;
+        *guard = Some(st.clone());
+        let mut out = restored;
+        if let (Some(obj), Value::Object(rec)) = (out.as_object_mut(), recovered) {
+            obj.extend(rec);
+        }
+        out["timings"] = json!({
+            "restore_ms": populate_ms,
+            "start_ms": start_ms,
+            "recover_ms": ms(t_recover.elapsed()),
+            "total_ms": ms(t.elapsed()),
+        });
+        Ok(out)
+    }
+
     // ----- day 2 ----------------------------------------------------------------------
 
     async fn configured(
@@ -743,6 +891,7 @@ impl DbManager {
 
     pub async fn start(&self, progress: ProgressFn<'_>) -> Result<Value, DbError> {
         let (mut guard, mut st) = self.configured().await?;
+        refuse_if_recovering(&st)?;
         let rt = self.runtime(progress).await?;
         st.want_running = true;
         self.save(&mut st).await?;
@@ -770,6 +919,7 @@ impl DbManager {
 
     pub async fn restart(&self, progress: ProgressFn<'_>) -> Result<Value, DbError> {
         let (mut guard, mut st) = self.configured().await?;
+        refuse_if_recovering(&st)?;
         let rt = self.runtime(progress).await?;
         let t = Instant::now();
         progress(10, "stopping");
@@ -827,6 +977,9 @@ impl DbManager {
             "parameters": st.parameters,
             "restart_pending": st.restart_pending,
         });
+        if let Some(r) = &st.recovering {
+            out["recovering"] = json!({ "since": r, "what_to_do": RECOVER_INTERRUPTED });
+        }
         match self.try_runtime().await {
             Err(e) => out["container"] = json!({ "error": e.to_string() }),
             Ok(rt) => {
@@ -864,6 +1017,8 @@ impl DbManager {
         progress: ProgressFn<'_>,
     ) -> Result<Value, DbError> {
         let (mut guard, mut st) = self.configured().await?;
+        // It may restart the server: never on a half-restored data directory.
+        refuse_if_recovering(&st)?;
         let f = st.spec.engine;
         if changes.is_empty() {
             return Err(DbError::Invalid("parameters: nothing to change".into()));
@@ -949,6 +1104,7 @@ impl DbManager {
     pub async fn upgrade(&self, image: String, progress: ProgressFn<'_>) -> Result<Value, DbError> {
         super::validate_image_ref(&image).map_err(|e| DbError::Invalid(format!("image: {e}")))?;
         let (mut guard, mut st) = self.configured().await?;
+        refuse_if_recovering(&st)?;
         let rt = self.runtime(progress).await?;
         if !rt.image_present(&image).await? {
             return Err(RuntimeError::ImageMissing(format!(
@@ -1026,6 +1182,10 @@ impl DbManager {
         if st.phase != Phase::Configured || !st.want_running {
             return Ok(None);
         }
+        if st.recovering.is_some() {
+            // A half-restored data directory is never started as if it were fine.
+            return Ok(None);
+        }
         let rt = self.try_runtime().await?;
         let server = self.server_container(&st);
         let r = rt.ensure_running(&server).await?;
@@ -1060,6 +1220,18 @@ impl DbManager {
                 _ = tokio::time::sleep(every) => {}
             }
         }
+    }
+}
+
+/// What to do about a data directory an in-place recover left half-restored.
+pub const RECOVER_INTERRUPTED: &str = "The database is stopped and will not be started on a half-restored data directory: send db.recover again (it rewrites the data directory from the backup), or restore the backups into a new database (db.restore on a new VM)";
+
+fn refuse_if_recovering(st: &DbState) -> Result<(), DbError> {
+    match &st.recovering {
+        Some(_) => Err(DbError::Invalid(format!(
+            "an in-place recover did not finish. {RECOVER_INTERRUPTED}"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -374,6 +374,12 @@ pub struct DbState {
     /// restore with the same source resumes instead of being refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<serde_json::Value>,
+    /// Set while an in-place recover rewrites the data directory (see
+    /// [`DbManager::recover_in_place`]), and left set when it failed after touching it:
+    /// the server is not started on a half-restored directory, not even by the reconciler
+    /// after an agent restart. Cleared when a recover finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovering: Option<serde_json::Value>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -496,6 +502,7 @@ mod tests {
             restart_pending: vec![],
             archive_command: None,
             restored_from: None,
+            recovering: None,
             created_at_ms: 1,
             updated_at_ms: 2,
         };
