@@ -459,7 +459,7 @@ async fn bad_storage_is_refused_and_changes_nothing() {
             }),
         )
         .await;
-    assert!(e.contains("restore failed"), "{e}");
+    assert!(e.contains("no complete backup in bkp/nothing-here"), "{e}");
 }
 
 /// The status and message of one check in a fresh report (a signed `health` command).

@@ -149,7 +149,8 @@ impl PgRestore {
             .then(|| pgbackrest::parse_info(&out.stdout).ok())
             .flatten();
         match info {
-            Some(info) if info.reachable() => Ok(info),
+            // 1 and 3 (no stanza there) answer too: nothing to restore from.
+            Some(info) if info.reachable() || matches!(info.status_code, 1 | 3) => Ok(info),
             Some(info) => {
                 let _ = std::fs::remove_file(config);
                 let repo = info.repo_message.unwrap_or_default();
