@@ -479,6 +479,22 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_
             .is_some_and(|r| r.contains(&label)),
         "{state_file}"
     );
+    // Health says so too: check 10 carries the drill's result.
+    let report = rig.ok(&vm, "health", json!({})).await;
+    let c10 = report["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == "binlog_cloud_sync"))
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("check 10 after the failed drill: {c10}");
+    assert_eq!(c10["figures"]["drill_ok"], 0.0, "{c10}");
+    assert!(
+        c10["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restore drill FAILED"),
+        "{c10}"
+    );
 
     // A restore from that chain into a new database fails clearly, never silently wrong.
     let dst = rig.vm("ver2").await;

@@ -124,6 +124,36 @@ impl crate::health::Check for CloudSyncCheck {
     }
 
     async fn run(&self, run: &crate::health::Run) -> crate::health::Finding {
+        let f = self.sync(run).await;
+        with_drill(f, self.0.load().ok().flatten().and_then(|s| s.last_verify))
+    }
+}
+
+/// The last restore drill's result as figures of check 10 (`drill_ok`, `drill_age_s`); a
+/// failed drill makes it at least a warning and says why.
+fn with_drill(mut f: crate::health::Finding, last: Option<Value>) -> crate::health::Finding {
+    use dbvm_protocol::health::HealthStatus;
+    let Some(v) = last else { return f };
+    let ok = v["ok"] == true;
+    let age_s = v["at_ms"].as_i64().map_or(f64::NAN, |at| {
+        (dbvm_protocol::now_ms() - at).max(0) as f64 / 1000.0
+    });
+    f.figures.insert("drill_ok".into(), f64::from(u8::from(ok)));
+    f.figures.insert("drill_age_s".into(), age_s);
+    if !ok {
+        f.status = f.status.max(HealthStatus::Warning);
+        f.message = format!(
+            "{}; the last restore drill FAILED: {}",
+            f.message,
+            v["reason"].as_str().unwrap_or("see backup.verify")
+        );
+    }
+    f
+}
+
+impl CloudSyncCheck {
+    async fn sync(&self, run: &crate::health::Run) -> crate::health::Finding {
+        use crate::health::Check;
         if self.0.db.flavour() != Some(Flavour::Mariadb) {
             return crate::health::checks::cloud_sync::CloudSync.run(run).await;
         }

@@ -63,6 +63,9 @@ pub struct BackupSettings {
     pub purge_at: String,
     /// MariaDB: seconds between binlog rotations (`FLUSH BINARY LOGS`) and upload rounds.
     pub binlog_rotate_s: u64,
+    /// Days between the restore drills the agent runs by itself (`backup.verify`,
+    /// PostgreSQL); 0: only on demand.
+    pub verify_every_days: u32,
 }
 
 impl Default for BackupSettings {
@@ -73,6 +76,7 @@ impl Default for BackupSettings {
             timeout_s: 6 * 3600,
             purge_at: "12:00".into(),
             binlog_rotate_s: 60,
+            verify_every_days: 7,
         }
     }
 }
@@ -94,6 +98,9 @@ impl BackupSettings {
         }
         if !(1..=3600).contains(&self.binlog_rotate_s) {
             return bad("binlog_rotate_s", "must be 1..3600");
+        }
+        if self.verify_every_days > 365 {
+            return bad("verify_every_days", "must be 0..365");
         }
         Ok(())
     }

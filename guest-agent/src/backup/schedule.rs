@@ -70,6 +70,7 @@ impl BackupManager {
                 _ = token.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
+            self.drill_if_due().await;
             let Some(mut s) = self.schedule() else {
                 continue;
             };
@@ -100,6 +101,47 @@ impl BackupManager {
             };
             if let Some(outbox) = self.outbox.get() {
                 outbox.event(kind, dbvm_protocol::now_ms(), payload.to_string());
+            }
+        }
+    }
+}
+
+impl BackupManager {
+    /// The scheduled restore drill (`[backup] verify_every_days`, PostgreSQL): due that
+    /// many days after the last drill, or after backups were configured. Its result is
+    /// kept in the state file and sent as an event by [`BackupManager::verify`].
+    async fn drill_if_due(&self) {
+        let days = self.settings.verify_every_days;
+        if days == 0 || self.db.flavour() != Some(crate::db::params::Flavour::Postgres) {
+            return;
+        }
+        let Ok(Some(state)) = self.load() else { return };
+        let since = state
+            .last_verify
+            .as_ref()
+            .and_then(|v| v["at_ms"].as_i64())
+            .unwrap_or(state.configured_at_ms);
+        if dbvm_protocol::now_ms() < since + i64::from(days) * day_ms() {
+            return;
+        }
+        match self.verify(None, &|_, _| {}).await {
+            Ok(_) => tracing::info!("scheduled restore drill passed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduled restore drill failed");
+                // A drill that could not even run (no backup yet, storage down) is not
+                // retried on every tick: recorded, it is tried again a day later.
+                if let Ok(Some(mut st)) = self.load() {
+                    let recorded = st.last_verify.as_ref().and_then(|v| v["at_ms"].as_i64());
+                    if recorded.is_none_or(|at| at <= since) {
+                        st.last_verify = Some(json!({
+                            "ok": false,
+                            "reason": e.to_string(),
+                            "at_ms": dbvm_protocol::now_ms()
+                                - i64::from(days.saturating_sub(1)) * day_ms(),
+                        }));
+                        let _ = self.save(&st);
+                    }
+                }
             }
         }
     }

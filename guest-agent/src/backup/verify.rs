@@ -284,6 +284,18 @@ impl BackupManager {
         });
         state.last_verify = Some(result.clone());
         self.save(&state)?;
+        if let Some(outbox) = self.outbox.get() {
+            let kind = if ok {
+                "backup.verified"
+            } else {
+                "backup.verify_failed"
+            };
+            outbox.event(
+                kind,
+                dbvm_protocol::now_ms(),
+                json!({"backup_set": set.label, "ok": ok, "reason": drill.failed}).to_string(),
+            );
+        }
         progress(100, if ok { "drill passed" } else { "drill FAILED" });
         match drill.failed {
             None => Ok(result),
