@@ -10,6 +10,7 @@
 // test with a message, which is exactly what `expect` does.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod backup;
 pub mod dbtest;
 pub mod docker;
 pub mod fleet;

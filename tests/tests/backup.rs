@@ -4,179 +4,22 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_e2e::s3::S3Server;
-use dbvm_e2e::{AgentProc, BrokerProc, Fleet};
-use dbvm_protocol::api::{CommandState, CommandView};
+use dbvm_e2e::backup::{archive_now, pg_super, Rig, Tmpfs, Vm};
+use dbvm_protocol::api::CommandState;
 use dbvm_protocol::seal::Sealed;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-struct Vm {
-    agent: AgentProc,
-    port: u16,
-}
-
-struct Rig {
-    fleet: Fleet,
-    broker: BrokerProc,
-    client: dbvmctl::Client,
-    engine: dbvm_e2e::docker::Engine,
-    s3: S3Server,
-    vms: Vec<String>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for c in &self.vms {
-            for suffix in [
-                "", "-init", "-backup", "-info", "-restore", "-recover", "-verify",
-            ] {
-                self.engine.remove_container(&format!("{c}{suffix}"));
-            }
-        }
-    }
-}
-
-impl Rig {
-    async fn new() -> Self {
-        let engine = dbvm_e2e::docker::engine();
-        let fleet = Fleet::new();
-        let broker = fleet.start_broker("");
-        let client = fleet.client(&broker);
-        let s3 = S3Server::start(&fleet.path("s3"));
-        Self {
-            fleet,
-            broker,
-            client,
-            engine,
-            s3,
-            vms: Vec::new(),
-        }
-    }
-
-    /// An enrolled agent with its own data root and container; storage calls give up
-    /// after 5 s so that failures are quick.
-    async fn vm(&mut self, id: &str) -> Vm {
-        let container = dbvm_e2e::docker::unique_name("dbvm-bk");
-        self.vms.push(container.clone());
-        let section =
-            self.engine
-                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
-        let section = format!("{section}\n[backup]\nio_timeout_s = 5\n");
-        let agent = self
-            .fleet
-            .enroll_agent(&self.client, self.broker.agent_addr, id, &section)
-            .await;
-        Vm {
-            agent,
-            port: dbvm_e2e::docker::free_port(),
-        }
-    }
-
-    /// [`Self::vm`] with extra environment variables for the agent.
-    async fn vm_env(&mut self, id: &str, env: &[(&str, &str)]) -> Vm {
-        let container = dbvm_e2e::docker::unique_name("dbvm-bk");
-        self.vms.push(container.clone());
-        let section =
-            self.engine
-                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
-        let section = format!("{section}\n[backup]\nio_timeout_s = 5\n");
-        let token = self
-            .client
-            .enrollment_token(id, None)
-            .await
-            .expect("enrollment token")
-            .token;
-        let agent =
-            self.fleet
-                .start_agent_env(id, self.broker.agent_addr, Some(&token), &section, env);
-        dbvm_e2e::connected(&self.client, id).await;
-        Vm {
-            agent,
-            port: dbvm_e2e::docker::free_port(),
-        }
-    }
-
-    async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
-        self.fleet
-            .send(&self.client, &vm.agent, operation, args)
-            .await
-    }
-
-    async fn ok(&self, vm: &Vm, operation: &str, args: Value) -> Value {
-        self.fleet
-            .send_ok(&self.client, &vm.agent, operation, args)
-            .await
-    }
-
-    async fn refused(&self, vm: &Vm, operation: &str, args: Value) -> (CommandState, String) {
-        let v = self.send(vm, operation, args).await;
-        assert!(
-            matches!(v.state, CommandState::Failed | CommandState::Rejected),
-            "{operation} should fail: {v:?}"
-        );
-        (
-            v.state,
-            v.error
-                .map(|e| format!("{}: {}", e.code, e.message))
-                .unwrap_or_default(),
+/// A PostgreSQL database `app` on the VM; its dbaas password.
+async fn create_postgres(rig: &Rig, vm: &Vm) -> String {
+    let out = rig
+        .ok(
+            vm,
+            "db.create",
+            json!({"engine": "postgres", "database": "app", "port": vm.port}),
         )
-    }
-
-    async fn seal_to(&self, vm: &Vm, secret: &str) -> Sealed {
-        let agent = self
-            .client
-            .agents()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|a| a.id == vm.agent.id)
-            .expect("agent listed");
-        let key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
-            .unwrap();
-        Sealed::seal(&key, secret).unwrap()
-    }
-
-    fn location(&self, bucket: &str, prefix: Option<&str>) -> Value {
-        let mut l = json!({
-            "endpoint": self.s3.endpoint_url(),
-            "bucket": bucket,
-            "region": self.s3.region,
-            "ca_pem": std::fs::read_to_string(&self.s3.ca_pem_path).unwrap(),
-        });
-        if let Some(p) = prefix {
-            l["prefix"] = json!(p);
-        }
-        l
-    }
-
-    async fn keys(&self, vm: &Vm, secret: &str) -> (Sealed, Sealed) {
-        (
-            self.seal_to(vm, &self.s3.access_key).await,
-            self.seal_to(vm, secret).await,
-        )
-    }
-
-    async fn create_postgres(&self, vm: &Vm) -> String {
-        let out = self
-            .ok(
-                vm,
-                "db.create",
-                json!({"engine": "postgres", "database": "app", "port": vm.port}),
-            )
-            .await;
-        self.password(&out)
-    }
-
-    fn password(&self, out: &Value) -> String {
-        let sealed: Sealed = serde_json::from_value(out["password"].clone()).expect("sealed");
-        self.fleet
-            .reply_key
-            .open(&sealed)
-            .unwrap()
-            .expose()
-            .to_string()
-    }
+        .await;
+    rig.password(&out)
 }
 
 async fn pg(port: u16, password: &str) -> tokio_postgres::Client {
@@ -194,52 +37,12 @@ async fn insert(c: &tokio_postgres::Client, from: i32, to: i32) {
     .unwrap();
 }
 
-/// A superuser session over the database's unix socket (root reaches its 0700
-/// directory), for what `dbaas` may not do.
-async fn pg_super(data_root: &std::path::Path, port: u16) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host_path(data_root.join("run"))
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect as postgres over the socket");
-    tokio::spawn(conn);
-    client
-}
-
-/// Closes the current WAL segment and waits until PostgreSQL says it is archived.
-async fn archive_now(c: &tokio_postgres::Client) {
-    let seg: String = c
-        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-        .await
-        .unwrap()
-        .get(0);
-    dbvm_e2e::eventually(
-        Duration::from_secs(60),
-        "the WAL segment archived",
-        || async {
-            let row = c
-                .query_one(
-                    "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
-                    &[],
-                )
-                .await
-                .ok()?;
-            let last: String = row.get(0);
-            (last.as_str() >= seg.as_str()).then_some(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_backup_then_point_in_time_restore_into_a_new_database() {
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let src = rig.vm("src1").await;
-    let password = rig.create_postgres(&src).await;
+    let password = create_postgres(&rig, &src).await;
     let c = pg(src.port, &password).await;
     c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz)")
         .await
@@ -377,7 +180,7 @@ async fn bad_storage_is_refused_and_changes_nothing() {
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let vm = rig.vm("bad1").await;
-    let password = rig.create_postgres(&vm).await;
+    let password = create_postgres(&rig, &vm).await;
 
     // Refused before anything runs.
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
@@ -462,26 +265,12 @@ async fn bad_storage_is_refused_and_changes_nothing() {
     assert!(e.contains("no complete backup in bkp/nothing-here"), "{e}");
 }
 
-/// The status and message of one check in a fresh report (a signed `health` command).
-async fn check(rig: &Rig, vm: &Vm, id: &str) -> (String, String) {
-    let out = rig.ok(vm, "health", json!({})).await;
-    let c = out["checks"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["check"] == id))
-        .unwrap_or_else(|| panic!("no check {id}: {out}"))
-        .clone();
-    (
-        c["status"].as_str().unwrap_or("").to_string(),
-        c["message"].as_str().unwrap_or("").to_string(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_down_keeps_the_wal_goes_critical_and_catches_up_when_it_returns() {
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let vm = rig.vm("down1").await;
-    let password = rig.create_postgres(&vm).await;
+    let password = create_postgres(&rig, &vm).await;
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     rig.ok(
         &vm,
@@ -515,14 +304,14 @@ async fn s3_down_keeps_the_wal_goes_critical_and_catches_up_when_it_returns() {
         Duration::from_secs(60),
         "check 9 to go critical",
         || async {
-            let (s, m) = check(&rig, &vm, "binlog").await;
+            let (s, m) = rig.check(&vm, "binlog").await;
             (s == "critical").then_some((s, m))
         },
     )
     .await;
     eprintln!("check 9 with the storage down: {message}");
     assert!(message.contains("FAILING"), "{status}: {message}");
-    let (status, message) = check(&rig, &vm, "binlog_cloud_sync").await;
+    let (status, message) = rig.check(&vm, "binlog_cloud_sync").await;
     eprintln!("check 10 with the storage down: {status}: {message}");
     assert_eq!(status, "critical", "{message}");
     let kept: bool = su
@@ -539,7 +328,7 @@ async fn s3_down_keeps_the_wal_goes_critical_and_catches_up_when_it_returns() {
     rig.s3.start_s3();
     archive_now(&su).await;
     dbvm_e2e::eventually(Duration::from_secs(90), "check 9 to recover", || async {
-        let (s, _) = check(&rig, &vm, "binlog").await;
+        let (s, _) = rig.check(&vm, "binlog").await;
         (s == "ok").then_some(())
     })
     .await;
@@ -552,7 +341,7 @@ async fn agent_killed_mid_backup_reports_it_interrupted_and_the_next_backup_work
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let mut vm = rig.vm("kill1").await;
-    let password = rig.create_postgres(&vm).await;
+    let password = create_postgres(&rig, &vm).await;
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     rig.ok(
         &vm,
@@ -629,7 +418,7 @@ async fn restore_outside_the_recoverable_window_names_it_and_a_corrected_target_
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let src = rig.vm("win1").await;
-    let password = rig.create_postgres(&src).await;
+    let password = create_postgres(&rig, &src).await;
     let c = pg(src.port, &password).await;
     c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz)")
         .await
@@ -688,48 +477,12 @@ async fn restore_outside_the_recoverable_window_names_it_and_a_corrected_target_
     assert_eq!(count(dst.port, &out, &rig).await, 200, "{out}");
 }
 
-/// A tmpfs mounted for a test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount a tmpfs on {}", dir.display());
-        Self(dir.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "remount {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_on_the_restore_target_fails_clearly_and_a_retry_with_room_works() {
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let src = rig.vm("fill1").await;
-    let password = rig.create_postgres(&src).await;
+    let password = create_postgres(&rig, &src).await;
     let c = pg(src.port, &password).await;
     // About 150 MB of table: more than the target's disk holds at first.
     c.batch_execute(
@@ -778,7 +531,7 @@ async fn s3_down_during_a_backup_fails_it_with_the_reason_and_the_chain_stays_va
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("bkp");
     let vm = rig.vm("mid1").await;
-    let password = rig.create_postgres(&vm).await;
+    let password = create_postgres(&rig, &vm).await;
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     rig.ok(
         &vm,
@@ -873,7 +626,7 @@ async fn wal_stays_under_its_cap_while_archiving_works_and_nothing_unarchived_go
     rig.s3.create_bucket("bkp");
     let _disk = Tmpfs::mount(&rig.fleet.path("cap1-db"), "1g");
     let vm = rig.vm("cap1").await;
-    let password = rig.create_postgres(&vm).await;
+    let password = create_postgres(&rig, &vm).await;
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     let out = rig
         .ok(
@@ -906,7 +659,7 @@ async fn wal_stays_under_its_cap_while_archiving_works_and_nothing_unarchived_go
         peak = peak.max(wal(&su).await.0);
     }
     let written = su_lsn(&su).await - start;
-    let (status, message) = check(&rig, &vm, "binlog").await;
+    let (status, message) = rig.check(&vm, "binlog").await;
     eprintln!(
         "archiving on: {} MiB of WAL written, peak on disk {} MiB, cap {} MiB; check 9 {status}: {message}",
         written >> 20,
@@ -954,7 +707,7 @@ async fn wal_stays_under_its_cap_while_archiving_works_and_nothing_unarchived_go
         Duration::from_secs(60),
         "check 9 critical over the cap",
         || async {
-            let (s, m) = check(&rig, &vm, "binlog").await;
+            let (s, m) = rig.check(&vm, "binlog").await;
             (s == "critical" && m.contains("OVER its cap")).then_some((s, m))
         },
     )
@@ -998,7 +751,7 @@ async fn the_purger_removes_a_chain_only_after_its_last_backup_expired_and_keeps
     let vm = rig
         .vm_env("purge1", &[(dbvm_agent::backup::TEST_DAY_S, "20")])
         .await;
-    let password = rig.create_postgres(&vm).await;
+    let password = create_postgres(&rig, &vm).await;
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     rig.ok(
         &vm,
@@ -1090,7 +843,7 @@ async fn scheduled_backups_run_by_themselves_full_then_incremental() {
     let vm = rig
         .vm_env("sched1", &[(dbvm_agent::backup::TEST_DAY_S, "48")])
         .await;
-    rig.create_postgres(&vm).await;
+    create_postgres(&rig, &vm).await;
     let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     let (_, e) = rig
         .refused(

@@ -7,9 +7,10 @@
 
 use dbvm_agent::backup::s3::{S3Error, PART_SIZE, S3};
 use dbvm_agent::backup::storage::Storage;
+use dbvm_e2e::backup::{Rig, Tmpfs, Vm};
 use dbvm_e2e::s3::S3Server;
-use dbvm_e2e::{AgentProc, BrokerProc, Fleet};
-use dbvm_protocol::api::{CommandState, CommandView};
+use dbvm_e2e::Fleet;
+use dbvm_protocol::api::CommandState;
 use dbvm_protocol::seal::{Sealed, Secret};
 use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
@@ -141,167 +142,16 @@ async fn the_s3_client_puts_uploads_in_parts_lists_downloads_checked_and_explain
 
 // ----- signed commands to real agents ----------------------------------------------------
 
-struct Vm {
-    agent: AgentProc,
-    port: u16,
-}
-
-struct Rig {
-    fleet: Fleet,
-    broker: BrokerProc,
-    client: dbvmctl::Client,
-    engine: dbvm_e2e::docker::Engine,
-    s3: S3Server,
-    vms: Vec<String>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for c in &self.vms {
-            for suffix in ["", "-init", "-backup", "-info", "-restore"] {
-                self.engine.remove_container(&format!("{c}{suffix}"));
-            }
-        }
-    }
-}
-
-impl Rig {
-    async fn new() -> Self {
-        let engine = dbvm_e2e::docker::engine();
-        let fleet = Fleet::new();
-        let broker = fleet.start_broker("");
-        let client = fleet.client(&broker);
-        let s3 = S3Server::start(&fleet.path("s3"));
-        Self {
-            fleet,
-            broker,
-            client,
-            engine,
-            s3,
-            vms: Vec::new(),
-        }
-    }
-
-    /// An enrolled agent with its own data root and container; storage calls give up
-    /// after 5 s, binlogs rotate and upload every second.
-    async fn vm(&mut self, id: &str) -> Vm {
-        let container = dbvm_e2e::docker::unique_name("dbvm-mb");
-        self.vms.push(container.clone());
-        let section =
-            self.engine
-                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
-        let section = format!("{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\n");
-        let agent = self
-            .fleet
-            .enroll_agent(&self.client, self.broker.agent_addr, id, &section)
-            .await;
-        Vm {
-            agent,
-            port: dbvm_e2e::docker::free_port(),
-        }
-    }
-
-    /// [`Self::vm`] with extra environment variables for the agent.
-    async fn vm_env(&mut self, id: &str, env: &[(&str, &str)]) -> Vm {
-        let container = dbvm_e2e::docker::unique_name("dbvm-mb");
-        self.vms.push(container.clone());
-        let section =
-            self.engine
-                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
-        let section = format!("{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\n");
-        let token = self
-            .client
-            .enrollment_token(id, None)
-            .await
-            .expect("enrollment token")
-            .token;
-        let agent =
-            self.fleet
-                .start_agent_env(id, self.broker.agent_addr, Some(&token), &section, env);
-        dbvm_e2e::connected(&self.client, id).await;
-        Vm {
-            agent,
-            port: dbvm_e2e::docker::free_port(),
-        }
-    }
-
-    async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
-        self.fleet
-            .send(&self.client, &vm.agent, operation, args)
-            .await
-    }
-
-    async fn ok(&self, vm: &Vm, operation: &str, args: Value) -> Value {
-        self.fleet
-            .send_ok(&self.client, &vm.agent, operation, args)
-            .await
-    }
-
-    async fn refused(&self, vm: &Vm, operation: &str, args: Value) -> String {
-        let v = self.send(vm, operation, args).await;
-        assert!(
-            matches!(v.state, CommandState::Failed | CommandState::Rejected),
-            "{operation} should fail: {v:?}"
-        );
-        v.error
-            .map(|e| format!("{}: {}", e.code, e.message))
-            .unwrap_or_default()
-    }
-
-    async fn seal_to(&self, vm: &Vm, secret: &str) -> Sealed {
-        let agent = self
-            .client
-            .agents()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|a| a.id == vm.agent.id)
-            .expect("agent listed");
-        let key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
-            .unwrap();
-        Sealed::seal(&key, secret).unwrap()
-    }
-
-    fn location(&self, bucket: &str, prefix: Option<&str>) -> Value {
-        let mut l = json!({
-            "endpoint": self.s3.endpoint_url(),
-            "bucket": bucket,
-            "region": self.s3.region,
-            "ca_pem": std::fs::read_to_string(&self.s3.ca_pem_path).unwrap(),
-        });
-        if let Some(p) = prefix {
-            l["prefix"] = json!(p);
-        }
-        l
-    }
-
-    async fn keys(&self, vm: &Vm, secret: &str) -> (Sealed, Sealed) {
-        (
-            self.seal_to(vm, &self.s3.access_key).await,
-            self.seal_to(vm, secret).await,
+/// A MariaDB database `app` on the VM; its dbaas password.
+async fn create_mariadb(rig: &Rig, vm: &Vm) -> String {
+    let out = rig
+        .ok(
+            vm,
+            "db.create",
+            json!({"engine": "mariadb", "database": "app", "port": vm.port}),
         )
-    }
-
-    async fn create_mariadb(&self, vm: &Vm) -> String {
-        let out = self
-            .ok(
-                vm,
-                "db.create",
-                json!({"engine": "mariadb", "database": "app", "port": vm.port}),
-            )
-            .await;
-        self.password(&out)
-    }
-
-    fn password(&self, out: &Value) -> String {
-        let sealed: Sealed = serde_json::from_value(out["password"].clone()).expect("sealed");
-        self.fleet
-            .reply_key
-            .open(&sealed)
-            .unwrap()
-            .expose()
-            .to_string()
-    }
+        .await;
+    rig.password(&out)
 }
 
 async fn maria(port: u16, password: &str) -> mysql_async::Conn {
@@ -373,7 +223,7 @@ async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbk");
     let src = rig.vm("ms1").await;
-    let password = rig.create_mariadb(&src).await;
+    let password = create_mariadb(&rig, &src).await;
     let mut c = maria(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
@@ -480,7 +330,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbb");
     let src = rig.vm("ms2").await;
-    let password = rig.create_mariadb(&src).await;
+    let password = create_mariadb(&rig, &src).await;
     let mut c = maria(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
@@ -495,8 +345,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     // Wrong secret, unknown bucket, a CA that did not sign the server: each refused with
     // its cause, no secret in the answer, nothing stored, no backup possible.
     let (ak, sk) = rig.keys(&src, "not-the-secret-0123456789").await;
-    let e = rig
-        .refused(&src, "backup.configure", json!({"storage": rig.location("mbb", None), "access_key_id": ak, "secret_access_key": sk}))
+    let e = rig.refused_message(&src, "backup.configure", json!({"storage": rig.location("mbb", None), "access_key_id": ak, "secret_access_key": sk}))
         .await;
     assert!(e.contains("refused the credentials"), "{e}");
     assert!(
@@ -504,15 +353,14 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
         "{e}"
     );
     let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
-    let e = rig
-        .refused(&src, "backup.configure", json!({"storage": rig.location("nosuch", None), "access_key_id": ak, "secret_access_key": sk}))
+    let e = rig.refused_message(&src, "backup.configure", json!({"storage": rig.location("nosuch", None), "access_key_id": ak, "secret_access_key": sk}))
         .await;
     assert!(e.contains("bucket does not exist"), "{e}");
     let mut other = rig.location("mbb", None);
     other["ca_pem"] = json!(std::fs::read_to_string(rig.s3.other_ca_pem()).unwrap());
     let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
     let e = rig
-        .refused(
+        .refused_message(
             &src,
             "backup.configure",
             json!({"storage": other, "access_key_id": ak, "secret_access_key": sk}),
@@ -520,7 +368,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
         .await;
     assert!(e.contains("TLS certificate was not accepted"), "{e}");
     assert!(!kept.exists(), "a refused setup stores nothing");
-    let e = rig.refused(&src, "backup.run", json!({})).await;
+    let e = rig.refused_message(&src, "backup.run", json!({})).await;
     assert!(e.contains("not configured"), "{e}");
 
     let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
@@ -580,7 +428,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     };
     let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
     let e = rig
-        .refused(&dst, "db.restore", restore(rfc(from_ms - 60_000), ak, sk))
+        .refused_message(&dst, "db.restore", restore(rfc(from_ms - 60_000), ak, sk))
         .await;
     assert!(
         e.contains("before the first backup") && e.contains("recoverable window"),
@@ -589,7 +437,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
     let e = rig
-        .refused(&dst, "db.restore", restore(rfc(to_ms + 1_000), ak, sk))
+        .refused_message(&dst, "db.restore", restore(rfc(to_ms + 1_000), ak, sk))
         .await;
     eprintln!("after the window: {e}");
     assert!(
@@ -618,7 +466,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     std::fs::write(&object, &bytes).unwrap();
     let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
     let e = rig
-        .refused(&dst, "db.restore", restore(rfc(to_ms), ak, sk))
+        .refused_message(&dst, "db.restore", restore(rfc(to_ms), ak, sk))
         .await;
     eprintln!("corrupted: {e}");
     assert!(
@@ -637,26 +485,12 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     );
 }
 
-/// The status and message of one check in a fresh report (a signed `health` command).
-async fn check(rig: &Rig, vm: &Vm, id: &str) -> (String, String) {
-    let out = rig.ok(vm, "health", json!({})).await;
-    let c = out["checks"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["check"] == id))
-        .unwrap_or_else(|| panic!("no check {id}: {out}"))
-        .clone();
-    (
-        c["status"].as_str().unwrap_or("").to_string(),
-        c["message"].as_str().unwrap_or("").to_string(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_it_returns() {
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbd");
     let src = rig.vm("ms3").await;
-    let password = rig.create_mariadb(&src).await;
+    let password = create_mariadb(&rig, &src).await;
     let mut c = maria(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
@@ -693,16 +527,16 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
             .contains("could not be reached"),
         "{down}"
     );
-    let e = rig.refused(&src, "backup.run", json!({})).await;
+    let e = rig.refused_message(&src, "backup.run", json!({})).await;
     eprintln!("backup.run with the storage down: {e}");
     assert!(
         e.contains("could not be reached") && e.contains("nothing was backed up"),
         "{e}"
     );
-    let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
+    let (status, message) = rig.check(&src, "binlog_cloud_sync").await;
     eprintln!("check 10 with the storage down: {status}: {message}");
     assert_eq!(status, "critical", "{message}");
-    let (status9, message9) = check(&rig, &src, "binlog").await;
+    let (status9, message9) = rig.check(&src, "binlog").await;
     eprintln!("check 9 with the storage down: {status9}: {message9}");
     assert_eq!(status9, "critical", "{message9}");
     assert!(message9.contains("FAILING"), "{message9}");
@@ -728,7 +562,7 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
     })
     .await;
     eprintln!("after S3 returned: {up}");
-    let (status, message) = check(&rig, &src, "binlog_cloud_sync").await;
+    let (status, message) = rig.check(&src, "binlog_cloud_sync").await;
     assert_eq!(status, "ok", "{message}");
     let next = rig.ok(&src, "backup.run", json!({})).await;
     assert_eq!(next["type"], "incr", "the chain is intact: {next}");
@@ -758,7 +592,7 @@ async fn mariadb_agent_killed_mid_backup_reports_it_interrupted_and_the_next_bac
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbk");
     let mut vm = rig.vm("mk1").await;
-    let password = rig.create_mariadb(&vm).await;
+    let password = create_mariadb(&rig, &vm).await;
     let mut c = maria(vm.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
@@ -827,32 +661,6 @@ async fn mariadb_agent_killed_mid_backup_reports_it_interrupted_and_the_next_bac
     assert_eq!(backups[0]["sha256"], json!(sha));
 }
 
-/// A tmpfs mounted for a test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount a tmpfs on {}", dir.display());
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// `REPLACE` of rows 1..2000 with 4 KiB of fresh hex each: about 8 MiB in the binlog
 /// whatever its format (a statement carries its literals), while the table stays the same
 /// size.
@@ -900,7 +708,7 @@ async fn mariadb_binlogs_stay_under_their_cap_while_uploads_work_and_none_unuplo
     let _disk = Tmpfs::mount(&rig.fleet.path("mcap-db"), "1g");
     let src = rig.vm("mcap").await;
     let data = rig.fleet.path("mcap-db").join("data");
-    let password = rig.create_mariadb(&src).await;
+    let password = create_mariadb(&rig, &src).await;
     let mut c = maria(src.port, &password).await;
     c.query_drop("CREATE TABLE churn (id INT PRIMARY KEY, pad TEXT)")
         .await
@@ -927,7 +735,7 @@ async fn mariadb_binlogs_stay_under_their_cap_while_uploads_work_and_none_unuplo
         tokio::time::sleep(Duration::from_millis(400)).await;
         peak = peak.max(binlogs(&data).0);
     }
-    let (status, message) = check(&rig, &src, "binlog").await;
+    let (status, message) = rig.check(&src, "binlog").await;
     eprintln!(
         "uploads on: at least {} MiB of binlogs written, peak on disk {} MiB, cap {} MiB; check 9 {status}: {message}",
         written >> 20,
@@ -967,7 +775,7 @@ async fn mariadb_binlogs_stay_under_their_cap_while_uploads_work_and_none_unuplo
         Duration::from_secs(60),
         "check 9 critical over the cap",
         || async {
-            let (s, m) = check(&rig, &src, "binlog").await;
+            let (s, m) = rig.check(&src, "binlog").await;
             (s == "critical" && m.contains("OVER their cap")).then_some((s, m))
         },
     )
@@ -996,7 +804,7 @@ async fn mariadb_purger_removes_an_expired_chain_with_its_objects_and_keeps_the_
     let src = rig
         .vm_env("mpurge", &[(dbvm_agent::backup::TEST_DAY_S, "20")])
         .await;
-    let password = rig.create_mariadb(&src).await;
+    let password = create_mariadb(&rig, &src).await;
     let mut c = maria(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await

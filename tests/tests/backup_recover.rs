@@ -6,188 +6,11 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_e2e::s3::S3Server;
-use dbvm_e2e::{AgentProc, BrokerProc, Fleet};
-use dbvm_protocol::api::{CommandState, CommandView};
-use dbvm_protocol::seal::Sealed;
+use dbvm_e2e::backup::{archive_now, pg_super, Rig, Vm};
+use dbvm_protocol::api::CommandState;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-struct Vm {
-    agent: AgentProc,
-    port: u16,
-    /// The agent's config section, to start it again the same way.
-    section: String,
-}
-
-struct Rig {
-    fleet: Fleet,
-    broker: BrokerProc,
-    client: dbvmctl::Client,
-    engine: dbvm_e2e::docker::Engine,
-    s3: S3Server,
-    vms: Vec<String>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        for c in &self.vms {
-            for suffix in [
-                "", "-init", "-backup", "-info", "-restore", "-recover", "-verify",
-            ] {
-                self.engine.remove_container(&format!("{c}{suffix}"));
-            }
-        }
-    }
-}
-
-impl Rig {
-    async fn new() -> Self {
-        let engine = dbvm_e2e::docker::engine();
-        let fleet = Fleet::new();
-        let broker = fleet.start_broker("");
-        let client = fleet.client(&broker);
-        let s3 = S3Server::start(&fleet.path("s3"));
-        s3.create_bucket("bkp");
-        Self {
-            fleet,
-            broker,
-            client,
-            engine,
-            s3,
-            vms: Vec::new(),
-        }
-    }
-
-    /// An enrolled agent with its own data root and container; storage calls give up
-    /// after 5 s so that failures are quick.
-    async fn vm(&mut self, id: &str) -> Vm {
-        let container = dbvm_e2e::docker::unique_name("dbvm-rc");
-        self.vms.push(container.clone());
-        let section =
-            self.engine
-                .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
-        let section = format!("{section}\n[backup]\nio_timeout_s = 5\n");
-        let agent = self
-            .fleet
-            .enroll_agent(&self.client, self.broker.agent_addr, id, &section)
-            .await;
-        Vm {
-            agent,
-            port: dbvm_e2e::docker::free_port(),
-            section,
-        }
-    }
-
-    async fn send(&self, vm: &Vm, operation: &str, args: Value) -> CommandView {
-        self.fleet
-            .send(&self.client, &vm.agent, operation, args)
-            .await
-    }
-
-    async fn ok(&self, vm: &Vm, operation: &str, args: Value) -> Value {
-        self.fleet
-            .send_ok(&self.client, &vm.agent, operation, args)
-            .await
-    }
-
-    async fn refused(&self, vm: &Vm, operation: &str, args: Value) -> (CommandState, String) {
-        let v = self.send(vm, operation, args).await;
-        assert!(
-            matches!(v.state, CommandState::Failed | CommandState::Rejected),
-            "{operation} should fail: {v:?}"
-        );
-        (
-            v.state,
-            v.error
-                .map(|e| format!("{}: {}", e.code, e.message))
-                .unwrap_or_default(),
-        )
-    }
-
-    async fn seal_to(&self, vm: &Vm, secret: &str) -> Sealed {
-        let agent = self
-            .client
-            .agents()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|a| a.id == vm.agent.id)
-            .expect("agent listed");
-        let key = dbvm_protocol::seal::parse_public_key(&agent.sealing_key.expect("sealing key"))
-            .unwrap();
-        Sealed::seal(&key, secret).unwrap()
-    }
-
-    fn location(&self, prefix: Option<&str>) -> Value {
-        let mut l = json!({
-            "endpoint": self.s3.endpoint_url(),
-            "bucket": "bkp",
-            "region": self.s3.region,
-            "ca_pem": std::fs::read_to_string(&self.s3.ca_pem_path).unwrap(),
-        });
-        if let Some(p) = prefix {
-            l["prefix"] = json!(p);
-        }
-        l
-    }
-
-    async fn keys(&self, vm: &Vm) -> (Sealed, Sealed) {
-        (
-            self.seal_to(vm, &self.s3.access_key).await,
-            self.seal_to(vm, &self.s3.secret_key).await,
-        )
-    }
-
-    /// A PostgreSQL database with table `t` holding rows 1..=100, backups configured
-    /// into bucket `bkp` (prefix: the agent's id). Returns the dbaas password.
-    async fn database_with_backups(&self, vm: &Vm) -> String {
-        let out = self
-            .ok(
-                vm,
-                "db.create",
-                json!({"engine": "postgres", "database": "app", "port": vm.port}),
-            )
-            .await;
-        let sealed: Sealed = serde_json::from_value(out["password"].clone()).expect("sealed");
-        let password = self
-            .fleet
-            .reply_key
-            .open(&sealed)
-            .unwrap()
-            .expose()
-            .to_string();
-        let c = pg(vm.port, &password).await;
-        c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz, pad text)")
-            .await
-            .unwrap();
-        insert(&c, 1, 100).await;
-        let (ak, sk) = self.keys(vm).await;
-        self.ok(
-            vm,
-            "backup.configure",
-            json!({"storage": self.location(None), "access_key_id": ak, "secret_access_key": sk}),
-        )
-        .await;
-        password
-    }
-
-    fn data_root(&self, vm: &Vm) -> PathBuf {
-        self.fleet.path(&format!("{}-db", vm.agent.id))
-    }
-
-    /// The directory of one backup in the S3 server's files.
-    fn backup_dir(&self, vm: &Vm, label: &str) -> PathBuf {
-        self.s3
-            .root
-            .join("bkp")
-            .join(&vm.agent.id)
-            .join("backup")
-            .join("db")
-            .join(label)
-    }
-}
 
 async fn pg(port: u16, password: &str) -> tokio_postgres::Client {
     dbvm_e2e::dbtest::pg_dbaas(port, password, "app")
@@ -248,11 +71,49 @@ fn largest_file(dir: &Path) -> PathBuf {
     best.expect("a file in the backup").1
 }
 
+/// A PostgreSQL database with table `t` holding rows 1..=100, backups configured into
+/// bucket `bkp` (prefix: the agent's id). Returns the dbaas password.
+async fn database_with_backups(rig: &Rig, vm: &Vm) -> String {
+    let out = rig
+        .ok(
+            vm,
+            "db.create",
+            json!({"engine": "postgres", "database": "app", "port": vm.port}),
+        )
+        .await;
+    let password = rig.password(&out);
+    let c = pg(vm.port, &password).await;
+    c.batch_execute("CREATE TABLE t (id int primary key, at timestamptz, pad text)")
+        .await
+        .unwrap();
+    insert(&c, 1, 100).await;
+    let (ak, sk) = rig.keys(vm, &rig.s3.secret_key).await;
+    rig.ok(
+        vm,
+        "backup.configure",
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
+    )
+    .await;
+    password
+}
+
+/// The directory of one backup in the S3 server's files.
+fn backup_dir(rig: &Rig, vm: &Vm, label: &str) -> PathBuf {
+    rig.s3
+        .root
+        .join("bkp")
+        .join(&vm.agent.id)
+        .join("backup")
+        .join("db")
+        .join(label)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_in_place_to_a_time_keeps_rows_before_it_drops_rows_after_and_backups_go_on() {
     let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
     let vm = rig.vm("rec1").await;
-    let password = rig.database_with_backups(&vm).await;
+    let password = database_with_backups(&rig, &vm).await;
     let full = rig.ok(&vm, "backup.run", json!({})).await;
     let c = pg(vm.port, &password).await;
     insert(&c, 101, 200).await;
@@ -342,6 +203,7 @@ async fn recover_in_place_to_a_time_keeps_rows_before_it_drops_rows_after_and_ba
 async fn recover_outside_the_window_or_with_the_storage_down_is_refused_and_the_database_runs_untouched(
 ) {
     let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
     let vm = rig.vm("rec2").await;
     // Before any backup is configured: refused, saying what is missing.
     let out = rig
@@ -357,11 +219,11 @@ async fn recover_outside_the_window_or_with_the_storage_down_is_refused_and_the_
         .await;
     assert_eq!(state, CommandState::Rejected, "{e}");
     assert!(e.contains("not configured"), "{e}");
-    let (ak, sk) = rig.keys(&vm).await;
+    let (ak, sk) = rig.keys(&vm, &rig.s3.secret_key).await;
     rig.ok(
         &vm,
         "backup.configure",
-        json!({"storage": rig.location(None), "access_key_id": ak, "secret_access_key": sk}),
+        json!({"storage": rig.location("bkp", None), "access_key_id": ak, "secret_access_key": sk}),
     )
     .await;
     // Configured, but no backup yet.
@@ -427,8 +289,9 @@ async fn recover_outside_the_window_or_with_the_storage_down_is_refused_and_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_and_by_recover() {
     let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
     let vm = rig.vm("ver1").await;
-    let password = rig.database_with_backups(&vm).await;
+    let password = database_with_backups(&rig, &vm).await;
     rig.ok(&vm, "backup.run", json!({})).await;
     let c = pg(vm.port, &password).await;
     insert(&c, 101, 20_000).await;
@@ -443,7 +306,7 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_
 
     // A file of the newest backup corrupted behind the agent's back (bytes in its middle
     // flipped), in the S3 server's own files.
-    let victim = largest_file(&rig.backup_dir(&vm, &label));
+    let victim = largest_file(&backup_dir(&rig, &vm, &label));
     let original = std::fs::read(&victim).unwrap();
     let mut bad = original.clone();
     let mid = bad.len() / 2;
@@ -498,14 +361,14 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_
 
     // A restore from that chain into a new database fails clearly, never silently wrong.
     let dst = rig.vm("ver2").await;
-    let (ak, sk) = rig.keys(&dst).await;
+    let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
     let (_, e) = rig
         .refused(
             &dst,
             "db.restore",
             json!({
                 "spec": {"engine": "postgres", "database": "app", "port": dst.port},
-                "source": rig.location(Some("ver1")),
+                "source": rig.location("bkp", Some("ver1")),
                 "access_key_id": ak, "secret_access_key": sk,
                 "target": "latest",
             }),
@@ -571,8 +434,9 @@ async fn a_corrupted_or_deleted_backup_object_is_caught_by_the_drill_by_restore_
 async fn agent_killed_mid_recover_leaves_the_database_stopped_and_marked_and_recover_again_finishes_it(
 ) {
     let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
     let mut vm = rig.vm("rec3").await;
-    let password = rig.database_with_backups(&vm).await;
+    let password = database_with_backups(&rig, &vm).await;
     rig.ok(&vm, "backup.run", json!({})).await;
     let c = pg(vm.port, &password).await;
     insert(&c, 101, 200).await;
@@ -662,8 +526,9 @@ async fn agent_killed_mid_recover_leaves_the_database_stopped_and_marked_and_rec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_mid_drill_leaves_no_copy_behind_and_the_next_drill_passes() {
     let mut rig = Rig::new().await;
+    rig.s3.create_bucket("bkp");
     let mut vm = rig.vm("ver3").await;
-    let password = rig.database_with_backups(&vm).await;
+    let password = database_with_backups(&rig, &vm).await;
     let c = pg(vm.port, &password).await;
     insert(&c, 101, 20_000).await;
     drop(c);
@@ -702,44 +567,4 @@ async fn agent_killed_mid_drill_leaves_no_copy_behind_and_the_next_drill_passes(
     let drill = rig.ok(&vm, "backup.verify", json!({})).await;
     assert_eq!(drill["ok"], true, "{drill}");
     assert!(!copy.exists(), "the copy is removed");
-}
-
-/// A superuser session over the database's unix socket (root reaches its 0700
-/// directory), for what `dbaas` may not do.
-async fn pg_super(data_root: &Path, port: u16) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host_path(data_root.join("run"))
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect as postgres over the socket");
-    tokio::spawn(conn);
-    client
-}
-
-/// Closes the current WAL segment and waits until PostgreSQL says it is archived.
-async fn archive_now(c: &tokio_postgres::Client) {
-    let seg: String = c
-        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
-        .await
-        .unwrap()
-        .get(0);
-    dbvm_e2e::eventually(
-        Duration::from_secs(60),
-        "the WAL segment archived",
-        || async {
-            let row = c
-                .query_one(
-                    "SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
-                    &[],
-                )
-                .await
-                .ok()?;
-            let last: String = row.get(0);
-            (last.as_str() >= seg.as_str()).then_some(())
-        },
-    )
-    .await;
 }
