@@ -298,6 +298,32 @@ pub struct BackupSet {
     pub error: bool,
 }
 
+#[cfg(test)]
+impl BackupSet {
+    /// A listed backup for unit tests (no WAL range, no prior).
+    pub fn for_test(
+        label: &str,
+        kind: &str,
+        started_ms: i64,
+        stopped_ms: i64,
+        size_bytes: u64,
+        error: bool,
+    ) -> Self {
+        Self {
+            label: label.into(),
+            kind: kind.into(),
+            prior: None,
+            started_ms,
+            stopped_ms,
+            size_bytes,
+            repo_size_bytes: 1,
+            wal_start: None,
+            wal_stop: None,
+            error,
+        }
+    }
+}
+
 /// What `pgbackrest info --output=json` says of the stanza.
 #[derive(Clone, Debug, serde::Serialize, PartialEq, Eq)]
 pub struct Info {

@@ -92,18 +92,7 @@ mod tests {
     use crate::backup::{chains, DAY_MS};
 
     fn set(label: &str, kind: &str, started_ms: i64) -> BackupSet {
-        BackupSet {
-            label: label.into(),
-            kind: kind.into(),
-            prior: None,
-            started_ms,
-            stopped_ms: started_ms + 1000,
-            size_bytes: 10,
-            repo_size_bytes: 1,
-            wal_start: None,
-            wal_stop: None,
-            error: false,
-        }
+        BackupSet::for_test(label, kind, started_ms, started_ms + 1000, 10, false)
     }
 
     #[test]

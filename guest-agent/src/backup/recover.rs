@@ -330,18 +330,7 @@ mod tests {
     use crate::backup::pgbackrest::BackupSet;
 
     fn set(label: &str, stopped_ms: i64, error: bool) -> BackupSet {
-        BackupSet {
-            label: label.into(),
-            kind: "full".into(),
-            prior: None,
-            started_ms: stopped_ms - 5000,
-            stopped_ms,
-            size_bytes: 1,
-            repo_size_bytes: 1,
-            wal_start: None,
-            wal_stop: None,
-            error,
-        }
+        BackupSet::for_test(label, "full", stopped_ms - 5000, stopped_ms, 1, error)
     }
 
     fn info(backups: Vec<BackupSet>) -> Info {

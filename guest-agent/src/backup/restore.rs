@@ -249,14 +249,9 @@ fn disk_full_hint(stdout: &str, stderr: &str, free: Option<u64>) -> &'static str
     }
 }
 
-/// Bytes for people (MiB/GiB, one decimal).
+/// Bytes for people (the health reports' units).
 fn human(b: u64) -> String {
-    let b = b as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.1} GiB", b / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    }
+    crate::health::bytes(b as f64)
 }
 
 #[async_trait]
@@ -550,18 +545,7 @@ mod tests {
     }
 
     fn set(label: &str, stopped_ms: i64, error: bool) -> pgbackrest::BackupSet {
-        pgbackrest::BackupSet {
-            label: label.into(),
-            kind: "full".into(),
-            prior: None,
-            started_ms: stopped_ms - 1000,
-            stopped_ms,
-            size_bytes: 1,
-            repo_size_bytes: 1,
-            wal_start: None,
-            wal_stop: None,
-            error,
-        }
+        pgbackrest::BackupSet::for_test(label, "full", stopped_ms - 1000, stopped_ms, 1, error)
     }
 
     #[test]
