@@ -585,8 +585,13 @@ impl Admin {
                         .map_err(sql_err)?
                         .is_some();
                     let verb = if exists { "ALTER" } else { "CREATE" };
+                    // NOCREATEROLE (said explicitly, so that ALTER takes it from a role
+                    // made by an older agent): in PostgreSQL 15 a CREATEROLE role may grant
+                    // itself pg_read_server_files or pg_execute_server_program and so read
+                    // any file the server's OS user can — pgBackRest's config, which holds
+                    // the bucket's keys — or run programs as that user.
                     c.batch_execute(&format!(
-                        "{verb} ROLE {DBAAS_USER} WITH LOGIN CREATEDB CREATEROLE PASSWORD '{pw}'"
+                        "{verb} ROLE {DBAAS_USER} WITH LOGIN CREATEDB NOCREATEROLE PASSWORD '{pw}'"
                     ))
                     .await
                     .map_err(|e| {
