@@ -206,7 +206,7 @@ run "$bin/dbvmctl" fleet
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 say "an S3 server that verifies request signatures (s3s-fs) behind TLS (stunnel), with a CA of its own"
 s3="$demo/s3"
-mkdir -p "$s3/data/dbvm" "$s3/tls"
+mkdir -p "$s3/data/dbvm" "$s3/data/dbvm-dr" "$s3/tls"
 (
   cd "$s3/tls"
   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=dbvm demo S3 CA" -keyout ca.key -out ca.crt \
@@ -239,12 +239,16 @@ for _ in $(seq 100); do
   curl -s -o /dev/null --cacert "$s3/tls/ca.crt" "https://localhost:$s3_port/" && break
   sleep 0.1
 done
-echo "S3 at https://localhost:$s3_port (bucket dbvm), CA $s3/tls/ca.crt"
+echo "S3 at https://localhost:$s3_port (buckets dbvm and dbvm-dr), CA $s3/tls/ca.crt"
 
 say "backups on: pgBackRest (in the database image) with the keys sealed to the agent (read from files: never on a command line); archiving needs a restart, reported; WAL is capped at 15% of the data disk"
 storage_flags=(--endpoint "https://localhost:$s3_port" --bucket dbvm --ca-file "$s3/tls/ca.crt"
   --access-key-file "$s3/access_key" --secret-key-file "$s3/secret_key")
-run "$bin/dbvmctl" backup configure db-demo "${storage_flags[@]}" --retention-days 7
+say "…and a cloud bucket (dbvm-dr: the disaster-recovery copy, retention 30 days): the agent copies the WAL to it and backs up to it after each local backup"
+run "$bin/dbvmctl" backup configure db-demo "${storage_flags[@]}" --retention-days 7 \
+  --cloud-endpoint "https://localhost:$s3_port" --cloud-bucket dbvm-dr --cloud-ca-file "$s3/tls/ca.crt" \
+  --cloud-access-key-file "$s3/access_key" --cloud-secret-key-file "$s3/secret_key" \
+  --cloud-retention-days 30 --cloud-backup-every-hours 0
 
 psql_app() { psql -h 127.0.0.1 -p "$port" -U dbaas -d app -v ON_ERROR_STOP=1 "$@"; }
 psql_app -qc "CREATE TABLE orders (id int primary key, note text); INSERT INTO orders SELECT g, 'before the first backup' FROM generate_series(1, 1000) g"

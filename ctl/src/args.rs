@@ -91,21 +91,37 @@ pub fn read_secret_files(pairs: &[String]) -> Result<Vec<(String, Secret)>, Args
     Ok(out)
 }
 
-/// Seals each secret to `recipient` (the agent's X25519 key) and adds it to `args`.
+/// Seals each secret to `recipient` (the agent's X25519 key) and adds it to `args`; a
+/// dotted name (`cloud.access_key_id`) goes into the nested object it names.
 pub fn seal_secrets(
     args: &mut Map<String, Value>,
     secrets: &[(String, Secret)],
     recipient: &[u8; 32],
 ) -> Result<(), ArgsError> {
     for (name, secret) in secrets {
-        if args.contains_key(name) {
+        // `cloud.access_key_id` goes into the object `cloud` (made when absent).
+        let (path, leaf) = match name.rsplit_once('.') {
+            Some((path, leaf)) => (Some(path), leaf),
+            None => (None, name.as_str()),
+        };
+        let mut target = &mut *args;
+        for part in path.into_iter().flat_map(|p| p.split('.')) {
+            target = match target
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()))
+            {
+                Value::Object(m) => m,
+                _ => return Err(ArgsError::SecretDuplicate(name.clone())),
+            };
+        }
+        if target.contains_key(leaf) {
             return Err(ArgsError::SecretDuplicate(name.clone()));
         }
         let sealed = Sealed::seal(recipient, secret.expose()).map_err(|error| ArgsError::Seal {
             name: name.clone(),
             error,
         })?;
-        args.insert(name.clone(), Value::String(sealed.into()));
+        target.insert(leaf.to_string(), Value::String(sealed.into()));
     }
     Ok(())
 }

@@ -156,6 +156,23 @@ pub fn backups_table(v: &Value) -> String {
         )),
         None => out.push_str("\nnothing to restore from yet\n"),
     }
+    if v["cloud"].is_object() {
+        let c = &v["cloud"];
+        out.push_str("\n== cloud copy ==\n");
+        out.push_str(&backups_table(c));
+        let copy = &c["copy"];
+        if copy.is_object() {
+            out.push_str(&format!(
+                "copy: {} object(s) waiting, {} failed round(s) in a row{}\n",
+                copy["pending"].as_u64().unwrap_or(0),
+                copy["consecutive_failures"].as_u64().unwrap_or(0),
+                copy["last_error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     out
 }
 

@@ -236,6 +236,8 @@ enum BackupCommand {
         #[arg(long, value_name = "HOURS", default_value_t = 24)]
         schedule_hours: u32,
         #[command(flatten)]
+        cloud: Box<CloudFlags>,
+        #[command(flatten)]
         wait: OpWait,
     },
     /// Purge now what the daily purger would: chains whose last backup has expired
@@ -279,6 +281,75 @@ struct StorageFlags {
     /// File holding the secret access key
     #[arg(long, value_name = "PATH")]
     secret_key_file: PathBuf,
+}
+
+/// Arguments and the secrets to seal into them.
+type SealedArgs = (
+    serde_json::Value,
+    Vec<(String, dbvm_protocol::seal::Secret)>,
+);
+
+/// The cloud bucket: a copy of the backups for disaster recovery, with its own retention.
+/// Without `--cloud-endpoint`, the agent keeps no cloud copy (a configured one stops).
+#[derive(Args)]
+struct CloudFlags {
+    /// Cloud bucket's S3 endpoint, https://host:port
+    #[arg(long, value_name = "URL", requires_all = ["cloud_bucket", "cloud_access_key_file", "cloud_secret_key_file"])]
+    cloud_endpoint: Option<String>,
+    #[arg(long, value_name = "BUCKET")]
+    cloud_bucket: Option<String>,
+    #[arg(long, value_name = "REGION", default_value = "us-east-1")]
+    cloud_region: String,
+    /// Folder in the cloud bucket [default: the agent's id]
+    #[arg(long, value_name = "PREFIX")]
+    cloud_prefix: Option<String>,
+    /// CA certificate (PEM) that signed the cloud endpoint's certificate
+    #[arg(long, value_name = "PATH")]
+    cloud_ca_file: Option<PathBuf>,
+    /// File holding the cloud's access key id
+    #[arg(long, value_name = "PATH")]
+    cloud_access_key_file: Option<PathBuf>,
+    /// File holding the cloud's secret access key
+    #[arg(long, value_name = "PATH")]
+    cloud_secret_key_file: Option<PathBuf>,
+    /// The cloud's own retention in days
+    #[arg(long, value_name = "DAYS", default_value_t = 30)]
+    cloud_retention_days: u32,
+    /// PostgreSQL: a backup goes to the cloud after a local one when the cloud's newest is
+    /// at least this old (0: after every backup)
+    #[arg(long, value_name = "HOURS", default_value_t = 24)]
+    cloud_backup_every_hours: u32,
+}
+
+impl CloudFlags {
+    /// The `cloud` argument and its keys (named `cloud.access_key_id`, …), if asked for.
+    fn build(&self) -> Result<Option<SealedArgs>> {
+        let Some(endpoint) = &self.cloud_endpoint else {
+            return Ok(None);
+        };
+        let (location, keys) = dbvmctl::backup::StorageArgs {
+            endpoint: endpoint.clone(),
+            bucket: self.cloud_bucket.clone().unwrap_or_default(),
+            region: self.cloud_region.clone(),
+            prefix: self.cloud_prefix.clone(),
+            ca_file: self.cloud_ca_file.clone(),
+            access_key_file: self.cloud_access_key_file.clone().unwrap_or_default(),
+            secret_key_file: self.cloud_secret_key_file.clone().unwrap_or_default(),
+        }
+        .build()?;
+        let keys = keys
+            .into_iter()
+            .map(|(name, secret)| (format!("cloud.{name}"), secret))
+            .collect();
+        Ok(Some((
+            serde_json::json!({
+                "storage": location,
+                "retention_days": self.cloud_retention_days,
+                "backup_every_hours": self.cloud_backup_every_hours,
+            }),
+            keys,
+        )))
+    }
 }
 
 impl StorageFlags {
@@ -541,16 +612,21 @@ async fn run(cli: Cli) -> Result<Exit> {
                     storage,
                     retention_days,
                     schedule_hours,
+                    cloud,
                     wait,
                 }),
             ..
         } => {
-            let (location, keys) = storage.build()?;
-            let args = serde_json::json!({
+            let (location, mut keys) = storage.build()?;
+            let mut args = serde_json::json!({
                 "storage": location,
                 "retention_days": retention_days,
                 "schedule_hours": schedule_hours,
             });
+            if let Some((c, cloud_keys)) = cloud.build()? {
+                args["cloud"] = c;
+                keys.extend(cloud_keys);
+            }
             operation(&ctx, &agent, "backup.configure", args, keys, &wait).await
         }
         Command::Backup {

@@ -74,7 +74,9 @@ impl Rig {
         let section =
             self.engine
                 .database_section(&self.fleet.path(&format!("{id}-db")), &container, 1, "");
-        let section = format!("{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\n");
+        let section = format!(
+            "{section}\n[backup]\nio_timeout_s = 5\nbinlog_rotate_s = 1\ncloud_copy_s = 1\n"
+        );
         let token = self
             .client
             .enrollment_token(id, None)

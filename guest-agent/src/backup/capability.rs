@@ -87,6 +87,10 @@ impl Capability for Backups {
         );
         // MariaDB's binlog uploader (idle on other engines and until backup.configure).
         tasks.spawn(
+            "cloud-copy",
+            super::cloud::task(self.0.clone(), tasks.token()),
+        );
+        tasks.spawn(
             "binlog-upload",
             super::mariabackup::binlog_task(self.0.clone(), tasks.token()),
         );
@@ -110,6 +114,10 @@ struct ConfigureArgs {
     /// Hours between scheduled backups; 0: none.
     #[serde(default = "default_schedule")]
     schedule_hours: u32,
+    /// The cloud bucket (a copy for disaster recovery, its own retention); none: the
+    /// cloud copy stops.
+    #[serde(default)]
+    cloud: Option<super::cloud::CloudArgs>,
 }
 
 fn default_schedule() -> u32 {
@@ -199,7 +207,15 @@ impl Operation for BackupOp {
                         "schedule_hours: must be 0 (no schedule) to 744 (a month)".into(),
                     ));
                 }
-                let mut out = m.configure(storage, a.retention_days, &progress).await?;
+                let cloud = a
+                    .cloud
+                    .as_ref()
+                    .map(|c| c.open(&ctx.sealing_key, m.agent_id()))
+                    .transpose()
+                    .map_err(OpError::BadArguments)?;
+                let mut out = m
+                    .configure(storage, a.retention_days, cloud, &progress)
+                    .await?;
                 let s = m.set_schedule(a.schedule_hours)?;
                 out["schedule"] = serde_json::json!({
                     "every_hours": s.every_hours,

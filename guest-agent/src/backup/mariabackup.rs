@@ -20,13 +20,11 @@ use super::{BackupError, BackupManager, BackupState, Progress, RunKind};
 use crate::db::engine::{Admin, Paths};
 use crate::db::params::Flavour;
 use crate::db::DbState;
-use dbvm_protocol::seal::Secret;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
 /// At most this many binlog uploads at once (DSM's limit of transaction-log uploads).
 pub const BINLOG_UPLOADS: usize = 5;
@@ -125,7 +123,27 @@ impl crate::health::Check for CloudSyncCheck {
 
     async fn run(&self, run: &crate::health::Run) -> crate::health::Finding {
         let f = self.sync(run).await;
-        with_drill(f, self.0.load().ok().flatten().and_then(|s| s.last_verify))
+        let state = self.0.load().ok().flatten();
+        let cloud = state.as_ref().is_some_and(|s| s.cloud.is_some());
+        let f = with_drill(f, state.and_then(|s| s.last_verify));
+        if !cloud {
+            return f;
+        }
+        let t = &run.settings().thresholds;
+        let status = self
+            .0
+            .cloud
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        super::cloud::with_cloud(
+            f,
+            &status,
+            dbvm_protocol::now_ms(),
+            t.archive_warning_s as f64,
+            t.archive_critical_s as f64,
+        )
     }
 }
 
@@ -185,26 +203,6 @@ impl BackupManager {
 
 // ----- the stored storage ---------------------------------------------------------------
 
-#[derive(Deserialize, Serialize)]
-struct StoredStorage {
-    host: String,
-    port: u16,
-    bucket: String,
-    region: String,
-    prefix: String,
-    ca_pem: Option<String>,
-    access_key_id: String,
-    secret_access_key: String,
-}
-
-impl Drop for StoredStorage {
-    fn drop(&mut self) {
-        use zeroize::Zeroize;
-        self.access_key_id.zeroize();
-        self.secret_access_key.zeroize();
-    }
-}
-
 fn storage_path(m: &BackupManager) -> PathBuf {
     m.state_path
         .parent()
@@ -213,56 +211,13 @@ fn storage_path(m: &BackupManager) -> PathBuf {
 }
 
 fn save_storage(m: &BackupManager, s: &Storage) -> Result<(), BackupError> {
-    let stored = StoredStorage {
-        host: s.host.clone(),
-        port: s.port,
-        bucket: s.bucket.clone(),
-        region: s.region.clone(),
-        prefix: s.prefix.clone(),
-        ca_pem: s.ca_pem.clone(),
-        access_key_id: s.access_key_id.expose().to_string(),
-        secret_access_key: s.secret_access_key.expose().to_string(),
-    };
-    let bytes = Zeroizing::new(
-        serde_json::to_vec(&stored)
-            .map_err(|e| BackupError::Failed(format!("cannot encode the storage: {e}")))?,
-    );
-    let path = storage_path(m);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| BackupError::Failed(format!("cannot create {}: {e}", dir.display())))?;
-    dbvm_host::fs::write_atomic(&path, &bytes, 0o600)
-        .map_err(|e| BackupError::Failed(format!("cannot write {}: {e}", path.display())))
+    super::storage::save_file(&storage_path(m), &[s]).map_err(BackupError::Failed)
 }
 
 fn load_storage(m: &BackupManager) -> Result<Option<Storage>, BackupError> {
-    let path = storage_path(m);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => Zeroizing::new(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(BackupError::Failed(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )))
-        }
-    };
-    let s: StoredStorage = serde_json::from_slice(&bytes).map_err(|e| {
-        BackupError::Failed(format!(
-            "{} is damaged ({e}): send backup.configure again",
-            path.display()
-        ))
-    })?;
-    Ok(Some(Storage {
-        host: s.host.clone(),
-        port: s.port,
-        bucket: s.bucket.clone(),
-        region: s.region.clone(),
-        prefix: s.prefix.clone(),
-        ca_pem: s.ca_pem.clone(),
-        access_key_id: Secret::new(s.access_key_id.clone()),
-        secret_access_key: Secret::new(s.secret_access_key.clone()),
-    }))
+    Ok(super::storage::load_file(&storage_path(m))
+        .map_err(BackupError::Failed)?
+        .and_then(|mut v| v.drain(..).next()))
 }
 
 fn client(m: &BackupManager, s: &Storage) -> Result<S3, BackupError> {
@@ -323,7 +278,7 @@ async fn write_manifest(s3: &S3, m: &Manifest) -> Result<(), BackupError> {
 
 /// A manifest's backups as pgBackRest's listing has them, for [`super::choose`] and
 /// [`super::chains`].
-fn as_sets(ms: &[Manifest]) -> Vec<super::pgbackrest::BackupSet> {
+pub fn as_sets(ms: &[Manifest]) -> Vec<super::pgbackrest::BackupSet> {
     ms.iter()
         .flat_map(|m| m.backups.iter())
         .map(|b| super::pgbackrest::BackupSet {
@@ -436,6 +391,7 @@ pub async fn configure(
     m: &BackupManager,
     storage: Storage,
     retention_days: u32,
+    cloud: Option<super::cloud::Cloud>,
     progress: Progress<'_>,
 ) -> Result<Value, BackupError> {
     if !(1..=3650).contains(&retention_days) {
@@ -449,14 +405,23 @@ pub async fn configure(
     progress(10, "checking the bucket with the new keys");
     let s3 = client(m, &storage)?;
     s3.prove(&m.agent_id).await?;
+    if let Some(c) = &cloud {
+        progress(30, "checking the cloud bucket with its keys");
+        super::cloud::prove(m, &c.storage).await?;
+    }
     ensure_tool_user(m, &st).await?;
     progress(60, "storing the setup");
     save_storage(m, &storage)?;
+    match &cloud {
+        Some(c) => super::cloud::save_keys(m, &storage, &c.storage)?,
+        None => super::cloud::forget(m)?,
+    }
     let state = BackupState {
         location: storage.describe(),
         retention_days,
         configured_at_ms: dbvm_protocol::now_ms(),
         last_verify: None,
+        cloud: cloud.as_ref().map(super::cloud::Cloud::state),
     };
     m.save(&state)?;
     if let Ok(mut s) = m.maria.status.lock() {
@@ -467,6 +432,7 @@ pub async fn configure(
         "engine": "mariadb",
         "location": state.location,
         "retention_days": retention_days,
+        "cloud": state.cloud,
         "check": "ok",
         "binlog_rotate_s": m.settings.binlog_rotate_s,
         "took_ms": t.elapsed().as_millis() as u64,
@@ -722,12 +688,38 @@ pub async fn purge(m: &BackupManager, progress: super::Progress<'_>) -> Result<V
     let t = std::time::Instant::now();
     // No backup or binlog round writes a manifest meanwhile.
     let _manifest = m.maria.manifest_lock.lock().await;
-    progress(10, "reading the chains' manifests");
-    let all = manifests(&s3)
+    let mut out = purge_bucket(&s3, state.retention_days, "", progress).await?;
+    if let Some(cs) = &state.cloud {
+        // The cloud by its own retention; its failure is reported beside the local
+        // purge, which stays done.
+        let cloud = match super::cloud::cloud_storage(m)? {
+            Some(c) => purge_bucket(&client(m, &c)?, cs.retention_days, "the cloud's ", progress)
+                .await
+                .unwrap_or_else(|e| json!({"error": e.to_string()})),
+            None => {
+                json!({"error": "the cloud's keys are not stored: send backup.configure again"})
+            }
+        };
+        out["cloud"] = cloud;
+    }
+    progress(100, "purge done");
+    out["took_ms"] = json!(t.elapsed().as_millis() as u64);
+    Ok(out)
+}
+
+/// Purges one bucket by `retention_days`; `whose` names it in messages.
+async fn purge_bucket(
+    s3: &S3,
+    retention_days: u32,
+    whose: &str,
+    progress: super::Progress<'_>,
+) -> Result<Value, BackupError> {
+    progress(10, &format!("reading {whose}chains' manifests"));
+    let all = manifests(s3)
         .await
-        .map_err(|e| BackupError::Failed(format!("{e}; nothing was purged")))?;
-    let chains = super::chains(&as_sets(&all), state.retention_days);
-    let plan = super::purge::plan(&chains, state.retention_days, dbvm_protocol::now_ms());
+        .map_err(|e| BackupError::Failed(format!("{whose}{e}; nothing was purged")))?;
+    let chains = super::chains(&as_sets(&all), retention_days);
+    let plan = super::purge::plan(&chains, retention_days, dbvm_protocol::now_ms());
     let mut purged = Vec::new();
     let so_far = |p: &[String]| {
         if p.is_empty() {
@@ -740,7 +732,7 @@ pub async fn purge(m: &BackupManager, progress: super::Progress<'_>) -> Result<V
         let Some(chain) = all.iter().find(|c| c.chain == d.full) else {
             continue;
         };
-        progress(30, &format!("purging chain {} ({})", d.full, d.why));
+        progress(30, &format!("purging {whose}chain {} ({})", d.full, d.why));
         let keys = std::iter::once(manifest_key(&chain.chain))
             .chain(chain.backups.iter().map(|b| b.key.clone()))
             .chain(chain.binlogs.iter().map(|b| b.key.clone()));
@@ -769,13 +761,11 @@ pub async fn purge(m: &BackupManager, progress: super::Progress<'_>) -> Result<V
             leftovers += 1;
         }
     }
-    progress(100, "purge done");
     Ok(json!({
         "purged": purged,
         "chains": plan,
-        "retention_days": state.retention_days,
+        "retention_days": retention_days,
         "leftovers_removed": leftovers,
-        "took_ms": t.elapsed().as_millis() as u64,
     }))
 }
 
@@ -814,6 +804,10 @@ pub async fn list(m: &BackupManager) -> Result<Value, BackupError> {
         "binlogs": all.iter().map(|m| json!({"chain": m.chain, "count": m.binlogs.len(), "first": m.binlogs.first().map(|b| &b.name), "last": m.binlogs.last().map(|b| &b.name)})).collect::<Vec<_>>(),
         "recoverable": manifest::window(&all).map(|w| json!({"from_ms": w.from_ms, "to_ms": w.to_ms, "from": super::restore::rfc3339(w.from_ms), "to": super::restore::rfc3339(w.to_ms)})),
         "binlog_upload": status,
+        "cloud": match &state.cloud {
+            Some(cs) => super::cloud::maria_list(m, cs).await,
+            None => Value::Null,
+        },
     }))
 }
 

@@ -21,11 +21,13 @@
 //! ([`maria_restore`]).
 //!
 //! Chains are purged by [`purge`] (daily, and `backup.purge`); [`schedule`] runs backups
-//! by itself. Not built yet (issue 12 continues): MySQL 8 (XtraBackup), the cloud bucket,
-//! scheduled drills, and drills and in-place recover for MariaDB.
+//! by itself; [`cloud`] keeps the cloud bucket (the disaster-recovery copy). Not built yet
+//! (issue 12 continues): MySQL 8 (XtraBackup), and drills and in-place recover for
+//! MariaDB.
 
 pub mod binlog_cap;
 pub mod capability;
+pub mod cloud;
 pub mod manifest;
 pub mod maria_restore;
 pub mod mariabackup;
@@ -66,6 +68,8 @@ pub struct BackupSettings {
     /// Days between the restore drills the agent runs by itself (`backup.verify`,
     /// PostgreSQL); 0: only on demand.
     pub verify_every_days: u32,
+    /// Seconds between the copier's rounds to the cloud bucket (when one is configured).
+    pub cloud_copy_s: u64,
 }
 
 impl Default for BackupSettings {
@@ -77,6 +81,7 @@ impl Default for BackupSettings {
             purge_at: "12:00".into(),
             binlog_rotate_s: 60,
             verify_every_days: 7,
+            cloud_copy_s: 60,
         }
     }
 }
@@ -102,6 +107,9 @@ impl BackupSettings {
         if self.verify_every_days > 365 {
             return bad("verify_every_days", "must be 0..365");
         }
+        if !(1..=86400).contains(&self.cloud_copy_s) {
+            return bad("cloud_copy_s", "must be 1..86400");
+        }
         Ok(())
     }
 
@@ -123,6 +131,9 @@ pub struct BackupState {
     /// The last restore drill's result (`backup.verify`), for health to report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verify: Option<Value>,
+    /// The cloud bucket, when one is configured ([`cloud`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<cloud::CloudState>,
 }
 
 /// Why a backup operation failed.
@@ -153,6 +164,8 @@ pub struct BackupManager {
     outbox: std::sync::OnceLock<crate::capability::Outbox>,
     /// MariaDB's binlog uploader and manifest lock.
     pub maria: mariabackup::MariaState,
+    /// The copier to the cloud bucket.
+    pub cloud: cloud::CloudRuntime,
 }
 
 impl std::fmt::Debug for BackupManager {
@@ -180,6 +193,7 @@ impl BackupManager {
             listing: Mutex::new(()),
             outbox: std::sync::OnceLock::new(),
             maria: Default::default(),
+            cloud: Default::default(),
         })
     }
 
@@ -291,10 +305,11 @@ impl BackupManager {
         &self,
         storage: Storage,
         retention_days: u32,
+        cloud: Option<cloud::Cloud>,
         progress: Progress<'_>,
     ) -> Result<Value, BackupError> {
         if self.db.flavour() == Some(Flavour::Mariadb) {
-            return mariabackup::configure(self, storage, retention_days, progress).await;
+            return mariabackup::configure(self, storage, retention_days, cloud, progress).await;
         }
         if !(1..=3650).contains(&retention_days) {
             return Err(BackupError::Invalid(
@@ -316,9 +331,22 @@ impl BackupManager {
         let render = |ca: Option<&Path>| {
             pgbackrest::config(&storage, ca, &p, st.spec.port(), self.settings.tuning())
         };
+        let cloud_live = cloud::pg_config_path(&p);
+        let cloud_live_ca = pgbackrest::ca_path(&p, "cloud");
+        let cloud_candidate = p.conf.join("pgbackrest-cloud.conf.new");
+        let cloud_candidate_ca = p.conf.join("cloud-ca.pem.new");
+        let render_cloud = |c: &cloud::Cloud, ca: Option<&Path>| {
+            pgbackrest::config(&c.storage, ca, &p, st.spec.port(), self.settings.tuning())
+        };
         let remove_candidates = || {
-            let _ = std::fs::remove_file(&candidate);
-            let _ = std::fs::remove_file(&candidate_ca);
+            for f in [
+                &candidate,
+                &candidate_ca,
+                &cloud_candidate,
+                &cloud_candidate_ca,
+            ] {
+                let _ = std::fs::remove_file(f);
+            }
         };
         if let Some(pem) = &storage.ca_pem {
             self.write_owned(&candidate_ca, pem.as_bytes(), 0o644)?;
@@ -338,6 +366,31 @@ impl BackupManager {
             remove_candidates();
             return Err(e);
         }
+        // The cloud's repository is proven the same way, before anything live changes.
+        if let Some(c) = &cloud {
+            progress(25, "creating the stanza in the cloud bucket");
+            let tried = async {
+                if let Some(pem) = &c.storage.ca_pem {
+                    self.write_owned(&cloud_candidate_ca, pem.as_bytes(), 0o644)?;
+                }
+                let text = render_cloud(
+                    c,
+                    c.storage
+                        .ca_pem
+                        .is_some()
+                        .then_some(cloud_candidate_ca.as_path()),
+                );
+                self.write_owned(&cloud_candidate, text.as_bytes(), 0o600)?;
+                self.pgbackrest(&st, &cloud_candidate, &[], "stanza-create", io)
+                    .await
+            };
+            if let Err(e) = tried.await {
+                remove_candidates();
+                return Err(BackupError::Failed(format!(
+                    "the cloud bucket: {e}; nothing was changed"
+                )));
+            }
+        }
         // Proven: the CA and the config take the live names (the config is rendered again
         // with the CA's live path, and written atomically).
         if has_ca {
@@ -347,6 +400,23 @@ impl BackupManager {
         }
         let text = render(has_ca.then_some(live_ca.as_path()));
         self.write_owned(&live, text.as_bytes(), 0o600)?;
+        match &cloud {
+            Some(c) => {
+                let has_ca = c.storage.ca_pem.is_some();
+                if has_ca {
+                    std::fs::rename(&cloud_candidate_ca, &cloud_live_ca).map_err(|e| {
+                        BackupError::Failed(format!(
+                            "cannot move {} in place: {e}",
+                            cloud_live_ca.display()
+                        ))
+                    })?;
+                }
+                let text = render_cloud(c, has_ca.then_some(cloud_live_ca.as_path()));
+                self.write_owned(&cloud_live, text.as_bytes(), 0o600)?;
+                cloud::save_keys(self, &storage, &c.storage)?;
+            }
+            None => cloud::forget(self)?,
+        }
         remove_candidates();
         dbvm_host::fs::sync_dir(&p.conf)
             .map_err(|e| BackupError::Failed(format!("cannot sync {}: {e}", p.conf.display())))?;
@@ -363,6 +433,7 @@ impl BackupManager {
             retention_days,
             configured_at_ms: dbvm_protocol::now_ms(),
             last_verify: None,
+            cloud: cloud.as_ref().map(cloud::Cloud::state),
         };
         self.save(&state)?;
         progress(100, "backups configured");
@@ -370,6 +441,7 @@ impl BackupManager {
             "stanza": pgbackrest::STANZA,
             "location": state.location,
             "retention_days": retention_days,
+            "cloud": state.cloud,
             "parameters": params,
             "check": "ok",
             "took_ms": t.elapsed().as_millis() as u64,
@@ -386,12 +458,8 @@ impl BackupManager {
 
     /// `pgbackrest info`, read.
     pub async fn info(&self, st: &DbState) -> Result<Info, BackupError> {
-        let live = pgbackrest::config_path(self.db.paths());
-        let io = self.settings.tuning().call_timeout();
-        let out = self
-            .pgbackrest(st, &live, &["--output=json".to_string()], "info", io)
-            .await?;
-        pgbackrest::parse_info(&out.stdout).map_err(BackupError::Failed)
+        self.info_at(st, &pgbackrest::config_path(self.db.paths()))
+            .await
     }
 
     /// `backup.run`: `auto` is full for the first backup of a chain and incremental
@@ -476,7 +544,7 @@ impl BackupManager {
         let chain = chains(&after.backups, state.retention_days)
             .into_iter()
             .find(|c| c.backups.iter().any(|b| b.label == new.label));
-        Ok(json!({
+        let mut out = json!({
             "label": new.label,
             "type": new.kind,
             "why": why,
@@ -488,6 +556,129 @@ impl BackupManager {
             "wal_start": new.wal_start,
             "wal_stop": new.wal_stop,
             "took_ms": t.elapsed().as_millis() as u64,
+        });
+        // The cloud follows: its failure does not undo the local backup, it is reported
+        // beside it (and in health check 10).
+        if let Some(cs) = &state.cloud {
+            out["cloud"] = match self.pg_cloud_backup(&st, cs, progress).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "backup to the cloud bucket failed");
+                    if let Ok(mut s) = self.cloud.status.lock() {
+                        s.consecutive_failures += 1;
+                        s.last_error = Some(format!("the backup to the cloud: {e}"));
+                        s.behind_since_ms = s.behind_since_ms.or(Some(dbvm_protocol::now_ms()));
+                    }
+                    json!({ "error": e.to_string() })
+                }
+            };
+            out["took_ms"] = json!(t.elapsed().as_millis() as u64);
+        }
+        Ok(out)
+    }
+
+    /// `pgbackrest info` of the repository `config` names.
+    async fn info_at(&self, st: &DbState, config: &Path) -> Result<Info, BackupError> {
+        let io = self.settings.tuning().call_timeout();
+        let out = self
+            .pgbackrest(st, config, &["--output=json".to_string()], "info", io)
+            .await?;
+        pgbackrest::parse_info(&out.stdout).map_err(BackupError::Failed)
+    }
+
+    /// After a local backup: a backup to the cloud's repository when its newest is older
+    /// than `backup_every_hours`, full or incremental by the cloud's own chains.
+    async fn pg_cloud_backup(
+        &self,
+        st: &DbState,
+        cs: &cloud::CloudState,
+        progress: Progress<'_>,
+    ) -> Result<Value, BackupError> {
+        let config = cloud::pg_config_path(self.db.paths());
+        progress(92, "reading the cloud's repository");
+        let info = self.info_at(st, &config).await?;
+        if !info.reachable() {
+            let repo = info.repo_message.unwrap_or_default();
+            return Err(BackupError::Failed(format!(
+                "the cloud's repository cannot be read: {} (pgBackRest: {}: {repo})",
+                pgbackrest::cause(&repo),
+                info.status_message,
+            )));
+        }
+        let now = dbvm_protocol::now_ms();
+        let newest = info
+            .backups
+            .iter()
+            .filter(|b| !b.error)
+            .map(|b| b.stopped_ms)
+            .max();
+        let every_ms = i64::from(cs.backup_every_hours) * 3_600_000;
+        if let Some(newest) = newest.filter(|n| now - n < every_ms) {
+            return Ok(json!({
+                "skipped": format!("the cloud's newest backup is younger than {} hours", cs.backup_every_hours),
+                "newest_ms": newest,
+            }));
+        }
+        let (kind, why) = choose(RunKind::Auto, &info.backups, cs.retention_days, now);
+        progress(94, &format!("{kind} backup to the cloud ({why})"));
+        // WAL reaches the cloud by copy: the copier runs beside the backup, which waits
+        // for its last segment in the cloud's archive.
+        let done = tokio_util::sync::CancellationToken::new();
+        let copier = async {
+            loop {
+                if let Err(e) = cloud::round(self).await {
+                    tracing::debug!(error = %e, "copy round beside the cloud backup failed");
+                }
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        };
+        let backup = async {
+            let r = self
+                .db
+                .run_tool(
+                    st,
+                    "backup",
+                    |program| {
+                        pgbackrest::backup_then_info_argv(
+                            program,
+                            &config,
+                            &[format!("--type={kind}")],
+                        )
+                    },
+                    Duration::from_secs(self.settings.timeout_s),
+                )
+                .await;
+            done.cancel();
+            r
+        };
+        let (out, ()) = tokio::join!(backup, copier);
+        let out = out?;
+        let (finished, listing) = pgbackrest::split_backup_then_info(&out.stdout);
+        if !finished {
+            return Err(BackupError::Failed(format!(
+                "pgbackrest backup: {}",
+                pgbackrest::explain_failure(out.exit_code, &out.stdout, &out.stderr)
+            )));
+        }
+        let new = listing
+            .and_then(|l| pgbackrest::parse_info(l).ok())
+            .and_then(|after| {
+                after
+                    .backups
+                    .iter()
+                    .rfind(|b| !info.backups.iter().any(|o| o.label == b.label))
+                    .cloned()
+            });
+        Ok(json!({
+            "label": new.as_ref().map(|b| &b.label),
+            "type": kind,
+            "why": why,
+            "size_bytes": new.as_ref().map(|b| b.size_bytes),
+            "repo_size_bytes": new.as_ref().map(|b| b.repo_size_bytes),
+            "location": cs.location,
         }))
     }
 
@@ -499,7 +690,7 @@ impl BackupManager {
         let st = self.postgres("backup.list").await?;
         let state = self.configured()?;
         let info = self.info(&st).await?;
-        let chains = chains(&info.backups, state.retention_days);
+        let local_chains = chains(&info.backups, state.retention_days);
         let window = info.backups.iter().find(|b| !b.error).map(|first| {
             json!({
                 "from_ms": first.stopped_ms,
@@ -507,14 +698,46 @@ impl BackupManager {
                 "archived_wal_to": info.archive_max,
             })
         });
-        Ok(json!({
+        let mut out = json!({
             "location": state.location,
             "retention_days": state.retention_days,
             "status": {"code": info.status_code, "message": info.status_message, "repo": info.repo_message},
-            "chains": chains,
+            "chains": local_chains,
             "archive": {"min": info.archive_min, "max": info.archive_max},
             "recoverable": window,
-        }))
+        });
+        if let Some(cs) = &state.cloud {
+            let copy = self
+                .cloud
+                .status
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            let config = cloud::pg_config_path(self.db.paths());
+            out["cloud"] = match self.info_at(&st, &config).await {
+                Ok(info) => json!({
+                    "location": cs.location,
+                    "retention_days": cs.retention_days,
+                    "backup_every_hours": cs.backup_every_hours,
+                    "status": {"code": info.status_code, "message": info.status_message, "repo": info.repo_message},
+                    "chains": chains(&info.backups, cs.retention_days),
+                    "archive": {"min": info.archive_min, "max": info.archive_max},
+                    "recoverable": info.backups.iter().find(|b| !b.error).map(|first| json!({
+                        "from_ms": first.stopped_ms,
+                        "newest_backup_ms": info.backups.iter().map(|b| b.stopped_ms).max(),
+                        "archived_wal_to": info.archive_max,
+                    })),
+                    "copy": copy,
+                }),
+                Err(e) => json!({
+                    "location": cs.location,
+                    "retention_days": cs.retention_days,
+                    "status": {"code": 99, "message": e.to_string()},
+                    "copy": copy,
+                }),
+            };
+        }
+        Ok(out)
     }
 }
 
@@ -529,27 +752,67 @@ impl BackupManager {
         let state = self.configured()?;
         let _busy = self.busy.lock().await;
         let t = Instant::now();
-        progress(10, "reading the repository");
-        let info = self.info(&st).await?;
+        let live = pgbackrest::config_path(self.db.paths());
+        let mut out = self
+            .purge_repo(&st, &live, state.retention_days, "the ", progress)
+            .await?;
+        if let Some(cs) = &state.cloud {
+            // The cloud by its own retention; its failure is reported beside the local
+            // purge, which stays done.
+            let config = cloud::pg_config_path(self.db.paths());
+            out["cloud"] = match self
+                .purge_repo(&st, &config, cs.retention_days, "the cloud's ", progress)
+                .await
+            {
+                Ok(v) => {
+                    // The copier does not bring back WAL the cloud's purge removed.
+                    if let Some(min) = v["archive"]["min"].as_str() {
+                        let mut now = self.configured()?;
+                        if let Some(c) = now.cloud.as_mut() {
+                            c.archive_floor = Some(min.to_string());
+                        }
+                        self.save(&now)?;
+                    }
+                    v
+                }
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+        }
+        progress(100, "purge done");
+        out["took_ms"] = json!(t.elapsed().as_millis() as u64);
+        Ok(out)
+    }
+
+    /// Purges one repository (`config`) by `retention_days`; `whose` names it in messages
+    /// (`the ` or `the cloud's `).
+    async fn purge_repo(
+        &self,
+        st: &DbState,
+        config: &Path,
+        retention_days: u32,
+        whose: &str,
+        progress: Progress<'_>,
+    ) -> Result<Value, BackupError> {
+        progress(10, &format!("reading {whose}repository"));
+        let info = self.info_at(st, config).await?;
         if !info.reachable() {
             let repo = info.repo_message.unwrap_or_default();
             return Err(BackupError::Failed(format!(
-                "the backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was purged",
+                "{whose}backup repository cannot be read: {} (pgBackRest: {}: {repo}); nothing was purged",
                 pgbackrest::cause(&repo),
                 info.status_message,
             )));
         }
-        let all = chains(&info.backups, state.retention_days);
-        let plan = purge::plan(&all, state.retention_days, dbvm_protocol::now_ms());
-        let live = pgbackrest::config_path(self.db.paths());
+        let all = chains(&info.backups, retention_days);
+        let plan = purge::plan(&all, retention_days, dbvm_protocol::now_ms());
         let mut purged = Vec::new();
         for d in plan.iter().filter(|d| d.purge) {
-            progress(30, &format!("purging chain {} ({})", d.full, d.why));
+            progress(30, &format!("purging {whose}chain {} ({})", d.full, d.why));
             // `expire --set` removes the full backup and every backup that depends on
             // it, and the WAL no remaining backup needs.
             self.pgbackrest(
-                &st,
-                &live,
+                st,
+                config,
                 &[format!("--set={}", d.full)],
                 "expire",
                 Duration::from_secs(self.settings.timeout_s),
@@ -574,8 +837,8 @@ impl BackupManager {
             // archive of as many full backups as there are chains left.
             let left = plan.iter().filter(|d| !d.purge).count().max(1);
             self.pgbackrest(
-                &st,
-                &live,
+                st,
+                config,
                 &[
                     "--repo1-retention-archive-type=full".to_string(),
                     format!("--repo1-retention-archive={left}"),
@@ -584,15 +847,13 @@ impl BackupManager {
                 Duration::from_secs(self.settings.timeout_s),
             )
             .await?;
-            self.info(&st).await?
+            self.info_at(st, config).await?
         };
-        progress(100, "purge done");
         Ok(json!({
             "purged": purged,
             "chains": plan,
-            "retention_days": state.retention_days,
+            "retention_days": retention_days,
             "archive": {"min": after.archive_min, "max": after.archive_max},
-            "took_ms": t.elapsed().as_millis() as u64,
         }))
     }
 

@@ -135,6 +135,93 @@ impl Storage {
     }
 }
 
+/// A storage with its keys as the agent keeps it on disk (a 0600 file of root's, outside
+/// the data root the containers see). The keys are wiped from memory when it is dropped.
+#[derive(serde::Deserialize, Serialize)]
+struct StoredStorage {
+    host: String,
+    port: u16,
+    bucket: String,
+    region: String,
+    prefix: String,
+    ca_pem: Option<String>,
+    access_key_id: String,
+    secret_access_key: String,
+}
+
+impl Drop for StoredStorage {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.access_key_id.zeroize();
+        self.secret_access_key.zeroize();
+    }
+}
+
+/// Writes `storages` with their keys to `path` (atomically, 0600).
+pub fn save_file(path: &std::path::Path, storages: &[&Storage]) -> Result<(), String> {
+    let stored: Vec<StoredStorage> = storages
+        .iter()
+        .map(|s| StoredStorage {
+            host: s.host.clone(),
+            port: s.port,
+            bucket: s.bucket.clone(),
+            region: s.region.clone(),
+            prefix: s.prefix.clone(),
+            ca_pem: s.ca_pem.clone(),
+            access_key_id: s.access_key_id.expose().to_string(),
+            secret_access_key: s.secret_access_key.expose().to_string(),
+        })
+        .collect();
+    // One storage is stored as an object (the format MariaDB's setup has had since it
+    // was first written); more as an array.
+    let bytes = zeroize::Zeroizing::new(
+        match stored.as_slice() {
+            [one] => serde_json::to_vec(one),
+            many => serde_json::to_vec(many),
+        }
+        .map_err(|e| format!("cannot encode the storage: {e}"))?,
+    );
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    dbvm_host::fs::write_atomic(path, &bytes, 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// What [`save_file`] wrote; `None` when there is no file.
+pub fn load_file(path: &std::path::Path) -> Result<Option<Vec<Storage>>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => zeroize::Zeroizing::new(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let damaged = |e: serde_json::Error| {
+        format!(
+            "{} is damaged ({e}): send backup.configure again",
+            path.display()
+        )
+    };
+    let stored: Vec<StoredStorage> = if bytes.first() == Some(&b'[') {
+        serde_json::from_slice(&bytes).map_err(damaged)?
+    } else {
+        vec![serde_json::from_slice(&bytes).map_err(damaged)?]
+    };
+    Ok(Some(
+        stored
+            .iter()
+            .map(|s| Storage {
+                host: s.host.clone(),
+                port: s.port,
+                bucket: s.bucket.clone(),
+                region: s.region.clone(),
+                prefix: s.prefix.clone(),
+                ca_pem: s.ca_pem.clone(),
+                access_key_id: Secret::new(s.access_key_id.clone()),
+                secret_access_key: Secret::new(s.secret_access_key.clone()),
+            })
+            .collect(),
+    ))
+}
+
 /// `https://host[:port][/]` → host and port (443 when absent). Written by hand: four
 /// rules, and the refusals must say why (plain HTTP, an IP address, a path).
 pub fn parse_endpoint(endpoint: &str) -> Result<(String, u16), String> {
