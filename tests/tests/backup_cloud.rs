@@ -415,3 +415,57 @@ async fn mariadb_cloud_copy_is_checked_object_by_object_and_restores_without_the
         "rows before the target present, rows after it absent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cloud_keeps_its_chains_by_its_own_retention_when_the_local_purger_removes_them() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("loc");
+    let cloud = S3Server::start(&rig.fleet.path("s3cloud"));
+    cloud.create_bucket("drc");
+    // Days cannot pass in a test: the debug agent takes a 15 s retention day.
+    let vm = rig
+        .vm_env("pp1", &[(dbvm_agent::backup::TEST_DAY_S, "15")])
+        .await;
+    rig.ok(
+        &vm,
+        "db.create",
+        json!({"engine": "postgres", "database": "app", "port": vm.port}),
+    )
+    .await;
+    let mut args = configure_args(&rig, &vm, "loc", &cloud, &cloud.secret_key).await;
+    args["retention_days"] = json!(1);
+    args["schedule_hours"] = json!(0);
+    args["cloud"]["retention_days"] = json!(3);
+    rig.ok(&vm, "backup.configure", args).await;
+    let b1 = rig.ok(&vm, "backup.run", json!({})).await;
+    let expiry = b1["chain"]["expires_ms"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_millis(
+        (expiry - dbvm_protocol::now_ms()).max(0) as u64 + 500,
+    ))
+    .await;
+    // The local chain's day is over: a new local chain; the cloud's chain (3 days) goes on.
+    let b2 = rig.ok(&vm, "backup.run", json!({})).await;
+    eprintln!("second backup: {b2}");
+    assert_eq!(b2["type"], "full", "{b2}");
+    assert_eq!(b2["cloud"]["type"], "incr", "{b2}");
+
+    let p = rig.ok(&vm, "backup.purge", json!({})).await;
+    eprintln!("purge: {p}");
+    assert_eq!(
+        p["purged"],
+        json!([b1["label"]]),
+        "the local chain went: {p}"
+    );
+    assert_eq!(p["cloud"]["purged"], json!([]), "the cloud's stays: {p}");
+    assert_eq!(p["cloud"]["retention_days"], 3, "{p}");
+    let list = rig.ok(&vm, "backup.list", json!({})).await;
+    assert_eq!(list["chains"].as_array().unwrap().len(), 1, "{list}");
+    let cloud_chains = list["cloud"]["chains"].as_array().unwrap();
+    assert_eq!(cloud_chains.len(), 1, "{list}");
+    assert_eq!(cloud_chains[0]["full"], b1["cloud"]["label"], "{list}");
+    assert_eq!(
+        cloud_chains[0]["backups"].as_array().unwrap().len(),
+        2,
+        "{list}"
+    );
+}
