@@ -218,6 +218,13 @@ pub async fn prove(m: &BackupManager, cloud: &Storage) -> Result<(), BackupError
         .map_err(|e| BackupError::Failed(format!("the cloud bucket: {e}")))
 }
 
+/// The copier's turn: held by a round, and by a purge of the cloud bucket (which would
+/// otherwise take a chain's objects copied before its manifest for a cut-off purge's
+/// leftovers).
+pub async fn turn(m: &BackupManager) -> tokio::sync::MutexGuard<'_, ()> {
+    m.cloud.round.lock().await
+}
+
 /// One copy round: everything the local bucket has that the cloud lacks goes over.
 /// Returns how many objects were copied; a VM without a cloud copies nothing.
 pub async fn round(m: &BackupManager) -> Result<usize, BackupError> {
@@ -230,7 +237,7 @@ pub async fn round(m: &BackupManager) -> Result<usize, BackupError> {
     };
     let (l, c) = (client(m, &local)?, client(m, &cloud)?);
     let result = match m.db.flavour() {
-        Some(Flavour::Mariadb) => maria_round(m, &l, &c, cs.retention_days).await,
+        Some(Flavour::Mariadb) => maria_round(&l, &c, cs.retention_days).await,
         _ => pg_round(&l, &c, cs.archive_floor.as_deref()).await,
     };
     let now = dbvm_protocol::now_ms();
@@ -298,7 +305,6 @@ async fn pg_round(
 
 /// MariaDB: each chain's objects, checked against its manifest, then the manifest.
 async fn maria_round(
-    m: &BackupManager,
     local: &S3,
     cloud: &S3,
     retention_days: u32,
@@ -316,8 +322,10 @@ async fn maria_round(
     let now = dbvm_protocol::now_ms();
     let newest = manifests.last().map(|c| c.chain.clone());
     let mut copied = 0;
-    // Held while manifests are compared and written, as the binlog uploader does.
-    let _manifest = m.maria.manifest_lock.lock().await;
+    // No manifest lock: the local manifests were read whole, each names only objects that
+    // were stored before it, and objects never change; a copy of a large backup must not
+    // stop the binlog uploader. Only the copier writes the cloud's manifests, and the
+    // cloud's purge waits for the copier's turn ([`turn`]).
     for man in &manifests {
         // A chain the cloud's retention has expired is not brought back (the cloud's
         // purger removed it, or would); the newest chain always goes.

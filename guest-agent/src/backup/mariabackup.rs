@@ -692,6 +692,7 @@ pub async fn purge(m: &BackupManager, progress: super::Progress<'_>) -> Result<V
     if let Some(cs) = &state.cloud {
         // The cloud by its own retention; its failure is reported beside the local
         // purge, which stays done.
+        let _turn = super::cloud::turn(m).await;
         let cloud = match super::cloud::cloud_storage(m)? {
             Some(c) => purge_bucket(&client(m, &c)?, cs.retention_days, "the cloud's ", progress)
                 .await

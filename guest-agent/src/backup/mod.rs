@@ -760,6 +760,7 @@ impl BackupManager {
             // The cloud by its own retention; its failure is reported beside the local
             // purge, which stays done.
             let config = cloud::pg_config_path(self.db.paths());
+            let _turn = cloud::turn(self).await;
             out["cloud"] = match self
                 .purge_repo(&st, &config, cs.retention_days, "the cloud's ", progress)
                 .await
