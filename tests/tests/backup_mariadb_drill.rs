@@ -377,3 +377,85 @@ async fn mariadb_recover_in_place_to_a_time_drops_later_rows_keeps_earlier_ones_
     assert_eq!(next["type"], "incr", "{next}");
     assert_eq!(next["chain"]["full"], out["new_chain"]["full"], "{next}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_agent_killed_mid_recover_leaves_the_database_stopped_and_marked_and_recover_again_finishes_it(
+) {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mrk");
+    let mut vm = rig.vm("mrk1").await;
+    let password = database_with_backups(&rig, &vm, "mrk", 1_000).await;
+    rig.ok(&vm, "backup.run", json!({})).await;
+    let mut c = maria(vm.port, &password).await;
+    insert(&mut c, 1_001, 2_000).await;
+    drop(c);
+    let old = rig.data_root(&vm).join("recover-old");
+
+    // The agent dies right after the new data directory was filled, before the server
+    // starts on it (fault injection: the process exits at exactly that point, as a kill
+    // would; a kill from outside cannot land there reliably).
+    vm.agent.proc.kill();
+    vm.agent = rig.fleet.start_agent_env(
+        &vm.agent.id,
+        rig.broker.agent_addr,
+        None,
+        &vm.section,
+        &[(
+            dbvm_agent::db::manager::FAULT_EXIT_AFTER_PHASE,
+            "recover-restored",
+        )],
+    );
+    dbvm_e2e::connected(&rig.client, &vm.agent.id).await;
+    let cmd = rig
+        .fleet
+        .sign(&vm.agent.id, "db.recover", json!({"target": "latest"}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    {
+        let agent = std::sync::Mutex::new(&mut vm.agent);
+        dbvm_e2e::eventually(
+            Duration::from_secs(120),
+            "the agent to exit after the data directory was filled",
+            || async { (!agent.lock().unwrap().proc.is_running()).then_some(()) },
+        )
+        .await;
+    }
+    vm.agent = rig.fleet.restart_agent(&vm.agent);
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Interrupted, "{done:?}");
+    assert!(
+        old.join("binlog.index").exists(),
+        "the old data directory waits beside the half-restored one"
+    );
+
+    // Never started on the half-restored directory; status says what to do.
+    for _ in 0..5 {
+        let status = rig.ok(&vm, "db.status", json!({})).await;
+        assert!(
+            status["recovering"]["what_to_do"]
+                .as_str()
+                .is_some_and(|s| s.contains("db.recover again")),
+            "{status}"
+        );
+        assert_ne!(
+            status["container"]["status"]["state"], "Running",
+            "never started on a half-restored data directory: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, e) = rig.refused(&vm, "db.start", json!({})).await;
+    assert!(e.contains("recover did not finish"), "{e}");
+
+    // Sent again, the recover finishes: every row is back (the binlog uploaded before the
+    // first attempt replayed), the mark and the old directory gone.
+    let out = rig.ok(&vm, "db.recover", json!({"target": "latest"})).await;
+    eprintln!("db.recover after the interrupted one: {out}");
+    let mut c = maria(vm.port, &password).await;
+    assert_eq!(count_max(&mut c).await, (2_000, Some(2_000)));
+    let status = rig.ok(&vm, "db.status", json!({})).await;
+    assert!(status.get("recovering").is_none(), "{status}");
+    assert!(!old.exists(), "the old data directory is removed");
+}
