@@ -459,3 +459,58 @@ async fn mariadb_agent_killed_mid_recover_leaves_the_database_stopped_and_marked
     assert!(status.get("recovering").is_none(), "{status}");
     assert!(!old.exists(), "the old data directory is removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_agent_killed_mid_drill_leaves_no_copy_behind_and_the_next_drill_passes() {
+    let mut rig = Rig::new().await;
+    rig.s3.create_bucket("mdk");
+    let mut vm = rig.vm("mdk1").await;
+    let password = database_with_backups(&rig, &vm, "mdk", 1_000).await;
+    let mut c = maria(vm.port, &password).await;
+    // Enough data that the drill unpacks, prepares and checks for seconds, so the kill
+    // lands inside it.
+    for k in 0..2 {
+        c.exec_drop(
+            "INSERT INTO t (id, pad) SELECT seq, CONCAT(SHA2(seq, 512), SHA2(seq + 7, 256)) FROM seq_1_to_10000000 WHERE seq BETWEEN ? AND ?",
+            (1_000 + k * 200_000 + 1, 1_000 + (k + 1) * 200_000),
+        )
+        .await
+        .unwrap();
+    }
+    drop(c);
+    rig.ok(&vm, "backup.run", json!({})).await;
+    let copy = rig.data_root(&vm).join("verify");
+
+    let cmd = rig.fleet.sign(&vm.agent.id, "backup.verify", json!({}));
+    let v = rig.client.submit(&cmd).await.unwrap();
+    dbvm_e2e::eventually(
+        Duration::from_secs(120),
+        "the drill to unpack into its copy",
+        || async {
+            let v = rig.client.command(v.id).await.ok()?;
+            (v.state == CommandState::Running && copy.join("b0").exists()).then_some(())
+        },
+    )
+    .await;
+    vm.agent.proc.kill();
+    assert!(copy.exists(), "the kill left the copy behind");
+    vm.agent = rig.fleet.restart_agent(&vm.agent);
+    let done = rig
+        .client
+        .wait(v.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state, CommandState::Interrupted, "{done:?}");
+    dbvm_e2e::eventually(
+        Duration::from_secs(60),
+        "the restarted agent to remove the drill's copy",
+        || async { (!copy.exists()).then_some(()) },
+    )
+    .await;
+
+    let drill = rig.ok(&vm, "backup.verify", json!({})).await;
+    eprintln!("the drill after the kill: {drill}");
+    assert_eq!(drill["ok"], true, "{drill}");
+    assert_eq!(drill["tables"][0]["restored_rows"], 401_000, "{drill}");
+    assert!(!copy.exists(), "the copy is removed");
+}
