@@ -9,6 +9,8 @@
 //!
 //! The plan (which chain, which objects) is made from the manifests before anything on
 //! the VM is touched: a target outside the recoverable window is refused with the window.
+//! The unpacking ([`unpack`]) and the replay ([`replay`]) serve the restore drill
+//! ([`super::maria_verify`]) and the in-place recover ([`super::maria_recover`]) too.
 
 use super::manifest::{self, Plan};
 use super::mariabackup::{make_fifo, sh_quote};

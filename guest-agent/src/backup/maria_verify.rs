@@ -18,7 +18,8 @@
 //! (`--skip-grant-tables`: only the database user inside that container reaches the
 //! socket, and the drill must not depend on an account of the copy). It is checked with
 //! `CHECK TABLE … EXTENDED` on every table of every database (what `mariadb-check
-//! --all-databases --check --extended` sends; the image has no `mariadb-check`), and the rows of the source's largest tables are counted in it.
+//! --all-databases --check --extended` sends; the image has no `mariadb-check`), and the
+//! rows of the source's largest tables are counted in it.
 //!
 //! Row counts are compared with the source as it is now, not with counts recorded at
 //! backup time: a count taken while a non-blocking backup runs is not the count at the
