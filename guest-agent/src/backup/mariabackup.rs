@@ -214,7 +214,7 @@ fn save_storage(m: &BackupManager, s: &Storage) -> Result<(), BackupError> {
     super::storage::save_file(&storage_path(m), &[s]).map_err(BackupError::Failed)
 }
 
-fn load_storage(m: &BackupManager) -> Result<Option<Storage>, BackupError> {
+pub(super) fn load_storage(m: &BackupManager) -> Result<Option<Storage>, BackupError> {
     Ok(super::storage::load_file(&storage_path(m))
         .map_err(BackupError::Failed)?
         .and_then(|mut v| v.drain(..).next()))
@@ -465,7 +465,11 @@ pub async fn run(
         ))
     })?;
     let now = dbvm_protocol::now_ms();
-    let (kind, why) = super::choose(kind, &as_sets(&all), state.retention_days, now);
+    let (kind, why) = if super::maria_recover::new_chain_needed(m) {
+        ("full", super::maria_recover::NEW_CHAIN_WHY.to_string())
+    } else {
+        super::choose(kind, &as_sets(&all), state.retention_days, now)
+    };
     let lbl = label(now);
     let mut current = match (kind, all.pop()) {
         ("incr", Some(c)) => c,
@@ -602,6 +606,9 @@ pub async fn run(
         return Err(BackupError::Failed(format!(
             "the backup was stored but its manifest could not be written ({e}); the backup was removed and the chain is unchanged"
         )));
+    }
+    if kind == "full" {
+        super::maria_recover::new_chain_started(m);
     }
     let _ = std::fs::remove_dir_all(&work);
     let chain = super::chains(

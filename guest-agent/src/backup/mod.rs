@@ -18,18 +18,20 @@
 //! zstd` in a one-shot container into a FIFO, multipart-uploaded with the agent's own S3
 //! client ([`s3`]); binlogs uploaded as they rotate; a manifest per chain in the bucket
 //! ([`manifest`]); `db.restore` of MariaDB checks every object against it
-//! ([`maria_restore`]).
+//! ([`maria_restore`]); `db.recover` recovers it in place from its own bucket
+//! ([`maria_recover`]) and `backup.verify` is its restore drill ([`maria_verify`]).
 //!
 //! Chains are purged by [`purge`] (daily, and `backup.purge`); [`schedule`] runs backups
-//! by itself; [`cloud`] keeps the cloud bucket (the disaster-recovery copy). Not built yet
-//! (issue 12 continues): MySQL 8 (XtraBackup), and drills and in-place recover for
-//! MariaDB.
+//! and drills by itself; [`cloud`] keeps the cloud bucket (the disaster-recovery copy).
+//! Not built yet (issue 12 continues): MySQL 8 (XtraBackup).
 
 pub mod binlog_cap;
 pub mod capability;
 pub mod cloud;
 pub mod manifest;
+pub mod maria_recover;
 pub mod maria_restore;
+pub mod maria_verify;
 pub mod mariabackup;
 pub mod pgbackrest;
 pub mod purge;
@@ -65,8 +67,8 @@ pub struct BackupSettings {
     pub purge_at: String,
     /// MariaDB: seconds between binlog rotations (`FLUSH BINARY LOGS`) and upload rounds.
     pub binlog_rotate_s: u64,
-    /// Days between the restore drills the agent runs by itself (`backup.verify`,
-    /// PostgreSQL); 0: only on demand.
+    /// Days between the restore drills the agent runs by itself (`backup.verify`);
+    /// 0: only on demand.
     pub verify_every_days: u32,
     /// Seconds between the copier's rounds to the cloud bucket (when one is configured).
     pub cloud_copy_s: u64,
@@ -242,8 +244,7 @@ impl BackupManager {
     }
 
     /// The database's state when it is PostgreSQL; `op` names what was asked, for the
-    /// refusal (backups, restores and purges exist for MariaDB too; recover and drills
-    /// for PostgreSQL only so far; MySQL 8 has none yet).
+    /// refusal (MariaDB's operations dispatch before it; MySQL 8 has none yet).
     async fn postgres(&self, op: &str) -> Result<DbState, BackupError> {
         let st = self.db.configured_state().await?;
         match st.spec.engine {

@@ -218,6 +218,9 @@ impl BackupManager {
         target: Target,
         progress: Progress<'_>,
     ) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(crate::db::params::Flavour::Mariadb) {
+            return super::maria_recover::recover(self, target, progress).await;
+        }
         let st = self.postgres("db.recover").await?;
         let _state = self.configured()?;
         let _busy = self.busy.lock().await;

@@ -107,12 +107,18 @@ impl BackupManager {
 }
 
 impl BackupManager {
-    /// The scheduled restore drill (`[backup] verify_every_days`, PostgreSQL): due that
+    /// The scheduled restore drill (`[backup] verify_every_days`, PostgreSQL and MariaDB): due that
     /// many days after the last drill, or after backups were configured. Its result is
     /// kept in the state file and sent as an event by [`BackupManager::verify`].
     async fn drill_if_due(&self) {
         let days = self.settings.verify_every_days;
-        if days == 0 || self.db.flavour() != Some(crate::db::params::Flavour::Postgres) {
+        use crate::db::params::Flavour;
+        if days == 0
+            || !matches!(
+                self.db.flavour(),
+                Some(Flavour::Postgres | Flavour::Mariadb)
+            )
+        {
             return;
         }
         let Ok(Some(state)) = self.load() else { return };

@@ -34,12 +34,12 @@ pub const MEMORY_BYTES: u64 = 1 << 30;
 /// CPUs of each drill container: one, so the database keeps the rest.
 pub const CPUS: f64 = 1.0;
 /// How many of the source's largest tables have their rows counted.
-const TABLES: i64 = 5;
+pub(super) const TABLES: i64 = 5;
 /// The throwaway server's port: it only names its socket file inside the throwaway
 /// directory (no TCP listener).
 const DRILL_PORT: u16 = 5999;
 /// Markers the drill script prints between its steps.
-const MARK: &str = "dbvm-verify:";
+pub(super) const MARK: &str = "dbvm-verify:";
 
 /// What a pgBackRest failure says about the backup itself, if it says it is damaged.
 pub fn damage(text: &str) -> Option<&'static str> {
@@ -222,6 +222,9 @@ impl BackupManager {
         label: Option<String>,
         progress: Progress<'_>,
     ) -> Result<Value, BackupError> {
+        if self.db.flavour() == Some(crate::db::params::Flavour::Mariadb) {
+            return super::maria_verify::verify(self, label, progress).await;
+        }
         let st = self.postgres("backup.verify").await?;
         let mut state = self.configured()?;
         let _busy = self.busy.lock().await;
@@ -282,8 +285,23 @@ impl BackupManager {
             "at_ms": dbvm_protocol::now_ms(),
             "took_ms": t.elapsed().as_millis() as u64,
         });
+        self.record_drill(&mut state, result, &set.label, drill.failed, progress)
+    }
+
+    /// Keeps a drill's result for health (`last_verify`), reports it as an event
+    /// (`backup.verified`, `backup.verify_failed`) and answers the command: both engines'
+    /// drills end here, so the schedule and check 10 read them alike.
+    pub(super) fn record_drill(
+        &self,
+        state: &mut super::BackupState,
+        result: Value,
+        label: &str,
+        failed: Option<String>,
+        progress: Progress<'_>,
+    ) -> Result<Value, BackupError> {
+        let ok = failed.is_none();
         state.last_verify = Some(result.clone());
-        self.save(&state)?;
+        self.save(state)?;
         if let Some(outbox) = self.outbox.get() {
             let kind = if ok {
                 "backup.verified"
@@ -293,15 +311,14 @@ impl BackupManager {
             outbox.event(
                 kind,
                 dbvm_protocol::now_ms(),
-                json!({"backup_set": set.label, "ok": ok, "reason": drill.failed}).to_string(),
+                json!({"backup_set": label, "ok": ok, "reason": failed}).to_string(),
             );
         }
         progress(100, if ok { "drill passed" } else { "drill FAILED" });
-        match drill.failed {
+        match failed {
             None => Ok(result),
             Some(reason) => Err(BackupError::Failed(format!(
-                "restore drill of backup set {} FAILED: {reason}",
-                set.label
+                "restore drill of backup set {label} FAILED: {reason}"
             ))),
         }
     }
@@ -621,7 +638,7 @@ pub fn remove_leftover(root: &Path) {
     });
 }
 
-async fn remove_dir(dir: &Path) -> Result<(), String> {
+pub(super) async fn remove_dir(dir: &Path) -> Result<(), String> {
     let dir: PathBuf = dir.to_path_buf();
     tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
@@ -635,7 +652,7 @@ async fn remove_dir(dir: &Path) -> Result<(), String> {
     .map_err(|e| format!("the cleanup task failed: {e}"))?
 }
 
-fn free_bytes(path: &Path) -> Option<u64> {
+pub(super) fn free_bytes(path: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(path).ok()?;
     Some(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
