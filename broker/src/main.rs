@@ -83,6 +83,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     dbvm_host::notify::ready();
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();
+    let fed = shutdown.clone();
+    tokio::spawn(async move { dbvm_host::notify::watchdog(fed.cancelled_owned()).await });
     tokio::spawn(async move {
         dbvm_host::signals::shutdown().await;
         dbvm_host::notify::stopping();

@@ -63,6 +63,8 @@ fn main() -> std::process::ExitCode {
         let shutdown = CancellationToken::new();
         let running = agent.start(shutdown.clone());
         dbvm_host::notify::ready();
+        let fed = shutdown.clone();
+        tokio::spawn(async move { dbvm_host::notify::watchdog(fed.cancelled_owned()).await });
         tokio::spawn(async move {
             dbvm_host::signals::shutdown().await;
             dbvm_host::notify::stopping();

@@ -23,3 +23,24 @@ pub fn stopping() {
 pub fn status(text: &str) {
     send(&[NotifyState::Status(text)]);
 }
+
+/// Sends `WATCHDOG=1` at half the interval systemd asks for (`WatchdogSec=` in the unit,
+/// `WATCHDOG_USEC` in the environment) until `stop` resolves; returns at once when the
+/// unit has no watchdog. It runs on the program's own runtime, so a runtime whose workers
+/// are all stuck stops feeding it and systemd restarts the service.
+pub async fn watchdog(stop: impl std::future::Future<Output = ()>) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_micros(usec / 2);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => send(&[NotifyState::Watchdog]),
+        }
+    }
+}
