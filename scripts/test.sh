@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up this machine (scripts/setup.sh) and runs every check dbvm has: formatting,
 # clippy with warnings as errors, the documentation with warnings as errors, unused
-# dependencies, the static musl build of the agent, and the whole test suite (unit,
+# dependencies, the static musl builds and RPMs (scripts/build-rpms.sh), and the whole test suite (unit,
 # component and end-to-end tests against real processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +22,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 say "unused dependencies (cargo machete)"
 cargo machete
 
-say "static agent: cargo build --release --target x86_64-unknown-linux-musl -p dbvm-agent"
-cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent
+say "the image builders' command: the static agent and broker and their RPMs (scripts/build-rpms.sh)"
+bash scripts/build-rpms.sh --out target/rpm
 agent=target/x86_64-unknown-linux-musl/release/dbvm-agent
-if ! file "$agent" | grep -Eq 'static(-pie)? linked|statically linked'; then
-  echo "test.sh: $agent is not a static executable: $(file "$agent")" >&2
-  exit 1
-fi
 say "dbvm-agent: $(file -b "$agent" | grep -Eo 'static-pie linked|statically linked'), $(du -h "$agent" | cut -f1)"
 
 say "cargo test --workspace"
