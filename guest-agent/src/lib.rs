@@ -15,6 +15,7 @@ pub mod config;
 pub mod db;
 pub mod dispatch;
 pub mod firewall;
+pub mod firstboot;
 pub mod health;
 pub mod identity;
 pub mod journal;

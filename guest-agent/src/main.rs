@@ -21,10 +21,28 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// First boot: read the OVF environment from this file (instead of VMware Tools'
+    /// guestinfo.ovfEnv, then /media/cdrom/ovf-env.xml, then /mnt/cdrom/ovf-env.xml).
+    #[arg(long, env = "DBVM_OVF_ENV", value_name = "PATH")]
+    ovf_env: Option<PathBuf>,
 }
+
+/// Seconds between first-boot attempts while the OVF environment is missing or incomplete
+/// (VMware Tools may come up after the agent).
+const FIRST_BOOT_RETRY_S: u64 = 5;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if dbvm_agent::firstboot::needed(&args.config) {
+        if args.check {
+            println!(
+                "configuration {} names no VM yet: first boot fills it from the OVF environment",
+                args.config.display()
+            );
+            return std::process::ExitCode::SUCCESS;
+        }
+        first_boot(&args);
+    }
     let validated = match Config::load(&args.config).and_then(Config::validate) {
         Ok(v) => v,
         Err(e) => {
@@ -74,4 +92,31 @@ fn main() -> std::process::ExitCode {
         tracing::info!("dbvm-agent stopped");
         std::process::ExitCode::SUCCESS
     })
+}
+
+/// Runs first boot until the OVF environment gives a complete, valid config (see
+/// [`dbvm_agent::firstboot`]); each failure is said on stderr (the journal) and in the
+/// unit's status, and nothing is written until everything is valid.
+fn first_boot(args: &Args) {
+    use dbvm_agent::firstboot::{run_once, Source};
+    let sources = match &args.ovf_env {
+        Some(p) => vec![Source::File(p.clone())],
+        None => Source::defaults(),
+    };
+    loop {
+        match run_once(&args.config, &sources) {
+            Ok(id) => {
+                eprintln!(
+                    "dbvm-agent: first boot: {} now configures agent {id} (from the OVF environment)",
+                    args.config.display()
+                );
+                return;
+            }
+            Err(e) => {
+                eprintln!("dbvm-agent: first boot: {e}; trying again in {FIRST_BOOT_RETRY_S} s");
+                dbvm_host::notify::status(&format!("first boot: {e}"));
+                std::thread::sleep(std::time::Duration::from_secs(FIRST_BOOT_RETRY_S));
+            }
+        }
+    }
 }

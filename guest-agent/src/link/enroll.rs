@@ -55,6 +55,18 @@ impl Link {
                     not_after_ms = identity.not_after_ms,
                     "enrolled with the broker"
                 );
+                // The token is spent: it leaves the VM (first boot wrote it to this file).
+                if let Some(path) = &self.token_file {
+                    match std::fs::remove_file(path) {
+                        Ok(()) => {
+                            tracing::info!(file = %path.display(), "enrollment token removed")
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot remove the used enrollment token")
+                        }
+                    }
+                }
                 Ok(identity)
             }
             Some(BrokerMessage::Refused { code, message }) => {

@@ -1,0 +1,251 @@
+//! First boot from the OVF environment, with the real agent and broker: the package's
+//! config (`packaging/rpm/agent.toml`, which names no VM) and an `ovf-env.xml` in the
+//! format VMware Tools hands over (`guestinfo.ovfEnv`); the agent fills its config from
+//! it, enrolls, answers a signed command, removes the spent token, and a reboot neither
+//! runs first boot nor enrolls again. A missing, malformed or incomplete environment is
+//! named, changes nothing, and first boot tries again until it is complete.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use base64::Engine;
+use dbvm_e2e::proc::Proc;
+use dbvm_e2e::{eventually, Fleet};
+use dbvm_protocol::api::CommandState;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The package's default config, with this test's state directory and quick reconnects.
+fn package_config(dir: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let text = std::fs::read_to_string(repo.join("packaging/rpm/agent.toml"))
+        .unwrap()
+        .replace(
+            "state_dir = \"/var/lib/dbvm-agent\"",
+            &format!("state_dir = \"{}\"", dir.join("state").display()),
+        )
+        .replace("/etc/dbvm/", &format!("{}/", dir.display()));
+    assert!(text.contains("agent_id = \"\""), "the package names no VM");
+    let text = format!(
+        "{text}\n[link]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n"
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// An OVF environment as VMware Tools hands it over, with `props`.
+fn ovf_env(props: &[(&str, &str)]) -> String {
+    let p: String = props
+        .iter()
+        .map(|(k, v)| format!("      <Property oe:key=\"{k}\" oe:value=\"{v}\"/>\n"))
+        .collect();
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<Environment
+     xmlns="http://schemas.dmtf.org/ovf/environment/1"
+     xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+     xmlns:oe="http://schemas.dmtf.org/ovf/environment/1"
+     xmlns:ve="http://www.vmware.com/schema/ovfenv"
+     oe:id=""
+     ve:vCenterId="vm-1017">
+   <PlatformSection>
+      <Kind>VMware ESXi</Kind>
+      <Version>8.0.2</Version>
+      <Vendor>VMware, Inc.</Vendor>
+      <Locale>en</Locale>
+   </PlatformSection>
+   <PropertySection>
+{p}   </PropertySection>
+   <ve:EthernetAdapterSection>
+      <ve:Adapter ve:mac="00:50:56:aa:bb:01" ve:network="mgmt" ve:unitNumber="7"/>
+   </ve:EthernetAdapterSection>
+</Environment>
+"#
+    )
+}
+
+/// The properties a deployment fills for agent `id` on this fleet.
+fn properties(fleet: &Fleet, broker_port: u16, id: &str, token: &str) -> Vec<(String, String)> {
+    let key = dbvm_protocol::command::PublicKeyFile::from_key(&fleet.signer.verifying_key());
+    let ca = std::fs::read(fleet.path("ca.crt")).unwrap();
+    vec![
+        ("dbvm.agent_id".into(), id.into()),
+        (
+            "dbvm.broker_address".into(),
+            format!("localhost:{broker_port}"),
+        ),
+        (
+            "dbvm.fleet_ca".into(),
+            base64::engine::general_purpose::STANDARD.encode(ca),
+        ),
+        ("dbvm.enrollment_token".into(), token.into()),
+        (
+            "dbvm.trusted_keys".into(),
+            format!("{}:{}", key.key_id, key.public_key),
+        ),
+    ]
+}
+
+fn write_env(path: &Path, props: &[(String, String)], leave_out: &[&str]) {
+    let kept: Vec<(&str, &str)> = props
+        .iter()
+        .filter(|(k, _)| !leave_out.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    std::fs::write(path, ovf_env(&kept)).unwrap();
+}
+
+fn start(fleet: &Fleet, name: &str, config: &Path, env: &Path) -> Proc {
+    Proc::spawn(
+        name,
+        "dbvm-agent",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--ovf-env",
+            env.to_str().unwrap(),
+        ],
+        fleet.path(&format!("{name}.log")),
+        &[],
+    )
+    .0
+}
+
+async fn ping(fleet: &Fleet, client: &dbvmctl::Client, id: &str) -> serde_json::Value {
+    let cmd = fleet.sign(id, "ping", json!({"echo": "first boot"}));
+    let v = client.submit(&cmd).await.unwrap();
+    let v = client.wait(v.id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
+    v.output.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_boot_fills_the_config_enrolls_answers_and_a_reboot_does_not_enroll_again() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let dir = fleet.path("vm1");
+    let config = package_config(&dir);
+    let token = client.enrollment_token("fb1", None).await.unwrap().token;
+    let env = dir.join("ovf-env.xml");
+    write_env(
+        &env,
+        &properties(&fleet, broker.agent_addr.port(), "fb1", &token),
+        &[],
+    );
+
+    let started = std::time::Instant::now();
+    let mut agent = start(&fleet, "fb1", &config, &env);
+    dbvm_e2e::connected(&client, "fb1").await;
+    let out = ping(&fleet, &client, "fb1").await;
+    eprintln!(
+        "first boot to a signed ping answered: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(out["echo"], "first boot", "{out}");
+
+    let written = std::fs::read_to_string(&config).unwrap();
+    assert!(written.contains("agent_id = \"fb1\""), "{written}");
+    assert!(!written.contains(&token), "the token is not in the config");
+    assert!(
+        !dir.join("enrollment.token").exists(),
+        "the spent token was removed"
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A reboot: the config is filled, the identity enrolled; no token is needed (there is
+    // none left) and the agent answers again.
+    agent.terminate();
+    let seen = agent.log_text().len();
+    let mut agent = start(&fleet, "fb1", &config, &env);
+    dbvm_e2e::connected(&client, "fb1").await;
+    ping(&fleet, &client, "fb1").await;
+    let after = agent.log_text()[seen..].to_string();
+    assert!(
+        !after.contains("first boot:") && !after.contains("enrolled with the broker"),
+        "{after}"
+    );
+    agent.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_malformed_or_incomplete_environment_is_named_changes_nothing_and_is_retried() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let dir = fleet.path("vm2");
+    let config = package_config(&dir);
+    let before = std::fs::read(&config).unwrap();
+    let token = client.enrollment_token("fb2", None).await.unwrap().token;
+    let props = properties(&fleet, broker.agent_addr.port(), "fb2", &token);
+    let env = dir.join("ovf-env.xml");
+
+    let agent = start(&fleet, "fb2", &config, &env);
+    let said = |text: &'static str| {
+        let agent = &agent;
+        async move {
+            eventually(Duration::from_secs(30), text, || async {
+                agent.log_text().contains(text).then_some(())
+            })
+            .await
+        }
+    };
+    said("no OVF environment").await;
+    std::fs::write(&env, "<Environment><PropertySection>").unwrap();
+    said("is not valid XML").await;
+    write_env(&env, &props, &["dbvm.enrollment_token"]);
+    said("lacks the property dbvm.enrollment_token").await;
+    let mut bad_ca = props.clone();
+    bad_ca[2].1 = "bm90IGEgY2VydGlmaWNhdGU=".into();
+    write_env(&env, &bad_ca, &[]);
+    said("dbvm.fleet_ca is not usable").await;
+    assert_eq!(std::fs::read(&config).unwrap(), before, "nothing written");
+    assert!(!dir.join("enrollment.token").exists());
+    assert!(!dir.join("fleet-ca.crt").exists());
+    assert!(
+        !agent.log_text().contains(&token),
+        "the token is never logged"
+    );
+
+    // Complete now: the next attempt configures and enrolls.
+    write_env(&env, &props, &[]);
+    dbvm_e2e::connected(&client, "fb2").await;
+    ping(&fleet, &client, "fb2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_already_used_leaves_the_agent_unenrolled_and_says_why() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let token = client.enrollment_token("fb3", None).await.unwrap().token;
+    let props = properties(&fleet, broker.agent_addr.port(), "fb3", &token);
+    // The first VM uses the token.
+    let dir = fleet.path("vm3");
+    let config = package_config(&dir);
+    let env = dir.join("ovf-env.xml");
+    write_env(&env, &props, &[]);
+    let mut first = start(&fleet, "fb3", &config, &env);
+    dbvm_e2e::connected(&client, "fb3").await;
+    first.terminate();
+    // A second VM deployed with the same properties does not get in.
+    let dir = fleet.path("vm3b");
+    let config = package_config(&dir);
+    let env = dir.join("ovf-env.xml");
+    write_env(&env, &props, &[]);
+    let second = start(&fleet, "fb3b", &config, &env);
+    eventually(Duration::from_secs(30), "the refusal logged", || async {
+        second.log_text().contains("already used").then_some(())
+    })
+    .await;
+    assert!(!client
+        .agents()
+        .await
+        .unwrap()
+        .iter()
+        .any(|a| a.id == "fb3" && a.connected));
+}
