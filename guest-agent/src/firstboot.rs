@@ -321,6 +321,103 @@ pub fn apply(config_path: &Path, s: &Settings) -> Result<(), FirstBootError> {
     write(config_path, out.as_bytes(), 0o600)
 }
 
+/// Environment variable for tests only, honoured only by debug builds: this machine's
+/// fingerprint (a test cannot give the host another SMBIOS UUID). A release agent
+/// ignores it.
+pub const TEST_MACHINE: &str = "DBVM_AGENT_TEST_MACHINE";
+
+/// What makes this machine this machine: the SMBIOS product UUID (a hypervisor gives a
+/// clone a new one) and `/etc/machine-id`. Unreadable parts are empty.
+pub fn fingerprint() -> String {
+    if cfg!(debug_assertions) {
+        if let Ok(v) = std::env::var(TEST_MACHINE) {
+            return v;
+        }
+    }
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_lowercase())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}/{}",
+        read("/sys/class/dmi/id/product_uuid"),
+        read("/etc/machine-id")
+    )
+}
+
+/// The file in the state directory that records where the identity was enrolled.
+pub const MACHINE_FILE: &str = "machine";
+
+/// Run before anything else: an identity enrolled on another machine (this VM is a clone
+/// of an enrolled one) is set aside with its sealing key and journal
+/// (`state_dir/cloned-<ms>/`), and the config goes back to naming no VM, so that this VM
+/// takes its own properties and a new token at first boot instead of impersonating the
+/// original. Returns what was done, for the log; `None` when nothing was.
+pub fn set_aside_a_cloned_identity(config_path: &Path) -> Result<Option<String>, FirstBootError> {
+    let Ok(text) = std::fs::read_to_string(config_path) else {
+        return Ok(None);
+    };
+    let Ok(mut table) = toml::from_str::<toml::Table>(&text) else {
+        return Ok(None);
+    };
+    let Some(state) = table
+        .get("state_dir")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+    else {
+        return Ok(None);
+    };
+    if !state.join("identity.pem").exists() {
+        return Ok(None);
+    }
+    let here = fingerprint();
+    let recorded = state.join(MACHINE_FILE);
+    let enrolled_on = match std::fs::read_to_string(&recorded) {
+        Ok(t) => t.trim().to_string(),
+        // Enrolled before fingerprints were recorded: this machine is taken as its own.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            dbvm_host::fs::write_atomic(&recorded, here.as_bytes(), 0o600)
+                .map_err(|e| FirstBootError::Write(recorded.clone(), e))?;
+            return Ok(None);
+        }
+        Err(e) => return Err(FirstBootError::Write(recorded, e)),
+    };
+    if enrolled_on == here {
+        return Ok(None);
+    }
+    let aside = state.join(format!("cloned-{}", dbvm_protocol::now_ms()));
+    std::fs::create_dir_all(&aside).map_err(|e| FirstBootError::Write(aside.clone(), e))?;
+    for name in [
+        "identity.pem",
+        "sealing.key",
+        "journal.sqlite3",
+        "journal.sqlite3-wal",
+        "journal.sqlite3-shm",
+        MACHINE_FILE,
+    ] {
+        match std::fs::rename(state.join(name), aside.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FirstBootError::Write(state.join(name), e)),
+        }
+    }
+    let was = table
+        .get("agent_id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    table.insert("agent_id".into(), toml::Value::String(String::new()));
+    let out = toml::to_string(&table)
+        .map_err(|e| FirstBootError::Config(config_path.into(), e.to_string()))?;
+    dbvm_host::fs::write_atomic(config_path, out.as_bytes(), 0o600)
+        .map_err(|e| FirstBootError::Write(config_path.to_path_buf(), e))?;
+    Ok(Some(format!(
+        "this VM's identity (agent {was}) was enrolled on another machine ({enrolled_on}, this one is {here}): it is a clone; the identity, sealing key and journal were set aside in {} and the agent waits for this VM's own OVF properties and a new enrollment token",
+        aside.display()
+    )))
+}
+
 /// One attempt: read, check, write. Returns the agent id written.
 pub fn run_once(config_path: &Path, sources: &[Source]) -> Result<String, FirstBootError> {
     let (name, xml) = read_environment(sources)?;

@@ -120,7 +120,14 @@ impl StateDir {
 
     pub fn store_identity(&self, id: &Identity) -> Result<(), StateError> {
         let text = format!("{}\n{}", id.cert_pem.trim(), id.key_pem);
-        write_atomic(&self.identity_path(), text.as_bytes(), 0o600)
+        write_atomic(&self.identity_path(), text.as_bytes(), 0o600)?;
+        // Where it was enrolled: a clone of this VM finds another fingerprint and does not
+        // use it (see `firstboot::set_aside_a_cloned_identity`).
+        write_atomic(
+            &self.path.join(crate::firstboot::MACHINE_FILE),
+            crate::firstboot::fingerprint().as_bytes(),
+            0o600,
+        )
     }
 
     /// Sets a revoked identity aside (`identity.pem.revoked`, kept for whoever looks into

@@ -33,6 +33,16 @@ const FIRST_BOOT_RETRY_S: u64 = 5;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if !args.check {
+        match dbvm_agent::firstboot::set_aside_a_cloned_identity(&args.config) {
+            Ok(Some(what)) => eprintln!("dbvm-agent: {what}"),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("dbvm-agent: cannot check whether this VM is a clone: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
     if dbvm_agent::firstboot::needed(&args.config) {
         if args.check {
             println!(

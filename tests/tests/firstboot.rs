@@ -98,6 +98,12 @@ fn write_env(path: &Path, props: &[(String, String)], leave_out: &[&str]) {
 }
 
 fn start(fleet: &Fleet, name: &str, config: &Path, env: &Path) -> Proc {
+    start_on(fleet, name, config, env, "machine-a")
+}
+
+/// [`start`] on the machine with fingerprint `machine` (see the agent's
+/// `firstboot::TEST_MACHINE`).
+fn start_on(fleet: &Fleet, name: &str, config: &Path, env: &Path, machine: &str) -> Proc {
     Proc::spawn(
         name,
         "dbvm-agent",
@@ -108,7 +114,7 @@ fn start(fleet: &Fleet, name: &str, config: &Path, env: &Path) -> Proc {
             env.to_str().unwrap(),
         ],
         fleet.path(&format!("{name}.log")),
-        &[],
+        &[(dbvm_agent::firstboot::TEST_MACHINE, machine)],
     )
     .0
 }
@@ -248,4 +254,63 @@ async fn a_token_already_used_leaves_the_agent_unenrolled_and_says_why() {
         .unwrap()
         .iter()
         .any(|a| a.id == "fb3" && a.connected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloned_vm_sets_the_identity_aside_and_enrolls_with_its_own_properties() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let dir = fleet.path("vm4");
+    let config = package_config(&dir);
+    let token = client.enrollment_token("fb4", None).await.unwrap().token;
+    let env = dir.join("ovf-env.xml");
+    write_env(
+        &env,
+        &properties(&fleet, broker.agent_addr.port(), "fb4", &token),
+        &[],
+    );
+    let mut original = start_on(&fleet, "fb4", &config, &env, "machine-a");
+    dbvm_e2e::connected(&client, "fb4").await;
+    original.terminate();
+
+    // The VM is cloned: its disk (config, state) copied whole to another machine, which
+    // was deployed with its own properties.
+    let clone_dir = fleet.path("vm4c");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&dir)
+        .arg(&clone_dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let clone_config = clone_dir.join("agent.toml");
+    let text = std::fs::read_to_string(&clone_config).unwrap().replace(
+        &format!("{}/", dir.display()),
+        &format!("{}/", clone_dir.display()),
+    );
+    std::fs::write(&clone_config, text).unwrap();
+    let clone_token = client.enrollment_token("fb4c", None).await.unwrap().token;
+    let clone_env = clone_dir.join("ovf-env.xml");
+    write_env(
+        &clone_env,
+        &properties(&fleet, broker.agent_addr.port(), "fb4c", &clone_token),
+        &[],
+    );
+    let clone = start_on(&fleet, "fb4c", &clone_config, &clone_env, "machine-b");
+    dbvm_e2e::connected(&client, "fb4c").await;
+    ping(&fleet, &client, "fb4c").await;
+    let log = clone.log_text();
+    assert!(log.contains("it is a clone"), "{log}");
+    let aside: Vec<_> = std::fs::read_dir(clone_dir.join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cloned-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the original's identity was set aside");
+
+    // The original, back on its own machine, is still itself.
+    let _original = start_on(&fleet, "fb4", &config, &env, "machine-a");
+    dbvm_e2e::connected(&client, "fb4").await;
+    ping(&fleet, &client, "fb4").await;
 }
