@@ -60,7 +60,7 @@ for pkg in dbvm-agent dbvm-broker; do
     --define "dbvm_src $root" \
     --define "_build_id_links none" \
     --define "__os_install_post %{nil}" \
-    "packaging/rpm/$pkg.spec" 2> >(grep -v "use Alien\|RPM should not be used directly\|^Building" >&2 || true)
+    "packaging/rpm/$pkg.spec" >/dev/null 2> >(grep -v "use Alien\|RPM should not be used directly\|^Building" >&2 || true)
   rm -f "$out/$pkg-$version-1.x86_64.rpm"
   mv "$work/RPMS/x86_64/$pkg-$version-1.x86_64.rpm" "$out/"
 done
