@@ -269,3 +269,84 @@ pub async fn archive_now(c: &tokio_postgres::Client) {
     )
     .await;
 }
+
+/// An RFC 3339 time as milliseconds since the epoch.
+pub fn ms(rfc3339: &str) -> i64 {
+    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp_nanos()
+        / 1_000_000) as i64
+}
+
+/// The MariaDB backup tests' database: `app`, a table `t (id, pad)`, the `dbaas` user.
+pub mod maria {
+    use super::{Rig, Vm};
+    use mysql_async::prelude::Queryable;
+    use serde_json::json;
+
+    /// A MariaDB database `app` on the VM; its dbaas password.
+    pub async fn create(rig: &Rig, vm: &Vm) -> String {
+        let out = rig
+            .ok(
+                vm,
+                "db.create",
+                json!({"engine": "mariadb", "database": "app", "port": vm.port}),
+            )
+            .await;
+        rig.password(&out)
+    }
+
+    /// `dbaas` on `app` over TCP.
+    pub async fn connect(port: u16, password: &str) -> mysql_async::Conn {
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(port)
+            .user(Some("dbaas"))
+            .pass(Some(password))
+            .db_name(Some("app"))
+            .prefer_socket(false);
+        mysql_async::Conn::new(opts).await.expect("dbaas connects")
+    }
+
+    /// Rows `from..=to` of `t`.
+    pub async fn insert(c: &mut mysql_async::Conn, from: i32, to: i32) {
+        c.exec_drop(
+            "INSERT INTO t (id, pad) SELECT seq, REPEAT('x', 200) FROM seq_1_to_1000000 WHERE seq BETWEEN ? AND ?",
+            (from, to),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// `COUNT(*)` and `MAX(id)` of `t`.
+    pub async fn count_max(c: &mut mysql_async::Conn) -> (i64, Option<i64>) {
+        c.query_first("SELECT COUNT(*), MAX(id) FROM t")
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The server's clock, as an RFC 3339 time with milliseconds.
+    pub async fn now(c: &mut mysql_async::Conn) -> String {
+        let s: String = c
+            .query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(3), '%Y-%m-%dT%H:%i:%s.%fZ')")
+            .await
+            .unwrap()
+            .unwrap();
+        // %f gives microseconds: keep milliseconds.
+        let (head, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
+        format!("{head}.{}Z", &frac[..3])
+    }
+}
+
+/// PostgreSQL's clock now (`now()`: the transaction's start), RFC 3339 in UTC with
+/// milliseconds.
+pub async fn pg_now(c: &tokio_postgres::Client) -> String {
+    c.query_one(
+        "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

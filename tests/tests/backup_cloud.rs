@@ -5,7 +5,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_e2e::backup::{archive_now, pg_super, Rig, Vm};
+use dbvm_e2e::backup::{archive_now, maria, ms, pg_now, pg_super, Rig, Vm};
 use dbvm_e2e::s3::S3Server;
 use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
@@ -69,16 +69,6 @@ async fn pg(port: u16, password: &str) -> tokio_postgres::Client {
     dbvm_e2e::dbtest::pg_dbaas(port, password, "app")
         .await
         .expect("dbaas connects")
-}
-
-async fn pg_now(c: &tokio_postgres::Client) -> String {
-    c.query_one(
-        "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,34 +273,6 @@ async fn a_cloud_outage_holds_up_neither_archiving_nor_local_backups_and_the_cop
 
 // ----- MariaDB ----------------------------------------------------------------------------
 
-async fn maria(port: u16, password: &str) -> mysql_async::Conn {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(port)
-        .user(Some("dbaas"))
-        .pass(Some(password))
-        .db_name(Some("app"))
-        .prefer_socket(false);
-    mysql_async::Conn::new(opts).await.expect("dbaas connects")
-}
-
-async fn maria_now(c: &mut mysql_async::Conn) -> String {
-    let s: String = c
-        .query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(3), '%Y-%m-%dT%H:%i:%s.%fZ')")
-        .await
-        .unwrap()
-        .unwrap();
-    let (head, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
-    format!("{head}.{}Z", &frac[..3])
-}
-
-fn ms(rfc3339: &str) -> i64 {
-    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .unwrap()
-        .unix_timestamp_nanos()
-        / 1_000_000) as i64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_cloud_copy_is_checked_object_by_object_and_restores_without_the_local_bucket() {
     let mut rig = Rig::new().await;
@@ -326,7 +288,7 @@ async fn mariadb_cloud_copy_is_checked_object_by_object_and_restores_without_the
         )
         .await;
     let password = rig.password(&out);
-    let mut c = maria(src.port, &password).await;
+    let mut c = maria::connect(src.port, &password).await;
     c.query_drop(
         "CREATE TABLE t (id INT PRIMARY KEY); INSERT INTO t SELECT seq FROM seq_1_to_1000",
     )
@@ -340,7 +302,7 @@ async fn mariadb_cloud_copy_is_checked_object_by_object_and_restores_without_the
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let target = maria_now(&mut c).await;
+    let target = maria::now(&mut c).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     c.query_drop("INSERT INTO t SELECT seq FROM seq_2001_to_3000")
         .await
@@ -404,7 +366,7 @@ async fn mariadb_cloud_copy_is_checked_object_by_object_and_restores_without_the
     });
     let out = rig.ok(&dst, "db.restore", restore).await;
     eprintln!("restore: {}", out["restored"]);
-    let mut d = maria(dst.port, &rig.password(&out)).await;
+    let mut d = maria::connect(dst.port, &rig.password(&out)).await;
     let n: i64 = d
         .query_first("SELECT COUNT(*) FROM t")
         .await

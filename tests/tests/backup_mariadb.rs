@@ -7,7 +7,7 @@
 
 use dbvm_agent::backup::s3::{S3Error, PART_SIZE, S3};
 use dbvm_agent::backup::storage::Storage;
-use dbvm_e2e::backup::{Rig, Tmpfs, Vm};
+use dbvm_e2e::backup::{maria, ms, Rig, Tmpfs};
 use dbvm_e2e::s3::S3Server;
 use dbvm_e2e::Fleet;
 use dbvm_protocol::api::CommandState;
@@ -142,65 +142,6 @@ async fn the_s3_client_puts_uploads_in_parts_lists_downloads_checked_and_explain
 
 // ----- signed commands to real agents ----------------------------------------------------
 
-/// A MariaDB database `app` on the VM; its dbaas password.
-async fn create_mariadb(rig: &Rig, vm: &Vm) -> String {
-    let out = rig
-        .ok(
-            vm,
-            "db.create",
-            json!({"engine": "mariadb", "database": "app", "port": vm.port}),
-        )
-        .await;
-    rig.password(&out)
-}
-
-async fn maria(port: u16, password: &str) -> mysql_async::Conn {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(port)
-        .user(Some("dbaas"))
-        .pass(Some(password))
-        .db_name(Some("app"))
-        .prefer_socket(false);
-    mysql_async::Conn::new(opts).await.expect("dbaas connects")
-}
-
-async fn insert(c: &mut mysql_async::Conn, from: i32, to: i32) {
-    c.exec_drop(
-        "INSERT INTO t (id, pad) SELECT seq, REPEAT('x', 200) FROM seq_1_to_1000000 WHERE seq BETWEEN ? AND ?",
-        (from, to),
-    )
-    .await
-    .unwrap();
-}
-
-async fn count_max(c: &mut mysql_async::Conn) -> (i64, Option<i64>) {
-    c.query_first("SELECT COUNT(*), MAX(id) FROM t")
-        .await
-        .unwrap()
-        .unwrap()
-}
-
-/// The server's clock, as an RFC 3339 time with milliseconds.
-async fn now(c: &mut mysql_async::Conn) -> String {
-    c.query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(3), '%Y-%m-%dT%H:%i:%s.%fZ')")
-        .await
-        .unwrap()
-        .map(|s: String| {
-            // %f gives microseconds: keep milliseconds.
-            let (head, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
-            format!("{head}.{}Z", &frac[..3])
-        })
-        .unwrap()
-}
-
-fn ms(rfc3339: &str) -> i64 {
-    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .unwrap()
-        .unix_timestamp_nanos()
-        / 1_000_000) as i64
-}
-
 /// The source's manifest(s) as the bucket holds them.
 fn manifests(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<Value> {
     let dir = s3.root.join(bucket).join(prefix).join("chains");
@@ -223,12 +164,12 @@ async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbk");
     let src = rig.vm("ms1").await;
-    let password = create_mariadb(&rig, &src).await;
-    let mut c = maria(src.port, &password).await;
+    let password = maria::create(&rig, &src).await;
+    let mut c = maria::connect(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
         .unwrap();
-    insert(&mut c, 1, 20_000).await;
+    maria::insert(&mut c, 1, 20_000).await;
 
     let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
     let out = rig
@@ -255,21 +196,21 @@ async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_
     eprintln!("full: {full}");
     assert_eq!(full["type"], "full", "{full}");
     assert!(full["binlog_file"].as_str().is_some(), "{full}");
-    insert(&mut c, 20_001, 30_000).await;
+    maria::insert(&mut c, 20_001, 30_000).await;
     let incr = rig.ok(&src, "backup.run", json!({})).await;
     eprintln!("incr: {incr}");
     assert_eq!(incr["type"], "incr", "{incr}");
     assert_eq!(incr["from_lsn"], full["to_lsn"], "{incr}");
-    insert(&mut c, 30_001, 40_000).await;
+    maria::insert(&mut c, 30_001, 40_000).await;
 
     // The target: a whole second after row 40000, a whole second before row 40001.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let target = now(&mut c).await;
+    let target = maria::now(&mut c).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    insert(&mut c, 40_001, 50_000).await;
+    maria::insert(&mut c, 40_001, 50_000).await;
 
     // The binlogs up to the newest events reach the bucket by themselves.
-    let after_ms = ms(&now(&mut c).await);
+    let after_ms = ms(&maria::now(&mut c).await);
     dbvm_e2e::eventually(
         Duration::from_secs(60),
         "binlogs past the target uploaded",
@@ -317,9 +258,9 @@ async fn mariadb_full_and_incremental_streamed_to_s3_then_point_in_time_restore_
     );
     assert!(!out.to_string().contains(&rig.s3.secret_key));
     let restored_password = rig.password(&out);
-    let mut d = maria(dst.port, &restored_password).await;
+    let mut d = maria::connect(dst.port, &restored_password).await;
     assert_eq!(
-        count_max(&mut d).await,
+        maria::count_max(&mut d).await,
         (40_000, Some(40_000)),
         "rows before the target present (backups + binlogs), rows after it absent"
     );
@@ -330,12 +271,12 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbb");
     let src = rig.vm("ms2").await;
-    let password = create_mariadb(&rig, &src).await;
-    let mut c = maria(src.port, &password).await;
+    let password = maria::create(&rig, &src).await;
+    let mut c = maria::connect(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
         .unwrap();
-    insert(&mut c, 1, 1_000).await;
+    maria::insert(&mut c, 1, 1_000).await;
     let kept = src
         .agent
         .state_dir
@@ -390,7 +331,7 @@ async fn mariadb_bad_storage_out_of_window_targets_and_a_corrupted_object_change
         assert!(!text.contains(&rig.s3.secret_key));
     }
     let full = rig.ok(&src, "backup.run", json!({"type": "full"})).await;
-    insert(&mut c, 1_001, 2_000).await;
+    maria::insert(&mut c, 1_001, 2_000).await;
     dbvm_e2e::eventually(
         Duration::from_secs(60),
         "the rows' binlog uploaded",
@@ -490,12 +431,12 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbd");
     let src = rig.vm("ms3").await;
-    let password = create_mariadb(&rig, &src).await;
-    let mut c = maria(src.port, &password).await;
+    let password = maria::create(&rig, &src).await;
+    let mut c = maria::connect(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
         .unwrap();
-    insert(&mut c, 1, 1_000).await;
+    maria::insert(&mut c, 1, 1_000).await;
     let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
     rig.ok(
         &src,
@@ -506,8 +447,8 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
     rig.ok(&src, "backup.run", json!({})).await;
 
     rig.s3.stop_s3();
-    insert(&mut c, 1_001, 2_000).await;
-    let written_ms = ms(&now(&mut c).await);
+    maria::insert(&mut c, 1_001, 2_000).await;
+    let written_ms = ms(&maria::now(&mut c).await);
     let down = dbvm_e2e::eventually(Duration::from_secs(60), "upload rounds failing", || async {
         let l = rig.ok(&src, "backup.list", json!({})).await;
         let u = &l["binlog_upload"];
@@ -583,8 +524,8 @@ async fn mariadb_s3_down_keeps_the_binlogs_counts_failures_and_catches_up_when_i
         )
         .await;
     eprintln!("restore latest: {}", out["restored"]);
-    let mut d = maria(dst.port, &rig.password(&out)).await;
-    assert_eq!(count_max(&mut d).await, (2_000, Some(2_000)));
+    let mut d = maria::connect(dst.port, &rig.password(&out)).await;
+    assert_eq!(maria::count_max(&mut d).await, (2_000, Some(2_000)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,8 +533,8 @@ async fn mariadb_agent_killed_mid_backup_reports_it_interrupted_and_the_next_bac
     let mut rig = Rig::new().await;
     rig.s3.create_bucket("mbk");
     let mut vm = rig.vm("mk1").await;
-    let password = create_mariadb(&rig, &vm).await;
-    let mut c = maria(vm.port, &password).await;
+    let password = maria::create(&rig, &vm).await;
+    let mut c = maria::connect(vm.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
         .unwrap();
@@ -708,8 +649,8 @@ async fn mariadb_binlogs_stay_under_their_cap_while_uploads_work_and_none_unuplo
     let _disk = Tmpfs::mount(&rig.fleet.path("mcap-db"), "1g");
     let src = rig.vm("mcap").await;
     let data = rig.fleet.path("mcap-db").join("data");
-    let password = create_mariadb(&rig, &src).await;
-    let mut c = maria(src.port, &password).await;
+    let password = maria::create(&rig, &src).await;
+    let mut c = maria::connect(src.port, &password).await;
     c.query_drop("CREATE TABLE churn (id INT PRIMARY KEY, pad TEXT)")
         .await
         .unwrap();
@@ -804,12 +745,12 @@ async fn mariadb_purger_removes_an_expired_chain_with_its_objects_and_keeps_the_
     let src = rig
         .vm_env("mpurge", &[(dbvm_agent::backup::TEST_DAY_S, "20")])
         .await;
-    let password = create_mariadb(&rig, &src).await;
-    let mut c = maria(src.port, &password).await;
+    let password = maria::create(&rig, &src).await;
+    let mut c = maria::connect(src.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
         .unwrap();
-    insert(&mut c, 1, 1_000).await;
+    maria::insert(&mut c, 1, 1_000).await;
     let (ak, sk) = rig.keys(&src, &rig.s3.secret_key).await;
     rig.ok(
         &src,
@@ -818,7 +759,7 @@ async fn mariadb_purger_removes_an_expired_chain_with_its_objects_and_keeps_the_
     )
     .await;
     let f1 = rig.ok(&src, "backup.run", json!({})).await;
-    insert(&mut c, 1_001, 2_000).await;
+    maria::insert(&mut c, 1_001, 2_000).await;
     let list = rig.ok(&src, "backup.list", json!({})).await;
     let chain_expiry = list["chains"][0]["expires_ms"].as_i64().unwrap();
     // The old chain's last backup, late in its day.
@@ -832,7 +773,7 @@ async fn mariadb_purger_removes_an_expired_chain_with_its_objects_and_keeps_the_
         (chain_expiry - dbvm_protocol::now_ms()).max(0) as u64 + 1_000,
     ))
     .await;
-    insert(&mut c, 2_001, 3_000).await;
+    maria::insert(&mut c, 2_001, 3_000).await;
     let f2 = rig.ok(&src, "backup.run", json!({})).await;
     assert_eq!(f2["type"], "full", "{f2}");
 
@@ -873,6 +814,6 @@ async fn mariadb_purger_removes_an_expired_chain_with_its_objects_and_keeps_the_
             }),
         )
         .await;
-    let mut d = maria(dst.port, &rig.password(&out)).await;
-    assert_eq!(count_max(&mut d).await.0, 3_000, "{out}");
+    let mut d = maria::connect(dst.port, &rig.password(&out)).await;
+    assert_eq!(maria::count_max(&mut d).await.0, 3_000, "{out}");
 }

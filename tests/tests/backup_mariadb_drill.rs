@@ -5,7 +5,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_e2e::backup::{Rig, Vm};
+use dbvm_e2e::backup::{maria, ms, Rig, Vm};
 use dbvm_protocol::api::CommandState;
 use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
@@ -23,11 +23,11 @@ async fn database_with_backups(rig: &Rig, vm: &Vm, bucket: &str, rows: i32) -> S
         )
         .await;
     let password = rig.password(&out);
-    let mut c = maria(vm.port, &password).await;
+    let mut c = maria::connect(vm.port, &password).await;
     c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, pad VARCHAR(255))")
         .await
         .unwrap();
-    insert(&mut c, 1, rows).await;
+    maria::insert(&mut c, 1, rows).await;
     let (ak, sk) = rig.keys(vm, &rig.s3.secret_key).await;
     rig.ok(
         vm,
@@ -36,52 +36,6 @@ async fn database_with_backups(rig: &Rig, vm: &Vm, bucket: &str, rows: i32) -> S
     )
     .await;
     password
-}
-
-async fn maria(port: u16, password: &str) -> mysql_async::Conn {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(port)
-        .user(Some("dbaas"))
-        .pass(Some(password))
-        .db_name(Some("app"))
-        .prefer_socket(false);
-    mysql_async::Conn::new(opts).await.expect("dbaas connects")
-}
-
-async fn insert(c: &mut mysql_async::Conn, from: i32, to: i32) {
-    c.exec_drop(
-        "INSERT INTO t (id, pad) SELECT seq, REPEAT('x', 200) FROM seq_1_to_1000000 WHERE seq BETWEEN ? AND ?",
-        (from, to),
-    )
-    .await
-    .unwrap();
-}
-
-async fn count_max(c: &mut mysql_async::Conn) -> (i64, Option<i64>) {
-    c.query_first("SELECT COUNT(*), MAX(id) FROM t")
-        .await
-        .unwrap()
-        .unwrap()
-}
-
-/// The server's clock, as an RFC 3339 time with milliseconds.
-async fn now(c: &mut mysql_async::Conn) -> String {
-    c.query_first("SELECT DATE_FORMAT(UTC_TIMESTAMP(3), '%Y-%m-%dT%H:%i:%s.%fZ')")
-        .await
-        .unwrap()
-        .map(|s: String| {
-            let (head, frac) = s.trim_end_matches('Z').split_once('.').unwrap();
-            format!("{head}.{}Z", &frac[..3])
-        })
-        .unwrap()
-}
-
-fn ms(rfc3339: &str) -> i64 {
-    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .unwrap()
-        .unix_timestamp_nanos()
-        / 1_000_000) as i64
 }
 
 /// The chains' manifests as the bucket holds them, oldest chain first.
@@ -129,8 +83,8 @@ async fn mariadb_drill_passes_on_a_good_chain_and_names_an_object_corrupted_behi
     let vm = rig.vm("mdr1").await;
     let password = database_with_backups(&rig, &vm, "mdr", 5_000).await;
     let full = rig.ok(&vm, "backup.run", json!({})).await;
-    let mut c = maria(vm.port, &password).await;
-    insert(&mut c, 5_001, 8_000).await;
+    let mut c = maria::connect(vm.port, &password).await;
+    maria::insert(&mut c, 5_001, 8_000).await;
     let incr = rig.ok(&vm, "backup.run", json!({})).await;
     assert_eq!(incr["type"], "incr", "{incr}");
 
@@ -244,20 +198,20 @@ async fn mariadb_recover_in_place_to_a_time_drops_later_rows_keeps_earlier_ones_
     rig.s3.create_bucket("mrc");
     let vm = rig.vm("mrc1").await;
     let password = database_with_backups(&rig, &vm, "mrc", 1_000).await;
-    let mut c = maria(vm.port, &password).await;
-    let before_backups = now(&mut c).await;
+    let mut c = maria::connect(vm.port, &password).await;
+    let before_backups = maria::now(&mut c).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let full = rig.ok(&vm, "backup.run", json!({})).await;
-    insert(&mut c, 1_001, 2_000).await;
+    maria::insert(&mut c, 1_001, 2_000).await;
     let incr = rig.ok(&vm, "backup.run", json!({})).await;
     assert_eq!(incr["type"], "incr", "{incr}");
-    insert(&mut c, 2_001, 3_000).await;
+    maria::insert(&mut c, 2_001, 3_000).await;
     // The target: a whole second after row 3000, a whole second before row 3001.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let target = now(&mut c).await;
+    let target = maria::now(&mut c).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    insert(&mut c, 3_001, 4_000).await;
-    assert_eq!(count_max(&mut c).await, (4_000, Some(4_000)));
+    maria::insert(&mut c, 3_001, 4_000).await;
+    assert_eq!(maria::count_max(&mut c).await, (4_000, Some(4_000)));
 
     // A target before the first backup: refused with the window, nothing changed (the
     // same server process answers, no marker, the rows all there).
@@ -275,7 +229,7 @@ async fn mariadb_recover_in_place_to_a_time_drops_later_rows_keeps_earlier_ones_
         .await
         .expect("the same connection answers: the server was never stopped");
     assert_eq!(still, conn_id);
-    assert_eq!(count_max(&mut c).await, (4_000, Some(4_000)));
+    assert_eq!(maria::count_max(&mut c).await, (4_000, Some(4_000)));
     let status = rig.ok(&vm, "db.status", json!({})).await;
     assert!(status.get("recovering").is_none(), "{status}");
 
@@ -322,8 +276,8 @@ async fn mariadb_recover_in_place_to_a_time_drops_later_rows_keeps_earlier_ones_
         e.contains("put back") && e.contains("runs as before"),
         "{e}"
     );
-    let mut c = maria(vm.port, &password).await;
-    assert_eq!(count_max(&mut c).await, (4_000, Some(4_000)));
+    let mut c = maria::connect(vm.port, &password).await;
+    assert_eq!(maria::count_max(&mut c).await, (4_000, Some(4_000)));
     let status = rig.ok(&vm, "db.status", json!({})).await;
     assert!(status.get("recovering").is_none(), "{status}");
     drop(c);
@@ -346,9 +300,9 @@ async fn mariadb_recover_in_place_to_a_time_drops_later_rows_keeps_earlier_ones_
     );
     assert!(out["binlogs_replayed"].as_u64().unwrap() >= 1, "{out}");
     assert!(out["new_chain"]["full"].as_str().is_some(), "{out}");
-    let mut c = maria(vm.port, &password).await;
+    let mut c = maria::connect(vm.port, &password).await;
     assert_eq!(
-        count_max(&mut c).await,
+        maria::count_max(&mut c).await,
         (3_000, Some(3_000)),
         "rows before the target present, rows after it absent"
     );
@@ -361,7 +315,7 @@ async fn mariadb_recover_in_place_to_a_time_drops_later_rows_keeps_earlier_ones_
 
     // The recovered database goes on: it takes writes, its new chain is a full backup of
     // its own, and its binlogs continue past every number the old chain used.
-    insert(&mut c, 5_001, 5_500).await;
+    maria::insert(&mut c, 5_001, 5_500).await;
     let ms_all = manifests(&rig, "mrc", "mrc1");
     assert_eq!(ms_all.len(), 2, "a new chain: {ms_all:?}");
     assert_eq!(ms_all[1]["backups"][0]["kind"], "full", "{ms_all:?}");
@@ -386,8 +340,8 @@ async fn mariadb_agent_killed_mid_recover_leaves_the_database_stopped_and_marked
     let mut vm = rig.vm("mrk1").await;
     let password = database_with_backups(&rig, &vm, "mrk", 1_000).await;
     rig.ok(&vm, "backup.run", json!({})).await;
-    let mut c = maria(vm.port, &password).await;
-    insert(&mut c, 1_001, 2_000).await;
+    let mut c = maria::connect(vm.port, &password).await;
+    maria::insert(&mut c, 1_001, 2_000).await;
     drop(c);
     let old = rig.data_root(&vm).join("recover-old");
 
@@ -453,8 +407,8 @@ async fn mariadb_agent_killed_mid_recover_leaves_the_database_stopped_and_marked
     // first attempt replayed), the mark and the old directory gone.
     let out = rig.ok(&vm, "db.recover", json!({"target": "latest"})).await;
     eprintln!("db.recover after the interrupted one: {out}");
-    let mut c = maria(vm.port, &password).await;
-    assert_eq!(count_max(&mut c).await, (2_000, Some(2_000)));
+    let mut c = maria::connect(vm.port, &password).await;
+    assert_eq!(maria::count_max(&mut c).await, (2_000, Some(2_000)));
     let status = rig.ok(&vm, "db.status", json!({})).await;
     assert!(status.get("recovering").is_none(), "{status}");
     assert!(!old.exists(), "the old data directory is removed");
@@ -466,7 +420,7 @@ async fn mariadb_agent_killed_mid_drill_leaves_no_copy_behind_and_the_next_drill
     rig.s3.create_bucket("mdk");
     let mut vm = rig.vm("mdk1").await;
     let password = database_with_backups(&rig, &vm, "mdk", 1_000).await;
-    let mut c = maria(vm.port, &password).await;
+    let mut c = maria::connect(vm.port, &password).await;
     // Enough data that the drill unpacks, prepares and checks for seconds, so the kill
     // lands inside it.
     for k in 0..2 {

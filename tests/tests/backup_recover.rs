@@ -6,7 +6,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_e2e::backup::{archive_now, pg_super, Rig, Vm};
+use dbvm_e2e::backup::{archive_now, ms, pg_now, pg_super, Rig, Vm};
 use dbvm_protocol::api::CommandState;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -33,24 +33,6 @@ async fn count(c: &tokio_postgres::Client) -> (i64, i32) {
         .await
         .unwrap();
     (r.get(0), r.get(1))
-}
-
-/// The server's clock now, RFC 3339 in UTC with milliseconds.
-async fn server_now(c: &tokio_postgres::Client) -> String {
-    c.query_one(
-        "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-fn ms_of(rfc3339: &str) -> i64 {
-    (time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .unwrap()
-        .unix_timestamp_nanos()
-        / 1_000_000) as i64
 }
 
 /// The largest file of a backup's data (what holds table `t`'s rows).
@@ -120,7 +102,7 @@ async fn recover_in_place_to_a_time_keeps_rows_before_it_drops_rows_after_and_ba
     // The target: after row 200 committed, before row 201 (a second apart each side,
     // beyond the one-second resolution of a backup's stop time).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let target = server_now(&c).await;
+    let target = pg_now(&c).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     insert(&c, 201, 300).await;
     assert_eq!(count(&c).await, (300, 300));
@@ -129,7 +111,7 @@ async fn recover_in_place_to_a_time_keeps_rows_before_it_drops_rows_after_and_ba
     let out = rig.ok(&vm, "db.recover", json!({ "target": target })).await;
     eprintln!("db.recover: {out}");
     let reached = out["recovered_to_ms"].as_i64().expect("recovered_to_ms");
-    let target_ms = ms_of(&target);
+    let target_ms = ms(&target);
     assert!(
         reached <= target_ms && reached > target_ms - 5_000,
         "reported {reached}, target {target_ms}: {out}"
