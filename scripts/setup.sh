@@ -20,10 +20,11 @@ fi
 # compressed), stunnel4 (TLS in front of the test S3 server, which speaks plain HTTP only;
 # tests/src/s3.rs). Packaging: rpm (rpmbuild, rpmsign, rpm --root), gnupg (signs them),
 # systemd (systemctl and systemd-sysusers run the RPMs' scriptlets in a throwaway root;
-# systemd-analyze verifies the units offline).
+# systemd-analyze verifies the units offline). The Photon image recipe (photon/): packer
+# (validates and builds the vSphere template), jq (the image manifest's SBOM).
 packages=(build-essential pkg-config musl-tools ca-certificates curl iproute2 procps file
   nftables docker.io postgresql-15 postgresql-client-15 mariadb-server mariadb-client socat
-  busybox-static pgbackrest mariadb-backup stunnel4 zstd rpm gnupg systemd)
+  busybox-static pgbackrest mariadb-backup stunnel4 zstd rpm gnupg systemd packer jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
