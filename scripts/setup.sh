@@ -60,6 +60,13 @@ if ! command -v cargo-machete >/dev/null 2>&1; then
   say "installing cargo-machete (checks for unused dependencies; built once, about 2 minutes)"
   cargo install cargo-machete --version 0.9.2 --locked --quiet
 fi
+# cargo-auditable: `cargo auditable build` embeds the binary's crate list, which
+# photon/image-manifest.sh turns into the image's SBOM (tests/tests/photon.rs). Built once
+# (under a minute).
+if ! command -v cargo-auditable >/dev/null 2>&1; then
+  say "installing cargo-auditable (embeds the dependency list the image SBOM reads; built once)"
+  cargo install cargo-auditable --version 0.7.7 --locked --quiet
+fi
 # s3s-fs: the S3 server of the backup tests (verifies SigV4 signatures, keeps objects as
 # files; tests/src/s3.rs). 0.14.1 because newer releases need a newer rustc than 1.95.
 if ! command -v s3s-fs >/dev/null 2>&1 && ! [ -x "$HOME/.cargo/bin/s3s-fs" ]; then

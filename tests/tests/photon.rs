@@ -285,6 +285,12 @@ fn the_kickstart_installs_what_a_database_vm_needs_and_carries_no_secret() {
         }
     }
     assert_eq!(copied, 3, "telegraf.conf, seal.sh, dbvm-seal.service");
+    // The scripts parse (seal.sh with a POSIX shell: Photon's /bin/sh is bash, dash is
+    // stricter).
+    ok(Command::new("sh").arg("-n").arg(photon().join("seal.sh")));
+    for script in ["make-ova.sh", "image-manifest.sh"] {
+        ok(Command::new("bash").arg("-n").arg(photon().join(script)));
+    }
     assert!(found.is_empty(), "{found:#?}");
     // Telegraf scrapes the agent where its config says it serves.
     let telegraf = read(&photon().join("telegraf.conf"));
@@ -483,6 +489,72 @@ fn the_image_manifest_names_the_agent_its_sha256_and_its_real_dependencies() {
             )
         );
     }
+}
+
+#[test]
+fn the_image_manifest_reads_the_crate_list_a_cargo_auditable_binary_carries() {
+    // A binary built with `cargo auditable build` carries its exact crate list (the ELF
+    // section .dep-v0); the manifest uses it instead of the source tree's graph. A small
+    // crate stands in for the agent (named like it, one local dependency, no registry):
+    // building the agent itself this way takes minutes.
+    let have = dbvm_e2e::proc::cargo_command()
+        .args(["auditable", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have,
+        "cargo-auditable is missing: bash scripts/setup.sh installs it \
+         (cargo install cargo-auditable --version 0.7.7 --locked)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let krate = tmp.path().join("agent");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::create_dir_all(krate.join("probe/src")).unwrap();
+    std::fs::write(
+        krate.join("Cargo.toml"),
+        "[package]\nname = \"dbvm-agent\"\nversion = \"9.9.9\"\nedition = \"2021\"\n\
+         [dependencies]\ndbvm-sbom-probe = { path = \"probe\" }\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        krate.join("src/main.rs"),
+        "fn main() { println!(\"dbvm-agent {}\", dbvm_sbom_probe::VERSION); }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        krate.join("probe/Cargo.toml"),
+        "[package]\nname = \"dbvm-sbom-probe\"\nversion = \"0.3.1\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        krate.join("probe/src/lib.rs"),
+        "pub const VERSION: &str = \"9.9.9\";\n",
+    )
+    .unwrap();
+    ok(dbvm_e2e::proc::cargo_command()
+        .current_dir(&krate)
+        .env("CARGO_TARGET_DIR", krate.join("target"))
+        .args(["auditable", "build", "--offline", "--quiet"]));
+    let out = tmp.path().join("manifest");
+    let printed = ok(Command::new("bash")
+        .arg(photon().join("image-manifest.sh"))
+        .arg(krate.join("target/debug/dbvm-agent"))
+        .arg(&out));
+    let manifest: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!(manifest["agent"]["version"], "9.9.9");
+    assert!(manifest["sbom"]["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("cargo-auditable"));
+    let sbom: serde_json::Value =
+        serde_json::from_str(&read(&out.join("dbvm-agent.cdx.json"))).unwrap();
+    let components: Vec<(&str, &str)> = sbom["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["version"].as_str().unwrap()))
+        .collect();
+    assert_eq!(components, [("dbvm-sbom-probe", "0.3.1")]);
 }
 
 // The installed root: the RPMs as the kickstart installs them.
