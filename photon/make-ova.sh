@@ -24,7 +24,7 @@ mapfile -t ovfs < <(find "$dir" -maxdepth 1 -name '*.ovf' -printf '%f\n')
 ovf=${ovfs[0]}
 base=${ovf%.ovf}
 grep -q '</\([A-Za-z]*:\)\?VirtualSystem>' "$dir/$ovf" || die "$dir/$ovf has no VirtualSystem element"
-if grep -q 'dbvm.agent.id' "$dir/$ovf"; then
+if grep -q 'dbvm.agent_id' "$dir/$ovf"; then
   die "$dir/$ovf already carries dbvm's properties (run on a fresh export)"
 fi
 

@@ -8,11 +8,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use base64::Engine;
+use dbvm_agent::firstboot;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -48,13 +51,14 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// The first-boot properties: the keys the agent's reader depends on.
+/// The properties first boot requires (guest-agent/src/firstboot.rs): the fragment must
+/// declare each without a default, and the reader must accept what the fragment declares.
 const REQUIRED_PROPERTIES: [&str; 5] = [
-    "dbvm.agent.id",
-    "dbvm.broker.addresses",
-    "dbvm.fleet.ca_cert",
-    "dbvm.enrollment.token",
-    "dbvm.control_plane.trusted_keys",
+    firstboot::AGENT_ID,
+    firstboot::BROKER_ADDRESS,
+    firstboot::FLEET_CA,
+    firstboot::ENROLLMENT_TOKEN,
+    firstboot::TRUSTED_KEYS,
 ];
 const NETWORK_FIELDS: [&str; 6] = ["interface", "mode", "ip", "netmask", "gateway", "dns"];
 
@@ -327,9 +331,10 @@ fn the_ovf_fragment_declares_every_first_boot_property_and_make_ova_places_it() 
     let names: BTreeSet<&str> = keys.iter().map(|(k, _, _)| k.as_str()).collect();
     assert_eq!(names.len(), keys.len(), "a key is declared twice");
     let mut want: BTreeSet<String> = REQUIRED_PROPERTIES.iter().map(|k| k.to_string()).collect();
+    want.insert(firstboot::BROKER_SERVER_NAME.to_string());
     for nic in ["mgmt", "app"] {
         for f in NETWORK_FIELDS {
-            want.insert(format!("dbvm.net.{nic}.{f}"));
+            want.insert(format!("dbvm.{nic}_{f}"));
         }
     }
     let want_refs: BTreeSet<&str> = want.iter().map(String::as_str).collect();
@@ -341,10 +346,53 @@ fn the_ovf_fragment_declares_every_first_boot_property_and_make_ova_places_it() 
             "{key} not in photon/README.md"
         );
         // Only the token is a password; the required ones have no default value.
-        assert_eq!(*password, key == "dbvm.enrollment.token", "{key}");
-        if REQUIRED_PROPERTIES.contains(&key.as_str()) {
-            assert!(default.is_none(), "{key} has a default");
+        assert_eq!(*password, key == firstboot::ENROLLMENT_TOKEN, "{key}");
+        assert_eq!(
+            default.is_none(),
+            REQUIRED_PROPERTIES.contains(&key.as_str()),
+            "{key}: the required properties, and only they, have no default"
+        );
+    }
+
+    // The reader takes an environment holding what the fragment declares (the defaults,
+    // and values for the required ones), and names each required one left out.
+    let ca =
+        dbvm_protocol::pki::FleetCa::generate("image test CA", Duration::from_secs(3600)).unwrap();
+    let signer = dbvm_protocol::command::CommandSigner::generate();
+    let public = dbvm_protocol::command::PublicKeyFile::from_key(&signer.verifying_key());
+    let value = |key: &str, default: &Option<String>| -> String {
+        match key {
+            firstboot::AGENT_ID => "db-017".into(),
+            firstboot::BROKER_ADDRESS => "broker.example.com:7443".into(),
+            firstboot::FLEET_CA => base64::engine::general_purpose::STANDARD.encode(ca.cert_pem()),
+            firstboot::ENROLLMENT_TOKEN => "one-time".into(),
+            firstboot::TRUSTED_KEYS => format!("{}:{}", public.key_id, public.public_key),
+            _ => default.clone().unwrap(),
         }
+    };
+    let filled: Vec<(String, String)> = keys
+        .iter()
+        .map(|(k, _, default)| (k.clone(), value(k, default)))
+        .collect();
+    let settings = firstboot::Settings::from_properties(
+        "test",
+        &firstboot::properties("test", &ovf_env(&filled)).unwrap(),
+    )
+    .expect("the reader accepts the fragment's properties");
+    assert_eq!(settings.agent_id, "db-017");
+    for left_out in REQUIRED_PROPERTIES {
+        let kept: Vec<(String, String)> = filled
+            .iter()
+            .filter(|(k, _)| k != left_out)
+            .cloned()
+            .collect();
+        let err = firstboot::Settings::from_properties(
+            "test",
+            &firstboot::properties("test", &ovf_env(&kept)).unwrap(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("accepted without {left_out}"));
+        assert!(err.to_string().contains(left_out), "{err}");
     }
 
     // make-ova.sh on a descriptor shaped like vSphere's export.
@@ -420,6 +468,20 @@ fn the_ovf_fragment_declares_every_first_boot_property_and_make_ova_places_it() 
         .arg(photon().join("ovf-properties.xml"))
         .arg(&ova));
     assert!(!out.status.success());
+}
+
+/// An OVF environment as VMware Tools hands it over (`guestinfo.ovfEnv`), with `props`.
+fn ovf_env(props: &[(String, String)]) -> String {
+    let p: String = props
+        .iter()
+        .map(|(k, v)| format!("    <Property oe:key=\"{k}\" oe:value=\"{v}\"/>\n"))
+        .collect();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <Environment xmlns=\"http://schemas.dmtf.org/ovf/environment/1\" \
+         xmlns:oe=\"http://schemas.dmtf.org/ovf/environment/1\" oe:id=\"\">\n\
+         <PropertySection>\n{p}</PropertySection>\n</Environment>\n"
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {
