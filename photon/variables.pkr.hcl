@@ -83,7 +83,14 @@ variable "image_dir" {
 
 variable "rpm_signing_key" {
   type        = string
-  description = "the PUBLIC key (armored) that signed the RPMs: the kickstart imports it and refuses RPMs it did not sign"
+  description = "the PUBLIC key (armored) that signed the RPMs, in a file named RPM-GPG-KEY-dbvm.asc: the kickstart imports it and refuses RPMs it did not sign"
+
+  # cd_files puts files at the CD's root under their own names; the kickstart looks for
+  # this one by name.
+  validation {
+    condition     = basename(var.rpm_signing_key) == "RPM-GPG-KEY-dbvm.asc"
+    error_message = "The rpm_signing_key file must be named RPM-GPG-KEY-dbvm.asc (gpg --armor --export KEY > target/rpm/RPM-GPG-KEY-dbvm.asc)."
+  }
 }
 
 variable "output_dir" {
