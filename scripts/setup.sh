@@ -20,10 +20,11 @@ fi
 # compressed), stunnel4 (TLS in front of the test S3 server, which speaks plain HTTP only;
 # tests/src/s3.rs). Packaging: rpm (rpmbuild, rpmsign, rpm --root), gnupg (signs them),
 # systemd (systemctl and systemd-sysusers run the RPMs' scriptlets in a throwaway root;
-# systemd-analyze verifies the units offline).
+# systemd-analyze verifies the units offline). The Photon image recipe (photon/): packer
+# (validates and builds the vSphere template), jq (the image manifest's SBOM).
 packages=(build-essential pkg-config musl-tools ca-certificates curl iproute2 procps file
   nftables docker.io postgresql-15 postgresql-client-15 mariadb-server mariadb-client socat
-  busybox-static pgbackrest mariadb-backup stunnel4 zstd rpm gnupg systemd)
+  busybox-static pgbackrest mariadb-backup stunnel4 zstd rpm gnupg systemd packer jq)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -58,6 +59,13 @@ fi
 if ! command -v cargo-machete >/dev/null 2>&1; then
   say "installing cargo-machete (checks for unused dependencies; built once, about 2 minutes)"
   cargo install cargo-machete --version 0.9.2 --locked --quiet
+fi
+# cargo-auditable: `cargo auditable build` embeds the binary's crate list, which
+# photon/image-manifest.sh turns into the image's SBOM (tests/tests/photon.rs). Built once
+# (under a minute).
+if ! command -v cargo-auditable >/dev/null 2>&1; then
+  say "installing cargo-auditable (embeds the dependency list the image SBOM reads; built once)"
+  cargo install cargo-auditable --version 0.7.7 --locked --quiet
 fi
 # s3s-fs: the S3 server of the backup tests (verifies SigV4 signatures, keeps objects as
 # files; tests/src/s3.rs). 0.14.1 because newer releases need a newer rustc than 1.95.
