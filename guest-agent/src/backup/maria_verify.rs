@@ -31,7 +31,7 @@
 //! as PostgreSQL's drill does. A table missing from the copy fails the drill either way.
 //!
 //! The copy is removed whatever happened. The result is recorded like PostgreSQL's
-//! ([`BackupManager::record_drill`]): `last_verify` for check 10 (`drill_ok`,
+//! (`BackupManager::record_drill`): `last_verify` for check 10 (`drill_ok`,
 //! `drill_age_s`), and the events `backup.verified` / `backup.verify_failed`.
 
 use super::manifest::{Backup, Manifest};
