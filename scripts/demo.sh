@@ -100,6 +100,46 @@ DBVM_HOME="$demo/stranger" run "$bin/dbvmctl" send db-demo ping || echo "(exit c
 
 say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
 
+say "first boot of a new VM: the package's config (names no VM) and the OVF environment a deployment fills (VMware Tools hands it over as guestinfo.ovfEnv; here a file in the same format)"
+fb="$demo/firstboot"
+mkdir -p "$fb"
+sed -e "s|/var/lib/dbvm-agent|$fb/state|" -e "s|/etc/dbvm/|$fb/|g" packaging/rpm/agent.toml > "$fb/agent.toml"
+printf '[health]\nmetrics_listen = ""\n' >> "$fb/agent.toml"
+fb_token=$("$bin/dbvmctl" enroll-token db-firstboot --ttl 600)
+key_id=$(sed -n 's/^key_id = "\(.*\)"$/\1/p' "$demo/keygen.out" | head -1)
+public_key=$(sed -n 's/^public_key = "\(.*\)"$/\1/p' "$demo/keygen.out" | head -1)
+cat > "$fb/ovf-env.xml" <<XML
+<?xml version="1.0" encoding="UTF-8"?>
+<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1"
+     xmlns:oe="http://schemas.dmtf.org/ovf/environment/1"
+     xmlns:ve="http://www.vmware.com/schema/ovfenv" oe:id="" ve:vCenterId="vm-42">
+   <PlatformSection><Kind>VMware ESXi</Kind></PlatformSection>
+   <PropertySection>
+      <Property oe:key="dbvm.agent_id" oe:value="db-firstboot"/>
+      <Property oe:key="dbvm.broker_address" oe:value="localhost:${agent_addr##*:}"/>
+      <Property oe:key="dbvm.fleet_ca" oe:value="$(base64 -w0 "$DBVM_HOME/ca.crt")"/>
+      <Property oe:key="dbvm.enrollment_token" oe:value="$fb_token"/>
+      <Property oe:key="dbvm.trusted_keys" oe:value="$key_id:$public_key"/>
+   </PropertySection>
+</Environment>
+XML
+grep -c 'oe:key' "$fb/ovf-env.xml" | sed 's/^/properties in the environment: /'
+fb_start=$(date +%s%N)
+"$agent_bin" --config "$fb/agent.toml" --ovf-env "$fb/ovf-env.xml" 2> "$fb/agent.log" &
+fb_pid=$!
+pids+=($fb_pid)
+for _ in $(seq 100); do
+  "$bin/dbvmctl" agents --json 2>/dev/null | tr -d ' \n' | grep -q '"id":"db-firstboot","connected":true' && break
+  sleep 0.05
+done
+run "$bin/dbvmctl" send db-firstboot ping echo=first-boot
+echo "from agent start to a signed ping answered: $(( ($(date +%s%N) - fb_start) / 1000000 )) ms"
+grep "first boot" "$fb/agent.log"
+echo "the config it wrote (0600), without the token; the spent token file is gone:"
+grep -v '^#' "$fb/agent.toml" | grep -E 'agent_id|address|ca_cert|key_id'
+[ ! -e "$fb/enrollment.token" ] && echo "enrollment.token: removed after enrollment"
+kill "$fb_pid" 2>/dev/null || true
+
 # ---- the database in the guest ------------------------------------------------------
 say "a private Docker engine (host-neutral: no bridge, no iptables) and the local PostgreSQL image"
 sock=$(bash scripts/dockerd.sh start "$demo/docker")
