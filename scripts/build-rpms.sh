@@ -25,7 +25,8 @@ while [ $# -gt 0 ]; do
     *) echo "build-rpms.sh: unknown argument $1 (see the comment at the top of this script)" >&2; exit 2 ;;
   esac
 done
-[ -n "$version" ] || version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+workspace_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+[ -n "$version" ] || version=$workspace_version
 if ! [[ "$version" =~ ^[0-9]+(\.[0-9]+)*$ ]]; then
   echo "build-rpms.sh: version $version: digits and dots only (an RPM version)" >&2
   exit 2
@@ -36,6 +37,9 @@ done
 
 if [ -z "$bin" ]; then
   echo "== building the static agent and broker (release, musl)" >&2
+  # The binaries report the packages' version (dbvm_host::VERSION). Set only when it
+  # differs: cargo rebuilds whatever reads the variable when it changes, set or not.
+  if [ "$version" != "$workspace_version" ]; then export DBVM_BUILD_VERSION="$version"; fi
   cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent -p dbvm-broker
   bin="$root/target/x86_64-unknown-linux-musl/release"
   for b in dbvm-agent dbvm-broker; do

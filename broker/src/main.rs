@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Relays control-plane-signed commands to dbvm agents over mutual TLS.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = dbvm_host::VERSION, about)]
 struct Args {
     /// Configuration file (TOML).
     #[arg(
@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "dbvm-broker starting");
+    tracing::info!(version = dbvm_host::VERSION, "dbvm-broker starting");
     let broker = Broker::bind(&config).await.context("start-up failed")?;
     tracing::info!(agent_addr = %broker.agent_addr(), api_addr = %broker.api_addr(), data_dir = %config.data_dir.display(), "listening");
     // One machine-readable line for scripts and tests that bind port 0.

@@ -21,10 +21,17 @@ pub enum BuildError {
 }
 
 /// Every capability the configuration asks for, in the order they were made: `system`
-/// always; `firewall` with `[firewall]`; `database` and `backup` with `[database]`; `health` unless
+/// and `upgrade` always; `firewall` with `[firewall]`; `database` and `backup` with `[database]`; `health` unless
 /// `health.enabled = false` (last: it runs the checks the others contribute).
 pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>, BuildError> {
-    let mut all: Vec<Arc<dyn Capability>> = vec![Arc::new(crate::system::System)];
+    let mut all: Vec<Arc<dyn Capability>> = vec![
+        Arc::new(crate::system::System),
+        Arc::new(crate::upgrade::Upgrade::new(
+            ctx.state_dir.clone(),
+            config.broker.ca_cert.clone(),
+            ctx.lifecycle.clone(),
+        )),
+    ];
 
     let firewall = match &config.firewall {
         Some(cfg) => Some(Arc::new(crate::firewall::Firewall::new(cfg.clone())?)),

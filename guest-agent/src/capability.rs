@@ -63,6 +63,9 @@ pub struct Context {
     pub state_dir: PathBuf,
     /// Events and reports for the broker, and the link's state.
     pub outbox: Outbox,
+    /// The agent's own life: holding the link, restarting into another executable (the
+    /// upgrade capability's; see [`crate::lifecycle`]).
+    pub lifecycle: crate::lifecycle::Lifecycle,
 }
 
 impl Context {
@@ -73,6 +76,7 @@ impl Context {
             agent_id: agent_id.into(),
             state_dir,
             outbox: Outbox::new(Uplink::new()),
+            lifecycle: crate::lifecycle::Lifecycle::new(),
         }
     }
 }

@@ -101,6 +101,16 @@ impl StateDir {
         }
     }
 
+    /// The public half of the stored sealing key, without making one when there is none
+    /// (an upgrade's trial run writes nothing).
+    pub fn sealing_key_public(&self) -> Result<[u8; 32], StateError> {
+        let path = self.path.join("sealing.key");
+        let text = std::fs::read_to_string(&path).map_err(|e| StateError::Read(path.clone(), e))?;
+        SealingKey::from_seed_base64(&text)
+            .map(|k| k.public_key())
+            .map_err(|e| StateError::Damaged(path, e.to_string()))
+    }
+
     /// The stored certificate and key, if the agent has enrolled.
     pub fn identity(&self) -> Result<Option<Identity>, StateError> {
         let path = self.identity_path();

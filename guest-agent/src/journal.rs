@@ -90,6 +90,39 @@ impl Journal {
         Ok(Self { conn, acks })
     }
 
+    /// Opens the journal at `path` read-only and decodes every result in it: what an
+    /// upgrade's trial run checks before the new binary may take over (it must read what
+    /// the old one wrote). Returns how many entries there are; writes nothing.
+    pub fn check_readable(path: &Path) -> Result<usize, JournalError> {
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| JournalError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut stmt = conn.prepare("SELECT id, result, result_format FROM commands")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?,
+                r.get::<_, u16>(2)?,
+            ))
+        })?;
+        let mut n = 0;
+        for row in rows {
+            let (id, bytes, version) = row?;
+            let id = Uuid::from_slice(&id).map_err(|e| JournalError::Corrupt(e.to_string()))?;
+            if let Some(bytes) = bytes {
+                stored::decode(version, &bytes)
+                    .map_err(|source| JournalError::Stored { id, source })?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Marks every command that was running when the agent stopped as interrupted and
     /// returns how many there were. Called once at start-up, before the link starts.
     pub fn interrupt_unfinished(&mut self) -> Result<usize, JournalError> {

@@ -19,9 +19,11 @@ pub mod firstboot;
 pub mod health;
 pub mod identity;
 pub mod journal;
+pub mod lifecycle;
 pub mod link;
 pub mod runtime;
 pub mod system;
+pub mod upgrade;
 pub mod uplink;
 
 use capability::{Capability, Context, Outbox, Tasks};
@@ -50,6 +52,7 @@ pub enum AgentError {
 /// capabilities made; nothing runs until [`Agent::start`].
 pub struct Agent {
     link: Arc<link::Link>,
+    lifecycle: lifecycle::Lifecycle,
     capabilities: Vec<Arc<dyn Capability>>,
     drain: Duration,
 }
@@ -71,6 +74,9 @@ impl Agent {
         let state = identity::StateDir::open(&v.config.state_dir)?;
         let sealing_key = state.sealing_key()?;
         let mut journal = journal::Journal::open(&state.journal_path())?;
+        // An upgrade the agent was restarted in the middle of gets its own result (which
+        // binary runs now says how it ended) before the generic "interrupted" below.
+        upgrade::settle_at_start(&v.config.state_dir, &mut journal);
         let interrupted = journal.interrupt_unfinished()?;
         if interrupted > 0 {
             tracing::warn!(
@@ -82,10 +88,12 @@ impl Agent {
         tracing::debug!(pruned, "journal pruned");
 
         let uplink = uplink::Uplink::new();
+        let lifecycle = lifecycle::Lifecycle::new();
         let ctx = Context {
             agent_id: v.agent_id.to_string(),
             state_dir: v.config.state_dir.clone(),
             outbox: Outbox::new(uplink.clone()),
+            lifecycle: lifecycle.clone(),
         };
         let capabilities = capabilities::build(&v.config, &ctx)?;
         let dispatcher = dispatcher(&capabilities)?;
@@ -116,9 +124,11 @@ impl Agent {
             journal,
             uplink,
             db_kind,
+            lifecycle.clone(),
         );
         Ok(Self {
             link,
+            lifecycle,
             capabilities,
             drain: Duration::from_secs(v.config.link.drain_timeout_s),
         })
@@ -132,12 +142,17 @@ impl Agent {
     /// Starts the capabilities' background tasks and the link. The agent runs until
     /// `shutdown` is cancelled, then drains (see [`Running::wait`]).
     pub fn start(self, shutdown: CancellationToken) -> Running {
+        self.lifecycle.set_shutdown(shutdown.clone());
         let tasks = Tasks::new();
         for c in &self.capabilities {
             c.start(&tasks);
         }
         let link = tokio::spawn(self.link.clone().run(shutdown, self.drain));
-        Running { link, tasks }
+        Running {
+            link,
+            tasks,
+            lifecycle: self.lifecycle,
+        }
     }
 }
 
@@ -146,18 +161,21 @@ impl Agent {
 pub struct Running {
     link: tokio::task::JoinHandle<()>,
     tasks: Tasks,
+    lifecycle: lifecycle::Lifecycle,
 }
 
 impl Running {
     /// Waits until the agent has stopped: after `shutdown`, no new command is taken, the
     /// running ones get the drain deadline (`link.drain_timeout_s`) and the rest are journaled
     /// and reported interrupted, waiting events go out, the connection closes, and then
-    /// the background tasks are stopped.
-    pub async fn wait(self) {
+    /// the background tasks are stopped. Returns the executable the agent must restart
+    /// into (an upgrade asked for it), if any.
+    pub async fn wait(self) -> Option<std::path::PathBuf> {
         if let Err(e) = self.link.await {
             tracing::error!(error = %e, "the link task failed");
         }
         self.tasks.stop(TASKS_STOP_DEADLINE).await;
+        self.lifecycle.restart_target()
     }
 }
 

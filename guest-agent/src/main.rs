@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The dbvm agent: manages this database VM on behalf of a control plane.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = dbvm_host::VERSION, about)]
 struct Args {
     /// Configuration file (TOML).
     #[arg(
@@ -25,6 +25,11 @@ struct Args {
     /// guestinfo.ovfEnv, then /media/cdrom/ovf-env.xml, then /mnt/cdrom/ovf-env.xml).
     #[arg(long, env = "DBVM_OVF_ENV", value_name = "PATH")]
     ovf_env: Option<PathBuf>,
+    /// Run as an upgrade's trial (the old agent starts the new binary with it): read the
+    /// config, state and journal, connect as this agent within the given seconds, print a
+    /// report and exit. Writes nothing.
+    #[arg(long, value_name = "DEADLINE_S", hide = true)]
+    upgrade_trial: Option<u64>,
 }
 
 /// Seconds between first-boot attempts while the OVF environment is missing or incomplete
@@ -33,6 +38,9 @@ const FIRST_BOOT_RETRY_S: u64 = 5;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(deadline_s) = args.upgrade_trial {
+        return upgrade_trial(&args, deadline_s);
+    }
     if !args.check {
         match dbvm_agent::firstboot::set_aside_a_cloned_identity(&args.config) {
             Ok(Some(what)) => eprintln!("dbvm-agent: {what}"),
@@ -65,7 +73,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     dbvm_host::logging::init(&validated.config.log);
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), agent = %validated.agent_id, "dbvm-agent starting");
+    tracing::info!(version = dbvm_host::VERSION, agent = %validated.agent_id, "dbvm-agent starting");
     // Two workers: the agent is mostly idle and must stay small beside the database.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -79,13 +87,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
+    let outcome = runtime.block_on(async move {
         let agent = match dbvm_agent::Agent::build(validated) {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!("{e}");
                 eprintln!("dbvm-agent: {e}");
-                return std::process::ExitCode::from(1);
+                return Ok(std::process::ExitCode::from(1));
             }
         };
         let shutdown = CancellationToken::new();
@@ -98,10 +106,60 @@ fn main() -> std::process::ExitCode {
             dbvm_host::notify::stopping();
             shutdown.cancel();
         });
-        running.wait().await;
-        tracing::info!("dbvm-agent stopped");
-        std::process::ExitCode::SUCCESS
-    })
+        match running.wait().await {
+            Some(exe) => Err(exe),
+            None => {
+                tracing::info!("dbvm-agent stopped");
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+        }
+    });
+    let exe = match outcome {
+        Ok(code) => return code,
+        Err(exe) => exe,
+    };
+    // An upgrade swapped the binary in: the same process becomes the new agent (the
+    // journal holds the upgrade's result; the new agent sends it once connected).
+    drop(runtime);
+    tracing::info!(exe = %exe.display(), "re-executing the upgraded agent");
+    use std::os::unix::process::CommandExt;
+    let e = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("dbvm-agent: cannot re-execute {}: {e}", exe.display());
+    std::process::ExitCode::from(1)
+}
+
+/// `--upgrade-trial`: see [`dbvm_agent::upgrade`].
+fn upgrade_trial(args: &Args, deadline_s: u64) -> std::process::ExitCode {
+    let validated = match Config::load(&args.config).and_then(Config::validate) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("dbvm-agent: upgrade trial: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dbvm-agent: upgrade trial: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let deadline = std::time::Duration::from_secs(deadline_s);
+    match runtime.block_on(dbvm_agent::upgrade::trial_main(validated, deadline)) {
+        Ok(report) => {
+            println!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dbvm-agent: upgrade trial: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 /// Runs first boot until the OVF environment gives a complete, valid config (see

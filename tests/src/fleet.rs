@@ -255,10 +255,23 @@ max_backoff_ms = 1000
         state_dir: PathBuf,
         env: &[(&str, &str)],
     ) -> AgentProc {
+        self.run_agent_exe(Path::new("dbvm-agent"), id, config, state_dir, env)
+    }
+
+    /// Starts agent `id` from the executable `exe` (a copy of the agent binary that an
+    /// upgrade may replace; a bare name is one of the workspace's binaries).
+    pub fn run_agent_exe(
+        &self,
+        exe: &Path,
+        id: &str,
+        config: PathBuf,
+        state_dir: PathBuf,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let log = self.path(&format!("agent-{id}.log"));
         let (proc, _) = Proc::spawn(
             &format!("agent {id}"),
-            "dbvm-agent",
+            exe.to_str().unwrap_or_default(),
             &["--config", config.to_str().unwrap_or_default()],
             log,
             env,

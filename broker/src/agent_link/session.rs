@@ -159,7 +159,7 @@ pub(super) async fn session(
     let welcome = BrokerMessage::Welcome(Welcome {
         protocol_major: PROTOCOL_MAJOR,
         protocol_minor: PROTOCOL_MINOR,
-        broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        broker_version: dbvm_host::VERSION.to_string(),
         heartbeat_interval_ms: hub.settings.heartbeat_interval_ms,
     });
     if send(&mut wr, &welcome, max).await.is_err() {

@@ -163,6 +163,7 @@ pub struct Link {
     outgoing: Arc<Outgoing>,
     db_kind: DbKind,
     progress_rx: Mutex<Option<mpsc::UnboundedReceiver<crate::dispatch::ProgressUpdate>>>,
+    lifecycle: crate::lifecycle::Lifecycle,
 }
 
 impl std::fmt::Debug for Link {
@@ -178,6 +179,8 @@ enum SessionEnd {
     After(Duration),
     /// The session drained the commands (shutdown) before ending.
     Drained,
+    /// A capability holds the link down (see [`crate::lifecycle::Lifecycle::hold_link`]).
+    Held,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -197,6 +200,7 @@ impl Link {
         journal: crate::journal::Journal,
         uplink: Arc<Uplink>,
         db_kind: DbKind,
+        lifecycle: crate::lifecycle::Lifecycle,
     ) -> Arc<Self> {
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let outgoing = Arc::new(Outgoing::default());
@@ -228,6 +232,7 @@ impl Link {
             outgoing,
             db_kind,
             progress_rx: Mutex::new(Some(progress_rx)),
+            lifecycle,
         })
     }
 
@@ -253,7 +258,17 @@ impl Link {
         }
         let mut backoff = Backoff::new(self.backoff.0, self.backoff.1);
         let mut drained = false;
+        let mut held = self.lifecycle.hold_changes();
         loop {
+            if *held.borrow_and_update() {
+                tracing::info!("the link is held down (an upgrade is on trial)");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = async { let _ = held.wait_for(|h| !*h).await; } => {}
+                }
+                tracing::info!("the link is released");
+                backoff.reset();
+            }
             // Shutdown cuts dialling short; a live session drains itself.
             let established = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -268,6 +283,7 @@ impl Link {
                     drained = true;
                     break;
                 }
+                Ok(SessionEnd::Held) => continue,
                 Ok(SessionEnd::After(lasted)) => {
                     if lasted > Duration::from_secs(10) {
                         backoff.reset();
@@ -339,25 +355,13 @@ impl Link {
     }
 
     async fn dial(&self, identity: Option<&Identity>) -> Result<TlsStream<TcpStream>, LinkError> {
-        let config = dbvm_protocol::tls::client_config(
+        dial(
             &self.ca_pem,
-            identity.map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
-        )?;
-        let connector = TlsConnector::from(Arc::new(config));
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.broker_address))
-            .await
-            .map_err(|_| LinkError::Timeout("connecting to the broker"))?
-            .map_err(|source| LinkError::Connect {
-                addr: self.broker_address.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let name = rustls::pki_types::ServerName::try_from(self.server_name.clone())
-            .map_err(|e| LinkError::Pki(e.to_string()))?;
-        tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-            .await
-            .map_err(|_| LinkError::Timeout("TLS handshake with the broker"))?
-            .map_err(LinkError::Tls)
+            &self.broker_address,
+            &self.server_name,
+            identity,
+        )
+        .await
     }
 
     /// Enrolls if needed, dials, says Hello and reads the Welcome.
@@ -379,7 +383,7 @@ impl Link {
             protocol_major: PROTOCOL_MAJOR,
             protocol_minor: PROTOCOL_MINOR,
             agent_id: self.agent_id.to_string(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: dbvm_host::VERSION.to_string(),
             operations: self.executor.operation_names(),
             capabilities: vec!["journal".into(), "renew".into(), "sealed-secrets".into()],
             sealing_key: self.sealing_key.public_key(),
@@ -461,6 +465,8 @@ impl Link {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut last_frame = Instant::now();
+        let mut held = self.lifecycle.hold_changes();
+        self.lifecycle.set_connected(true);
         // Set when shutdown begins: until then commands are taken; after it, the session
         // lives on only until the running ones are done or the deadline passes.
         let mut drain_until: Option<tokio::time::Instant> = None;
@@ -478,6 +484,10 @@ impl Link {
                     }
                 }
                 _ = self.executor.idle(), if drain_until.is_some() => break Ok(SessionEnd::Drained),
+                _ = async { let _ = held.wait_for(|h| *h).await; }, if drain_until.is_none() => {
+                    tracing::info!("closing the session: the link is held down");
+                    break Ok(SessionEnd::Held);
+                }
                 _ = tokio::time::sleep_until(drain_deadline), if drain_until.is_some() => {
                     let n = self.executor.interrupt_running(drain).await;
                     tracing::warn!(interrupted = n, "commands still running at the drain deadline were interrupted");
@@ -548,8 +558,10 @@ impl Link {
         reader.abort();
         drop(out_tx);
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer).await;
+        self.lifecycle.set_connected(false);
         match end {
             Ok(SessionEnd::Drained) => Ok(SessionEnd::Drained),
+            Ok(SessionEnd::Held) => Ok(SessionEnd::Held),
             Ok(SessionEnd::After(_)) => Ok(SessionEnd::After(started.elapsed())),
             // The caller sets the revoked certificate aside.
             Err(e) if e.is_revoked() => Err(e),
@@ -560,6 +572,114 @@ impl Link {
             }
         }
     }
+}
+
+/// Dials the broker over mTLS (`identity` is the client certificate, none when enrolling).
+async fn dial(
+    ca_pem: &str,
+    broker_address: &str,
+    server_name: &str,
+    identity: Option<&Identity>,
+) -> Result<TlsStream<TcpStream>, LinkError> {
+    let config = dbvm_protocol::tls::client_config(
+        ca_pem,
+        identity.map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+    )?;
+    let connector = TlsConnector::from(Arc::new(config));
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(broker_address))
+        .await
+        .map_err(|_| LinkError::Timeout("connecting to the broker"))?
+        .map_err(|source| LinkError::Connect {
+            addr: broker_address.to_string(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| LinkError::Pki(e.to_string()))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| LinkError::Timeout("TLS handshake with the broker"))?
+        .map_err(LinkError::Tls)
+}
+
+/// What an upgrade's trial run proved (see [`trial`]).
+#[derive(Debug, serde::Serialize)]
+pub struct TrialReport {
+    pub broker_version: String,
+    /// From the start of this attempt to the heartbeat's answer.
+    pub connected_ms: u64,
+}
+
+/// An upgrade's trial run of a new agent binary (`dbvm-agent --upgrade-trial`, started by
+/// the old agent while it holds its own link down): with the stored identity (it never
+/// enrolls), dial the broker, say Hello, read the Welcome, and have one heartbeat
+/// answered; then close without taking a command (the broker delivers whatever it handed
+/// this session again to the next one). The Hello names no operation: the agent that
+/// runs after the trial says which it has.
+pub async fn trial(
+    endpoint: &Endpoint,
+    state: &StateDir,
+    sealing_public: [u8; 32],
+) -> Result<TrialReport, LinkError> {
+    let started = Instant::now();
+    let identity = match state.identity()? {
+        Some(id) if !id.expired(dbvm_protocol::now_ms()) => id,
+        Some(_) => return Err(LinkError::Pki("the agent certificate expired".into())),
+        None => return Err(LinkError::NoToken),
+    };
+    let tls = dial(
+        &endpoint.ca_pem,
+        &endpoint.broker_address,
+        &endpoint.server_name,
+        Some(&identity),
+    )
+    .await?;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let hello = AgentMessage::Hello(Hello {
+        protocol_major: PROTOCOL_MAJOR,
+        protocol_minor: PROTOCOL_MINOR,
+        agent_id: endpoint.agent_id.to_string(),
+        agent_version: dbvm_host::VERSION.to_string(),
+        operations: Vec::new(),
+        capabilities: vec![
+            "journal".into(),
+            "renew".into(),
+            "sealed-secrets".into(),
+            "upgrade-trial".into(),
+        ],
+        sealing_key: sealing_public,
+        db_kind: None,
+    });
+    frame::write_frame(&mut wr, &hello, MAX_FRAME_LEN).await?;
+    let mut broker_version = None;
+    let answered = tokio::time::timeout(REPLY_TIMEOUT, async {
+        loop {
+            match frame::read_frame::<BrokerMessage, _>(&mut rd, MAX_FRAME_LEN).await? {
+                Some(BrokerMessage::Welcome(w)) if broker_version.is_none() => {
+                    broker_version = Some(w.broker_version);
+                    let beat = AgentMessage::Heartbeat { seq: 1 };
+                    frame::write_frame(&mut wr, &beat, MAX_FRAME_LEN).await?;
+                }
+                Some(BrokerMessage::HeartbeatAck { seq: 1 }) if broker_version.is_some() => {
+                    return Ok(())
+                }
+                Some(BrokerMessage::Refused { code, message }) => {
+                    return Err(LinkError::Refused { code, message })
+                }
+                // Deliveries and the rest: left for the agent that runs after the trial.
+                Some(_) => {}
+                None => return Err(LinkError::Closed),
+            }
+        }
+    })
+    .await
+    .map_err(|_| LinkError::Timeout("waiting for the broker's answer to a heartbeat"))?;
+    answered?;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+    Ok(TrialReport {
+        broker_version: broker_version.unwrap_or_default(),
+        connected_ms: started.elapsed().as_millis() as u64,
+    })
 }
 
 type Reader = tokio::io::ReadHalf<TlsStream<TcpStream>>;

@@ -50,7 +50,7 @@ pub fn collect() -> serde_json::Value {
         "uptime_seconds": System::uptime(),
         "boot_time": System::boot_time(),
         "disks": disks,
-        "agent_version": env!("CARGO_PKG_VERSION"),
+        "agent_version": dbvm_host::VERSION,
     })
 }
 

@@ -74,7 +74,7 @@ impl Operation for Ping {
         let mut out = serde_json::json!({
             "pong": true,
             "agent_id": ctx.agent_id,
-            "agent_version": env!("CARGO_PKG_VERSION"),
+            "agent_version": dbvm_host::VERSION,
             "at_ms": dbvm_protocol::now_ms(),
         });
         if let Some(echo) = args.echo {
