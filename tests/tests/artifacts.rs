@@ -1,0 +1,160 @@
+//! The broker's artifact store end to end, over its real TLS listener: a control plane
+//! uploads a new agent binary (streamed, hashed, capped, stored once), an agent
+//! certificate downloads it and may do nothing else, and `dbvmctl::upgrade::upload`
+//! skips what the broker has. Parts an interrupted upload left are gone after a restart.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use dbvm_e2e::fleet::client_as;
+use dbvm_e2e::Fleet;
+use dbvm_protocol::pki::Identity;
+use dbvm_protocol::AgentId;
+use reqwest::StatusCode;
+use sha2::Digest;
+
+fn sha(bytes: &[u8]) -> String {
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_upload_and_agents_download_artifacts_over_mtls() {
+    let fleet = Fleet::new();
+    // A small cap so that "too large" is cheap to reach.
+    let mut broker = fleet.start_broker("[artifacts]\nmax_bytes = 65536\n");
+    let cp = fleet.client(&broker);
+    let agent_cert = fleet.client_cert(Identity::Agent(AgentId::new("db1").unwrap()));
+    let agent = client_as(
+        &broker.api_url(),
+        fleet.ca.cert_pem(),
+        Some((&agent_cert.cert_pem, &agent_cert.key_pem)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("dbvm-agent");
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&binary, &data).unwrap();
+    let name = sha(&data);
+
+    // Unknown: 404 for both audiences.
+    let e = agent
+        .download_artifact(&name, &dir.path().join("none"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::NOT_FOUND), "{e}");
+    assert_eq!(e.api_code(), Some("not_found"));
+    assert!(!dir.path().join("none").exists());
+
+    // An agent certificate cannot upload, list or delete.
+    let e = agent.upload_artifact(&binary, &name).await.unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN), "{e}");
+    let e = agent.artifacts().await.unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN), "{e}");
+    let e = agent.delete_artifact(&name).await.unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::FORBIDDEN), "{e}");
+    // Nor can a client without a certificate download.
+    let anonymous = client_as(&broker.api_url(), fleet.ca.cert_pem(), None);
+    let e = anonymous
+        .download_artifact(&name, &dir.path().join("anon"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED), "{e}");
+
+    // Bytes that are not what the path names: 400, nothing stored.
+    let e = cp
+        .upload_artifact(&binary, &sha(b"other"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.status(), e.api_code()),
+        (Some(StatusCode::BAD_REQUEST), Some("sha256_mismatch")),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&name), "{e}");
+    // Over the cap: 413, nothing stored.
+    let big = dir.path().join("big");
+    let big_data = vec![1u8; 70_000];
+    std::fs::write(&big, &big_data).unwrap();
+    let e = cp.upload_artifact(&big, &sha(&big_data)).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.api_code()),
+        (Some(StatusCode::PAYLOAD_TOO_LARGE), Some("too_large")),
+        "{e}"
+    );
+    assert!(cp.artifacts().await.unwrap().is_empty());
+
+    // Round trip: 201, then the same again is 200 with the same answer.
+    let (info, created) = cp.upload_artifact(&binary, &name).await.unwrap();
+    assert!(created);
+    assert_eq!(
+        (info.sha256.as_str(), info.size, info.path.clone()),
+        (name.as_str(), 50_000, format!("/v1/artifacts/{name}"))
+    );
+    let (again, created) = cp.upload_artifact(&binary, &name).await.unwrap();
+    assert_eq!((again, created), (info, false));
+    let listed = cp.artifacts().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].sha256.as_str(), listed[0].size),
+        (name.as_str(), 50_000)
+    );
+
+    // The agent downloads it, as its upgrade will: with its own certificate, trusting
+    // the fleet CA only, by the name in the broker's certificate (localhost).
+    let got = dir.path().join("got");
+    assert_eq!(agent.download_artifact(&name, &got).await.unwrap(), 50_000);
+    assert_eq!(std::fs::read(&got).unwrap(), data);
+    let tls = dbvm_protocol::tls::client_config(
+        fleet.ca.cert_pem(),
+        Some((&agent_cert.cert_pem, &agent_cert.key_pem)),
+    )
+    .unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let resp = http
+        .get(format!("{}/v1/artifacts/{name}", broker.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.content_length(), Some(50_000));
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/octet-stream"
+    );
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &data[..]);
+
+    // dbvmctl's upload step finds it there and does not send it again.
+    let plan =
+        dbvmctl::upgrade::Plan::new(binary.clone(), "0.1.1", vec![AgentId::new("db1").unwrap()]);
+    let artifact = dbvmctl::upgrade::upload(&cp, &plan).await.unwrap();
+    assert!(!artifact.uploaded);
+    assert_eq!(
+        artifact.url,
+        format!("{}/v1/artifacts/{name}", broker.api_url())
+    );
+
+    // A part file a crash left behind is removed when the broker starts again; the
+    // stored artifact stays.
+    broker.proc.kill();
+    let artifacts = fleet.path("broker-data").join("artifacts");
+    let part = artifacts.join(format!("{}.0123.part", sha(b"half")));
+    std::fs::write(&part, b"ha").unwrap();
+    let broker = fleet.restart_broker(&broker, "[artifacts]\nmax_bytes = 65536\n");
+    assert!(!part.exists(), "the leftover part is still there");
+    let cp = fleet.client(&broker);
+    assert_eq!(cp.artifacts().await.unwrap().len(), 1);
+
+    // Deleted: gone for everyone; a second delete is 404.
+    cp.delete_artifact(&name).await.unwrap();
+    let e = cp.delete_artifact(&name).await.unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::NOT_FOUND), "{e}");
+    let e = agent
+        .download_artifact(&name, &dir.path().join("gone"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::NOT_FOUND), "{e}");
+    assert!(cp.artifacts().await.unwrap().is_empty());
+    let names: Vec<_> = std::fs::read_dir(&artifacts).unwrap().collect();
+    assert!(names.is_empty(), "{names:?}");
+}
