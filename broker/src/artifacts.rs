@@ -528,7 +528,7 @@ mod tests {
         );
         let (again, created) = store.put(&name, chunks(&[b"hello world"])).await.unwrap();
         assert_eq!((again, created), (info, false));
-        assert_eq!(names(store.dir()), [name.clone()]);
+        assert_eq!(names(store.dir()), [name.as_str()]);
 
         // Wrong bytes, or too many: refused, nothing left.
         let other = sha(b"other");
@@ -551,7 +551,7 @@ mod tests {
         ]);
         let e = store.put(&other, broken).await.unwrap_err();
         assert!(e.to_string().contains("connection reset"), "{e}");
-        assert_eq!(names(store.dir()), [name.clone()]);
+        assert_eq!(names(store.dir()), [name.as_str()]);
 
         let listed = store.list().await.unwrap();
         assert_eq!(listed.len(), 1);
@@ -592,7 +592,7 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
-        assert_eq!(names(store.dir()), [name.clone()]);
+        assert_eq!(names(store.dir()), [name.as_str()]);
         assert_eq!(std::fs::read(store.dir().join(&name)).unwrap(), DATA);
     }
 
