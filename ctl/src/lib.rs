@@ -3,7 +3,7 @@
 //! - [`Home`]: the directory holding the fleet CA, certificates and the control plane's
 //!   keys, and [`keys`] to create them;
 //! - [`sign_command`] and [`parse_args`]: build and sign a command;
-//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, health, enrollment tokens,
+//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, health, enrollment tokens, artifacts,
 //!   events);
 //! - [`send`]: a command end to end (seal secrets, sign, submit, wait, open the result),
 //!   as `dbvmctl send` does it;

@@ -158,3 +158,75 @@ async fn control_planes_upload_and_agents_download_artifacts_over_mtls() {
     let names: Vec<_> = std::fs::read_dir(&artifacts).unwrap().collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+/// An upload without Content-Length (chunked, as a streaming client sends it) that runs
+/// over the cap is refused part way with 413, and the client sees that answer, not a
+/// broken stream: the broker lets it finish sending first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_upload_over_the_cap_gets_413_and_leaves_nothing() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("[artifacts]\nmax_bytes = 65536\n");
+    let tls = dbvm_protocol::tls::client_config(
+        fleet.ca.cert_pem(),
+        Some((&fleet.control_plane.cert_pem, &fleet.control_plane.key_pem)),
+    )
+    .unwrap();
+    let data = vec![3u8; 200_000];
+    let name = sha(&data);
+    for http1 in [false, true] {
+        let mut builder = reqwest::Client::builder().use_preconfigured_tls(tls.clone());
+        if http1 {
+            builder = builder.http1_only();
+        }
+        let http = builder.build().unwrap();
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            data.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+        let resp = http
+            .put(format!("{}/v1/artifacts/{name}", broker.api_url()))
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("http1 only: {http1}: {e:?}"));
+        assert_eq!(
+            resp.status(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "http1 only: {http1}"
+        );
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "too_large", "{body}");
+    }
+    let artifacts = fleet.path("broker-data").join("artifacts");
+    let names: Vec<_> = std::fs::read_dir(&artifacts).unwrap().collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
+/// A disk that fills during an upload (a real one: the broker's data dir on a small
+/// tmpfs): 507 with a JSON error, no part left, and the broker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_507_and_leaves_nothing() {
+    let fleet = Fleet::new();
+    let _disk = dbvm_e2e::backup::Tmpfs::mount(&fleet.path("broker-data"), "2m");
+    let broker = fleet.start_broker("[artifacts]\nmax_bytes = 16777216\n");
+    let cp = fleet.client(&broker);
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&big, &data).unwrap();
+    let e = cp.upload_artifact(&big, &sha(&data)).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.api_code()),
+        (
+            Some(StatusCode::INSUFFICIENT_STORAGE),
+            Some("insufficient_storage")
+        ),
+        "{e}"
+    );
+    let artifacts = fleet.path("broker-data").join("artifacts");
+    let names: Vec<_> = std::fs::read_dir(&artifacts).unwrap().collect();
+    assert!(names.is_empty(), "{names:?}");
+    // The space is back: a small artifact goes in.
+    let small = dir.path().join("small");
+    std::fs::write(&small, b"small").unwrap();
+    let (_, created) = cp.upload_artifact(&small, &sha(b"small")).await.unwrap();
+    assert!(created);
+}
