@@ -230,3 +230,116 @@ async fn a_full_disk_answers_507_and_leaves_nothing() {
     let (_, created) = cp.upload_artifact(&small, &sha(b"small")).await.unwrap();
     assert!(created);
 }
+
+/// `dbvmctl upgrade` (the binary) against a real broker and real agents: the artifact is
+/// uploaded once, db1 is sent a signed `agent.upgrade` of a file that is no agent (it
+/// fails, whether the agent knows the operation or not), and the rollout stops there:
+/// db2, in the next wave, is not attempted. Exit code 1, and a second run finds the
+/// artifact on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dbvmctl_upgrade_uploads_once_and_stops_at_the_first_failed_wave() {
+    let fleet = Fleet::new();
+    let home = fleet.path("ctl-home");
+    let bin = dbvm_e2e::proc::bin_dir().join("dbvmctl");
+    let keygen = std::process::Command::new(&bin)
+        .args(["--dir", home.to_str().unwrap(), "keygen"])
+        .output()
+        .expect("run dbvmctl keygen");
+    assert!(keygen.status.success(), "{keygen:?}");
+    // The [[trusted_keys]] entry of this home's key, for the broker and the agents.
+    let entry = String::from_utf8(keygen.stdout).unwrap();
+    assert!(entry.contains("[[trusted_keys]]"), "{entry}");
+    std::fs::copy(fleet.path("ca.crt"), home.join("ca.crt")).expect("ca");
+    std::fs::write(home.join("controlplane.crt"), &fleet.control_plane.cert_pem).expect("cert");
+    std::fs::write(home.join("controlplane.key"), &fleet.control_plane.key_pem).expect("key");
+
+    let broker = fleet.start_broker(&entry);
+    let client = fleet.client(&broker);
+    let _db1 = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", &entry)
+        .await;
+    let _db2 = fleet
+        .enroll_agent(&client, broker.agent_addr, "db2", &entry)
+        .await;
+    let not_an_agent = fleet.path("not-an-agent");
+    std::fs::write(&not_an_agent, b"#!/bin/false\n").unwrap();
+
+    let upgrade = || {
+        let out = std::process::Command::new(&bin)
+            .args([
+                "--dir",
+                home.to_str().unwrap(),
+                "--broker",
+                &broker.api_url(),
+            ])
+            .args(["upgrade", "--binary", not_an_agent.to_str().unwrap()])
+            .args([
+                "--version",
+                "0.1.1",
+                "--deadline-s",
+                "10",
+                "--json",
+                "db1",
+                "db2",
+            ])
+            .output()
+            .expect("run dbvmctl upgrade");
+        let summary: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        (
+            out.status.code(),
+            summary,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, summary, stderr) = upgrade();
+    assert_eq!(code, Some(1), "{summary:#}\n{stderr}");
+    assert_eq!(summary["artifact"]["uploaded"], true, "{summary:#}");
+    assert_eq!(summary["artifact"]["sha256"], sha(b"#!/bin/false\n"));
+    let agents = summary["agents"].as_array().unwrap();
+    assert_eq!(
+        (agents[0]["agent"].as_str(), agents[0]["outcome"].as_str()),
+        (Some("db1"), Some("failed")),
+        "{summary:#}"
+    );
+    assert!(agents[0]["command_id"].is_string(), "{summary:#}");
+    assert!(
+        !agents[0]["error"].as_str().unwrap_or_default().is_empty(),
+        "{summary:#}"
+    );
+    assert_eq!(
+        (agents[1]["agent"].as_str(), agents[1]["outcome"].as_str()),
+        (Some("db2"), Some("not_attempted")),
+        "{summary:#}"
+    );
+    assert!(agents[1]["command_id"].is_null(), "{summary:#}");
+    assert!(stderr.contains("not attempted: db2"), "{stderr}");
+    // The command db1 got is the signed agent.upgrade of the contract.
+    let id: uuid::Uuid = agents[0]["command_id"].as_str().unwrap().parse().unwrap();
+    let view = client.command(id).await.unwrap();
+    assert_eq!(view.operation, "agent.upgrade");
+
+    let (code, summary, _) = upgrade();
+    assert_eq!(code, Some(1));
+    assert_eq!(summary["artifact"]["uploaded"], false, "{summary:#}");
+    assert_eq!(client.artifacts().await.unwrap().len(), 1);
+
+    // The table, for people.
+    let out = std::process::Command::new(&bin)
+        .args([
+            "--dir",
+            home.to_str().unwrap(),
+            "--broker",
+            &broker.api_url(),
+        ])
+        .args(["upgrade", "--binary", not_an_agent.to_str().unwrap()])
+        .args(["--version", "0.1.1", "db1", "db2"])
+        .output()
+        .expect("run dbvmctl upgrade");
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(table.contains("already on the broker"), "{table}");
+    assert!(table.contains("\ndb1    failed"), "{table}");
+    assert!(table.contains("\ndb2    not attempted  -"), "{table}");
+}
