@@ -1246,7 +1246,10 @@ async fn upgrade(ctx: &Ctx, a: UpgradeArgs) -> Result<Exit> {
         WaveEvent::Finished(r) => say(match (&r.outcome, &r.upgrade, &r.error) {
             (Outcome::Upgraded, Some(u), _) => format!(
                 "{}: upgraded {} → {} in {} ms",
-                r.agent, u.from.version, u.to.version, u.total_ms
+                r.agent,
+                output::clean(&u.from.version),
+                output::clean(&u.to.version),
+                u.total_ms
             ),
             (_, _, Some(e)) => format!("{}: {}: {}", r.agent, r.outcome.as_str(), output::clean(e)),
             _ => format!("{}: {}", r.agent, r.outcome.as_str()),

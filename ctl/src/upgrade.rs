@@ -116,10 +116,10 @@ pub fn check_version(version: &str) -> Result<(), UpgradeError> {
     }
 }
 
-/// Checks an artifact URL given instead of the default: HTTPS, and the broker's path of
-/// exactly this artifact (`.../v1/artifacts/<sha256>`), so that a URL for another file
-/// or another route is caught here, not by each agent.
-pub fn check_artifact_url(url: &str, sha256: &str) -> Result<(), UpgradeError> {
+/// Checks an artifact URL given instead of the default: HTTPS, and (once the hash is
+/// known) the broker's path of exactly this artifact (`.../v1/artifacts/<sha256>`), so
+/// that a URL for another file or another route is caught here, not by each agent.
+pub fn check_artifact_url(url: &str, sha256: Option<&str>) -> Result<(), UpgradeError> {
     let bad = |reason: String| UpgradeError::BadArtifactUrl {
         url: url.to_string(),
         reason,
@@ -136,6 +136,9 @@ pub fn check_artifact_url(url: &str, sha256: &str) -> Result<(), UpgradeError> {
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(bad("a query or fragment does not belong in it".into()));
     }
+    let Some(sha256) = sha256 else {
+        return Ok(());
+    };
     let want = format!("/v1/artifacts/{sha256}");
     if !parsed.path().ends_with(&want) {
         return Err(bad(format!(
@@ -166,7 +169,7 @@ impl UpgradeArgs {
         if !DEADLINE_RANGE.contains(&deadline_s) {
             return Err(UpgradeError::BadDeadline(deadline_s));
         }
-        check_artifact_url(url, sha256)?;
+        check_artifact_url(url, Some(sha256))?;
         Ok(Self {
             url: url.to_string(),
             sha256: sha256.to_string(),
@@ -203,8 +206,8 @@ pub struct Plan {
     pub deadline_s: u32,
     /// Agents upgraded at once; the next wave starts when all of one succeeded.
     pub wave_size: usize,
-    /// Where agents download from [default: this client's broker address +
-    /// `/v1/artifacts/<sha256>`]: give it when agents reach the broker by another name.
+    /// Where agents download from (default: this client's broker address +
+    /// `/v1/artifacts/<sha256>`): give it when agents reach the broker by another name.
     pub artifact_url: Option<String>,
     pub agents: Vec<AgentId>,
 }
@@ -245,14 +248,8 @@ impl Plan {
             }
         }
         if let Some(url) = &self.artifact_url {
-            // The path is checked against the hash once it is known.
-            let probe = "0".repeat(64);
-            if let Err(e) = check_artifact_url(url, &probe) {
-                if !matches!(&e, UpgradeError::BadArtifactUrl { reason, .. } if reason.starts_with("its path"))
-                {
-                    return Err(e);
-                }
-            }
+            // Its path is checked against the hash once the binary is read.
+            check_artifact_url(url, None)?;
         }
         Ok(())
     }
@@ -319,7 +316,7 @@ pub async fn upload(client: &Client, plan: &Plan) -> Result<Artifact, UpgradeErr
     }
     let url = match &plan.artifact_url {
         Some(url) => {
-            check_artifact_url(url, &sha256)?;
+            check_artifact_url(url, Some(&sha256))?;
             url.clone()
         }
         None => client.artifact_url(&sha256).to_string(),
@@ -873,9 +870,9 @@ mod tests {
         let mut p = plan.clone();
         p.artifact_url = Some("https://broker.internal:8443/v1/artifacts/abc".into());
         p.validate().unwrap();
-        let e = check_artifact_url("https://b:1/v1/artifacts/abc", &sha()).unwrap_err();
+        let e = check_artifact_url("https://b:1/v1/artifacts/abc", Some(&sha())).unwrap_err();
         assert!(e.to_string().contains(&sha()), "{e}");
-        check_artifact_url(&format!("https://b:1/v1/artifacts/{}", sha()), &sha()).unwrap();
+        check_artifact_url(&format!("https://b:1/v1/artifacts/{}", sha()), Some(&sha())).unwrap();
 
         assert!(UpgradeArgs::new("https://b/v1/artifacts/x", "x", "0.1.1", 60).is_err());
         assert_eq!(
