@@ -1,8 +1,11 @@
 //! The HTTPS JSON API for control planes (see `broker/openapi.json`).
 //!
-//! Every `/v1` route needs a control-plane client certificate from the fleet CA;
-//! `/healthz`, `/metrics` and `/openapi.json` are open (they carry no secrets).
+//! Every `/v1` route needs a control-plane client certificate from the fleet CA, except
+//! `GET /v1/artifacts/{sha256}`, which agents may also use (to download a new agent
+//! binary; see [`crate::artifacts`]); `/healthz`, `/metrics` and `/openapi.json` are
+//! open (they carry no secrets).
 
+use crate::artifacts::ArtifactStore;
 use crate::hub::{Hub, SubmitError};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
@@ -11,7 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use dbvm_protocol::api::RevokeRequest;
 use dbvm_protocol::api::{
@@ -52,6 +55,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/enrollment-tokens"),
     ("get", "/v1/events"),
     ("post", "/v1/agents/{id}/revoke"),
+    ("get", "/v1/artifacts"),
+    ("put", "/v1/artifacts/{sha256}"),
+    ("get", "/v1/artifacts/{sha256}"),
+    ("delete", "/v1/artifacts/{sha256}"),
 ];
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -64,12 +71,17 @@ pub enum Peer {
     Invalid(String),
 }
 
+/// The client certificate of an API connection, for the revocation check of agents
+/// (in every request's extensions when the client presented one).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerCertificate(pub crate::revocation::LinkCert);
+
 /// An API error: status plus the JSON body every error has.
 #[derive(Debug)]
 pub struct ApiFailure(StatusCode, ApiError);
 
 impl ApiFailure {
-    fn new(status: StatusCode, code: &str, error: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, error: impl Into<String>) -> Self {
         Self(
             status,
             ApiError {
@@ -114,7 +126,7 @@ impl IntoResponse for ApiFailure {
 
 type ApiResult<T> = Result<T, ApiFailure>;
 
-fn require_control_plane(peer: &Peer) -> ApiResult<()> {
+pub(crate) fn require_control_plane(peer: &Peer) -> ApiResult<()> {
     match peer {
         Peer::Identity(Identity::ControlPlane(_)) => Ok(()),
         Peer::Anonymous => Err(ApiFailure::new(
@@ -161,9 +173,16 @@ const UNREAD_BODY_DRAIN_TIME: Duration = Duration::from_secs(2);
 /// HTTP/1.1 connection is closed under a client still writing). So the body is first read
 /// and discarded up to what a handler would read (bounded in size and time), letting the
 /// client finish sending; a larger one is kept unread until the answer has gone out.
-async fn answer_unread(req: axum::extract::Request, failure: ApiFailure) -> Response {
+pub(crate) async fn answer_unread(req: axum::extract::Request, failure: ApiFailure) -> Response {
+    answer_draining(req.into_body().into_data_stream(), failure).await
+}
+
+/// [`answer_unread`] for a body a handler has begun to read (an upload refused part way).
+pub(crate) async fn answer_draining(
+    mut unread: axum::body::BodyDataStream,
+    failure: ApiFailure,
+) -> Response {
     use futures::StreamExt;
-    let mut unread = req.into_body().into_data_stream();
     let _ = tokio::time::timeout(UNREAD_BODY_DRAIN_TIME, async {
         let mut drained = 0;
         while drained <= UNREAD_BODY_DRAIN_BYTES {
@@ -190,8 +209,8 @@ async fn answer_unread(req: axum::extract::Request, failure: ApiFailure) -> Resp
 }
 
 /// The API's routes. `keys` are the control plane's public keys that every submitted
-/// command must be signed with.
-pub fn router(hub: Arc<Hub>, keys: TrustedKeys) -> Router {
+/// command must be signed with; `artifacts` the files agents download.
+pub fn router(hub: Arc<Hub>, keys: TrustedKeys, artifacts: Arc<ArtifactStore>) -> Router {
     let v1 = Router::new()
         .route(
             "/v1/commands",
@@ -206,7 +225,20 @@ pub fn router(hub: Arc<Hub>, keys: TrustedKeys) -> Router {
         .route("/v1/enrollment-tokens", post(enrollment_token))
         .route("/v1/events", get(events))
         .route("/v1/agents/{id}/revoke", post(revoke))
+        .route("/v1/artifacts", get(crate::artifacts::list))
         .layer(axum::middleware::from_fn(auth));
+    // One path, two audiences: uploads and deletions for control planes only, downloads
+    // also for agents. Each method carries its own check. The upload reads its body as
+    // a stream with its own cap (`artifacts.max_bytes`), not through a JSON extractor.
+    let artifact = put(crate::artifacts::upload)
+        .delete(crate::artifacts::remove)
+        .layer(axum::middleware::from_fn(auth))
+        .merge(
+            get(crate::artifacts::download).layer(axum::middleware::from_fn_with_state(
+                hub.clone(),
+                crate::artifacts::auth_download,
+            )),
+        );
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -220,6 +252,8 @@ pub fn router(hub: Arc<Hub>, keys: TrustedKeys) -> Router {
             }),
         )
         .merge(v1)
+        .route("/v1/artifacts/{sha256}", artifact)
+        .layer(Extension(artifacts))
         .fallback(|req: axum::extract::Request| {
             answer_unread(
                 req,
@@ -600,15 +634,20 @@ async fn connection(
     router: Router,
     shutdown: CancellationToken,
 ) {
-    let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+    let first = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let peer = match first {
         None => Peer::Anonymous,
         Some(der) => match identity_of(der.as_ref()) {
             Ok(id) => Peer::Identity(id),
             Err(e) => Peer::Invalid(e.to_string()),
         },
     };
+    let cert = first.and_then(|der| crate::revocation::LinkCert::from_der(der.as_ref()).ok());
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
+        if let Some(cert) = cert {
+            req.extensions_mut().insert(PeerCertificate(cert));
+        }
         router.clone().oneshot(req)
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -657,19 +696,25 @@ mod tests {
         (dir, hub)
     }
 
+    fn artifacts_in(dir: &tempfile::TempDir) -> Arc<ArtifactStore> {
+        Arc::new(ArtifactStore::open(dir.path(), 4096).expect("artifact store"))
+    }
+
     #[tokio::test]
     async fn every_documented_route_is_served_and_v1_needs_a_control_plane_certificate() {
         let (_dir, hub) = test_hub().await;
-        let app = router(hub, TrustedKeys::new());
+        let app = router(hub, TrustedKeys::new(), artifacts_in(&_dir));
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
         for (method, path) in ROUTES {
-            let path = path.replace("{id}", "00000000-0000-0000-0000-000000000000");
+            let path = path
+                .replace("{id}", "00000000-0000-0000-0000-000000000000")
+                .replace("{sha256}", &"0".repeat(64));
             let path = if path.ends_with("/wait") {
                 format!("{path}?timeout_ms=1")
             } else {
                 path
             };
-            let body = if *method == "post" {
+            let body = if *method == "post" || *method == "put" {
                 Body::from("{}")
             } else {
                 Body::empty()
@@ -711,6 +756,131 @@ mod tests {
                 "{method} {path} is not served: {status} {text}"
             );
         }
+    }
+
+    /// Agents may download artifacts (with a certificate that is not revoked) and do
+    /// nothing else with them; control planes do everything.
+    #[tokio::test]
+    async fn agents_may_only_download_artifacts_and_not_with_a_revoked_certificate() {
+        use crate::revocation::LinkCert;
+        use crate::store::{AgentRevocation, IssuedCertificate};
+        use sha2::Digest;
+        let (dir, hub) = test_hub().await;
+        let app = router(hub.clone(), TrustedKeys::new(), artifacts_in(&dir));
+        let data = b"new agent binary".to_vec();
+        let sha = format!("{:x}", sha2::Sha256::digest(&data));
+        let path = format!("/v1/artifacts/{sha}");
+        let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
+        let agent = Peer::Identity(Identity::Agent(AgentId::new("db1").expect("id")));
+        let cert = |fp: u8| LinkCert {
+            fingerprint: [fp; 32],
+            not_before_ms: 1_000,
+            not_after_ms: i64::MAX,
+        };
+        let call =
+            |method: &str, path: &str, peer: &Peer, cert: Option<LinkCert>, body: Vec<u8>| {
+                let mut req = axum::http::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::from(body))
+                    .expect("request");
+                req.extensions_mut().insert(peer.clone());
+                if let Some(c) = cert {
+                    req.extensions_mut().insert(PeerCertificate(c));
+                }
+                let app = app.clone();
+                async move {
+                    let resp = app.oneshot(req).await.expect("response");
+                    let status = resp.status();
+                    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                        .await
+                        .expect("body");
+                    (status, bytes.to_vec())
+                }
+            };
+        // An agent cannot upload, list or delete.
+        let (status, body) = call("PUT", &path, &agent, Some(cert(1)), data.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(
+            call("GET", "/v1/artifacts", &agent, Some(cert(1)), vec![])
+                .await
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call("DELETE", &path, &agent, Some(cert(1)), vec![]).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            call("GET", &path, &Peer::Anonymous, None, vec![]).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+
+        // Absent: 404 for both.
+        let (status, body) = call("GET", &path, &agent, Some(cert(1)), vec![]).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let e: ApiError = serde_json::from_slice(&body).expect("ApiError");
+        assert_eq!(e.code, "not_found");
+
+        let (status, body) = call("PUT", &path, &cp, None, data.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let (status, got) = call("GET", &path, &agent, Some(cert(1)), vec![]).await;
+        assert_eq!((status, got), (StatusCode::OK, data.clone()));
+        // Without the certificate's fingerprint the revocation check cannot be made.
+        assert_eq!(
+            call("GET", &path, &agent, None, vec![]).await.0,
+            StatusCode::FORBIDDEN
+        );
+
+        hub.revocations.add(
+            "db1",
+            AgentRevocation {
+                revoked_at_ms: 5_000,
+                reason: Some("stolen".into()),
+            },
+            &[IssuedCertificate {
+                fingerprint: [1; 32],
+                agent_id: "db1".into(),
+                issued_at_ms: 1_000,
+                not_after_ms: i64::MAX,
+                revoked_at_ms: Some(5_000),
+            }],
+        );
+        let (status, body) = call("GET", &path, &agent, Some(cert(1)), vec![]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(
+            String::from_utf8_lossy(&body).contains("revoked"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        // An older certificate the store has no record of: refused too.
+        assert_eq!(
+            call("GET", &path, &agent, Some(cert(2)), vec![]).await.0,
+            StatusCode::FORBIDDEN
+        );
+        // The control plane still downloads and deletes.
+        assert_eq!(
+            call("GET", &path, &cp, None, vec![]).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call("DELETE", &path, &cp, None, vec![]).await.0,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            call("GET", &path, &cp, None, vec![]).await.0,
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[test]
@@ -862,7 +1032,7 @@ mod tests {
             }],
         };
         hub.health.store(report.clone(), 9, &hub.metrics);
-        let app = router(hub, TrustedKeys::new());
+        let app = router(hub, TrustedKeys::new(), artifacts_in(&_dir));
         let get = |path: &str| {
             let mut req = axum::http::Request::builder()
                 .uri(path)

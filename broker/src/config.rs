@@ -54,6 +54,32 @@ pub struct Config {
     pub listeners: Listeners,
     #[serde(default)]
     pub log: LogSettings,
+    /// `[artifacts]`: the files control planes upload for agents (new agent binaries).
+    #[serde(default)]
+    pub artifacts: ArtifactSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArtifactSettings {
+    /// Largest artifact accepted by `PUT /v1/artifacts/{sha256}`, in bytes.
+    pub max_bytes: u64,
+}
+
+impl ArtifactSettings {
+    /// An agent binary is ~15 MiB; room for much larger ones without letting one upload
+    /// fill the broker's disk.
+    pub const DEFAULT_MAX_BYTES: u64 = 128 * 1024 * 1024;
+    /// Bounds of `artifacts.max_bytes`: 4 KiB (tests) to 16 GiB.
+    pub const MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = 4096..=16 * 1024 * 1024 * 1024;
+}
+
+impl Default for ArtifactSettings {
+    fn default() -> Self {
+        Self {
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -286,6 +312,16 @@ impl Config {
             }
         }
         self.listener_limits()?;
+        if !ArtifactSettings::MAX_BYTES_RANGE.contains(&self.artifacts.max_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "artifacts.max_bytes",
+                problem: format!(
+                    "must be between {} and {}",
+                    ArtifactSettings::MAX_BYTES_RANGE.start(),
+                    ArtifactSettings::MAX_BYTES_RANGE.end()
+                ),
+            });
+        }
         self.log
             .validate()
             .map_err(|problem| ConfigError::Invalid {
@@ -458,6 +494,25 @@ server_key = "d"
             toml::from_str(&format!("{base}\n[limits]\nbackups_running = 0\n")).unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("limits.backups_running"), "{e}");
+    }
+
+    #[test]
+    fn the_artifact_size_cap_defaults_and_is_checked() {
+        let (_, entry) = key_entry();
+        let base = format!("{TLS}{entry}");
+        let c: Config = toml::from_str(&base).unwrap();
+        assert_eq!(c.artifacts.max_bytes, 128 * 1024 * 1024);
+        let c: Config =
+            toml::from_str(&format!("{base}\n[artifacts]\nmax_bytes = 4096\n")).unwrap();
+        c.validate().unwrap();
+        for bad in ["0", "4095", "17179869185"] {
+            let c: Config =
+                toml::from_str(&format!("{base}\n[artifacts]\nmax_bytes = {bad}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with("config key artifacts.max_bytes: "), "{e}");
+        }
+        let e = toml::from_str::<Config>(&format!("{base}\n[artifacts]\nmax = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("max"), "{e}");
     }
 }
 

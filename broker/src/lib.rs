@@ -8,6 +8,7 @@
 
 pub mod agent_link;
 pub mod api;
+pub mod artifacts;
 pub mod config;
 pub mod enroll;
 pub mod health;
@@ -43,6 +44,8 @@ pub enum BrokerError {
     Tls(#[from] dbvm_protocol::tls::TlsError),
     #[error("fleet CA: {0}")]
     Pki(#[from] dbvm_protocol::pki::PkiError),
+    #[error("artifact store: {0}")]
+    Artifacts(#[from] artifacts::ArtifactError),
 }
 
 /// A broker with its store open and its listeners bound.
@@ -54,6 +57,7 @@ pub struct Broker {
     api_tls: tokio_rustls::TlsAcceptor,
     /// The control plane's public keys, for checking submitted commands.
     command_keys: dbvm_protocol::command::TrustedKeys,
+    artifacts: Arc<artifacts::ArtifactStore>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -72,6 +76,10 @@ impl Broker {
         let tls = config.tls_material()?;
         let ca = dbvm_protocol::pki::FleetCa::load(&tls.ca_cert_pem, &tls.ca_key_pem)?;
         let store: Arc<dyn store::Store> = Arc::new(store::SqliteStore::open(&config.data_dir)?);
+        let artifacts = Arc::new(artifacts::ArtifactStore::open(
+            &config.data_dir,
+            config.artifacts.max_bytes,
+        )?);
         let hub = Hub::new(store, ca, config.agents.clone(), config.limits.clone()).await?;
         // Both listeners let a client without a certificate finish the handshake: the
         // agent port so a new VM can enroll, the API so it can answer 401 clearly.
@@ -109,6 +117,7 @@ impl Broker {
             agent_tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             api_tls: tokio_rustls::TlsAcceptor::from(Arc::new(api_server)),
             command_keys,
+            artifacts,
         })
     }
 
@@ -162,7 +171,7 @@ impl Broker {
         let api = tokio::spawn(api::serve(
             self.api_listener,
             self.api_tls,
-            api::router(hub.clone(), self.command_keys),
+            api::router(hub.clone(), self.command_keys, self.artifacts),
             shutdown.clone(),
             tracker.clone(),
         ));

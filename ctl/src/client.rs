@@ -7,14 +7,15 @@
 
 use crate::sse::{SseError, SseParser};
 use dbvm_protocol::api::{
-    AgentHealth, AgentView, ApiError, CommandView, EnrollmentToken, EnrollmentTokenRequest, Event,
-    FleetHealth, Revocation, RevokeRequest, SubmitCommand,
+    AgentHealth, AgentView, ApiError, ArtifactEntry, ArtifactInfo, CommandView, EnrollmentToken,
+    EnrollmentTokenRequest, Event, FleetHealth, Revocation, RevokeRequest, SubmitCommand,
 };
 use dbvm_protocol::command::SignedCommand;
 use futures::{Stream, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -94,6 +95,12 @@ pub enum ClientError {
     EventRead { url: String, error: reqwest::Error },
     #[error("event stream from {url} carried nothing, not even a keep-alive, for {} s", .after.as_secs())]
     EventsIdle { url: String, after: Duration },
+    #[error("cannot {op} {}: {error}", .path.display())]
+    File {
+        op: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -115,7 +122,10 @@ impl ClientError {
 
     /// Whether the fault is in this side's settings (a bad URL) rather than the broker.
     pub fn is_local(&self) -> bool {
-        matches!(self, Self::BadUrl { .. } | Self::Build(_))
+        matches!(
+            self,
+            Self::BadUrl { .. } | Self::Build(_) | Self::File { .. }
+        )
     }
 }
 
@@ -359,6 +369,153 @@ impl Client {
         .await
     }
 
+    /// The URL agents download artifact `sha256` from when they reach the broker by the
+    /// same address as this client: `<base>/v1/artifacts/<sha256>`.
+    pub fn artifact_url(&self, sha256: &str) -> Url {
+        self.url(&["v1", "artifacts", sha256])
+    }
+
+    /// `PUT /v1/artifacts/{sha256}`: streams the file at `path` (never whole in memory)
+    /// as artifact `sha256`, which must be the SHA-256 of its bytes (the broker checks).
+    /// Returns the broker's description and whether it is new (`false`: it was stored
+    /// already). The time limit grows with the size: 30 s plus 1 s per MiB.
+    pub async fn upload_artifact(
+        &self,
+        path: &Path,
+        sha256: &str,
+    ) -> Result<(ArtifactInfo, bool), ClientError> {
+        let file_error = |op: &'static str| {
+            move |error: std::io::Error| ClientError::File {
+                op,
+                path: path.to_path_buf(),
+                error,
+            }
+        };
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(file_error("open"))?;
+        let size = file.metadata().await.map_err(file_error("stat"))?.len();
+        let url = self.url(&["v1", "artifacts", sha256]);
+        let method = Method::PUT;
+        let timeout = REQUEST_TIMEOUT + Duration::from_secs(size / (1024 * 1024));
+        let fail = |error: reqwest::Error| transport_error(&method, &url, timeout, error);
+        let resp = self
+            .http
+            .put(url.clone())
+            .timeout(timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(file_chunks(file)))
+            .send()
+            .await
+            .map_err(fail)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(fail)?;
+        if !status.is_success() {
+            return Err(http_error(status, &bytes));
+        }
+        let info = serde_json::from_slice(&bytes).map_err(|error| ClientError::Decode {
+            method: method.clone(),
+            url: url.to_string(),
+            error,
+        })?;
+        Ok((info, status == StatusCode::CREATED))
+    }
+
+    /// `GET /v1/artifacts`.
+    pub async fn artifacts(&self) -> Result<Vec<ArtifactEntry>, ClientError> {
+        let url = self.url(&["v1", "artifacts"]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `GET /v1/artifacts/{sha256}` into a new file at `dest` (streamed; a file already
+    /// there is an error); returns the bytes written. Whatever fails removes `dest`.
+    /// The stream may not stay silent for more than 30 s.
+    pub async fn download_artifact(&self, sha256: &str, dest: &Path) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let url = self.url(&["v1", "artifacts", sha256]);
+        let method = Method::GET;
+        let fail = |error: reqwest::Error| transport_error(&method, &url, REQUEST_TIMEOUT, error);
+        let send = self.http.get(url.clone()).send();
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, send)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                method: method.clone(),
+                url: url.to_string(),
+                after: REQUEST_TIMEOUT,
+            })?
+            .map_err(fail)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.bytes())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            return Err(http_error(status, &bytes));
+        }
+        let file_error = |op: &'static str| {
+            move |error: std::io::Error| ClientError::File {
+                op,
+                path: dest.to_path_buf(),
+                error,
+            }
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .await
+            .map_err(file_error("create"))?;
+        let written = async {
+            let mut body = resp.bytes_stream();
+            let mut n = 0u64;
+            loop {
+                let chunk = match tokio::time::timeout(REQUEST_TIMEOUT, body.next()).await {
+                    Err(_) => {
+                        return Err(ClientError::Timeout {
+                            method: method.clone(),
+                            url: url.to_string(),
+                            after: REQUEST_TIMEOUT,
+                        })
+                    }
+                    Ok(None) => break,
+                    Ok(Some(chunk)) => chunk.map_err(fail)?,
+                };
+                file.write_all(&chunk).await.map_err(file_error("write"))?;
+                n += chunk.len() as u64;
+            }
+            file.flush().await.map_err(file_error("write"))?;
+            file.sync_all().await.map_err(file_error("fsync"))?;
+            Ok(n)
+        }
+        .await;
+        if written.is_err() {
+            let _ = tokio::fs::remove_file(dest).await;
+        }
+        written
+    }
+
+    /// `DELETE /v1/artifacts/{sha256}`.
+    pub async fn delete_artifact(&self, sha256: &str) -> Result<(), ClientError> {
+        let url = self.url(&["v1", "artifacts", sha256]);
+        let method = Method::DELETE;
+        let fail = |error: reqwest::Error| transport_error(&method, &url, REQUEST_TIMEOUT, error);
+        let resp = self
+            .http
+            .delete(url.clone())
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .map_err(fail)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(fail)?;
+        if !status.is_success() {
+            return Err(http_error(status, &bytes));
+        }
+        Ok(())
+    }
+
     /// `GET /v1/events[?agent=ID]`: follows the broker's event stream.
     pub async fn events(&self, agent: Option<&str>) -> Result<EventStream, ClientError> {
         let mut url = self.url(&["v1", "events"]);
@@ -410,6 +567,24 @@ enum RequestBody<'a> {
 }
 
 type ByteStream = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send>>;
+
+/// The bytes of an open file as a stream of 64 KiB chunks, for an upload body.
+/// Hand-written (a few lines) rather than enabling tokio-util's `io` feature for
+/// `ReaderStream` workspace-wide.
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    futures::stream::try_unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 64 * 1024];
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.truncate(n);
+        Ok(Some((bytes::Bytes::from(buf), file)))
+    })
+}
 
 struct EventsState {
     body: ByteStream,

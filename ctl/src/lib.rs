@@ -3,7 +3,7 @@
 //! - [`Home`]: the directory holding the fleet CA, certificates and the control plane's
 //!   keys, and [`keys`] to create them;
 //! - [`sign_command`] and [`parse_args`]: build and sign a command;
-//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, health, enrollment tokens,
+//! - [`Client`]: the broker's HTTPS API (submit, wait, agents, health, enrollment tokens, artifacts,
 //!   events);
 //! - [`send`]: a command end to end (seal secrets, sign, submit, wait, open the result),
 //!   as `dbvmctl send` does it;
@@ -11,6 +11,8 @@
 //! - [`reveal()`] and [`redact`]: sealed values in results;
 //! - [`backup`]: storage arguments and the backup listing for `dbvmctl backup`, `backups`,
 //!   `restore` and `recover`;
+//! - [`upgrade`]: a new agent binary uploaded to the broker and rolled out in waves of
+//!   signed `agent.upgrade` commands, as `dbvmctl upgrade` does it;
 //! - [`output`]: the human renderings `dbvmctl` prints.
 //!
 //! Wire types come from `dbvm-protocol`; nothing here defines an encoding.
@@ -26,6 +28,7 @@ pub mod reveal;
 pub mod send;
 pub mod sign;
 pub mod sse;
+pub mod upgrade;
 
 pub use args::{parse_args, parse_secrets, read_secret_files, seal_secrets, ArgsError};
 pub use client::{Client, ClientError, EventStream};
@@ -34,3 +37,4 @@ pub use keys::{ca_init, keygen, CaInitOptions, CaInitOutput, KeygenOutput, KeysE
 pub use reveal::{redact, reveal, RevealError};
 pub use send::{SendError, Sender};
 pub use sign::{sign_command, SignError};
+pub use upgrade::{UpgradeArgs, UpgradeError};

@@ -192,6 +192,15 @@ enum Command {
         #[command(flatten)]
         wait: OpWait,
     },
+    /// Upload a new agent binary to the broker and upgrade agents to it, in waves
+    ///
+    /// The binary is hashed and uploaded (skipped when the broker has it); then each
+    /// agent of a wave gets a signed agent.upgrade and the whole wave is awaited. The
+    /// agent downloads the binary from the broker, runs it on trial, swaps and restarts;
+    /// a new agent that does not connect in time is rolled back. The first failure stops
+    /// the rollout: later waves are not started. Exit code 0 when every agent upgraded,
+    /// 1 when one did not.
+    Upgrade(UpgradeArgs),
     /// Follow the broker's events, one line each
     Events {
         /// Only this agent's events
@@ -450,6 +459,37 @@ struct SendArgs {
     show: ShowArgs,
 }
 
+#[derive(Args)]
+struct UpgradeArgs {
+    /// The new agent binary (dbvm-agent)
+    #[arg(long, value_name = "PATH")]
+    binary: PathBuf,
+    /// What the new binary's --version prints, such as 0.1.1
+    #[arg(long = "version", value_name = "VERSION")]
+    agent_version: String,
+    /// The SHA-256 the binary must have (a release's published hash): checked before
+    /// anything is uploaded
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// How long a new agent has to connect before the old one rolls back, in seconds
+    /// (10 to 600)
+    #[arg(long, value_name = "SECONDS", default_value_t = dbvmctl::upgrade::DEFAULT_DEADLINE_S)]
+    deadline_s: u32,
+    /// Agents upgraded at once; the next wave starts when all of one upgraded
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    wave_size: usize,
+    /// Where agents download the binary [default: the broker address + /v1/artifacts/<sha256>];
+    /// give it when agents reach the broker's API by another name
+    #[arg(long, value_name = "URL")]
+    artifact_url: Option<String>,
+    /// Print the summary as JSON
+    #[arg(long)]
+    json: bool,
+    /// The agents, in the order they are upgraded
+    #[arg(required = true, value_name = "AGENT")]
+    agents: Vec<AgentId>,
+}
+
 /// The broker ended the event stream (exit code 3).
 #[derive(Debug, thiserror::Error)]
 #[error("the broker at {0} closed the event stream: run `dbvmctl events` again once it is back")]
@@ -465,6 +505,13 @@ fn exit_code_of(err: &anyhow::Error) -> Exit {
             };
         }
         if let Some(e) = cause.downcast_ref::<SendError>() {
+            return if e.is_local() {
+                Exit::Usage
+            } else {
+                Exit::Broker
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<dbvmctl::UpgradeError>() {
             return if e.is_local() {
                 Exit::Usage
             } else {
@@ -593,6 +640,7 @@ async fn run(cli: Cli) -> Result<Exit> {
         }
         Command::Fleet { json } => fleet(&ctx, json).await,
         Command::Events { agent, json } => events(&ctx, agent.as_ref(), json).await,
+        Command::Upgrade(args) => upgrade(&ctx, args).await,
         Command::Backup {
             agent,
             kind,
@@ -1143,6 +1191,112 @@ async fn status(ctx: &Ctx, id: Uuid, wait: u64, show: &ShowArgs) -> Result<Exit>
     }
 }
 
+async fn upgrade(ctx: &Ctx, a: UpgradeArgs) -> Result<Exit> {
+    use dbvmctl::upgrade::{Outcome, Plan, WaveEvent};
+    let plan = Plan {
+        binary: a.binary,
+        version: a.agent_version,
+        expected_sha256: a.sha256,
+        deadline_s: a.deadline_s,
+        wave_size: a.wave_size,
+        artifact_url: a.artifact_url,
+        agents: a.agents,
+    };
+    // Arguments first: a mistake stops before the home is read or the broker asked.
+    plan.validate()?;
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let signer = home.signer()?;
+    let sender = Sender::new(&client, &signer, home.sealing_public_key()?);
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar.set_message(format!("hashing and uploading {}", plan.binary.display()));
+        bar
+    });
+    let say = |line: String| match &bar {
+        Some(bar) => bar.println(line),
+        None if ctx.verbose => eprintln!("{line}"),
+        None => {}
+    };
+    let on_event = |event: WaveEvent<'_>| match event {
+        WaveEvent::Artifact(art) => say(format!(
+            "artifact {} ({} bytes) {}; agents download it from {}",
+            art.sha256,
+            art.size,
+            if art.uploaded {
+                "uploaded"
+            } else {
+                "already on the broker"
+            },
+            art.url
+        )),
+        WaveEvent::Started { wave, of, agents } => {
+            let names: Vec<&str> = agents.iter().map(AgentId::as_str).collect();
+            let line = format!("wave {wave}/{of}: upgrading {}", names.join(", "));
+            if let Some(bar) = &bar {
+                bar.set_message(line);
+            } else {
+                say(line);
+            }
+        }
+        WaveEvent::Finished(r) => say(match (&r.outcome, &r.upgrade, &r.error) {
+            (Outcome::Upgraded, Some(u), _) => format!(
+                "{}: upgraded {} → {} in {} ms",
+                r.agent,
+                output::clean(&u.from.version),
+                output::clean(&u.to.version),
+                u.total_ms
+            ),
+            (_, _, Some(e)) => format!("{}: {}: {}", r.agent, r.outcome.as_str(), output::clean(e)),
+            _ => format!("{}: {}", r.agent, r.outcome.as_str()),
+        }),
+    };
+    let done = tokio::select! {
+        r = dbvmctl::upgrade::upgrade(&client, &sender, &plan, on_event) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let Some(summary) = done else {
+        eprintln!(
+            "stopped; upgrades already sent go on: see `dbvmctl agents` and `dbvmctl events`"
+        );
+        return Ok(Exit::CommandFailed);
+    };
+    let summary = summary?;
+    if a.json {
+        out_json(&summary)?;
+    } else {
+        out(&output::upgrade_report(&summary))?;
+    }
+    if summary.all_upgraded() {
+        return Ok(Exit::Success);
+    }
+    let failed: Vec<&str> = summary
+        .agents
+        .iter()
+        .filter(|r| r.outcome == Outcome::Failed)
+        .map(|r| r.agent.as_str())
+        .collect();
+    let skipped = summary.not_attempted();
+    eprintln!(
+        "dbvmctl: upgrade to {} failed on {}{}",
+        summary.version,
+        failed.join(", "),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; not attempted: {}", skipped.join(", "))
+        }
+    );
+    Ok(Exit::CommandFailed)
+}
+
 async fn events(ctx: &Ctx, agent: Option<&AgentId>, json: bool) -> Result<Exit> {
     let home = ctx.home()?;
     let client = ctx.client(&home)?;
@@ -1348,6 +1502,81 @@ mod tests {
         assert!(Cli::try_parse_from(["dbvmctl", "recover", "db1"]).is_err());
         assert!(Cli::try_parse_from(["dbvmctl", "recover", "db1", "--target", "latest"]).is_ok());
         assert!(Cli::try_parse_from(["dbvmctl", "backups", "db1", "--json"]).is_ok());
+    }
+
+    #[test]
+    fn upgrade_parses_and_refuses_bad_plans_before_anything_is_read() {
+        let cli = Cli::try_parse_from([
+            "dbvmctl",
+            "upgrade",
+            "--binary",
+            "/tmp/dbvm-agent",
+            "--version",
+            "0.1.1",
+            "--wave-size",
+            "2",
+            "db1",
+            "db2",
+            "db3",
+        ])
+        .unwrap();
+        let Command::Upgrade(a) = cli.command else {
+            panic!("not upgrade")
+        };
+        assert_eq!(
+            (a.agent_version.as_str(), a.wave_size, a.deadline_s, a.json),
+            ("0.1.1", 2, 60, false)
+        );
+        assert_eq!(a.agents.len(), 3);
+        assert!(
+            Cli::try_parse_from(["dbvmctl", "upgrade", "--binary", "b", "--version", "1"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["dbvmctl", "upgrade", "--version", "1", "db1"]).is_err());
+        assert!(Cli::try_parse_from([
+            "dbvmctl",
+            "upgrade",
+            "--binary",
+            "b",
+            "--version",
+            "1",
+            "Bad/Id"
+        ])
+        .is_err());
+        // The top-level --version still prints dbvmctl's own.
+        let e = Cli::try_parse_from(["dbvmctl", "--version"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+
+        // A bad plan is a usage error before the home directory is even read (it does
+        // not exist here) and before anything is uploaded or sent.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for (flag, value, says) in [
+            ("--wave-size", "0", "wave size"),
+            ("--version", "v1", "version"),
+            ("--sha256", "ABC", "SHA-256"),
+            ("--deadline-s", "5", "deadline"),
+        ] {
+            let mut argv = vec![
+                "dbvmctl",
+                "--dir",
+                "/nonexistent/home",
+                "upgrade",
+                "--binary",
+                "/nonexistent/agent",
+                "--version",
+                "0.1.1",
+            ];
+            if flag == "--version" {
+                argv.truncate(argv.len() - 2);
+            }
+            argv.extend([flag, value, "db1"]);
+            let cli = Cli::try_parse_from(&argv).unwrap();
+            let e = runtime.block_on(run(cli)).unwrap_err();
+            assert_eq!(exit_code_of(&e), Exit::Usage, "{e:#}");
+            assert!(format!("{e:#}").contains(says), "{flag}: {e:#}");
+        }
     }
 
     #[test]

@@ -473,6 +473,52 @@ pub fn command_report(view: &CommandView) -> String {
     out
 }
 
+/// What `dbvmctl upgrade` prints at the end: the artifact, one row per agent (outcome,
+/// versions from and to, the agent's total time), then why each failure failed.
+pub fn upgrade_report(s: &crate::upgrade::Summary) -> String {
+    let a = &s.artifact;
+    let mut out = format!(
+        "artifact {} ({} bytes, {}) → version {}\n",
+        a.sha256,
+        a.size,
+        if a.uploaded {
+            "uploaded"
+        } else {
+            "already on the broker"
+        },
+        clean(&s.version)
+    );
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = s
+        .agents
+        .iter()
+        .map(|r| {
+            let u = r.upgrade.as_ref();
+            vec![
+                r.agent.clone(),
+                r.outcome.as_str().to_string(),
+                u.map_or_else(dash, |u| clean(&u.from.version)),
+                u.map_or_else(dash, |u| clean(&u.to.version)),
+                u.map_or_else(dash, |u| u.total_ms.to_string()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["AGENT", "OUTCOME", "FROM", "TO", "MS"], &rows));
+    for r in &s.agents {
+        if let Some(e) = &r.error {
+            out.push_str(&format!("{}: {}\n", r.agent, clean(e)));
+        }
+    }
+    let skipped = s.not_attempted();
+    if !skipped.is_empty() {
+        out.push_str(&format!(
+            "not attempted (an earlier wave failed): {}\n",
+            skipped.join(", ")
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,5 +826,65 @@ db2  no         -         -        -
         let mut other = ev;
         other.data["payload"] = json!({"check": 1});
         assert!(event_line(&other, Style::PLAIN).ends_with("\"payload\":{\"check\":1}}"));
+    }
+
+    #[test]
+    fn the_upgrade_report_has_a_row_per_agent_and_says_why_each_failure_failed() {
+        use crate::upgrade::{AgentResult, Artifact, Outcome, Summary, UpgradeOutput, VersionInfo};
+        let v = |version: &str| VersionInfo {
+            version: version.into(),
+            sha256: "ab".repeat(32),
+        };
+        let result = |agent: &str, outcome, upgrade, error: Option<&str>| AgentResult {
+            agent: agent.into(),
+            outcome,
+            wave: 1,
+            command_id: None,
+            upgrade,
+            error: error.map(str::to_string),
+        };
+        let summary = Summary {
+            version: "0.1.1".into(),
+            artifact: Artifact {
+                sha256: "ab".repeat(32),
+                size: 10,
+                uploaded: true,
+                url: "https://localhost:8443/v1/artifacts/x".into(),
+            },
+            wave_size: 1,
+            agents: vec![
+                result(
+                    "db1",
+                    Outcome::Upgraded,
+                    Some(UpgradeOutput {
+                        from: v("0.1.0"),
+                        to: v("0.1.1"),
+                        download_ms: 1,
+                        trial_ms: 2,
+                        total_ms: 2400,
+                    }),
+                    None,
+                ),
+                result(
+                    "db2",
+                    Outcome::Failed,
+                    None,
+                    Some("failed: rolled back: no connection\x1b[2J; running 0.1.0"),
+                ),
+                result("db3", Outcome::NotAttempted, None, None),
+            ],
+        };
+        let text = upgrade_report(&summary);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].contains("uploaded") && lines[0].contains("0.1.1"),
+            "{text}"
+        );
+        assert_eq!(lines[1], "AGENT  OUTCOME        FROM   TO     MS");
+        assert_eq!(lines[2], "db1    upgraded       0.1.0  0.1.1  2400");
+        assert_eq!(lines[3], "db2    failed         -      -      -");
+        assert_eq!(lines[4], "db3    not attempted  -      -      -");
+        assert!(lines[5].starts_with("db2: failed: rolled back") && !lines[5].contains('\x1b'));
+        assert_eq!(lines[6], "not attempted (an earlier wave failed): db3");
     }
 }

@@ -216,6 +216,26 @@ pub struct CertificateView {
     pub revoked_at_ms: Option<i64>,
 }
 
+/// An artifact the broker stores (`PUT` and `GET /v1/artifacts/{sha256}`): a file named
+/// by the SHA-256 of its bytes, such as a new agent binary for `agent.upgrade`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    /// SHA-256 of the bytes, 64 lowercase hex digits.
+    pub sha256: String,
+    pub size: u64,
+    /// The API path it is downloaded from: `/v1/artifacts/<sha256>`.
+    pub path: String,
+}
+
+/// One item of `GET /v1/artifacts`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactEntry {
+    pub sha256: String,
+    pub size: u64,
+    /// When the broker stored it (the file's modification time).
+    pub stored_at_ms: i64,
+}
+
 /// One item of `GET /v1/events` (server-sent events; the SSE `event:` is `kind`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
