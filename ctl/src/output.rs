@@ -859,9 +859,10 @@ db2  no         -         -        -
                     Some(UpgradeOutput {
                         from: v("0.1.0"),
                         to: v("0.1.1"),
-                        download_ms: 1,
-                        trial_ms: 2,
+                        download_ms: Some(1),
+                        trial_ms: Some(2),
                         total_ms: 2400,
+                        unchanged: false,
                     }),
                     None,
                 ),

@@ -361,9 +361,16 @@ pub struct VersionInfo {
 pub struct UpgradeOutput {
     pub from: VersionInfo,
     pub to: VersionInfo,
-    pub download_ms: u64,
-    pub trial_ms: u64,
+    /// Absent when the agent already ran that binary (`unchanged`) or when a restart in
+    /// the middle of the upgrade was settled by the new agent at its start.
+    #[serde(default)]
+    pub download_ms: Option<u64>,
+    #[serde(default)]
+    pub trial_ms: Option<u64>,
     pub total_ms: u64,
+    /// The agent already ran this binary: nothing was done.
+    #[serde(default)]
+    pub unchanged: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -770,6 +777,10 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Upgraded, "{r:?}");
         let u = r.upgrade.unwrap();
         assert_eq!((u.from.version.as_str(), u.total_ms), ("0.1.0", 2400));
+        assert_eq!(
+            (u.download_ms, u.trial_ms, u.unchanged),
+            (Some(120), Some(300), false)
+        );
 
         let r = result_of(
             &agent,

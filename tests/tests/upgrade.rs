@@ -111,6 +111,42 @@ async fn upload(fleet: &Fleet, broker: &BrokerProc, bytes: Vec<u8>) -> (String, 
     (url, sha)
 }
 
+/// Enrolls agent `id` and starts it from its own copy of the agent binary (an upgrade
+/// replaces it); `drain_s` sets its drain deadline. Returns it and its executable.
+async fn start_copy(
+    fleet: &Fleet,
+    broker: &BrokerProc,
+    client: &dbvmctl::Client,
+    id: &str,
+    drain_s: u64,
+) -> (AgentProc, PathBuf) {
+    let bin = fleet.path(&format!("bin-{id}"));
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("dbvm-agent");
+    std::fs::copy(dbvm_e2e::proc::bin_dir().join("dbvm-agent"), &exe).unwrap();
+    let token = client.enrollment_token(id, None).await.unwrap().token;
+    let state_dir = fleet.path(&format!("agent-{id}"));
+    let token_file = fleet.path(&format!("agent-{id}.token"));
+    std::fs::write(&token_file, token).unwrap();
+    let config = fleet
+        .agent_config(
+            id,
+            broker.agent_addr.port(),
+            &state_dir,
+            &token_file,
+            "[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n",
+        )
+        .replace(
+            "[link]\n",
+            &format!("[link]\ndrain_timeout_s = {drain_s}\n"),
+        );
+    let config_path = fleet.path(&format!("agent-{id}.toml"));
+    std::fs::write(&config_path, config).unwrap();
+    let agent = fleet.run_agent_exe(&exe, id, config_path, state_dir, &[]);
+    dbvm_e2e::connected(client, id).await;
+    (agent, exe)
+}
+
 struct Rig {
     fleet: Fleet,
     broker: BrokerProc,
@@ -127,30 +163,7 @@ impl Rig {
         let fleet = Fleet::new();
         let broker = fleet.start_broker("");
         let client = fleet.client(&broker);
-        let bin = fleet.path("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        let exe = bin.join("dbvm-agent");
-        std::fs::copy(dbvm_e2e::proc::bin_dir().join("dbvm-agent"), &exe).unwrap();
-        let token = client.enrollment_token("db1", None).await.unwrap().token;
-        let state_dir = fleet.path("agent-db1");
-        let token_file = fleet.path("agent-db1.token");
-        std::fs::write(&token_file, token).unwrap();
-        let config = fleet
-            .agent_config(
-                "db1",
-                broker.agent_addr.port(),
-                &state_dir,
-                &token_file,
-                "[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n",
-            )
-            .replace(
-                "[link]\n",
-                &format!("[link]\ndrain_timeout_s = {drain_s}\n"),
-            );
-        let config_path = fleet.path("agent-db1.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let agent = fleet.run_agent_exe(&exe, "db1", config_path, state_dir, &[]);
-        dbvm_e2e::connected(&client, "db1").await;
+        let (agent, exe) = start_copy(&fleet, &broker, &client, "db1", drain_s).await;
         Self {
             fleet,
             broker,
@@ -462,4 +475,54 @@ async fn an_agent_killed_between_the_swap_and_its_restart_comes_back_as_the_new_
     assert_eq!(rig.ping().await, new_version);
     assert_eq!(rig.running_sha(), sha);
     assert_eq!(rig.leftovers(), Vec::<String>::new());
+}
+
+/// `dbvmctl upgrade` as a control plane calls it (the library): the binary uploaded once,
+/// two agents upgraded one wave at a time, each answering as the new build afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dbvmctl_upgrades_agents_in_waves() {
+    let rig = Rig::new(30).await;
+    let (db2, exe2) = start_copy(&rig.fleet, &rig.broker, &rig.client, "db2", 30).await;
+    let new = release_agent();
+    let new_version = version_of(&new);
+    let sha = file_sha(&new);
+    let sender = dbvmctl::Sender::new(
+        &rig.client,
+        &rig.fleet.signer,
+        rig.fleet.reply_key.public_key(),
+    );
+    let mut plan = dbvmctl::upgrade::Plan::new(
+        new.clone(),
+        &new_version,
+        vec![
+            dbvm_protocol::AgentId::new("db1").unwrap(),
+            dbvm_protocol::AgentId::new("db2").unwrap(),
+        ],
+    );
+    plan.wave_size = 1;
+    let summary = dbvmctl::upgrade::upgrade(&rig.client, &sender, &plan, |_| {})
+        .await
+        .unwrap();
+    for a in &summary.agents {
+        assert_eq!(
+            a.outcome,
+            dbvmctl::upgrade::Outcome::Upgraded,
+            "{summary:?}"
+        );
+    }
+    assert_eq!(
+        summary.agents.iter().map(|a| a.wave).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(rig.running_sha(), sha);
+    assert_eq!(file_sha(&exe2), sha);
+    assert_eq!(
+        file_sha(Path::new(&format!("/proc/{}/exe", db2.proc.pid()))),
+        sha
+    );
+    let out = rig
+        .fleet
+        .send_ok(&rig.client, &db2, "ping", json!({}))
+        .await;
+    assert_eq!(out["agent_version"], new_version.as_str());
 }

@@ -436,8 +436,19 @@ impl Link {
         let mut renewal = Renewal::new(&identity);
 
         let (out_tx, mut out_rx) = mpsc::channel::<AgentMessage>(1024);
+        // The writer ends when the session does: what is queued by then is written (within
+        // FLUSH_TIMEOUT), but it does not wait for senders that outlive the session (a
+        // running command's clone of the channel).
+        let ended = CancellationToken::new();
+        let writer_ended = ended.clone();
         let writer = tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    m = out_rx.recv() => m,
+                    _ = writer_ended.cancelled() => out_rx.try_recv().ok(),
+                };
+                let Some(msg) = msg else { break };
                 if let Err(e) = frame::write_frame(&mut wr, &msg, MAX_FRAME_LEN).await {
                     tracing::debug!(error = %e, "writing to the broker failed");
                     break;
@@ -557,6 +568,7 @@ impl Link {
         self.uplink.link_down();
         reader.abort();
         drop(out_tx);
+        ended.cancel();
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer).await;
         self.lifecycle.set_connected(false);
         match end {

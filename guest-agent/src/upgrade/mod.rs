@@ -239,7 +239,7 @@ pub fn settle_at_start(state_dir: &Path, journal: &mut Journal) {
                 "from": state.from,
                 "to": state.to,
                 "settled_at_start": true,
-                "total_ms": now - state.started_at_ms,
+                "total_ms": (now - state.started_at_ms).max(0),
             })
             .to_string(),
         }
