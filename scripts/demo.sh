@@ -76,7 +76,10 @@ say "starting dbvm-agent: it makes its own key, enrolls, then dials the broker o
   echo "metrics_listen = \"127.0.0.1:$metrics_port\""
   sed -n '/\[\[trusted_keys\]\]/,$p' "$demo/keygen.out"
 } > "$demo/agent.toml"
-"$agent_bin" --config "$demo/agent.toml" 2> "$demo/agent.log" &
+# db-demo runs from its own copy (its VM's /usr/bin/dbvm-agent): an upgrade replaces it.
+mkdir -p "$demo/db-demo-bin"
+cp "$agent_bin" "$demo/db-demo-bin/dbvm-agent"
+"$demo/db-demo-bin/dbvm-agent" --config "$demo/agent.toml" 2> "$demo/agent.log" &
 pids+=($!)
 for _ in $(seq 100); do
   "$bin/dbvmctl" agents --json 2>/dev/null | grep -q '"connected": *true' && break
@@ -170,7 +173,7 @@ container_name = "db-demo-pg"
 [firewall]
 netns = "$netns"
 TOML
-"$agent_bin" --config "$demo/agent.toml" 2>> "$demo/agent.log" &
+"$demo/db-demo-bin/dbvm-agent" --config "$demo/agent.toml" 2>> "$demo/agent.log" &
 pids[1]=$!
 for _ in $(seq 100); do
   "$bin/dbvmctl" agents --json 2>/dev/null | grep -q '"connected": *true' && break
@@ -355,5 +358,46 @@ echo "source db-demo after recover: $recovered_rows rows (was 2500)"
 
 say "the agent's Prometheus endpoint (what Telegraf or Prometheus scrapes)"
 curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^dbvm_agent_(health_status|db_|link_up|process_resident)' | head -20
+
+# ---- for image builders ----------------------------------------------------------------
+say "the image builders' command: the static agent and broker at version 0.1.1 and their RPMs, signed with the builder's GPG key (a throwaway one here)"
+export GNUPGHOME="$demo/gnupg"
+mkdir -p -m 0700 "$GNUPGHOME"
+gpg --batch --passphrase '' --quick-gen-key "dbvm demo builder <builder@dbvm.demo>" rsa2048 sign never 2>/dev/null
+run bash scripts/build-rpms.sh --version 0.1.1 --sign-key builder@dbvm.demo --out "$demo/rpm"
+
+say "installed into a throwaway root as tdnf would (rpm --root; signatures enforced; the scriptlets run)"
+rr="$demo/rpm-root"
+mkdir -p "$rr/bin" "$rr/etc" "$rr/usr/lib/systemd/system"
+# What the scriptlets need: a shell (static busybox), systemctl and systemd-sysusers with
+# their libraries, and the targets the units name.
+cp "$(command -v busybox)" "$rr/bin/sh"
+for tool in /usr/bin/systemctl /usr/bin/systemd-sysusers; do
+  for f in "$tool" $(ldd "$tool" | grep -o '/[^ ]*'); do
+    mkdir -p "$rr$(dirname "$f")"; cp "$f" "$rr$f"
+  done
+done
+cp /usr/lib/systemd/system/*.target "$rr/usr/lib/systemd/system/" 2>/dev/null || true
+echo 'root:x:0:0:root:/root:/bin/sh' > "$rr/etc/passwd"
+echo 'root:x:0:' > "$rr/etc/group"
+rpm_root() { rpm --root "$rr" --dbpath /var/lib/rpm --define '_pkgverify_level signature' "$@"; }
+rpm_root --initdb
+gpg --armor --export builder@dbvm.demo > "$demo/builder.asc"
+run rpm_root --import "$demo/builder.asc"
+run rpm_root -K "$demo"/rpm/dbvm-agent-0.1.1-1.x86_64.rpm "$demo"/rpm/dbvm-broker-0.1.1-1.x86_64.rpm
+run rpm_root -i "$demo"/rpm/dbvm-agent-0.1.1-1.x86_64.rpm "$demo"/rpm/dbvm-broker-0.1.1-1.x86_64.rpm
+run rpm_root -qa
+ls -l "$rr/usr/bin/dbvm-agent" "$rr/etc/dbvm/"
+echo "enabled: $(ls "$rr/etc/systemd/system/multi-user.target.wants/")"
+echo "the package's binary says: $("$rr/usr/bin/dbvm-agent" --version)"
+
+say "a signed upgrade of db-demo to the package's 0.1.1 agent: uploaded to the broker once, then agent.upgrade in waves (dbvmctl upgrade); the new agent must connect on trial before the old one swaps it in and re-executes"
+before="$(readlink "/proc/${pids[1]}/exe")"
+run "$bin/dbvmctl" upgrade --binary "$rr/usr/bin/dbvm-agent" --version 0.1.1 --wave-size 1 db-demo
+run "$bin/dbvmctl" send db-demo ping
+echo "same process (pid ${pids[1]}): $before, now $("$demo/db-demo-bin/dbvm-agent" --version) ($(sha256sum "$demo/db-demo-bin/dbvm-agent" | cut -c1-16)…)"
+say "the upgraded agent goes on managing the database"
+run "$bin/dbvmctl" send db-demo db.status > "$demo/status-after-upgrade.json"
+head -8 "$demo/status-after-upgrade.json"
 
 say "demo complete; logs and config are in $demo (broker.log, agent.log)"
