@@ -14,7 +14,9 @@ run() { printf '\033[2m$ %s\033[0m\n' "$*" >&2; "$@"; }
 
 say "building dbvm-broker and dbvmctl (release) and the static dbvm-agent (musl)"
 cargo build --release --locked -p dbvm-broker -p dbvmctl
-cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent
+# Agent and broker together, as scripts/build-rpms.sh builds them (the same features, so
+# its build later only rebuilds what the version changes).
+cargo build --release --locked --target x86_64-unknown-linux-musl -p dbvm-agent -p dbvm-broker
 bin="$root/target/release"
 agent_bin="$root/target/x86_64-unknown-linux-musl/release/dbvm-agent"
 echo "dbvm-agent: $(file -b "$agent_bin" | grep -o "static-pie linked\|statically linked"), $(du -h "$agent_bin" | cut -f1)"
@@ -385,7 +387,8 @@ rpm_root --initdb
 gpg --armor --export builder@dbvm.demo > "$demo/builder.asc"
 run rpm_root --import "$demo/builder.asc"
 run rpm_root -K "$demo"/rpm/dbvm-agent-0.1.1-1.x86_64.rpm "$demo"/rpm/dbvm-broker-0.1.1-1.x86_64.rpm
-run rpm_root -i "$demo"/rpm/dbvm-agent-0.1.1-1.x86_64.rpm "$demo"/rpm/dbvm-broker-0.1.1-1.x86_64.rpm
+# --nodeps: the throwaway root has none of Photon's packages (systemd, docker, nftables).
+run rpm_root --nodeps -i "$demo"/rpm/dbvm-agent-0.1.1-1.x86_64.rpm "$demo"/rpm/dbvm-broker-0.1.1-1.x86_64.rpm
 run rpm_root -qa
 ls -l "$rr/usr/bin/dbvm-agent" "$rr/etc/dbvm/"
 echo "enabled: $(ls "$rr/etc/systemd/system/multi-user.target.wants/")"

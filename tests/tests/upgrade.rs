@@ -46,6 +46,10 @@ fn release_agent() -> PathBuf {
             "x86_64-unknown-linux-musl",
             "-p",
             "dbvm-agent",
+            // With the broker, as scripts/build-rpms.sh builds them (.ci/run builds them
+            // first): the same features, so nothing is built again.
+            "-p",
+            "dbvm-broker",
             "--manifest-path",
         ])
         .arg(dbvm_e2e::proc::workspace_manifest())

@@ -12,8 +12,7 @@
 //!    agent's identity and have a heartbeat answered within `deadline_s`; if it does not,
 //!    it is stopped and removed and the old agent reconnects: the result says why and
 //!    that the old version runs;
-//! 3. records phase `swapped`, keeps the old binary as `<exe>.prev` (a hard link) and
-//!    renames the new one over `<exe>` (atomic), journals the result (the executor does,
+//! 3. records phase `swapped`, renames the new binary over `<exe>` (atomic), journals the result (the executor does,
 //!    when the operation returns), drains like on SIGTERM and `main` re-executes `<exe>`
 //!    in the same process (under systemd the unit's main process stays the same).
 //!
@@ -207,8 +206,8 @@ fn fsync_dir(dir: &Path) -> Result<(), String> {
 /// Settles an upgrade the agent was restarted in the middle of (called once at start,
 /// before the journal marks unfinished commands interrupted): the running binary's
 /// SHA-256 says whether the swap happened; the upgrade command gets the result that says
-/// which version runs (unless it has one), and the staged binary, the kept old one and
-/// the state file are removed. Never fails the start: what it cannot do, it logs.
+/// which version runs (unless it has one), and the staged binary and the state file are
+/// removed. Never fails the start: what it cannot do, it logs.
 pub fn settle_at_start(state_dir: &Path, journal: &mut Journal) {
     let path = state_path(state_dir);
     let text = match std::fs::read(&path) {
@@ -262,7 +261,6 @@ pub fn settle_at_start(state_dir: &Path, journal: &mut Journal) {
         tracing::error!(error = %e, "cannot journal the upgrade's result");
     }
     remove_quietly(&sibling(&state.exe, ".new"));
-    remove_quietly(&sibling(&state.exe, ".prev"));
     remove_state(state_dir);
 }
 
@@ -444,20 +442,14 @@ impl Operation for UpgradeOp {
             }
         };
 
-        // 3. The swap: keep the old binary, rename the new one over it, restart into it.
+        // 3. The swap: rename the new binary over the old one, restart into it.
         state.phase = "swapped".into();
         if let Err(e) = write_state(&self.state_dir, &state) {
             drop(hold);
             return Err(rollback(e));
         }
-        let prev = sibling(&exe, ".prev");
-        remove_quietly(&prev);
-        if let Err(e) = std::fs::hard_link(&exe, &prev) {
-            tracing::warn!(error = %e, "cannot keep the old binary beside the new one");
-        }
         if let Err(e) = std::fs::rename(&staged, &exe) {
             drop(hold);
-            remove_quietly(&prev);
             return Err(rollback(format!("cannot put the new binary in place: {e}")));
         }
         if let Some(dir) = exe.parent() {
