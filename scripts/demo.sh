@@ -108,7 +108,11 @@ say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
 say "first boot of a new VM: the package's config (names no VM) and the OVF environment a deployment fills (VMware Tools hands it over as guestinfo.ovfEnv; here a file in the same format)"
 fb="$demo/firstboot"
 mkdir -p "$fb"
-sed -e "s|/var/lib/dbvm-agent|$fb/state|" -e "s|/etc/dbvm/|$fb/|g" packaging/rpm/agent.toml > "$fb/agent.toml"
+# The package's [firewall] section is turned off here: on this machine it would put its
+# drop-by-default nftables table on the host (the demo's firewall part runs in a namespace).
+sed -e "s|/var/lib/dbvm-agent|$fb/state|" -e "s|/etc/dbvm/|$fb/|g" \
+  -e 's|^enabled = true$|enabled = false|' packaging/rpm/agent.toml > "$fb/agent.toml"
+grep -qx 'enabled = false' "$fb/agent.toml" || { echo "demo: the package's firewall is not off" >&2; exit 1; }
 printf '[health]\nmetrics_listen = ""\n' >> "$fb/agent.toml"
 fb_token=$("$bin/dbvmctl" enroll-token db-firstboot --ttl 600)
 key_id=$(sed -n 's/^key_id = "\(.*\)"$/\1/p' "$demo/keygen.out" | head -1)
@@ -130,7 +134,7 @@ cat > "$fb/ovf-env.xml" <<XML
 XML
 grep -c 'oe:key' "$fb/ovf-env.xml" | sed 's/^/properties in the environment: /'
 fb_start=$(date +%s%N)
-"$agent_bin" --config "$fb/agent.toml" --ovf-env "$fb/ovf-env.xml" 2> "$fb/agent.log" &
+DBVM_NETWORK_DIR="$fb/network" "$agent_bin" --config "$fb/agent.toml" --ovf-env "$fb/ovf-env.xml" 2> "$fb/agent.log" &
 fb_pid=$!
 pids+=($fb_pid)
 for _ in $(seq 100); do

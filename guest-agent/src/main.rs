@@ -25,6 +25,15 @@ struct Args {
     /// guestinfo.ovfEnv, then /media/cdrom/ovf-env.xml, then /mnt/cdrom/ovf-env.xml).
     #[arg(long, env = "DBVM_OVF_ENV", value_name = "PATH")]
     ovf_env: Option<PathBuf>,
+    /// First boot: write the systemd-networkd files for the OVF's network properties into
+    /// this directory (networkctl reload runs only for the default).
+    #[arg(
+        long,
+        env = "DBVM_NETWORK_DIR",
+        value_name = "DIR",
+        default_value = dbvm_agent::firstboot::NETWORK_DIR
+    )]
+    network_dir: PathBuf,
     /// Run as an upgrade's trial (the old agent starts the new binary with it): read the
     /// config, state and journal, connect as this agent within the given seconds, print a
     /// report and exit. Writes nothing.
@@ -172,11 +181,21 @@ fn first_boot(args: &Args) {
         None => Source::defaults(),
     };
     loop {
-        match run_once(&args.config, &sources) {
-            Ok(id) => {
+        match run_once(&args.config, &sources, &args.network_dir) {
+            Ok(done) => {
+                for f in &done.network_files {
+                    eprintln!(
+                        "dbvm-agent: first boot: wrote {} from the OVF network properties",
+                        f.display()
+                    );
+                }
+                if let Some(problem) = &done.reload_problem {
+                    eprintln!("dbvm-agent: first boot: the network was not reloaded ({problem}); the files apply at the next boot");
+                }
                 eprintln!(
-                    "dbvm-agent: first boot: {} now configures agent {id} (from the OVF environment)",
-                    args.config.display()
+                    "dbvm-agent: first boot: {} now configures agent {} (from the OVF environment)",
+                    args.config.display(),
+                    done.agent_id
                 );
                 return;
             }

@@ -167,6 +167,36 @@ async fn postgres_role_opens_ssh_https_and_5432_only_where_wanted() {
     host.assert_unchanged();
 }
 
+/// `management_tcp_ports` (the package opens Telegraf's 9274 with it) is reachable on the
+/// management interface and dropped on the application one.
+#[tokio::test]
+async fn management_ports_are_open_on_the_management_interface_only() {
+    let host = HostRuleset::snapshot();
+    let mut pair = NetnsPair::new("eth0", "eth1");
+    let ports = [22, 443, 5432, 9274];
+    pair.listen(pair.db_management, &ports);
+    pair.listen(pair.db_application, &ports);
+    let mut listening = targets(pair.db_management, &ports);
+    listening.extend(targets(pair.db_application, &ports));
+    let fw = Firewall::new(FirewallConfig {
+        management_tcp_ports: vec![9274],
+        ..config(&pair)
+    })
+    .unwrap();
+    let report = fw.apply(&pg()).await.expect("apply");
+    assert_eq!(report.outcome, ApplyOutcome::Applied);
+    let (m, a) = (pair.db_management, pair.db_application);
+    assert_only_open(
+        &pair,
+        &listening,
+        &[(m, 22), (m, 443), (m, 9274), (a, 22), (a, 5432)],
+    );
+    assert_matches(&fw, &pg()).await;
+    assert!(fw.remove().await.expect("remove"));
+    drop(pair);
+    host.assert_unchanged();
+}
+
 #[tokio::test]
 async fn mysql_and_mariadb_roles_open_their_ports_on_configured_interfaces() {
     let host = HostRuleset::snapshot();

@@ -24,8 +24,21 @@ fn package_config(dir: &Path) -> PathBuf {
             "state_dir = \"/var/lib/dbvm-agent\"",
             &format!("state_dir = \"{}\"", dir.join("state").display()),
         )
-        .replace("/etc/dbvm/", &format!("{}/", dir.display()));
+        .replace("/etc/dbvm/", &format!("{}/", dir.display()))
+        // The package's firewall would apply nftables rules to this machine:
+        // the agent keeps the section (first boot writes the interfaces into it) but
+        // leaves the host's firewall alone. The firewall itself is tested in network
+        // namespaces (tests/firewall.rs).
+        .replace(
+            "[firewall]\n",
+            "[firewall]\n# this test: never the host's firewall\nenabled = false\n",
+        )
+        .replace("\nenabled = true\n", "\n");
     assert!(text.contains("agent_id = \"\""), "the package names no VM");
+    assert!(
+        text.contains("enabled = false") && !text.contains("enabled = true"),
+        "the package's firewall is off here: {text}"
+    );
     let text = format!(
         "{text}\n[link]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n"
     );
@@ -103,7 +116,10 @@ fn start(fleet: &Fleet, name: &str, config: &Path, env: &Path) -> Proc {
 
 /// [`start`] on the machine with fingerprint `machine` (see the agent's
 /// `firstboot::TEST_MACHINE`).
+/// The agent writes its systemd-networkd files into `network/` beside the environment,
+/// never into this machine's `/etc/systemd/network`.
 fn start_on(fleet: &Fleet, name: &str, config: &Path, env: &Path, machine: &str) -> Proc {
+    let network_dir = network_dir(env);
     Proc::spawn(
         name,
         "dbvm-agent",
@@ -114,9 +130,38 @@ fn start_on(fleet: &Fleet, name: &str, config: &Path, env: &Path, machine: &str)
             env.to_str().unwrap(),
         ],
         fleet.path(&format!("{name}.log")),
-        &[(dbvm_agent::firstboot::TEST_MACHINE, machine)],
+        &[
+            (dbvm_agent::firstboot::TEST_MACHINE, machine),
+            ("DBVM_NETWORK_DIR", network_dir.to_str().unwrap()),
+        ],
     )
     .0
+}
+
+fn network_dir(env: &Path) -> PathBuf {
+    env.parent().unwrap().join("network")
+}
+
+/// The network properties of a deployment: a static management network on ens192, DHCP
+/// on ens224 with a DNS server of its own.
+fn network_properties() -> Vec<(String, String)> {
+    [
+        ("dbvm.mgmt_interface", "ens192"),
+        ("dbvm.mgmt_mode", "static"),
+        ("dbvm.mgmt_ip", "10.20.0.17"),
+        ("dbvm.mgmt_netmask", "255.255.252.0"),
+        ("dbvm.mgmt_gateway", "10.20.0.1"),
+        ("dbvm.mgmt_dns", "10.20.0.2,10.20.0.3"),
+        ("dbvm.app_interface", "ens224"),
+        ("dbvm.app_mode", "dhcp"),
+        ("dbvm.app_ip", ""),
+        ("dbvm.app_netmask", ""),
+        ("dbvm.app_gateway", ""),
+        ("dbvm.app_dns", "192.168.7.53"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 async fn ping(fleet: &Fleet, client: &dbvmctl::Client, id: &str) -> serde_json::Value {
@@ -136,11 +181,9 @@ async fn first_boot_fills_the_config_enrolls_answers_and_a_reboot_does_not_enrol
     let config = package_config(&dir);
     let token = client.enrollment_token("fb1", None).await.unwrap().token;
     let env = dir.join("ovf-env.xml");
-    write_env(
-        &env,
-        &properties(&fleet, broker.agent_addr.port(), "fb1", &token),
-        &[],
-    );
+    let mut props = properties(&fleet, broker.agent_addr.port(), "fb1", &token);
+    props.extend(network_properties());
+    write_env(&env, &props, &[]);
 
     let started = std::time::Instant::now();
     let mut agent = start(&fleet, "fb1", &config, &env);
@@ -162,6 +205,56 @@ async fn first_boot_fills_the_config_enrolls_answers_and_a_reboot_does_not_enrol
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&config).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+
+    // The networks: a systemd-networkd file each, and the interfaces in the firewall
+    // section (which stays off on this machine).
+    let net = network_dir(&env);
+    let mgmt = std::fs::read_to_string(net.join("10-dbvm-mgmt.network")).unwrap();
+    let body = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        body(&mgmt),
+        [
+            "[Match]",
+            "Name=ens192",
+            "",
+            "[Network]",
+            "Address=10.20.0.17/22",
+            "DNS=10.20.0.2",
+            "DNS=10.20.0.3",
+            "Gateway=10.20.0.1",
+        ],
+        "{mgmt}"
+    );
+    let app = std::fs::read_to_string(net.join("20-dbvm-app.network")).unwrap();
+    assert_eq!(
+        body(&app),
+        [
+            "[Match]",
+            "Name=ens224",
+            "",
+            "[Network]",
+            "DHCP=yes",
+            "DNS=192.168.7.53"
+        ],
+        "{app}"
+    );
+    let firewall = written.split("[firewall]").nth(1).unwrap();
+    let firewall = firewall.split("\n[").next().unwrap();
+    for line in [
+        "management_interface = \"ens192\"",
+        "application_interface = \"ens224\"",
+        "management_tcp_ports = [9274]",
+        "enabled = false",
+    ] {
+        assert!(firewall.lines().any(|l| l == line), "{line}:\n{written}");
+    }
+    let log = agent.log_text();
+    assert!(log.contains("10-dbvm-mgmt.network"), "{log}");
 
     // A reboot: the config is filled, the identity enrolled; no token is needed (there is
     // none left) and the agent answers again.
@@ -209,6 +302,18 @@ async fn a_missing_malformed_or_incomplete_environment_is_named_changes_nothing_
     bad_ca[2].1 = "bm90IGEgY2VydGlmaWNhdGU=".into();
     write_env(&env, &bad_ca, &[]);
     said("dbvm.fleet_ca is not usable").await;
+    // Everything else right, but a management address that is not one: named, and no
+    // network file either.
+    let mut bad_ip = props.clone();
+    bad_ip.extend(network_properties());
+    for (k, v) in bad_ip.iter_mut() {
+        if k == "dbvm.mgmt_ip" {
+            *v = "10.20.0.999".into();
+        }
+    }
+    write_env(&env, &bad_ip, &[]);
+    said("dbvm.mgmt_ip is not usable: \"10.20.0.999\" is not an IPv4 or IPv6 address").await;
+    assert!(!network_dir(&env).exists(), "no network file was written");
     assert_eq!(std::fs::read(&config).unwrap(), before, "nothing written");
     assert!(!dir.join("enrollment.token").exists());
     assert!(!dir.join("fleet-ca.crt").exists());

@@ -300,6 +300,24 @@ fn the_kickstart_installs_what_a_database_vm_needs_and_carries_no_secret() {
     let telegraf = read(&photon().join("telegraf.conf"));
     assert!(telegraf.contains("http://127.0.0.1:9273/metrics"));
     assert!(telegraf.contains("/var/lib/telegraf/metrics.out"));
+    // The fleet's Prometheus reaches Telegraf's endpoint because the package's agent
+    // config opens that port on the management interface (and only there).
+    let listen = telegraf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen = \":"))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("[[outputs.prometheus_client]] listen");
+    let port: u16 = listen.parse().unwrap();
+    let package = dbvm_agent::config::Config::load(&repo().join("packaging/rpm/agent.toml"))
+        .expect("the package's agent.toml parses");
+    let firewall = package
+        .firewall
+        .expect("the package's config has [firewall]");
+    assert!(firewall.enabled);
+    assert!(
+        firewall.management_tcp_ports.contains(&port) && !firewall.extra_tcp_ports.contains(&port),
+        "{port}: {firewall:?}"
+    );
 }
 
 fn ovf_keys(doc: &roxmltree::Document) -> Vec<(String, bool, Option<String>)> {

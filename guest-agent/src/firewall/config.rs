@@ -30,6 +30,9 @@ pub struct FirewallConfig {
     pub netns: Option<String>,
     /// More TCP ports to open on the application interface.
     pub extra_tcp_ports: Vec<u16>,
+    /// More TCP ports to open on the management interface only (the image's Telegraf
+    /// serves the fleet's Prometheus on 9274 there, and nowhere else).
+    pub management_tcp_ports: Vec<u16>,
     /// Accept the ICMP and ICMPv6 messages a host needs (ping, unreachable, too big,
     /// neighbour discovery).
     pub allow_icmp: bool,
@@ -47,6 +50,7 @@ impl Default for FirewallConfig {
             nft: "nft".into(),
             netns: None,
             extra_tcp_ports: Vec::new(),
+            management_tcp_ports: Vec::new(),
             allow_icmp: true,
             command_timeout_ms: 10_000,
         }
@@ -56,32 +60,33 @@ impl Default for FirewallConfig {
 /// Linux `IFNAMSIZ` is 16 including the terminating NUL.
 const MAX_IFNAME_LEN: usize = 15;
 
-fn check_interface(key: &str, name: &str) -> Result<(), FirewallError> {
+/// What is wrong with `name` as a Linux interface name, if anything (first boot checks
+/// the OVF's interface properties with the same rule before writing them here).
+pub fn interface_name_problem(name: &str) -> Option<String> {
     if name.is_empty() {
-        return Err(invalid(key, "must not be empty"));
+        return Some("must not be empty".into());
     }
     if name.len() > MAX_IFNAME_LEN {
-        return Err(invalid(
-            key,
-            format!(
-                "{name:?} is {} bytes; Linux interface names have at most {MAX_IFNAME_LEN}",
-                name.len()
-            ),
+        return Some(format!(
+            "{name:?} is {} bytes; Linux interface names have at most {MAX_IFNAME_LEN}",
+            name.len()
         ));
     }
     if name == "." || name == ".." {
-        return Err(invalid(key, format!("{name:?} is not an interface name")));
+        return Some(format!("{name:?} is not an interface name"));
     }
-    if let Some(c) = name
-        .chars()
+    name.chars()
         .find(|c| !c.is_ascii_graphic() || matches!(c, '"' | '\'' | '/' | '\\' | ':'))
-    {
-        return Err(invalid(
-            key,
-            format!("{name:?} contains {c:?}; interface names have no spaces, quotes, '/' or ':'"),
-        ));
+        .map(|c| {
+            format!("{name:?} contains {c:?}; interface names have no spaces, quotes, '/' or ':'")
+        })
+}
+
+fn check_interface(key: &str, name: &str) -> Result<(), FirewallError> {
+    match interface_name_problem(name) {
+        Some(problem) => Err(invalid(key, problem)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl FirewallConfig {
@@ -130,6 +135,9 @@ impl FirewallConfig {
         }
         if self.extra_tcp_ports.contains(&0) {
             return Err(invalid("extra_tcp_ports", "0 is not a port"));
+        }
+        if self.management_tcp_ports.contains(&0) {
+            return Err(invalid("management_tcp_ports", "0 is not a port"));
         }
         if self.command_timeout_ms == 0 || self.command_timeout_ms > 300_000 {
             return Err(invalid(
@@ -238,6 +246,13 @@ mod tests {
             ),
             (
                 FirewallConfig {
+                    management_tcp_ports: vec![9274, 0],
+                    ..d()
+                },
+                "firewall.management_tcp_ports",
+            ),
+            (
+                FirewallConfig {
                     command_timeout_ms: 0,
                     ..d()
                 },
@@ -274,6 +289,9 @@ mod tests {
         assert_eq!(c.table, "dbvm");
         assert_eq!(c.application_interface, "ens224");
         assert!(c.enabled && c.allow_icmp && c.netns.is_none());
+        assert!(c.management_tcp_ports.is_empty());
+        let c: FirewallConfig = toml::from_str("management_tcp_ports = [9274]").unwrap();
+        assert_eq!(c.management_tcp_ports, [9274]);
         let err = toml::from_str::<FirewallConfig>("tabel = \"x\"").unwrap_err();
         assert!(err.to_string().contains("tabel"), "{err}");
     }

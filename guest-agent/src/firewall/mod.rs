@@ -32,7 +32,7 @@ mod ruleset;
 mod wanted;
 
 pub use apply::{ApplyOutcome, ApplyReport, FirewallStatus};
-pub use config::FirewallConfig;
+pub use config::{interface_name_problem, FirewallConfig};
 pub use role::{MYSQL_GROUP_REPLICATION_PORT, MYSQL_ROUTER_PORTS, MYSQL_X_PORT};
 pub use wanted::{FirewallRole, Network, PortRange, Service, WantedRule, WantedRules};
 

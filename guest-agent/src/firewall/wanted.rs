@@ -1,5 +1,6 @@
-//! The openings a role needs: ssh and https on the management interface, ssh and the
-//! role's services on the application interface, plus `firewall.extra_tcp_ports`. Which
+//! The openings a role needs: ssh and https on the management interface, plus
+//! `firewall.management_tcp_ports` there; ssh and the role's services on the application
+//! interface, plus `firewall.extra_tcp_ports`. Which
 //! engine listens where is not known here: [`FirewallRole::of_database`] (in `role`)
 //! turns a database's spec into the services.
 
@@ -128,7 +129,27 @@ impl Firewall {
             PortRange::one(443),
             "https (management)",
         );
-        open(Network::Application, PortRange::one(22), "ssh");
+        // Management ports from the config, ascending, each once, and none that ssh or
+        // https already opens; they stay on the management interface only.
+        let mut management = c.management_tcp_ports.clone();
+        management.sort_unstable();
+        management.dedup();
+        for p in management {
+            if p != 22 && p != 443 {
+                open(
+                    Network::Management,
+                    PortRange::one(p),
+                    "firewall.management_tcp_ports",
+                );
+            }
+        }
+        let first_application = rules.len();
+        rules.push(WantedRule {
+            network: Network::Application,
+            interface: c.application_interface.clone(),
+            ports: PortRange::one(22),
+            why: "ssh".into(),
+        });
         // A service, then an extra port, is left out when an earlier application rule
         // already opens all of it.
         let wanted = role.services.iter().map(|s| (s.ports, s.why.as_str()));
@@ -151,9 +172,9 @@ impl Firewall {
                 });
             }
         }
-        // The two management rules come first and stay in seed order; the application
+        // The management rules come first and stay in the order above; the application
         // rules are listed by port.
-        rules[2..].sort_by_key(|r| (r.ports, r.why.clone()));
+        rules[first_application..].sort_by_key(|r| (r.ports, r.why.clone()));
         WantedRules {
             table: c.table.clone(),
             allow_icmp: c.allow_icmp,
@@ -260,5 +281,38 @@ mod tests {
             !shown.contains("again") && !shown.contains("inside"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn management_ports_open_on_the_management_interface_only() {
+        let f = fw(FirewallConfig {
+            management_tcp_ports: vec![9274, 443, 9100, 9274, 22],
+            ..Default::default()
+        });
+        let w = f.wanted(&pg());
+        assert_eq!(
+            ports(&w, Network::Management),
+            ["22", "443", "9100", "9274"]
+        );
+        assert_eq!(ports(&w, Network::Application), ["22", "5432"]);
+        let telegraf = w.rules.iter().find(|r| r.ports.first == 9274).unwrap();
+        assert_eq!(
+            (telegraf.interface.as_str(), telegraf.why.as_str()),
+            ("eth0", "firewall.management_tcp_ports")
+        );
+        let text = f.render(&pg());
+        let management = text
+            .split("chain management")
+            .nth(1)
+            .and_then(|rest| rest.split("chain ").next())
+            .unwrap();
+        assert!(
+            management.contains("tcp dport 9274 accept"),
+            "{management}\n{text}"
+        );
+        assert_eq!(text.matches("tcp dport 9274").count(), 1, "{text}");
+        // Without the key nothing more is open than before.
+        let plain = fw(FirewallConfig::default()).wanted(&pg());
+        assert_eq!(ports(&plain, Network::Management), ["22", "443"]);
     }
 }
