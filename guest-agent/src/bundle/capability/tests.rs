@@ -1,0 +1,1 @@
+//! Tests of the bundle capability: a real bundle from planted files.
