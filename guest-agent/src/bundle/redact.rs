@@ -101,9 +101,9 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
             r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
             |_| Some(MARKER.to_string()),
         ),
-        // AWS access key ids.
+        // AWS access key ids (20 characters; shorter look-alikes too).
         p(
-            r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[A-Z0-9]{16}\b",
+            r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[A-Z0-9]{12,}\b",
             |_| Some(MARKER.to_string()),
         ),
         // SQL: ALTER ROLE … PASSWORD 'x', IDENTIFIED BY 'x' (MySQL, MariaDB).

@@ -848,4 +848,4 @@ fn write_archive(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
