@@ -390,8 +390,9 @@ pub async fn collect_to_file(
     let (manifest, written) = tokio::join!(collect(parts, options, &spool, tx), write);
     let result = match (manifest, written) {
         (Ok(m), Ok((bytes, sha))) => Ok((m, bytes, sha)),
-        (Err(e), _) => Err(e),
-        (Ok(_), Err(e)) => Err(BundleError::Output(tmp.clone(), e)),
+        // The file's own failure first: it is why the writer then found its reader gone.
+        (_, Err(e)) => Err(BundleError::Output(tmp.clone(), e)),
+        (Err(e), Ok(_)) => Err(e),
     };
     match result {
         Ok(r) => {

@@ -31,6 +31,11 @@ const SECRETS: &[&str] = &[
     "PlantHealth19",
     "PlantHealthUrl20",
     "PlantSqlPw21",
+    // Under keys no pattern knows: only the allow-lists keep them out.
+    "PlantCfgOpaque22",
+    "PlantJsonOpaque23",
+    "PlantPgOpaque24",
+    "PlantPgbrOpaque25",
 ];
 
 /// The safe text each file must keep.
@@ -114,7 +119,7 @@ fn plant(dir: &Path) -> PathBuf {
              state_dir = \"{}/state\"\n\
              [broker]\naddress = \"broker.example:7443\"\nca_cert = \"{}\"\n\
              [link]\ninitial_backoff_ms = 500\n\
-             [future_section]\napi_secret = \"PlantCfgToml1\"\n",
+             [future_section]\napi_secret = \"PlantCfgToml1\"\nopaque = \"PlantCfgOpaque22\"\n",
             dir.display(),
             ca.display()
         ),
@@ -134,17 +139,18 @@ fn plant(dir: &Path) -> PathBuf {
     );
     w(
         "state.json",
-        r#"{"phase":"running","port":5432,"admin":{"token":"PlantJsonCfg11"}}"#,
+        r#"{"phase":"running","port":5432,"admin":{"token":"PlantJsonCfg11","note":"PlantJsonOpaque23"}}"#,
     );
     w(
         "pgbackrest.conf",
         "[global]\nrepo1-s3-bucket=backups\nrepo1-s3-key=PlantPgbr12\n\
-         repo1-s3-key-secret=PlantPgbrSecret13\n",
+         repo1-s3-key-secret=PlantPgbrSecret13\nrepo1-host-user=PlantPgbrOpaque25\n",
     );
     w(
         "postgresql.conf",
         "shared_buffers = 128MB\nssl_passphrase_command = 'echo PlantPgConf14'\n\
-         primary_conninfo = 'host=p user=r password=PlantConninfo15'\n",
+         primary_conninfo = 'host=p user=r password=PlantConninfo15'\n\
+         custom.opaque = 'PlantPgOpaque24'\n",
     );
     w(
         "command-output",
@@ -243,11 +249,11 @@ async fn a_real_bundle_has_every_file_of_its_manifest_and_no_planted_secret() {
         "{}",
         count("planted/app.log")
     );
-    assert_eq!(count("planted/state.json"), 1);
-    assert_eq!(count("planted/pgbackrest.conf"), 2);
-    assert_eq!(count("planted/postgresql.conf"), 2);
+    assert_eq!(count("planted/state.json"), 2);
+    assert_eq!(count("planted/pgbackrest.conf"), 3);
+    assert_eq!(count("planted/postgresql.conf"), 3);
     // TOML and JSON are re-serialised from what was parsed: comments do not come out.
-    assert_eq!(count("agent/config.toml"), 1);
+    assert_eq!(count("agent/config.toml"), 2);
     assert!(manifest.redactions >= 20);
     // The agent's own parts.
     assert!(String::from_utf8_lossy(&files["agent/version.txt"]).starts_with("dbvm-agent "));
