@@ -250,12 +250,22 @@ async fn views(admin: &mut Admin) -> String {
     out
 }
 
-/// One row: `name = 'value'` for a two-column name/value view (settings), else
-/// `col='value' col='value'`; NULL as NULL, quotes doubled, newlines as spaces.
+/// One row: `name = 'value'` for a name/value view (settings), else
+/// `col='value' col='value'`; NULL as NULL, newlines as spaces. A value is wrapped in a
+/// quote it does not contain (`'`, else `"`; a value with both has its `"` made `'`), so
+/// the log patterns see it whole: a setting named like a secret loses all of its value,
+/// and `PASSWORD '…'` inside a query's text is still found.
 fn render_row(cells: impl Iterator<Item = (String, Option<String>)>) -> String {
     let quote = |v: Option<String>| match v {
         None => "NULL".to_string(),
-        Some(v) => format!("'{}'", v.replace('\'', "''").replace(['\n', '\r'], " ")),
+        Some(v) => {
+            let v = v.replace(['\n', '\r'], " ");
+            if !v.contains('\'') {
+                format!("'{v}'")
+            } else {
+                format!("\"{}\"", v.replace('"', "'"))
+            }
+        }
     };
     let cells: Vec<(String, Option<String>)> = cells.collect();
     let names: Vec<&str> = cells.iter().map(|(n, _)| n.as_str()).collect();
@@ -285,27 +295,37 @@ mod tests {
 
     #[test]
     fn rows_quote_whole_values_so_the_patterns_see_them() {
-        let settings = render_row(
-            [
-                (
-                    "name".to_string(),
-                    Some("ssl_passphrase_command".to_string()),
-                ),
-                (
-                    "setting".to_string(),
-                    Some("echo Plant Secret'x".to_string()),
-                ),
-                ("unit".to_string(), None),
-            ]
-            .into_iter(),
-        );
+        let row = |cells: &[(&str, Option<&str>)]| {
+            render_row(
+                cells
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.map(str::to_string))),
+            )
+        };
+        let settings = row(&[
+            ("name", Some("ssl_passphrase_command")),
+            ("setting", Some("echo Plant Secret'x")),
+            ("unit", None),
+        ]);
         assert_eq!(
             settings,
-            "ssl_passphrase_command = 'echo Plant Secret''x' unit=NULL\n"
+            "ssl_passphrase_command = \"echo Plant Secret'x\" unit=NULL\n"
         );
-        let mut n = 0;
-        let out = crate::bundle::redact::redact_text(settings.trim_end(), &mut n);
-        assert!(!out.contains("Plant") && !out.contains("Secret"), "{out}");
+        let session = row(&[
+            ("pid", Some("7")),
+            ("query", Some("ALTER ROLE app PASSWORD 'PlantQuery1'")),
+            ("note", Some("a \"b\" 'c'")),
+        ]);
+        assert_eq!(
+            session,
+            "pid='7' query=\"ALTER ROLE app PASSWORD 'PlantQuery1'\" note=\"a 'b' 'c'\"\n"
+        );
+        for (line, planted) in [(settings, "Plant"), (session, "PlantQuery1")] {
+            let mut n = 0;
+            let out = crate::bundle::redact::redact_text(line.trim_end(), &mut n);
+            assert!(!out.contains(planted), "{out}");
+            assert_eq!(n, 1, "{out}");
+        }
     }
 
     #[test]
