@@ -109,3 +109,147 @@ async fn a_signed_bundle_collect_writes_a_complete_private_bundle_without_secret
         .count();
     assert_eq!(bundles, 1);
 }
+
+/// Stops the PostgreSQL server a test started (by the pid in its `postmaster.pid`) if
+/// the test ends before `db.stop`.
+struct StopServer(std::path::PathBuf);
+
+impl Drop for StopServer {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.0.join("data").join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        if let Some(pid) = pid {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// `id -u NAME` and `id -g NAME`.
+fn system_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, name])
+            .output()
+            .expect("run id");
+        assert!(
+            out.status.success(),
+            "there is no user {name} (it comes with postgresql-15): install it: bash scripts/setup.sh"
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_of_a_real_postgres_has_its_logs_configs_and_views_without_secrets() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let token = client
+        .enrollment_token("pg1", None)
+        .await
+        .expect("enrollment token")
+        .token;
+    // The server runs as postgres, who must reach its data directory: not under the
+    // fleet's directory (0700, root's). The host's PostgreSQL binaries (process runtime).
+    let data = tempfile::Builder::new()
+        .prefix("dbvm-bundle-data-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = data.path().join("db");
+    let (uid, gid) = system_user("postgres");
+    let sections = format!(
+        "[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n\
+         [database]\nruntime = \"process\"\ndata_root = {root}\ncontainer_name = \"pg1-db\"\n\
+         uid = {uid}\ngid = {gid}\nengine_wait_s = 5\n",
+        root = dbvm_e2e::fleet::toml_path(&root),
+    );
+    let agent = fleet.start_agent("pg1", broker.agent_addr, Some(&token), &sections);
+    dbvm_e2e::connected(&client, "pg1").await;
+    let _stop = StopServer(root.clone());
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = fleet
+        .send_ok(
+            &client,
+            &agent,
+            "db.create",
+            json!({"engine": "postgres", "database": "app", "port": port,
+                   "parameters": {"max_connections": 40}}),
+        )
+        .await;
+    let sealed: dbvm_protocol::seal::Sealed =
+        serde_json::from_value(out["password"].clone()).expect("sealed password");
+    let password = fleet
+        .reply_key
+        .open(&sealed)
+        .expect("open")
+        .expose()
+        .to_string();
+
+    // Secrets the server writes to its log (a failed statement is logged with its text)
+    // and one a session's last query shows in pg_stat_activity.
+    let c = dbvm_e2e::dbtest::pg_dbaas(port, &password, "app")
+        .await
+        .expect("dbaas connects");
+    let e = c
+        .simple_query("SELECT 'password=PlantPgLog1'::int")
+        .await
+        .expect_err("not a number");
+    assert!(format!("{e:?}").contains("invalid input"), "{e:?}");
+    let c2 = dbvm_e2e::dbtest::pg_dbaas(port, &password, "app")
+        .await
+        .expect("dbaas connects");
+    // Fails (dbaas may not create roles) but stays the session's last query.
+    let _ = c2
+        .simple_query("CREATE ROLE planted LOGIN PASSWORD 'PlantPgSession2'")
+        .await;
+
+    let out = fleet
+        .send_ok(
+            &client,
+            &agent,
+            "bundle.collect",
+            json!({"hours": 1, "include_db_views": true}),
+        )
+        .await;
+    let archive = std::fs::read(out["path"].as_str().expect("path")).expect("bundle");
+    let files = unpack(&archive);
+    let text = |p: &str| {
+        String::from_utf8_lossy(files.get(p).unwrap_or_else(|| {
+            panic!(
+                "{p} is not in the bundle: {:?}",
+                files.keys().collect::<Vec<_>>()
+            )
+        }))
+        .into_owned()
+    };
+    let views = text("db/views.txt");
+    assert!(views.contains("max_connections = '40'"), "{views}");
+    assert!(views.contains("== sessions"), "{views}");
+    assert!(views.contains("PASSWORD <redacted>"), "{views}");
+    assert!(text("db/conf/postgresql.conf").contains(&format!("port = {port}")));
+    assert!(text("db/conf/params.conf").contains("max_connections"));
+    assert!(text("db/status.json").contains("\"phase\""));
+    let logs: Vec<&String> = files.keys().filter(|p| p.starts_with("db/log/")).collect();
+    assert!(!logs.is_empty(), "{:?}", files.keys().collect::<Vec<_>>());
+    let server_log: String = logs.iter().map(|p| text(p)).collect();
+    assert!(server_log.contains("invalid input syntax"), "{server_log}");
+
+    let mut everything = Vec::new();
+    zstd::stream::copy_decode(archive.as_slice(), &mut everything).unwrap();
+    let everything = String::from_utf8_lossy(&everything);
+    for secret in ["PlantPgLog1", "PlantPgSession2", password.as_str()] {
+        assert!(!everything.contains(secret), "{secret} is in the bundle");
+    }
+    drop((c, c2));
+    fleet.send_ok(&client, &agent, "db.stop", json!({})).await;
+}
