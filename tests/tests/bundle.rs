@@ -250,6 +250,67 @@ async fn a_bundle_of_a_real_postgres_has_its_logs_configs_and_views_without_secr
     for secret in ["PlantPgLog1", "PlantPgSession2", password.as_str()] {
         assert!(!everything.contains(secret), "{secret} is in the bundle");
     }
+
+    // Memory stays flat whatever the size: a 256 MiB log through the same path, with a
+    // secret every 1,000 lines.
+    let big = root.join("log").join("generated.log");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let mut written = 0usize;
+        let mut i = 0u64;
+        while written < 256 << 20 {
+            let line = if i % 1000 == 0 {
+                format!("2026-12-04 03:00:00.{i:06} UTC [42] LOG:  connection with password=PlantBig3{i}\n")
+            } else {
+                format!("2026-12-04 03:00:00.{i:06} UTC [42] LOG:  duration: 0.{i} ms  statement: SELECT {i}\n")
+            };
+            f.write_all(line.as_bytes()).unwrap();
+            written += line.len();
+            i += 1;
+        }
+    }
+    let hwm = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    let before = hwm();
+    let started = std::time::Instant::now();
+    let out = fleet
+        .send_ok(
+            &client,
+            &agent,
+            "bundle.collect",
+            json!({"hours": 1, "max_bytes": 1u64 << 30}),
+        )
+        .await;
+    let took = started.elapsed();
+    let after = hwm();
+    eprintln!(
+        "a 256 MiB log: bundle of {} bytes in {took:?}; agent peak RSS {} MiB before, {} MiB after",
+        out["bytes"],
+        before >> 20,
+        after >> 20
+    );
+    assert!(
+        after < before + (32 << 20),
+        "the agent's peak RSS grew from {before} to {after} bytes"
+    );
+    let archive = std::fs::read(out["path"].as_str().expect("path")).expect("bundle");
+    let mut decoded = Vec::new();
+    zstd::stream::copy_decode(archive.as_slice(), &mut decoded).unwrap();
+    let decoded = String::from_utf8_lossy(&decoded);
+    assert!(decoded.contains("statement: SELECT 1234567"));
+    assert!(
+        !decoded.contains("PlantBig3"),
+        "a planted secret of the big log is in the bundle"
+    );
+
     drop((c, c2));
     fleet.send_ok(&client, &agent, "db.stop", json!({})).await;
 }

@@ -13,7 +13,7 @@
 //!
 //! Each redaction is counted (the manifest carries the count per file, never a value).
 
-use regex::{Captures, Regex};
+use regex::{Captures, Regex, RegexSet};
 use std::borrow::Cow;
 use std::sync::LazyLock;
 
@@ -148,8 +148,14 @@ fn fresh(c: &Captures) -> bool {
 /// Applies the log patterns to one line (no newline inside), adding to `count`.
 pub fn redact_text<'a>(line: &'a str, count: &mut u64) -> Cow<'a, str> {
     let mut out = Cow::Borrowed(line);
-    for pattern in PATTERNS.iter() {
-        if !pattern.regex.is_match(&out) {
+    // One pass finds which patterns match at all; only those run (a replacement only
+    // ever writes the marker, which no pattern matches, so none becomes a match later).
+    let matched = ANY.matches(line);
+    if !matched.matched_any() {
+        return out;
+    }
+    for (i, pattern) in PATTERNS.iter().enumerate() {
+        if !matched.matched(i) {
             continue;
         }
         let mut n = 0u64;
@@ -177,6 +183,18 @@ static PEM_END: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"-----END [A-Z0-9 ]*-----").unwrap_or_else(|e| panic!("PEM pattern: {e}"))
 });
 
+/// Every pattern at once (and the start of a private key): a block of lines none of them
+/// matches passes unchanged without a per-line pass. Any line's match is also a match in
+/// the block (a line's start and end are the block's or a newline, which every anchored
+/// pattern accepts), so the shortcut never skips a secret.
+static ANY: LazyLock<RegexSet> = LazyLock::new(|| {
+    let all = PATTERNS
+        .iter()
+        .map(|p| p.regex.as_str())
+        .chain([PEM_BEGIN.as_str()]);
+    RegexSet::new(all).unwrap_or_else(|e| panic!("redaction pattern set: {e}"))
+});
+
 /// Log-style redaction of a stream of lines: the patterns, and PEM private key blocks
 /// dropped whole (from their BEGIN line to their END line).
 #[derive(Debug, Default)]
@@ -187,6 +205,12 @@ pub struct LogRedactor {
 }
 
 impl LogRedactor {
+    /// Whether `block` (whole lines) needs no redaction at all: outside a key block and
+    /// matched by no pattern.
+    pub fn passes_unchanged(&self, block: &str) -> bool {
+        !self.in_private_key && !ANY.is_match(block)
+    }
+
     /// One line, without its newline; what to write instead (empty inside a key block).
     pub fn line<'a>(&mut self, line: &'a str) -> Cow<'a, str> {
         if self.in_private_key {
@@ -439,6 +463,27 @@ mod tests {
             assert!(out.contains(kept), "{kept:?} lost from {out:?}");
             assert!(n >= 1, "no redaction counted for {input:?}");
         }
+    }
+
+    #[test]
+    fn the_block_shortcut_passes_only_blocks_with_nothing_to_redact() {
+        let r = LogRedactor::default();
+        assert!(r.passes_unchanged("a\nb c\n2026-12-04 LOG: checkpoint\n"));
+        let lines = [
+            "x password=PlantS1",
+            "AKIAPLANTSHORTCUT234",
+            "wJalrXUtnFEMI/K7MDENG/PlantS2SecretEXAMP",
+            "-----BEGIN PRIVATE KEY-----",
+            "dbvm-enroll-PlantS3",
+            "Authorization: Bearer PlantS4abcdef",
+        ];
+        for line in lines {
+            assert!(!r.passes_unchanged(&format!("a\n{line}\nb\n")), "{line}");
+            assert!(!r.passes_unchanged(&format!("{line}\n")), "{line}");
+        }
+        let mut inside = LogRedactor::default();
+        inside.line("-----BEGIN PRIVATE KEY-----");
+        assert!(!inside.passes_unchanged("MIIsecret\n"));
     }
 
     #[test]

@@ -28,6 +28,8 @@ use tokio::sync::mpsc;
 
 /// The size of the chunks the archive is streamed in.
 pub const CHUNK_BYTES: usize = 64 * 1024;
+// A chunk read from a part holds no line longer than redaction allows (see `pump`).
+const _: () = assert!(CHUNK_BYTES <= MAX_LINE);
 /// Chunks the channel holds before the writer waits for its reader.
 pub const CHANNEL_CHUNKS: usize = 16;
 /// A config-style part larger than this is not a config: it is left out (redacting a
@@ -501,11 +503,8 @@ async fn spool_part(
             Err(SpoolFailure::Step("internal: not a readable part".into()))
         }
     }?;
+    // Not synced: a spool file lives only while the bundle is made (the bundle file is).
     out.flush().await.map_err(SpoolFailure::Disk)?;
-    out.into_inner()
-        .sync_data()
-        .await
-        .map_err(SpoolFailure::Disk)?;
     Ok(result)
 }
 
@@ -629,6 +628,18 @@ async fn pump(
                     }
                 };
                 let mut chunk = &buf[..n];
+                // The common case: whole lines with nothing to redact go through as they
+                // are (a chunk is at most MAX_LINE long, so no line in it is too long).
+                if pending.is_empty() && !skipping_rest_of_line {
+                    if let Some(last) = chunk.iter().rposition(|&b| b == b'\n') {
+                        let block = &chunk[..=last];
+                        if std::str::from_utf8(block).is_ok_and(|t| redactor.passes_unchanged(t)) {
+                            out.write_all(block).await.map_err(disk)?;
+                            size += block.len() as u64;
+                            chunk = &chunk[last + 1..];
+                        }
+                    }
+                }
                 while !chunk.is_empty() {
                     let (segment, ends_line) = match chunk.iter().position(|&b| b == b'\n') {
                         Some(i) => (&chunk[..i], true),
