@@ -260,7 +260,7 @@ async fn a_bundle_of_a_real_postgres_has_its_logs_configs_and_views_without_secr
         let mut written = 0usize;
         let mut i = 0u64;
         while written < 256 << 20 {
-            let line = if i % 1000 == 0 {
+            let line = if i.is_multiple_of(1000) {
                 format!("2026-12-04 03:00:00.{i:06} UTC [42] LOG:  connection with password=PlantBig3{i}\n")
             } else {
                 format!("2026-12-04 03:00:00.{i:06} UTC [42] LOG:  duration: 0.{i} ms  statement: SELECT {i}\n")
