@@ -207,6 +207,7 @@ impl Bundles {
         make_private_dir(&dir)
             .await
             .map_err(|e| OpError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        remove_leftovers(&dir).await;
         let options = Options {
             agent_id: inner.agent_id.clone(),
             request: request.clone(),
@@ -238,6 +239,32 @@ async fn make_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     tokio::fs::create_dir_all(dir).await?;
     tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await
+}
+
+/// Removes what a bundle cut short by a crash left (its temporary file and spool
+/// directory, both dot-named): one bundle runs at a time, so none is in use now.
+async fn remove_leftovers(dir: &Path) {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        if !e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = e.path();
+        let removed = match e.file_type().await {
+            Ok(t) if t.is_dir() => tokio::fs::remove_dir_all(&path).await,
+            _ => tokio::fs::remove_file(&path).await,
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed what an interrupted bundle left")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove what an interrupted bundle left")
+            }
+        }
+    }
 }
 
 /// Removes all but the newest `keep` bundles.

@@ -293,6 +293,23 @@ async fn a_second_bundle_while_one_runs_is_refused_clearly() {
 }
 
 #[tokio::test]
+async fn what_an_interrupted_bundle_left_is_removed_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle_dir = dir.path().join("bundle");
+    std::fs::create_dir_all(bundle_dir.join(".old.tar.zst.spool")).unwrap();
+    std::fs::write(bundle_dir.join(".old.tar.zst.spool").join("1.part"), "x").unwrap();
+    std::fs::write(bundle_dir.join(".old.tar.zst.tmp"), "half").unwrap();
+    let ctx = Context::standalone("db1", dir.path().to_path_buf());
+    let bundles = Bundles::new(&ctx, BundleSettings::default(), None, Vec::new());
+    bundles.collect("new", request(), MIB).await.unwrap();
+    let names: Vec<String> = std::fs::read_dir(&bundle_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["new.tar.zst"]);
+}
+
+#[tokio::test]
 async fn old_bundles_are_pruned_to_keep() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = Context::standalone("db1", dir.path().to_path_buf());
