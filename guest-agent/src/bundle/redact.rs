@@ -114,10 +114,20 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
             r#"(?i)(\bidentified\s+(?:with\s+\S+\s+)?by\s+(?:password\s+)?)('[^']*'|"[^"]*"|[^\s;,)]+)"#,
             |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
         ),
-        // key=value, key: value, "key": "value", with a secret key word in the key.
+        // key: value, "key": "value", with a secret key word in the key. Unquoted, the
+        // value runs to the end of the line (or a `,`, `;`, `}`, `]`): prose and YAML
+        // put phrases there, and half a pass phrase is still a secret.
         p(
             &format!(
-                r#"(?i)(["']?[A-Za-z0-9_.-]*(?:{SECRET_WORDS})[A-Za-z0-9_.-]*["']?\s*(?:=|:)\s*)("[^"]*"|'[^']*'|[^\s,;&"'}}\])]+)"#
+                r#"(?i)(["']?[A-Za-z0-9_.-]*(?:{SECRET_WORDS})[A-Za-z0-9_.-]*["']?\s*:\s*)("[^"]*"|'[^']*'|[^\s"',;}}\]][^,;}}\]]*)"#
+            ),
+            |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
+        ),
+        // key=value, with a secret key word in the key: one token unquoted (connection
+        // strings put the next key after a space).
+        p(
+            &format!(
+                r#"(?i)(["']?[A-Za-z0-9_.-]*(?:{SECRET_WORDS})[A-Za-z0-9_.-]*["']?\s*=\s*)("[^"]*"|'[^']*'|[^\s,;&"'}}\])]+)"#
             ),
             |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
         ),
@@ -373,7 +383,22 @@ mod tests {
     fn log_patterns_remove_every_planted_secret_and_keep_the_rest() {
         let cases = [
             ("password=Plant1Secret", "Plant1Secret", "password="),
-            ("db password: Plant2Secret ok", "Plant2Secret", " ok"),
+            (
+                "db password: Plant2Secret ok",
+                "Plant2Secret",
+                "db password: ",
+            ),
+            (
+                "passphrase: two Plant2bSecret words",
+                "Plant2bSecret",
+                "passphrase: ",
+            ),
+            ("{\"token\": \"Plant2c\", \"n\": 1}", "Plant2c", "\"n\": 1"),
+            (
+                "secret: Plant2dSecret, next: kept",
+                "Plant2dSecret",
+                ", next: kept",
+            ),
             (
                 "{\"password\": \"Plant3 Secret\"}",
                 "Plant3 Secret",
