@@ -21,8 +21,10 @@ pub enum BuildError {
 }
 
 /// Every capability the configuration asks for, in the order they were made: `system`
-/// and `upgrade` always; `firewall` with `[firewall]`; `database` and `backup` with `[database]`; `health` unless
-/// `health.enabled = false` (last: it runs the checks the others contribute).
+/// and `upgrade` always; `firewall` with `[firewall]`; `database` and `backup` with
+/// `[database]`; `health` unless `health.enabled = false` (after those: it runs the checks
+/// the others contribute); `bundle` always, last (its bundles gather every other
+/// capability's parts).
 pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>, BuildError> {
     let mut all: Vec<Arc<dyn Capability>> = vec![
         Arc::new(crate::system::System),
@@ -72,6 +74,14 @@ pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>,
             crate::health::Monitor::new(ctx, config.health.clone(), db.clone(), contributed);
         all.push(Arc::new(crate::health::capability::Health(monitor)));
     }
+    // Last: its bundles gather the parts of every capability made before it.
+    let bundles = crate::bundle::capability::Bundles::new(
+        ctx,
+        config.bundle.clone(),
+        config.file.clone(),
+        all.clone(),
+    );
+    all.push(Arc::new(bundles));
     Ok(all)
 }
 
@@ -106,7 +116,7 @@ data_root = "{d}/db"
         let names: Vec<&str> = caps.iter().map(|c| c.name()).collect();
         assert_eq!(
             names,
-            ["system", "firewall", "database", "backup", "health"]
+            ["system", "upgrade", "firewall", "database", "backup", "health", "bundle"]
         );
         let mut seen = std::collections::BTreeSet::new();
         for c in &caps {
@@ -131,7 +141,7 @@ data_root = "{d}/db"
     }
 
     #[test]
-    fn a_bare_config_makes_system_and_health_only() {
+    fn a_bare_config_makes_system_health_and_bundle_only() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = full_config(dir.path());
         config.database = None;
@@ -142,13 +152,13 @@ data_root = "{d}/db"
             .iter()
             .map(|c| c.name())
             .collect();
-        assert_eq!(names, ["system", "health"]);
+        assert_eq!(names, ["system", "upgrade", "health", "bundle"]);
         config.health.enabled = false;
         let names: Vec<&str> = build(&config, &ctx)
             .unwrap()
             .iter()
             .map(|c| c.name())
             .collect();
-        assert_eq!(names, ["system"]);
+        assert_eq!(names, ["system", "upgrade", "bundle"]);
     }
 }

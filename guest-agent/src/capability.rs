@@ -51,6 +51,14 @@ pub trait Capability: Send + Sync + 'static {
     fn db_kind(&self) -> Option<String> {
         None
     }
+
+    /// What it adds to a log bundle for `request`: its own files, logs and command
+    /// outputs, each with where it came from and how it is redacted (config-style
+    /// allow-list or log-style patterns). Named when a bundle starts; read as the bundle
+    /// gets to each (see [`crate::bundle`]).
+    fn bundle_parts(&self, _request: &crate::bundle::Request) -> Vec<crate::bundle::Part> {
+        Vec::new()
+    }
 }
 
 /// What the core hands every capability when it is made.

@@ -53,6 +53,13 @@ pub struct Config {
     /// section only tunes it).
     #[serde(default)]
     pub backup: crate::backup::BackupSettings,
+    /// Log bundles (`bundle.collect`; this section only tunes them).
+    #[serde(default)]
+    pub bundle: crate::bundle::capability::BundleSettings,
+    /// The file this config was read from (set by [`Config::load`]; log bundles include
+    /// it, redacted, and check it again).
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -133,6 +140,7 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         let mut config = Self::parse(path, &text)?;
+        config.file = Some(path.to_path_buf());
         config.apply_env();
         Ok(config)
     }
@@ -225,6 +233,7 @@ impl Config {
         }
         self.health.validate().map_err(|(k, p)| invalid(k, p))?;
         self.backup.validate().map_err(|(k, p)| invalid(k, p))?;
+        self.bundle.validate().map_err(|(k, p)| invalid(k, p))?;
         if let Some(fw) = &self.firewall {
             fw.validate().map_err(|e| match e {
                 crate::firewall::FirewallError::Config { key, problem } => invalid(key, problem),

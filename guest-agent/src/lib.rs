@@ -9,6 +9,7 @@
 //! in [`capabilities::build`].
 
 pub mod backup;
+pub mod bundle;
 pub mod capabilities;
 pub mod capability;
 pub mod config;

@@ -26,6 +26,7 @@
 //! Not built yet (issue 12 continues): MySQL 8 (XtraBackup).
 
 pub mod binlog_cap;
+pub mod bundle;
 pub mod capability;
 pub mod cloud;
 pub mod manifest;

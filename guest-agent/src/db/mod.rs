@@ -10,6 +10,7 @@
 //! was cut off (agent killed) resumes where it stopped when the control plane sends it
 //! again, and a create with the same spec is a no-op.
 
+pub mod bundle;
 pub mod engine;
 pub mod manager;
 pub mod ops;

@@ -58,6 +58,10 @@ impl Capability for Database {
         "database"
     }
 
+    fn bundle_parts(&self, request: &crate::bundle::Request) -> Vec<crate::bundle::Part> {
+        super::bundle::parts(&self.0, request)
+    }
+
     fn operations(&self) -> Vec<Arc<dyn Operation>> {
         ALL.iter()
             .map(|&(kind, name)| {

@@ -63,6 +63,10 @@ impl Capability for FirewallCapability {
         "firewall"
     }
 
+    fn bundle_parts(&self, _request: &crate::bundle::Request) -> Vec<crate::bundle::Part> {
+        super::bundle::parts(&self.firewall, self.db.as_ref())
+    }
+
     fn operations(&self) -> Vec<Arc<dyn Operation>> {
         [true, false]
             .into_iter()

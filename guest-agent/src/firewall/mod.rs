@@ -20,9 +20,11 @@
 //! engine), `wanted` (the openings a role needs), `ruleset` (those openings as an nftables model,
 //! rendered to the `nft -f` batch), `live` (the live table read with `nft -j`, both sides
 //! normalised and compared), `apply` (apply, status and remove, with their reports) and
-//! `nft` (running `nft` with a timeout, inside `firewall.netns` when set).
+//! `nft` (running `nft` with a timeout, inside `firewall.netns` when set); `bundle` is what
+//! the firewall adds to a log bundle.
 
 mod apply;
+mod bundle;
 pub mod capability;
 mod config;
 mod live;

@@ -26,6 +26,10 @@ impl Capability for Health {
         "health"
     }
 
+    fn bundle_parts(&self, _request: &crate::bundle::Request) -> Vec<crate::bundle::Part> {
+        super::bundle::parts(&self.0)
+    }
+
     fn operations(&self) -> Vec<Arc<dyn Operation>> {
         vec![Arc::new(HealthOp(self.0.clone()))]
     }

@@ -11,6 +11,7 @@
 //! a pool thread, never the runtime. The database checks share one snapshot per run
 //! ([`db::DbSnapshot`]), read over one cached admin connection.
 
+pub mod bundle;
 pub mod capability;
 pub mod checks;
 pub mod db;
@@ -166,7 +167,12 @@ pub struct Monitor {
     /// Serialises runs (the schedule and on-demand `health` commands).
     state: tokio::sync::Mutex<RunState>,
     latest: std::sync::RwLock<Option<Arc<HealthReport>>>,
+    /// The last [`HISTORY_REPORTS`] reports, oldest first (for log bundles).
+    history: std::sync::Mutex<std::collections::VecDeque<Arc<HealthReport>>>,
 }
+
+/// Reports kept in memory for log bundles (five minutes at the default 10 s interval).
+pub const HISTORY_REPORTS: usize = 30;
 
 impl std::fmt::Debug for Monitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,6 +218,7 @@ impl Monitor {
                 last_sent: None,
             }),
             latest: std::sync::RwLock::new(None),
+            history: std::sync::Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -314,7 +321,24 @@ impl Monitor {
             .store(now, Ordering::Release);
         let report = Arc::new(report);
         *self.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            if history.len() == HISTORY_REPORTS {
+                history.pop_front();
+            }
+            history.push_back(report.clone());
+        }
         report
+    }
+
+    /// The recent reports, oldest first (at most [`HISTORY_REPORTS`]).
+    pub fn history(&self) -> Vec<Arc<HealthReport>> {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     fn announce(&self, id: &'static str, from: Option<HealthStatus>, f: &Finding, now: i64) {

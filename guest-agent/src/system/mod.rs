@@ -1,6 +1,8 @@
 //! The capability every agent has: `ping` (proves the whole path, with progress and
-//! sealed secrets both ways) and `facts` (what this VM is).
+//! sealed secrets both ways) and `facts` (what this VM is); its bundle parts are the
+//! VM's system facts (`bundle`).
 
+pub mod bundle;
 pub mod facts;
 pub mod ping;
 
@@ -19,5 +21,9 @@ impl Capability for System {
 
     fn operations(&self) -> Vec<Arc<dyn Operation>> {
         vec![Arc::new(ping::Ping), Arc::new(facts::Facts)]
+    }
+
+    fn bundle_parts(&self, request: &crate::bundle::Request) -> Vec<crate::bundle::Part> {
+        bundle::parts(request)
     }
 }

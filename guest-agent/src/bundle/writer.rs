@@ -1,0 +1,863 @@
+//! The archive writer: parts in, a `tar` compressed with zstd out, as a stream of byte
+//! chunks through a bounded channel (memory stays flat whatever the bundle's size: at
+//! most the channel's chunks, one line of a log, one config file).
+//!
+//! Each part is first read into a spool file of its own (redacted on the way: a
+//! `tar` header needs the size before the bytes, and redaction changes sizes), then the
+//! blocking pool appends it to the archive (the `tar` and `zstd` crates are synchronous)
+//! while the next part is read. The archive's writer hashes every entry as it copies it,
+//! and `manifest.json`, the last entry, lists each file (path, size, sha256, source,
+//! redactions), every step that failed or was skipped and why, and what the size cap
+//! left out. A part's failure is recorded and the bundle goes on; only a failure to
+//! write the archive itself (spool disk, the reader gone) ends it.
+//!
+//! The size cap counts the files' bytes (before compression; the manifest is not
+//! counted): a log that does not fit is cut to its newest lines, anything else that does
+//! not fit is left out whole, and later (smaller) parts may still fit.
+
+use super::redact::{redact_config, LogRedactor, Redaction, MAX_LINE};
+use super::{Part, Producer, Reader, Request};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// The size of the chunks the archive is streamed in.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+// A chunk read from a part holds no line longer than redaction allows (see `pump`).
+const _: () = assert!(CHUNK_BYTES <= MAX_LINE);
+/// Chunks the channel holds before the writer waits for its reader.
+pub const CHANNEL_CHUNKS: usize = 16;
+/// A config-style part larger than this is not a config: it is left out (redacting a
+/// part of it would be guessing).
+pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+/// A log cut by the size cap keeps at least this much, or is left out.
+const MIN_CUT_BYTES: u64 = 4096;
+/// How much of a failed command's standard error the manifest quotes.
+const STDERR_QUOTE_BYTES: usize = 2048;
+/// The manifest's format.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Why a bundle could not be written at all (a part's own failure never is one).
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("cannot use the spool directory {0}: {1}; check the state directory's disk")]
+    Spool(PathBuf, std::io::Error),
+    #[error("writing the archive failed: {0}")]
+    Archive(std::io::Error),
+    #[error("the bundle's reader stopped reading before the archive was complete")]
+    ReaderGone,
+    #[error("cannot write the bundle file {0}: {1}")]
+    Output(PathBuf, std::io::Error),
+    #[error("the archive writer stopped unexpectedly: {0}")]
+    Writer(String),
+}
+
+/// How a bundle is made.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub agent_id: String,
+    pub request: Request,
+    /// The cap on the files' bytes (before compression).
+    pub max_bytes: u64,
+    /// How long one file or produced part may take to read.
+    pub part_timeout: Duration,
+    /// zstd's level (3 is zstd's own default: fast, a good ratio on logs).
+    pub zstd_level: i32,
+}
+
+/// `manifest.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub agent_id: String,
+    pub agent_version: String,
+    pub created_ms: i64,
+    pub request: Option<Request>,
+    /// The size cap on the files' bytes.
+    pub max_bytes: u64,
+    /// The files' bytes (the sum of `files[].size`).
+    pub content_bytes: u64,
+    pub files: Vec<FileEntry>,
+    /// Steps that failed (a file unreadable or gone, a command that failed or timed out).
+    pub failed: Vec<FailedStep>,
+    /// Steps that had nothing to collect here, and why.
+    pub skipped: Vec<Skipped>,
+    /// What the size cap left out or cut.
+    pub left_out: Vec<LeftOut>,
+    /// Redactions in all files.
+    pub redactions: u64,
+}
+
+/// One file of the archive.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub source: String,
+    /// Values and secrets replaced in this file (how many, never which).
+    pub redactions: u64,
+    /// Set when the size cap cut this file: its size before the cut (the newest lines
+    /// were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_from_bytes: Option<u64>,
+    /// Set when reading failed part way: the failure (what was read before it is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedStep {
+    pub path: String,
+    pub source: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: String,
+    pub source: String,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftOut {
+    pub path: String,
+    pub source: String,
+    /// The bytes left out, when known.
+    pub bytes: Option<u64>,
+    pub why: String,
+}
+
+/// What the blocking archive writer is given.
+enum Job {
+    Entry {
+        path: String,
+        source: String,
+        spool: PathBuf,
+        offset: u64,
+        len: u64,
+        redactions: u64,
+        cut_from_bytes: Option<u64>,
+        incomplete: Option<String>,
+    },
+    Finish(Box<Manifest>),
+}
+
+/// Builds the bundle of `parts`, streaming the archive's bytes into `sink` as they are
+/// made; returns the manifest (also the archive's last entry). `spool_dir` is created,
+/// used for one part at a time and removed.
+pub async fn collect(
+    parts: Vec<Part>,
+    options: Options,
+    spool_dir: &Path,
+    sink: mpsc::Sender<Vec<u8>>,
+) -> Result<Manifest, BundleError> {
+    tokio::fs::create_dir_all(spool_dir)
+        .await
+        .map_err(|e| BundleError::Spool(spool_dir.to_path_buf(), e))?;
+    let result = drive(parts, &options, spool_dir, sink).await;
+    if let Err(e) = tokio::fs::remove_dir_all(spool_dir).await {
+        tracing::warn!(dir = %spool_dir.display(), error = %e, "cannot remove the bundle's spool directory");
+    }
+    result
+}
+
+async fn drive(
+    parts: Vec<Part>,
+    options: &Options,
+    spool_dir: &Path,
+    sink: mpsc::Sender<Vec<u8>>,
+) -> Result<Manifest, BundleError> {
+    let (jobs, rx) = mpsc::channel::<Job>(1);
+    let level = options.zstd_level;
+    let archive = tokio::task::spawn_blocking(move || write_archive(rx, sink, level));
+
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT,
+        agent_id: options.agent_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_ms: dbvm_protocol::now_ms(),
+        request: Some(options.request.clone()),
+        max_bytes: options.max_bytes,
+        ..Manifest::default()
+    };
+    let mut total = 0u64;
+    let mut n = 0u64;
+    let mut queue: std::collections::VecDeque<Part> = parts.into();
+    while let Some(part) = queue.pop_front() {
+        let Part {
+            path,
+            source,
+            producer,
+            redaction,
+        } = part;
+        let (path, source) = (clean(path), clean(source));
+        let producer = match producer {
+            Producer::Unavailable(why) => {
+                let why = clean(why);
+                m.skipped.push(Skipped { path, source, why });
+                continue;
+            }
+            Producer::Dir(dir) => {
+                match list_dir(&dir).await {
+                    Ok(files) if files.is_empty() => m.skipped.push(Skipped {
+                        path,
+                        source,
+                        why: format!("{} has no files", dir.display()),
+                    }),
+                    Ok(files) => {
+                        // Each file becomes a part of its own, in name order, before the
+                        // parts that followed the directory.
+                        for f in files.into_iter().rev() {
+                            let name = f.file_name().map(|s| s.to_string_lossy().into_owned());
+                            let name = name.unwrap_or_default();
+                            queue.push_front(Part {
+                                path: format!("{}/{name}", path.trim_end_matches('/')),
+                                source: f.display().to_string(),
+                                producer: Producer::File(f),
+                                redaction,
+                            });
+                        }
+                    }
+                    Err(e) => m.failed.push(FailedStep {
+                        path,
+                        source,
+                        error: format!("cannot list {}: {e}", dir.display()),
+                    }),
+                }
+                continue;
+            }
+            p => p,
+        };
+        if total >= options.max_bytes {
+            let bytes = match &producer {
+                Producer::File(f) => tokio::fs::metadata(f).await.ok().map(|md| md.len()),
+                _ => None,
+            };
+            m.left_out.push(LeftOut {
+                path,
+                source,
+                bytes,
+                why: format!("the size cap ({} bytes) was reached", options.max_bytes),
+            });
+            continue;
+        }
+
+        n += 1;
+        let spool = spool_dir.join(format!("{n}.part"));
+        let timeout = match &producer {
+            // A command has its own timeout (and a partial output of its own).
+            Producer::Command { timeout, .. } => *timeout + Duration::from_secs(5),
+            _ => options.part_timeout,
+        };
+        let spooled =
+            match tokio::time::timeout(timeout, spool_part(producer, redaction, &spool)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(SpoolFailure::Step(error))) => {
+                    remove_quietly(&spool).await;
+                    m.failed.push(FailedStep {
+                        path,
+                        source,
+                        error: clean(error),
+                    });
+                    continue;
+                }
+                Ok(Err(SpoolFailure::Disk(e))) => {
+                    remove_quietly(&spool).await;
+                    return Err(BundleError::Spool(spool, e));
+                }
+                Err(_) => {
+                    remove_quietly(&spool).await;
+                    m.failed.push(FailedStep {
+                        path,
+                        source,
+                        error: format!(
+                            "reading it took longer than {} ms; nothing of it kept",
+                            timeout.as_millis()
+                        ),
+                    });
+                    continue;
+                }
+            };
+        if let Some(error) = &spooled.error {
+            m.failed.push(FailedStep {
+                path: path.clone(),
+                source: source.clone(),
+                error: clean(if spooled.size > 0 {
+                    format!("{error}; the {} bytes before it are kept", spooled.size)
+                } else {
+                    error.clone()
+                }),
+            });
+            if spooled.size == 0 {
+                remove_quietly(&spool).await;
+                continue;
+            }
+        }
+
+        let room = options.max_bytes - total;
+        let (offset, len, cut_from_bytes) = if spooled.size <= room {
+            (0, spooled.size, None)
+        } else if redaction == Redaction::Log && room >= MIN_CUT_BYTES {
+            let offset = line_start_after(&spool, spooled.size - room)
+                .await
+                .map_err(|e| BundleError::Spool(spool.clone(), e))?;
+            m.left_out.push(LeftOut {
+                path: path.clone(),
+                source: source.clone(),
+                bytes: Some(offset),
+                why: format!(
+                    "the size cap ({} bytes): its oldest {offset} bytes were cut, its newest lines kept",
+                    options.max_bytes
+                ),
+            });
+            (offset, spooled.size - offset, Some(spooled.size))
+        } else {
+            remove_quietly(&spool).await;
+            m.left_out.push(LeftOut {
+                path,
+                source,
+                bytes: Some(spooled.size),
+                why: format!(
+                    "it did not fit in what the size cap ({} bytes) left ({room} bytes)",
+                    options.max_bytes
+                ),
+            });
+            continue;
+        };
+        total += len;
+        let job = Job::Entry {
+            path,
+            source,
+            spool,
+            offset,
+            len,
+            redactions: spooled.redactions,
+            cut_from_bytes,
+            incomplete: spooled.error.map(clean),
+        };
+        if jobs.send(job).await.is_err() {
+            // The writer ended early; its error says why.
+            break;
+        }
+    }
+    m.content_bytes = total;
+    let _ = jobs.send(Job::Finish(Box::new(m))).await;
+    drop(jobs);
+    archive
+        .await
+        .map_err(|e| BundleError::Writer(e.to_string()))?
+}
+
+/// Builds the bundle into `dir/name` (0600): written to a temporary name, synced, then
+/// renamed, so a file of that name is always a complete bundle. Returns the manifest
+/// and the archive's size and sha256.
+pub async fn collect_to_file(
+    parts: Vec<Part>,
+    options: Options,
+    dir: &Path,
+    name: &str,
+) -> Result<(Manifest, u64, String), BundleError> {
+    let out = |e| BundleError::Output(dir.join(name), e);
+    tokio::fs::create_dir_all(dir).await.map_err(out)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let spool = dir.join(format!(".{name}.spool"));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .await
+        .map_err(|e| BundleError::Output(tmp.clone(), e))?;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
+    let write = async {
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = rx.recv().await {
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        file.sync_all().await?;
+        Ok::<_, std::io::Error>((bytes, hex(&hasher.finalize())))
+    };
+    let (manifest, written) = tokio::join!(collect(parts, options, &spool, tx), write);
+    let result = match (manifest, written) {
+        (Ok(m), Ok((bytes, sha))) => Ok((m, bytes, sha)),
+        // The file's own failure first: it is why the writer then found its reader gone.
+        (_, Err(e)) => Err(BundleError::Output(tmp.clone(), e)),
+        (Err(e), Ok(_)) => Err(e),
+    };
+    match result {
+        Ok(r) => {
+            tokio::fs::rename(&tmp, dir.join(name)).await.map_err(out)?;
+            let d = dir.to_path_buf();
+            // The rename is durable once the directory is synced.
+            let _ = tokio::task::spawn_blocking(move || std::fs::File::open(d)?.sync_all()).await;
+            Ok(r)
+        }
+        Err(e) => {
+            remove_quietly(&tmp).await;
+            Err(e)
+        }
+    }
+}
+
+/// The regular files directly in `dir`, sorted by name.
+async fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut rd = tokio::fs::read_dir(dir).await?;
+    let mut files = Vec::new();
+    while let Some(e) = rd.next_entry().await? {
+        if e.file_type().await.map(|t| t.is_file()).unwrap_or(false) {
+            files.push(e.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A manifest's text (a source, an error) through the log patterns: a command's argv or
+/// an error quoting a value must not carry a secret into the manifest.
+fn clean(text: String) -> String {
+    let mut n = 0;
+    super::redact::redact_text(&text, &mut n).into_owned()
+}
+
+async fn remove_quietly(path: &Path) {
+    let _ = tokio::fs::remove_file(path).await;
+}
+
+/// The first line start at or after `offset` in `path` (or `offset` itself when no
+/// newline follows within one line's length).
+async fn line_start_after(path: &Path, offset: u64) -> std::io::Result<u64> {
+    let mut f = tokio::fs::File::open(path).await?;
+    f.seek(std::io::SeekFrom::Start(offset.saturating_sub(1)))
+        .await?;
+    let mut buf = vec![0u8; MAX_LINE + 1];
+    let n = f.read(&mut buf).await?;
+    Ok(match buf[..n].iter().position(|&b| b == b'\n') {
+        Some(i) => offset.saturating_sub(1) + i as u64 + 1,
+        None => offset,
+    })
+}
+
+struct Spooled {
+    size: u64,
+    redactions: u64,
+    /// Reading failed after `size` bytes.
+    error: Option<String>,
+}
+
+enum SpoolFailure {
+    /// The step failed; nothing of it is kept.
+    Step(String),
+    /// The spool file could not be written: the bundle cannot go on.
+    Disk(std::io::Error),
+}
+
+/// Reads one part into `spool`, redacted.
+async fn spool_part(
+    producer: Producer,
+    redaction: Redaction,
+    spool: &Path,
+) -> Result<Spooled, SpoolFailure> {
+    let out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(spool)
+        .await
+        .map_err(SpoolFailure::Disk)?;
+    let mut out = tokio::io::BufWriter::with_capacity(CHUNK_BYTES, out);
+    let result = match producer {
+        Producer::File(path) => {
+            let reader = tokio::fs::File::open(&path).await.map_err(|e| {
+                SpoolFailure::Step(match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        format!(
+                            "{} is gone (it vanished or was never there)",
+                            path.display()
+                        )
+                    }
+                    _ => format!("cannot open {}: {e}", path.display()),
+                })
+            })?;
+            pump(Box::new(reader), redaction, &mut out).await
+        }
+        Producer::Open(open) => {
+            let reader = open.await.map_err(SpoolFailure::Step)?;
+            pump(reader, redaction, &mut out).await
+        }
+        Producer::Command { argv, timeout } => {
+            run_command(&argv, timeout, redaction, &mut out).await
+        }
+        Producer::Dir(_) | Producer::Unavailable(_) => {
+            Err(SpoolFailure::Step("internal: not a readable part".into()))
+        }
+    }?;
+    // Not synced: a spool file lives only while the bundle is made (the bundle file is).
+    out.flush().await.map_err(SpoolFailure::Disk)?;
+    Ok(result)
+}
+
+type SpoolFile = tokio::io::BufWriter<tokio::fs::File>;
+
+/// Runs a command, its standard output redacted into `out`; a failure to start is a
+/// failed step, a non-zero exit or a timeout keeps what it printed.
+async fn run_command(
+    argv: &[String],
+    timeout: Duration,
+    redaction: Redaction,
+    out: &mut SpoolFile,
+) -> Result<Spooled, SpoolFailure> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(SpoolFailure::Step("internal: an empty command".into()));
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            SpoolFailure::Step(match e.kind() {
+                std::io::ErrorKind::NotFound => format!("{program} is not installed"),
+                _ => format!("cannot run {program}: {e}"),
+            })
+        })?;
+    let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(SpoolFailure::Step("internal: no pipes".into()));
+    };
+    let err_text = async move {
+        let mut quoted = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read all of it (a full pipe would stall the command), keep the start.
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let room = STDERR_QUOTE_BYTES.saturating_sub(quoted.len());
+            quoted.extend_from_slice(&buf[..n.min(room)]);
+        }
+        quoted
+    };
+    let run = async {
+        let (pumped, err) = tokio::join!(pump(Box::new(stdout), redaction, out), err_text);
+        let status = child.wait().await;
+        (pumped, err, status)
+    };
+    let (pumped, err, status) = match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(SpoolFailure::Step(format!(
+                "{} did not finish within {} s",
+                argv.join(" "),
+                timeout.as_secs()
+            )))
+        }
+    };
+    let mut spooled = pumped?;
+    let failure = match status {
+        Ok(s) if s.success() => None,
+        Ok(s) => {
+            let mut n = 0;
+            let text = String::from_utf8_lossy(&err);
+            let text = super::redact::redact_text(text.trim(), &mut n).replace('\n', " / ");
+            Some(format!("{} exited with {s}: {text}", argv.join(" ")))
+        }
+        Err(e) => Some(format!("waiting for {program}: {e}")),
+    };
+    if spooled.error.is_none() {
+        spooled.error = failure;
+    }
+    Ok(spooled)
+}
+
+/// Copies `reader` into `out`, redacted. A read error ends it (kept in `error`); a write
+/// error is the spool's.
+async fn pump(
+    mut reader: Reader,
+    redaction: Redaction,
+    out: &mut SpoolFile,
+) -> Result<Spooled, SpoolFailure> {
+    let disk = SpoolFailure::Disk;
+    match redaction {
+        Redaction::Config { format, safe_keys } => {
+            let mut text = Vec::new();
+            let limit = MAX_CONFIG_BYTES as u64 + 1;
+            if let Err(e) = (&mut reader).take(limit).read_to_end(&mut text).await {
+                return Err(SpoolFailure::Step(format!("reading failed: {e}")));
+            }
+            if text.len() > MAX_CONFIG_BYTES {
+                return Err(SpoolFailure::Step(format!(
+                    "larger than {MAX_CONFIG_BYTES} bytes, so not a config this bundle redacts; left out"
+                )));
+            }
+            let (redacted, redactions) =
+                redact_config(&String::from_utf8_lossy(&text), format, safe_keys);
+            out.write_all(redacted.as_bytes()).await.map_err(disk)?;
+            Ok(Spooled {
+                size: redacted.len() as u64,
+                redactions,
+                error: None,
+            })
+        }
+        Redaction::Log => {
+            let mut redactor = LogRedactor::default();
+            let mut size = 0u64;
+            let mut pending: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
+            let mut skipping_rest_of_line = false;
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut error = None;
+            loop {
+                let n = match reader.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        error = Some(format!("reading failed part way: {e}"));
+                        break;
+                    }
+                };
+                let mut chunk = &buf[..n];
+                // The common case: whole lines with nothing to redact go through as they
+                // are (a chunk is at most MAX_LINE long, so no line in it is too long).
+                if pending.is_empty() && !skipping_rest_of_line {
+                    if let Some(last) = chunk.iter().rposition(|&b| b == b'\n') {
+                        let block = &chunk[..=last];
+                        if std::str::from_utf8(block).is_ok_and(|t| redactor.passes_unchanged(t)) {
+                            out.write_all(block).await.map_err(disk)?;
+                            size += block.len() as u64;
+                            chunk = &chunk[last + 1..];
+                        }
+                    }
+                }
+                while !chunk.is_empty() {
+                    let (segment, ends_line) = match chunk.iter().position(|&b| b == b'\n') {
+                        Some(i) => (&chunk[..i], true),
+                        None => (chunk, false),
+                    };
+                    chunk = if ends_line {
+                        &chunk[segment.len() + 1..]
+                    } else {
+                        &[]
+                    };
+                    if !skipping_rest_of_line {
+                        let room = MAX_LINE - pending.len();
+                        if segment.len() > room {
+                            pending.extend_from_slice(&segment[..room]);
+                            size += emit(&mut redactor, &pending, false, out).await?;
+                            let note = format!(" <line cut at {MAX_LINE} bytes>\n");
+                            out.write_all(note.as_bytes()).await.map_err(disk)?;
+                            size += note.len() as u64;
+                            pending.clear();
+                            skipping_rest_of_line = !ends_line;
+                            continue;
+                        }
+                        pending.extend_from_slice(segment);
+                    }
+                    if ends_line {
+                        if !skipping_rest_of_line {
+                            size += emit(&mut redactor, &pending, true, out).await?;
+                        }
+                        pending.clear();
+                        skipping_rest_of_line = false;
+                    }
+                }
+            }
+            if !pending.is_empty() && !skipping_rest_of_line {
+                size += emit(&mut redactor, &pending, true, out).await?;
+            }
+            Ok(Spooled {
+                size,
+                redactions: redactor.count,
+                error,
+            })
+        }
+    }
+}
+
+/// Writes one redacted line (with its newline when `newline`); returns the bytes written.
+async fn emit(
+    redactor: &mut LogRedactor,
+    line: &[u8],
+    newline: bool,
+    out: &mut SpoolFile,
+) -> Result<u64, SpoolFailure> {
+    let text = String::from_utf8_lossy(line);
+    let text = text.strip_suffix('\r').unwrap_or(&text);
+    let redacted = redactor.line(text);
+    out.write_all(redacted.as_bytes())
+        .await
+        .map_err(SpoolFailure::Disk)?;
+    let mut n = redacted.len() as u64;
+    if newline {
+        out.write_all(b"\n").await.map_err(SpoolFailure::Disk)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// A `Write` that cuts what it is given into chunks for the channel (blocking while the
+/// channel is full: the archive is made only as fast as it is read).
+struct ChunkWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reader gone"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// A reader that hashes and counts what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn archive_error(e: std::io::Error) -> BundleError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        BundleError::ReaderGone
+    } else {
+        BundleError::Archive(e)
+    }
+}
+
+fn header(len: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(len);
+    h.set_mode(0o600);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mtime((dbvm_protocol::now_ms() / 1000).max(0) as u64);
+    h
+}
+
+/// The blocking side: appends each spooled part (hashing it), then the manifest.
+fn write_archive(
+    mut jobs: mpsc::Receiver<Job>,
+    sink: mpsc::Sender<Vec<u8>>,
+    level: i32,
+) -> Result<Manifest, BundleError> {
+    let writer = ChunkWriter {
+        tx: sink,
+        buf: Vec::with_capacity(CHUNK_BYTES),
+    };
+    let encoder = zstd::stream::write::Encoder::new(writer, level).map_err(archive_error)?;
+    let mut tar = tar::Builder::new(encoder);
+    let mut files = Vec::new();
+    let mut redactions = 0;
+    while let Some(job) = jobs.blocking_recv() {
+        match job {
+            Job::Entry {
+                path,
+                source,
+                spool,
+                offset,
+                len,
+                redactions: r,
+                cut_from_bytes,
+                incomplete,
+            } => {
+                let spool_error = |e| BundleError::Spool(spool.clone(), e);
+                let mut f = std::fs::File::open(&spool).map_err(spool_error)?;
+                f.seek(std::io::SeekFrom::Start(offset))
+                    .map_err(spool_error)?;
+                let mut reader = Hashing {
+                    inner: f.take(len),
+                    hasher: Sha256::new(),
+                    bytes: 0,
+                };
+                tar.append_data(&mut header(len), &path, &mut reader)
+                    .map_err(archive_error)?;
+                if reader.bytes != len {
+                    // The spool is ours alone; a short one means the disk lost data.
+                    return Err(BundleError::Spool(
+                        spool.clone(),
+                        std::io::Error::other(format!(
+                            "{} bytes where {len} were written",
+                            reader.bytes
+                        )),
+                    ));
+                }
+                let _ = std::fs::remove_file(&spool);
+                redactions += r;
+                files.push(FileEntry {
+                    path,
+                    size: len,
+                    sha256: hex(&reader.hasher.finalize()),
+                    source,
+                    redactions: r,
+                    cut_from_bytes,
+                    incomplete,
+                });
+            }
+            Job::Finish(mut m) => {
+                m.files = files;
+                m.redactions = redactions;
+                let bytes = serde_json::to_vec_pretty(&m)
+                    .map_err(|e| BundleError::Archive(std::io::Error::other(e)))?;
+                tar.append_data(
+                    &mut header(bytes.len() as u64),
+                    "manifest.json",
+                    bytes.as_slice(),
+                )
+                .map_err(archive_error)?;
+                let encoder = tar.into_inner().map_err(archive_error)?;
+                let mut writer = encoder.finish().map_err(archive_error)?;
+                writer.flush().map_err(archive_error)?;
+                return Ok(*m);
+            }
+        }
+    }
+    Err(BundleError::Writer(
+        "the bundle stopped before its manifest was written".into(),
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,358 @@
+//! Tests of the archive writer: parts that fail, vanish or cannot be read, the size cap,
+//! a reader that goes away; every archive is decompressed and checked against its
+//! manifest.
+
+use super::*;
+use crate::bundle::{ConfigFormat, Part, Producer, Request};
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, ReadBuf};
+
+fn options(max_bytes: u64) -> Options {
+    Options {
+        agent_id: "db1".into(),
+        request: Request {
+            since_ms: 0,
+            until_ms: 1,
+            include_db_logs: true,
+            include_db_views: false,
+        },
+        max_bytes,
+        part_timeout: Duration::from_secs(30),
+        zstd_level: 3,
+    }
+}
+
+/// Decompresses an archive: its files by path (the manifest included).
+pub(crate) fn unpack(archive: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let decoder = zstd::stream::read::Decoder::new(archive).unwrap();
+    let mut tar = tar::Archive::new(decoder);
+    let mut files = BTreeMap::new();
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().display().to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        assert!(files.insert(path.clone(), bytes).is_none(), "{path} twice");
+    }
+    files
+}
+
+/// Checks every file of the archive against the manifest (and the manifest is last and
+/// the same as the one returned).
+pub(crate) fn check_against_manifest(archive: &[u8], returned: &Manifest) {
+    let decoder = zstd::stream::read::Decoder::new(archive).unwrap();
+    let mut tar = tar::Archive::new(decoder);
+    let names: Vec<String> = tar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names.last().map(String::as_str), Some("manifest.json"));
+    let files = unpack(archive);
+    let manifest: Manifest = serde_json::from_slice(&files["manifest.json"]).unwrap();
+    assert_eq!(&manifest, returned);
+    assert_eq!(files.len(), manifest.files.len() + 1);
+    let mut total = 0;
+    for f in &manifest.files {
+        let bytes = &files[&f.path];
+        assert_eq!(bytes.len() as u64, f.size, "{}", f.path);
+        assert_eq!(hex(&Sha256::digest(bytes)), f.sha256, "{}", f.path);
+        total += f.size;
+    }
+    assert_eq!(total, manifest.content_bytes);
+    assert!(manifest.content_bytes <= manifest.max_bytes);
+}
+
+async fn build(parts: Vec<Part>, max_bytes: u64) -> (Manifest, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
+    let read = async {
+        let mut all = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            assert!(chunk.len() <= CHUNK_BYTES);
+            all.extend_from_slice(&chunk);
+        }
+        all
+    };
+    let (m, archive) = tokio::join!(collect(parts, options(max_bytes), &spool, tx), read);
+    let m = m.unwrap();
+    assert!(!spool.exists(), "the spool directory is removed");
+    check_against_manifest(&archive, &m);
+    (m, archive)
+}
+
+fn failed<'a>(m: &'a Manifest, path: &str) -> &'a FailedStep {
+    m.failed
+        .iter()
+        .find(|f| f.path == path)
+        .unwrap_or_else(|| panic!("no failed step {path} in {:#?}", m.failed))
+}
+
+fn file<'a>(m: &'a Manifest, path: &str) -> &'a FileEntry {
+    m.files
+        .iter()
+        .find(|f| f.path == path)
+        .unwrap_or_else(|| panic!("no file {path} in {:#?}", m.files))
+}
+
+/// A reader that gives `good` and then fails, as a file on a dying disk (or one pulled
+/// away over NFS) does; a local file cannot be made to fail mid-read for real.
+struct FailsPartWay {
+    good: Option<Vec<u8>>,
+}
+
+impl AsyncRead for FailsPartWay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.good.take() {
+            Some(bytes) => {
+                buf.put_slice(&bytes);
+                Poll::Ready(Ok(()))
+            }
+            None => Poll::Ready(Err(std::io::Error::other("input/output error (planted)"))),
+        }
+    }
+}
+
+#[tokio::test]
+async fn failed_parts_are_recorded_and_the_bundle_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.log");
+    std::fs::write(&good, "line one\nline two\n").unwrap();
+    let gone = dir.path().join("gone.log");
+    std::fs::write(&gone, "soon gone\n").unwrap();
+    let parts = vec![
+        Part::log_file("a/good.log", &good),
+        // Named when the bundle started, gone when the bundle got to it.
+        Part::log_file("a/gone.log", &gone),
+        Part::command(
+            "a/missing.txt",
+            &["dbvm-no-such-program"],
+            Duration::from_secs(5),
+        ),
+        Part::command(
+            "a/exit3.txt",
+            &[
+                "sh",
+                "-c",
+                "echo printed; echo 'went wrong password=PlantStderr1' >&2; exit 3",
+            ],
+            Duration::from_secs(5),
+        ),
+        Part::produced("a/refused.txt", "a producer", async {
+            Err("the producer said no".to_string())
+        }),
+        Part::log(
+            "a/partway.log",
+            "a reader that fails",
+            Producer::Open(Box::pin(async {
+                Ok(Box::new(FailsPartWay {
+                    good: Some(b"first line\nsecond".to_vec()),
+                }) as crate::bundle::Reader)
+            })),
+        ),
+        Part::log(
+            "a/none.txt",
+            "nothing",
+            Producer::Unavailable("not here".into()),
+        ),
+        Part::log_file("a/after.log", &good),
+    ];
+    std::fs::remove_file(&gone).unwrap();
+    let (m, archive) = build(parts, 1 << 20).await;
+    let files = unpack(&archive);
+
+    assert_eq!(files["a/good.log"], b"line one\nline two\n");
+    assert_eq!(files["a/after.log"], b"line one\nline two\n");
+    assert!(failed(&m, "a/gone.log").error.contains("is gone"));
+    assert!(!files.contains_key("a/gone.log"));
+    assert!(failed(&m, "a/missing.txt").error.contains("not installed"));
+    let exit = failed(&m, "a/exit3.txt");
+    assert!(exit.error.contains("exit status: 3"), "{}", exit.error);
+    assert!(exit.error.contains("went wrong"), "{}", exit.error);
+    assert!(!exit.error.contains("PlantStderr1"), "{}", exit.error);
+    assert_eq!(files["a/exit3.txt"], b"printed\n");
+    assert!(failed(&m, "a/refused.txt").error.contains("said no"));
+    let partway = file(&m, "a/partway.log");
+    assert!(partway.incomplete.as_deref().unwrap().contains("planted"));
+    assert_eq!(files["a/partway.log"], b"first line\nsecond\n");
+    assert!(failed(&m, "a/partway.log")
+        .error
+        .contains("bytes before it are kept"));
+    assert_eq!(m.skipped.len(), 1);
+    assert_eq!(m.skipped[0].why, "not here");
+}
+
+#[tokio::test]
+async fn unreadable_files_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let parts = vec![
+        // A directory opens but cannot be read as a file (EISDIR).
+        Part::log_file("u/dir", dir.path()),
+        // Reading address 0 of this process's memory fails (EIO), even for root, who
+        // reads files whatever their mode.
+        Part::log_file("u/mem", "/proc/self/mem"),
+        Part::config(
+            "u/dir.toml",
+            "a directory as a config",
+            Producer::File(dir.path().to_path_buf()),
+            ConfigFormat::Toml,
+            &[],
+        ),
+    ];
+    let (m, archive) = build(parts, 1 << 20).await;
+    assert!(
+        failed(&m, "u/dir").error.contains("reading failed"),
+        "{:?}",
+        m.failed
+    );
+    assert!(
+        failed(&m, "u/mem").error.contains("reading failed"),
+        "{:?}",
+        m.failed
+    );
+    assert!(failed(&m, "u/dir.toml").error.contains("reading failed"));
+    assert!(m.files.is_empty());
+    assert_eq!(unpack(&archive).len(), 1);
+}
+
+#[tokio::test]
+async fn a_directory_becomes_one_entry_per_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("b.log"), "b\n").unwrap();
+    std::fs::write(dir.path().join("a.log"), "a\n").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let parts = vec![
+        Part::log("logs/", "d", Producer::Dir(dir.path().to_path_buf())),
+        Part::log("empty", "e", Producer::Dir(empty.path().to_path_buf())),
+        Part::log("missing", "m", Producer::Dir(dir.path().join("nope"))),
+    ];
+    let (m, _) = build(parts, 1 << 20).await;
+    let paths: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["logs/a.log", "logs/b.log"]);
+    assert_eq!(m.skipped[0].path, "empty");
+    assert!(failed(&m, "missing").error.contains("cannot list"));
+}
+
+#[tokio::test]
+async fn the_size_cap_cuts_logs_to_their_newest_lines_and_leaves_the_rest_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = |tag: &str, n: usize| -> String {
+        (0..n)
+            .map(|i| format!("{tag} line {i:05} ........................................\n"))
+            .collect()
+    };
+    let first = dir.path().join("first.log");
+    std::fs::write(&first, lines("first", 300)).unwrap(); // about 20 KiB
+    let config = dir.path().join("big.conf");
+    let config_text: String = (0..1500).map(|i| format!("key{i} = value\n")).collect();
+    std::fs::write(&config, &config_text).unwrap(); // about 21 KiB
+    let second = dir.path().join("second.log");
+    let second_text = lines("second", 600);
+    std::fs::write(&second, &second_text).unwrap(); // about 40 KiB
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, "x".repeat(499) + "\n").unwrap();
+    let cap = 32 * 1024;
+    let parts = vec![
+        Part::log_file("first.log", &first),
+        Part::config(
+            "big.conf",
+            "cfg",
+            Producer::File(config.clone()),
+            ConfigFormat::KeyValue,
+            &["**"],
+        ),
+        Part::log_file("second.log", &second),
+        Part::log_file("after-the-cap.txt", &small),
+    ];
+    let (m, archive) = build(parts, cap).await;
+    let files = unpack(&archive);
+    // The first log fits whole; the config does not fit in what is left: left out whole.
+    assert_eq!(file(&m, "first.log").cut_from_bytes, None);
+    assert!(!files.contains_key("big.conf"));
+    let big = m.left_out.iter().find(|l| l.path == "big.conf").unwrap();
+    assert_eq!(big.bytes, Some(config_text.len() as u64));
+    // The second log is cut to the room left, at a line start, keeping its newest lines.
+    let second_entry = file(&m, "second.log");
+    assert_eq!(second_entry.cut_from_bytes, Some(second_text.len() as u64));
+    let kept = String::from_utf8(files["second.log"].clone()).unwrap();
+    assert!(second_text.ends_with(&kept));
+    assert!(kept.starts_with("second line "), "{}", &kept[..40]);
+    assert!(kept.contains("second line 00599"));
+    assert!(!kept.contains("second line 00000"));
+    let cut = m.left_out.iter().find(|l| l.path == "second.log").unwrap();
+    assert_eq!(
+        cut.bytes,
+        Some(second_text.len() as u64 - kept.len() as u64)
+    );
+    // What is left after the cut (less than a line) is too small for the next part.
+    let after = m
+        .left_out
+        .iter()
+        .find(|l| l.path == "after-the-cap.txt")
+        .unwrap();
+    assert_eq!(after.bytes, Some(500));
+    assert!(after.why.contains("size cap"));
+    assert!(m.content_bytes <= cap && m.content_bytes > cap - 200);
+}
+
+#[tokio::test]
+async fn long_lines_are_cut_and_never_passed_on_unseen() {
+    let mut text = "a".repeat(MAX_LINE + 10);
+    text.push_str("password=PlantLong1\nnext line\n");
+    let parts = vec![Part::produced("long.log", "p", async move {
+        Ok(text.into_bytes())
+    })];
+    let (_, archive) = build(parts, 1 << 20).await;
+    let out = String::from_utf8(unpack(&archive)["long.log"].clone()).unwrap();
+    assert!(!out.contains("PlantLong1"));
+    assert!(out.contains("line cut at"));
+    assert!(out.ends_with("next line\n"));
+}
+
+#[tokio::test]
+async fn a_reader_that_goes_away_ends_the_bundle_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..4_000_000u32)
+        .flat_map(|i| format!("{i:x}\n").into_bytes())
+        .collect();
+    let parts = vec![Part::produced("big", "p", async move { Ok(big) })];
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
+    let spool = dir.path().join("spool");
+    let reader = async move {
+        // One chunk, then gone.
+        rx.recv().await;
+    };
+    let (m, ()) = tokio::join!(collect(parts, options(1 << 30), &spool, tx), reader);
+    assert!(matches!(m, Err(BundleError::ReaderGone)), "{m:?}");
+    assert!(!dir.path().join("spool").exists());
+}
+
+#[tokio::test]
+async fn collect_to_file_writes_a_private_complete_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let parts = vec![Part::produced("x.txt", "p", async { Ok(b"x\n".to_vec()) })];
+    let (m, bytes, sha) = collect_to_file(parts, options(1 << 20), dir.path(), "b.tar.zst")
+        .await
+        .unwrap();
+    let path = dir.path().join("b.tar.zst");
+    let archive = std::fs::read(&path).unwrap();
+    assert_eq!(archive.len() as u64, bytes);
+    assert_eq!(hex(&Sha256::digest(&archive)), sha);
+    check_against_manifest(&archive, &m);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["b.tar.zst"], "no temporary or spool file is left");
+}
