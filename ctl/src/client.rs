@@ -185,12 +185,17 @@ impl Client {
     /// `GET` of a plain-text path such as `/metrics` or `/healthz`.
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let url = self.url(&segments);
-        let method = Method::GET;
+        let bytes = self.plain(Method::GET, self.url(&segments)).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A request without a body whose answer is not JSON: the body of a success, the
+    /// broker's error otherwise.
+    async fn plain(&self, method: Method, url: Url) -> Result<bytes::Bytes, ClientError> {
         let fail = |error: reqwest::Error| transport_error(&method, &url, REQUEST_TIMEOUT, error);
         let resp = self
             .http
-            .get(url.clone())
+            .request(method.clone(), url.clone())
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
@@ -200,7 +205,7 @@ impl Client {
         if !status.is_success() {
             return Err(http_error(status, &bytes));
         }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        Ok(bytes)
     }
 
     /// Sends a request and decodes the JSON answer; error statuses become [`ClientError::Http`].
@@ -498,22 +503,9 @@ impl Client {
 
     /// `DELETE /v1/artifacts/{sha256}`.
     pub async fn delete_artifact(&self, sha256: &str) -> Result<(), ClientError> {
-        let url = self.url(&["v1", "artifacts", sha256]);
-        let method = Method::DELETE;
-        let fail = |error: reqwest::Error| transport_error(&method, &url, REQUEST_TIMEOUT, error);
-        let resp = self
-            .http
-            .delete(url.clone())
-            .timeout(REQUEST_TIMEOUT)
-            .send()
+        self.plain(Method::DELETE, self.url(&["v1", "artifacts", sha256]))
             .await
-            .map_err(fail)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(fail)?;
-        if !status.is_success() {
-            return Err(http_error(status, &bytes));
-        }
-        Ok(())
+            .map(drop)
     }
 
     /// `GET /v1/events[?agent=ID]`: follows the broker's event stream.

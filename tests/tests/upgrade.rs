@@ -192,6 +192,17 @@ impl Rig {
         out["agent_version"].as_str().unwrap().to_string()
     }
 
+    /// Starts db1 again from its executable (after it was killed).
+    fn restart(&mut self) {
+        self.agent = self.fleet.run_agent_exe(
+            &self.exe,
+            "db1",
+            self.agent.config.clone(),
+            self.agent.state_dir.clone(),
+            &[],
+        );
+    }
+
     /// SHA-256 of the executable the agent process runs now.
     fn running_sha(&self) -> String {
         file_sha(Path::new(&format!("/proc/{}/exe", self.agent.proc.pid())))
@@ -412,13 +423,7 @@ async fn an_agent_killed_on_trial_comes_back_as_the_old_version() {
         .arg(trial_pid.trim())
         .status();
 
-    rig.agent = rig.fleet.run_agent_exe(
-        &rig.exe,
-        "db1",
-        rig.agent.config.clone(),
-        rig.agent.state_dir.clone(),
-        &[],
-    );
+    rig.restart();
     let v = rig.client.wait(id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(v.state, CommandState::Failed, "{v:?}");
     let e = error_of(&v);
@@ -460,13 +465,7 @@ async fn an_agent_killed_between_the_swap_and_its_restart_comes_back_as_the_new_
     assert!(rig.agent.proc.is_running());
     rig.agent.proc.kill();
 
-    rig.agent = rig.fleet.run_agent_exe(
-        &rig.exe,
-        "db1",
-        rig.agent.config.clone(),
-        rig.agent.state_dir.clone(),
-        &[],
-    );
+    rig.restart();
     let v = rig.client.wait(id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
     assert_eq!(v.output.unwrap()["to"]["sha256"], sha.as_str());

@@ -515,9 +515,10 @@ fn tail(text: &str) -> String {
     let t = text.trim();
     let lines: Vec<&str> = t.lines().rev().take(3).collect();
     let s: String = lines.into_iter().rev().collect::<Vec<_>>().join(" | ");
-    let s: String = s.chars().filter(|c| !c.is_control()).collect();
-    if s.len() > 600 {
-        format!("…{}", &s[s.len() - 600..])
+    let chars: Vec<char> = s.chars().filter(|c| !c.is_control()).collect();
+    let s: String = chars[chars.len().saturating_sub(600)..].iter().collect();
+    if chars.len() > 600 {
+        format!("…{s}")
     } else if s.is_empty() {
         "(no output)".into()
     } else {
@@ -592,5 +593,53 @@ pub async fn trial_main(v: crate::config::Validated, deadline: Duration) -> Resu
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str, sha: &str, version: &str, deadline_s: u64) -> Args {
+        Args {
+            url: url.into(),
+            sha256: sha.into(),
+            version: version.into(),
+            deadline_s,
+        }
+    }
+
+    #[test]
+    fn arguments_are_checked_before_anything_is_fetched() {
+        let sha = "ab".repeat(32);
+        let good = args("https://broker:8443/v1/artifacts/x", &sha, "0.1.1", 60);
+        assert!(good.check().is_ok());
+        for (bad, says) in [
+            (args("http://broker/x", &sha, "1", 60), "https"),
+            (args("https:///x", &sha, "1", 60), "https"),
+            (args("https://u:p@broker/x", &sha, "1", 60), "credentials"),
+            (
+                args("https://broker/x", &"AB".repeat(32), "1", 60),
+                "sha256",
+            ),
+            (args("https://broker/x", "abc", "1", 60), "sha256"),
+            (args("https://broker/x", &sha, "", 60), "version"),
+            (args("https://broker/x", &sha, "1;rm", 60), "version"),
+            (args("https://broker/x", &sha, "1", 9), "deadline_s"),
+            (args("https://broker/x", &sha, "1", 601), "deadline_s"),
+        ] {
+            let e = bad.check().unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn error_tails_are_short_and_printable() {
+        assert_eq!(tail(""), "(no output)");
+        assert_eq!(tail("a\nb\nc\nd\n"), "b | c | d");
+        assert_eq!(tail("x\u{1b}[31my"), "x[31my");
+        assert!(tail(&"z".repeat(2000)).chars().count() <= 601);
+        // Cut by characters, never inside one.
+        assert_eq!(tail(&"é".repeat(700)).chars().count(), 601);
     }
 }
