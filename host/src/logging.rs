@@ -1,5 +1,8 @@
-//! Logging set-up shared by the broker and the agent: `tracing` to stderr (journald under
-//! systemd), human text or JSON lines, the level from `DBVM_LOG` or the config.
+//! Logging set-up shared by the broker and the agent: when stderr is the journal (systemd
+//! says so in `JOURNAL_STREAM`), events go to journald directly with their fields as
+//! journal fields (`tracing-journald`: `journalctl -o verbose` shows `ID=`, `OPERATION=`, …);
+//! otherwise `tracing` to stderr, human text or JSON lines. The level comes from `DBVM_LOG`
+//! or the config.
 
 use serde::Deserialize;
 
@@ -48,7 +51,26 @@ pub fn init(settings: &LogSettings) {
         Some(Err(e)) => (from_config(), Some(e.to_string())),
         None => (from_config(), None),
     };
-    // Colour only for a person at a terminal; journald and log files get plain text.
+    if stderr_is_the_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()) {
+        match tracing_journald::layer() {
+            Ok(journal) => {
+                use tracing_subscriber::layer::SubscriberExt;
+                use tracing_subscriber::util::SubscriberInitExt;
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(journal)
+                    .init();
+                if let Some(e) = bad_env {
+                    tracing::warn!(error = %e, "DBVM_LOG is not a tracing filter; using the configured level");
+                }
+                return;
+            }
+            // No journald socket after all: plain lines on stderr, which systemd still
+            // collects.
+            Err(e) => eprintln!("cannot log to journald directly ({e}); logging to stderr"),
+        }
+    }
+    // Colour only for a person at a terminal; log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -60,5 +82,56 @@ pub fn init(settings: &LogSettings) {
     }
     if let Some(e) = bad_env {
         tracing::warn!(error = %e, "DBVM_LOG is not a tracing filter; using the configured level");
+    }
+}
+
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to the
+/// `device:inode` of the stream it connected stderr to, and a process whose stderr was
+/// redirected elsewhere (a pipe, a file) keeps the variable but not the stream.
+fn stderr_is_the_journal(journal_stream: Option<&str>) -> bool {
+    use std::os::fd::AsFd;
+    let Some((dev, ino)) = journal_stream.and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.dev() == dev && m.ino() == ino
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn the_journal_is_recognised_by_the_device_and_inode_of_stderr() {
+        let own = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+            .expect("stderr's metadata");
+        let stream = format!("{}:{}", own.dev(), own.ino());
+        assert!(stderr_is_the_journal(Some(&stream)));
+        let other = format!("{}:{}", own.dev(), own.ino() + 1);
+        for v in [
+            None,
+            Some(""),
+            Some("x:y"),
+            Some("12"),
+            Some(other.as_str()),
+        ] {
+            assert!(!stderr_is_the_journal(v), "{v:?}");
+        }
     }
 }
