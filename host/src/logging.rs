@@ -1,6 +1,6 @@
 //! Logging set-up shared by the broker and the agent: when stderr is the journal (systemd
 //! says so in `JOURNAL_STREAM`), events go to journald directly with their fields as
-//! journal fields (`tracing-journald`: `journalctl -o verbose` shows `ID=`, `OPERATION=`, …);
+//! journal fields (`tracing-journald`: `journalctl -o verbose` shows `F_ID=`, `F_OPERATION=`, …);
 //! otherwise `tracing` to stderr, human text or JSON lines. The level comes from `DBVM_LOG`
 //! or the config.
 
