@@ -81,12 +81,22 @@ async fn enrolled_agent_answers_signed_ping_and_facts_and_secrets_stay_sealed() 
         serde_json::from_value(v.output.expect("output")["secret"].clone()).expect("sealed reply");
     assert_eq!(fleet.reply_key.open(&back).expect("open").expose(), secret);
     // The broker's store and logs hold only ciphertext.
-    for entry in std::fs::read_dir(fleet.path("broker-data")).expect("data dir") {
-        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
-        assert!(
-            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "secret found in clear in the broker's store"
-        );
+    // Every file under the data directory, its subdirectories (artifacts/) included.
+    let mut dirs = vec![fleet.path("broker-data")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("data dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("read");
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "secret found in clear in the broker's store ({})",
+                path.display()
+            );
+        }
     }
     assert!(!broker.proc.log_text().contains(secret));
     assert!(!_agent.proc.log_text().contains(secret));
