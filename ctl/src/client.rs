@@ -450,14 +450,8 @@ impl Client {
                 after: REQUEST_TIMEOUT,
             })?
             .map_err(fail)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.bytes())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
-            return Err(http_error(status, &bytes));
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
         }
         let file_error = |op: &'static str| {
             move |error: std::io::Error| ClientError::File {
@@ -532,14 +526,8 @@ impl Client {
             }
             Ok(r) => r.map_err(|e| transport_error(&method, &url, REQUEST_TIMEOUT, e))?,
         };
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.bytes())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default();
-            return Err(http_error(status, &bytes));
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
         }
         let state = EventsState {
             body: Box::pin(resp.bytes_stream()),
@@ -659,6 +647,17 @@ fn transport_error(
 
 /// The broker's `ApiError` body, or one made from the status and the start of the body
 /// when something else (a proxy) answered.
+/// The broker's error from a refused answer (its body read for at most REQUEST_TIMEOUT).
+async fn refusal(resp: reqwest::Response) -> ClientError {
+    let status = resp.status();
+    let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.bytes())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    http_error(status, &bytes)
+}
+
 fn http_error(status: StatusCode, body: &[u8]) -> ClientError {
     let error = serde_json::from_slice::<ApiError>(body).unwrap_or_else(|_| {
         let text = String::from_utf8_lossy(body);

@@ -6,6 +6,23 @@ use crate::docker::Engine;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// `id -u NAME` and `id -g NAME`: a database server run as a host process runs as the
+/// engine's system user, as it does in its image.
+pub fn system_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id")
+            .args([flag, name])
+            .output()
+            .expect("run id");
+        assert!(
+            out.status.success(),
+            "there is no user {name} (it comes with the engine's Debian package): install it: bash scripts/setup.sh"
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
 /// `dbaas` over TCP to `127.0.0.1:port`, as a control plane's user connects with the
 /// password `db.create` or `db.restore` sealed to it.
 pub async fn pg_dbaas(

@@ -127,22 +127,6 @@ impl Drop for StopServer {
     }
 }
 
-/// `id -u NAME` and `id -g NAME`.
-fn system_user(name: &str) -> (u32, u32) {
-    let id = |flag: &str| {
-        let out = std::process::Command::new("id")
-            .args([flag, name])
-            .output()
-            .expect("run id");
-        assert!(
-            out.status.success(),
-            "there is no user {name} (it comes with postgresql-15): install it: bash scripts/setup.sh"
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
-    (id("-u"), id("-g"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_of_a_real_postgres_has_its_logs_configs_and_views_without_secrets() {
     let fleet = Fleet::new();
@@ -161,7 +145,7 @@ async fn a_bundle_of_a_real_postgres_has_its_logs_configs_and_views_without_secr
         .unwrap();
     std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let root = data.path().join("db");
-    let (uid, gid) = system_user("postgres");
+    let (uid, gid) = dbvm_e2e::dbtest::system_user("postgres");
     let sections = format!(
         "[health]\nmetrics_listen = \"\"\nshadow_file = \"/nonexistent/shadow\"\n\
          [database]\nruntime = \"process\"\ndata_root = {root}\ncontainer_name = \"pg1-db\"\n\

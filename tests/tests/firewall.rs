@@ -576,23 +576,6 @@ async fn a_batch_the_kernel_rejects_leaves_the_previous_ruleset() {
 // ---------------------------------------------------------------------------------------
 // A whole agent in the db namespace.
 
-/// `id -u NAME` and `id -g NAME`: the database server runs as the engine's system user,
-/// as it does in its image.
-fn system_user(name: &str) -> (u32, u32) {
-    let id = |flag: &str| {
-        let out = std::process::Command::new("id")
-            .args([flag, name])
-            .output()
-            .expect("run id");
-        assert!(
-            out.status.success(),
-            "there is no user {name} (it comes with the engine's Debian package): install it: bash scripts/setup.sh"
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
-    (id("-u"), id("-g"))
-}
-
 /// A database VM in miniature. A real broker runs on the host; a real agent runs *inside*
 /// the db namespace, so its firewall guards the namespace it lives in (no
 /// `firewall.netns`, as in production) and the database server it starts (process
@@ -614,7 +597,7 @@ impl DbVm {
         let broker = fleet.start_broker("");
         let client = fleet.client(&broker);
         let broker_port = pair.forward_to_host(Side::Db, broker.agent_addr);
-        let (uid, gid) = system_user(db_user);
+        let (uid, gid) = dbvm_e2e::dbtest::system_user(db_user);
         // The server runs as `db_user`, who must be able to reach its data directory:
         // not under the fleet's directory (0700, root's).
         let data = tempfile::Builder::new()
