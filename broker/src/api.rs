@@ -59,6 +59,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/artifacts/{sha256}"),
     ("get", "/v1/artifacts/{sha256}"),
     ("delete", "/v1/artifacts/{sha256}"),
+    ("get", "/v1/bundles"),
+    ("get", "/v1/bundles/{id}"),
+    ("delete", "/v1/bundles/{id}"),
+    ("put", "/v1/bundles/{id}/content"),
+    ("post", "/v1/bundles/{id}/complete"),
 ];
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -210,7 +215,12 @@ pub(crate) async fn answer_draining(
 
 /// The API's routes. `keys` are the control plane's public keys that every submitted
 /// command must be signed with; `artifacts` the files agents download.
-pub fn router(hub: Arc<Hub>, keys: TrustedKeys, artifacts: Arc<ArtifactStore>) -> Router {
+pub fn router(
+    hub: Arc<Hub>,
+    keys: TrustedKeys,
+    artifacts: Arc<ArtifactStore>,
+    bundles: Arc<crate::bundles::BundleStore>,
+) -> Router {
     let v1 = Router::new()
         .route(
             "/v1/commands",
@@ -226,7 +236,21 @@ pub fn router(hub: Arc<Hub>, keys: TrustedKeys, artifacts: Arc<ArtifactStore>) -
         .route("/v1/events", get(events))
         .route("/v1/agents/{id}/revoke", post(revoke))
         .route("/v1/artifacts", get(crate::artifacts::list))
+        .route("/v1/bundles", get(crate::bundles::list))
+        .route(
+            "/v1/bundles/{id}",
+            get(crate::bundles::download).delete(crate::bundles::remove),
+        )
         .layer(axum::middleware::from_fn(auth));
+    // The agent's side of bundles: only the agent a bundle.collect command was for
+    // uploads its bundle (checked in the handlers), with a certificate not revoked.
+    let bundle_uploads = Router::new()
+        .route("/v1/bundles/{id}/content", put(crate::bundles::upload))
+        .route("/v1/bundles/{id}/complete", post(crate::bundles::complete))
+        .layer(axum::middleware::from_fn_with_state(
+            hub.clone(),
+            crate::bundles::auth_agent,
+        ));
     // One path, two audiences: uploads and deletions for control planes only, downloads
     // also for agents. Each method carries its own check. The upload reads its body as
     // a stream with its own cap (`artifacts.max_bytes`), not through a JSON extractor.
@@ -252,8 +276,10 @@ pub fn router(hub: Arc<Hub>, keys: TrustedKeys, artifacts: Arc<ArtifactStore>) -
             }),
         )
         .merge(v1)
+        .merge(bundle_uploads)
         .route("/v1/artifacts/{sha256}", artifact)
         .layer(Extension(artifacts))
+        .layer(Extension(bundles))
         .fallback(|req: axum::extract::Request| {
             answer_unread(
                 req,
@@ -696,6 +722,17 @@ mod tests {
         (dir, hub)
     }
 
+    fn bundles_in(hub: &Hub, dir: &tempfile::TempDir) -> Arc<crate::bundles::BundleStore> {
+        Arc::new(
+            crate::bundles::BundleStore::open(
+                dir.path(),
+                crate::config::BundleSettings::default(),
+                hub.store.clone(),
+            )
+            .expect("bundle store"),
+        )
+    }
+
     fn artifacts_in(dir: &tempfile::TempDir) -> Arc<ArtifactStore> {
         Arc::new(ArtifactStore::open(dir.path(), 4096).expect("artifact store"))
     }
@@ -703,7 +740,12 @@ mod tests {
     #[tokio::test]
     async fn every_documented_route_is_served_and_v1_needs_a_control_plane_certificate() {
         let (_dir, hub) = test_hub().await;
-        let app = router(hub, TrustedKeys::new(), artifacts_in(&_dir));
+        let app = router(
+            hub.clone(),
+            TrustedKeys::new(),
+            artifacts_in(&_dir),
+            bundles_in(&hub, &_dir),
+        );
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
         for (method, path) in ROUTES {
             let path = path
@@ -766,7 +808,12 @@ mod tests {
         use crate::store::{AgentRevocation, IssuedCertificate};
         use sha2::Digest;
         let (dir, hub) = test_hub().await;
-        let app = router(hub.clone(), TrustedKeys::new(), artifacts_in(&dir));
+        let app = router(
+            hub.clone(),
+            TrustedKeys::new(),
+            artifacts_in(&dir),
+            bundles_in(&hub, &dir),
+        );
         let data = b"new agent binary".to_vec();
         let sha = format!("{:x}", sha2::Sha256::digest(&data));
         let path = format!("/v1/artifacts/{sha}");
@@ -1032,7 +1079,12 @@ mod tests {
             }],
         };
         hub.health.store(report.clone(), 9, &hub.metrics);
-        let app = router(hub, TrustedKeys::new(), artifacts_in(&_dir));
+        let app = router(
+            hub.clone(),
+            TrustedKeys::new(),
+            artifacts_in(&_dir),
+            bundles_in(&hub, &_dir),
+        );
         let get = |path: &str| {
             let mut req = axum::http::Request::builder()
                 .uri(path)

@@ -332,7 +332,9 @@ impl ArtifactStore {
 
 /// The bytes of an open file as a stream of chunks. Hand-written (a few lines) rather
 /// than enabling tokio-util's `io` feature for `ReaderStream` workspace-wide.
-fn file_stream(file: tokio::fs::File) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+pub(crate) fn file_stream(
+    file: tokio::fs::File,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     futures::stream::try_unfold(file, |mut file| async move {
         let mut buf = vec![0; CHUNK];
         let n = file.read(&mut buf).await?;
@@ -358,7 +360,9 @@ pub(crate) async fn auth_download(
         Peer::Identity(Identity::ControlPlane(_)) => None,
         Peer::Identity(Identity::Agent(agent)) => {
             let cert = req.extensions().get::<PeerCertificate>().copied();
-            agent_may_download(&hub, agent.as_str(), cert).await.err()
+            agent_certificate_good(&hub, agent.as_str(), cert)
+                .await
+                .err()
         }
         other => crate::api::require_control_plane(other).err(),
     };
@@ -368,7 +372,7 @@ pub(crate) async fn auth_download(
     }
 }
 
-async fn agent_may_download(
+pub(crate) async fn agent_certificate_good(
     hub: &Hub,
     agent: &str,
     cert: Option<PeerCertificate>,

@@ -57,6 +57,38 @@ pub struct Config {
     /// `[artifacts]`: the files control planes upload for agents (new agent binaries).
     #[serde(default)]
     pub artifacts: ArtifactSettings,
+    /// `[bundles]`: the log bundles agents upload (see `bundles.rs`).
+    #[serde(default)]
+    pub bundles: BundleSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundleSettings {
+    /// Largest single bundle stored, in bytes (compressed, as uploaded).
+    pub max_bytes: u64,
+    /// Every bundle stored together; the oldest go first when a new one needs the room.
+    pub max_total_bytes: u64,
+    /// Bundles older than this are removed.
+    pub max_age_hours: u32,
+}
+
+impl BundleSettings {
+    const GIB: u64 = 1024 * 1024 * 1024;
+    /// Bounds of `bundles.max_bytes` and `bundles.max_total_bytes`: 64 KiB (tests) to 1 TiB.
+    pub const BYTES_RANGE: std::ops::RangeInclusive<u64> = 64 * 1024..=1024 * Self::GIB;
+    /// Bounds of `bundles.max_age_hours`: an hour to a year.
+    pub const AGE_RANGE: std::ops::RangeInclusive<u32> = 1..=8760;
+}
+
+impl Default for BundleSettings {
+    fn default() -> Self {
+        Self {
+            max_bytes: 4 * Self::GIB,
+            max_total_bytes: 20 * Self::GIB,
+            max_age_hours: 7 * 24,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -312,6 +344,37 @@ impl Config {
             }
         }
         self.listener_limits()?;
+        let b = &self.bundles;
+        for (key, v) in [
+            ("bundles.max_bytes", b.max_bytes),
+            ("bundles.max_total_bytes", b.max_total_bytes),
+        ] {
+            if !BundleSettings::BYTES_RANGE.contains(&v) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!(
+                        "{v} is outside {}..={} bytes",
+                        BundleSettings::BYTES_RANGE.start(),
+                        BundleSettings::BYTES_RANGE.end()
+                    ),
+                });
+            }
+        }
+        if b.max_bytes > b.max_total_bytes {
+            return Err(ConfigError::Invalid {
+                key: "bundles.max_bytes",
+                problem: format!(
+                    "{} is more than bundles.max_total_bytes ({}): no bundle that large could be kept",
+                    b.max_bytes, b.max_total_bytes
+                ),
+            });
+        }
+        if !BundleSettings::AGE_RANGE.contains(&b.max_age_hours) {
+            return Err(ConfigError::Invalid {
+                key: "bundles.max_age_hours",
+                problem: format!("{} is outside 1..=8760 hours", b.max_age_hours),
+            });
+        }
         if !ArtifactSettings::MAX_BYTES_RANGE.contains(&self.artifacts.max_bytes) {
             return Err(ConfigError::Invalid {
                 key: "artifacts.max_bytes",

@@ -9,6 +9,7 @@
 pub mod agent_link;
 pub mod api;
 pub mod artifacts;
+pub mod bundles;
 pub mod config;
 pub mod enroll;
 pub mod health;
@@ -46,6 +47,8 @@ pub enum BrokerError {
     Pki(#[from] dbvm_protocol::pki::PkiError),
     #[error("artifact store: {0}")]
     Artifacts(#[from] artifacts::ArtifactError),
+    #[error("bundle store: {0}")]
+    Bundles(#[from] bundles::BundleError),
 }
 
 /// A broker with its store open and its listeners bound.
@@ -58,6 +61,7 @@ pub struct Broker {
     /// The control plane's public keys, for checking submitted commands.
     command_keys: dbvm_protocol::command::TrustedKeys,
     artifacts: Arc<artifacts::ArtifactStore>,
+    bundles: Arc<bundles::BundleStore>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -79,6 +83,11 @@ impl Broker {
         let artifacts = Arc::new(artifacts::ArtifactStore::open(
             &config.data_dir,
             config.artifacts.max_bytes,
+        )?);
+        let bundles = Arc::new(bundles::BundleStore::open(
+            &config.data_dir,
+            config.bundles.clone(),
+            store.clone(),
         )?);
         let hub = Hub::new(store, ca, config.agents.clone(), config.limits.clone()).await?;
         // Both listeners let a client without a certificate finish the handshake: the
@@ -118,6 +127,7 @@ impl Broker {
             api_tls: tokio_rustls::TlsAcceptor::from(Arc::new(api_server)),
             command_keys,
             artifacts,
+            bundles,
         })
     }
 
@@ -139,10 +149,12 @@ impl Broker {
         let hub = self.hub.clone();
         let expirer = {
             let hub = hub.clone();
+            let bundle_store = self.bundles.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 let mut prune_at = tokio::time::Instant::now();
+                let mut bundles_at = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -155,6 +167,14 @@ impl Broker {
                             if tokio::time::Instant::now() >= prune_at {
                                 prune_at += Duration::from_secs(3600);
                                 hub.prune_certificates().await;
+                            }
+                            // Each minute (first at start): bundles past their age or
+                            // the total, and uploads their command gave up.
+                            if tokio::time::Instant::now() >= bundles_at {
+                                bundles_at += Duration::from_secs(60);
+                                if let Err(e) = bundle_store.expire(dbvm_protocol::now_ms()).await {
+                                    tracing::warn!(error = %e, "expiring bundles failed");
+                                }
                             }
                         }
                     }
@@ -171,7 +191,7 @@ impl Broker {
         let api = tokio::spawn(api::serve(
             self.api_listener,
             self.api_tls,
-            api::router(hub.clone(), self.command_keys, self.artifacts),
+            api::router(hub.clone(), self.command_keys, self.artifacts, self.bundles),
             shutdown.clone(),
             tracker.clone(),
         ));

@@ -7,8 +7,9 @@
 
 use crate::sse::{SseError, SseParser};
 use dbvm_protocol::api::{
-    AgentHealth, AgentView, ApiError, ArtifactEntry, ArtifactInfo, CommandView, EnrollmentToken,
-    EnrollmentTokenRequest, Event, FleetHealth, Revocation, RevokeRequest, SubmitCommand,
+    AgentHealth, AgentView, ApiError, ArtifactEntry, ArtifactInfo, BundleList, CommandView,
+    EnrollmentToken, EnrollmentTokenRequest, Event, FleetHealth, Revocation, RevokeRequest,
+    SubmitCommand,
 };
 use dbvm_protocol::command::SignedCommand;
 use futures::{Stream, StreamExt};
@@ -133,6 +134,16 @@ impl ClientError {
 /// transport error is its last item; an undecodable event is an error item after which
 /// the stream goes on.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, ClientError>> + Send>>;
+
+/// What a download wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Downloaded {
+    pub bytes: u64,
+    /// SHA-256 of the bytes written.
+    pub sha256: String,
+    /// The SHA-256 the broker said the bytes have (`X-Dbvm-Sha256`), when it said.
+    pub claimed_sha256: Option<String>,
+}
 
 /// A client of one broker.
 #[derive(Clone, Debug)]
@@ -437,8 +448,50 @@ impl Client {
     /// there is an error); returns the bytes written. Whatever fails removes `dest`.
     /// The stream may not stay silent for more than 30 s.
     pub async fn download_artifact(&self, sha256: &str, dest: &Path) -> Result<u64, ClientError> {
-        use tokio::io::AsyncWriteExt;
         let url = self.url(&["v1", "artifacts", sha256]);
+        self.download(url, dest, |_, _| {}).await.map(|d| d.bytes)
+    }
+
+    /// `GET /v1/bundles`.
+    pub async fn bundles(&self) -> Result<BundleList, ClientError> {
+        let url = self.url(&["v1", "bundles"]);
+        self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `GET /v1/bundles/{id}` into a new file at `dest` (streamed and hashed; a file
+    /// already there is an error); `progress` hears the bytes so far and the total.
+    /// Whatever fails removes `dest`. The answer's `X-Dbvm-Sha256` is returned beside
+    /// the hash of what arrived: the caller compares them (see [`crate::bundle::fetch`]).
+    pub async fn download_bundle(
+        &self,
+        id: Uuid,
+        dest: &Path,
+        progress: impl FnMut(u64, Option<u64>),
+    ) -> Result<Downloaded, ClientError> {
+        let url = self.url(&["v1", "bundles", &id.to_string()]);
+        self.download(url, dest, progress).await
+    }
+
+    /// `DELETE /v1/bundles/{id}`.
+    pub async fn delete_bundle(&self, id: Uuid) -> Result<(), ClientError> {
+        self.plain(
+            Method::DELETE,
+            self.url(&["v1", "bundles", &id.to_string()]),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A `GET` streamed into a new file at `dest` while it is hashed; whatever fails
+    /// removes `dest`. The stream may not stay silent for more than 30 s.
+    async fn download(
+        &self,
+        url: Url,
+        dest: &Path,
+        mut progress: impl FnMut(u64, Option<u64>),
+    ) -> Result<Downloaded, ClientError> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
         let method = Method::GET;
         let fail = |error: reqwest::Error| transport_error(&method, &url, REQUEST_TIMEOUT, error);
         let send = self.http.get(url.clone()).send();
@@ -453,6 +506,12 @@ impl Client {
         if !resp.status().is_success() {
             return Err(refusal(resp).await);
         }
+        let total = resp.content_length();
+        let claimed_sha256 = resp
+            .headers()
+            .get("x-dbvm-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let file_error = |op: &'static str| {
             move |error: std::io::Error| ClientError::File {
                 op,
@@ -469,6 +528,7 @@ impl Client {
         let written = async {
             let mut body = resp.bytes_stream();
             let mut n = 0u64;
+            let mut hash = sha2::Sha256::new();
             loop {
                 let chunk = match tokio::time::timeout(REQUEST_TIMEOUT, body.next()).await {
                     Err(_) => {
@@ -481,12 +541,18 @@ impl Client {
                     Ok(None) => break,
                     Ok(Some(chunk)) => chunk.map_err(fail)?,
                 };
+                hash.update(&chunk);
                 file.write_all(&chunk).await.map_err(file_error("write"))?;
                 n += chunk.len() as u64;
+                progress(n, total);
             }
             file.flush().await.map_err(file_error("write"))?;
             file.sync_all().await.map_err(file_error("fsync"))?;
-            Ok(n)
+            Ok(Downloaded {
+                bytes: n,
+                sha256: format!("{:x}", hash.finalize()),
+                claimed_sha256,
+            })
         }
         .await;
         if written.is_err() {

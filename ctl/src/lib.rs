@@ -19,6 +19,7 @@
 
 pub mod args;
 pub mod backup;
+pub mod bundle;
 pub mod client;
 pub mod health;
 pub mod home;

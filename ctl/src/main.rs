@@ -201,6 +201,45 @@ enum Command {
     /// the rollout: later waves are not started. Exit code 0 when every agent upgraded,
     /// 1 when one did not.
     Upgrade(UpgradeArgs),
+    /// Collect a log bundle from an agent, download it and check it, or `bundle list` /
+    /// `bundle fetch ID` / `bundle delete ID`
+    ///
+    /// The agent gathers its logs, configs (redacted), the database's logs and settings,
+    /// health history, backup state, firewall, container and system facts into one
+    /// tar.zst with a manifest, and uploads it to the broker while it is written; then
+    /// the bundle is downloaded to FILE and its SHA-256 checked against what the agent
+    /// and the broker say. Exit code 0 when the bundle arrived whole.
+    #[command(args_conflicts_with_subcommands = true)]
+    Bundle {
+        agent: Option<AgentId>,
+        /// Where the bundle goes [default: bundle-<agent>-<id>.tar.zst here]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Logs of the last this many hours [agent's default: 24]
+        #[arg(long, value_name = "HOURS")]
+        hours: Option<u32>,
+        /// Leave out the database's server and tool logs
+        #[arg(long)]
+        no_db_logs: bool,
+        /// Include the database's diagnostic views (settings, activity)
+        #[arg(long)]
+        db_views: bool,
+        /// Cap on the bundle's files before compression, in bytes [agent's default:
+        /// 512 MiB]; the newest log lines are kept, the manifest names what was cut
+        #[arg(long, value_name = "BYTES")]
+        max_bytes: Option<u64>,
+        /// The broker's API as the agent reaches it [default: --broker]
+        #[arg(long, value_name = "URL")]
+        broker_url: Option<String>,
+        /// How long to wait for the agent, in seconds
+        #[arg(long, value_name = "SECONDS", default_value_t = 1800)]
+        timeout: u64,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<BundleCommand>,
+    },
     /// Follow the broker's events, one line each
     Events {
         /// Only this agent's events
@@ -228,6 +267,28 @@ enum AgentsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// List the bundles the broker holds, newest first
+    List {
+        /// Print the broker's answer as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a bundle the broker holds and check its SHA-256
+    Fetch {
+        id: Uuid,
+        /// Where it goes [default: bundle-<agent>-<id>.tar.zst here]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a bundle from the broker
+    Delete { id: Uuid },
 }
 
 #[derive(Subcommand)]
@@ -641,6 +702,47 @@ async fn run(cli: Cli) -> Result<Exit> {
         Command::Fleet { json } => fleet(&ctx, json).await,
         Command::Events { agent, json } => events(&ctx, agent.as_ref(), json).await,
         Command::Upgrade(args) => upgrade(&ctx, args).await,
+        Command::Bundle {
+            command: Some(BundleCommand::List { json }),
+            ..
+        } => bundle_list(&ctx, json).await,
+        Command::Bundle {
+            command: Some(BundleCommand::Fetch { id, output, json }),
+            ..
+        } => bundle_fetch(&ctx, id, output, None, json).await,
+        Command::Bundle {
+            command: Some(BundleCommand::Delete { id }),
+            ..
+        } => {
+            let home = ctx.home()?;
+            ctx.client(&home)?.delete_bundle(id).await?;
+            Ok(Exit::Success)
+        }
+        Command::Bundle {
+            agent,
+            output,
+            hours,
+            no_db_logs,
+            db_views,
+            max_bytes,
+            broker_url,
+            timeout,
+            json,
+            command: None,
+        } => {
+            let agent = agent.context(
+                "name the agent: dbvmctl bundle <AGENT> (or bundle list / bundle fetch ID)",
+            )?;
+            let collect = dbvmctl::bundle::Collect {
+                hours,
+                include_db_logs: !no_db_logs,
+                include_db_views: db_views,
+                max_bytes,
+                broker_url,
+                ..dbvmctl::bundle::Collect::new(agent)
+            };
+            bundle(&ctx, collect, output, Duration::from_secs(timeout), json).await
+        }
         Command::Backup {
             agent,
             kind,
@@ -799,6 +901,154 @@ async fn backups(ctx: &Ctx, agent: &AgentId, json: bool, timeout: Duration) -> R
             Some(timeout),
         ),
     }
+}
+
+/// `dbvmctl bundle AGENT`: collect (signed), wait, fetch, check, summarise.
+async fn bundle(
+    ctx: &Ctx,
+    collect: dbvmctl::bundle::Collect,
+    output: Option<PathBuf>,
+    timeout: Duration,
+    json: bool,
+) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let signer = home.signer()?;
+    let sender = Sender::new(&client, &signer, home.sealing_public_key()?);
+    let request = collect.request(&client)?;
+    if let Some(out) = &output {
+        // Before the agent works for nothing.
+        if out.exists() {
+            return Err(dbvmctl::bundle::BundleError::Exists(out.clone()).into());
+        }
+    }
+    let view = sender.submit(request).await?;
+    if ctx.verbose {
+        eprintln!(
+            "submitted command {} (bundle.collect on {})",
+            view.id, view.agent_id
+        );
+    }
+    let Some(view) = wait_for(ctx, &client, view, timeout).await? else {
+        return Ok(Exit::CommandFailed);
+    };
+    let sha256 = match (&view.state, &view.output) {
+        (CommandState::Succeeded, Some(o)) => o["sha256"].as_str().map(str::to_string),
+        _ => {
+            let show = ShowArgs {
+                json,
+                reveal: false,
+            };
+            return show_command(&view, &show, None, Some(timeout));
+        }
+    };
+    let output =
+        output.unwrap_or_else(|| dbvmctl::bundle::default_file(collect.agent.as_str(), view.id));
+    bundle_fetch(ctx, view.id, Some(output), sha256, json).await
+}
+
+/// Downloads bundle `id` with a progress bar, checks it, prints its manifest's summary.
+async fn bundle_fetch(
+    ctx: &Ctx,
+    id: Uuid,
+    output: Option<PathBuf>,
+    expected: Option<String>,
+    json: bool,
+) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let output = match output {
+        Some(o) => o,
+        None => {
+            let list = client.bundles().await?;
+            let agent = list
+                .bundles
+                .iter()
+                .find(|b| b.id == id)
+                .map_or("agent", |b| b.agent_id.as_str());
+            dbvmctl::bundle::default_file(agent, id)
+        }
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} {elapsed:>4} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} {wide_msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(format!("downloading bundle {id}"));
+        bar
+    });
+    let fetched = dbvmctl::bundle::fetch(&client, id, &output, expected.as_deref(), |n, total| {
+        if let Some(bar) = &bar {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(n);
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let fetched = fetched?;
+    let path = fetched.path.clone();
+    let manifest = tokio::task::spawn_blocking(move || dbvmctl::bundle::manifest(&path))
+        .await
+        .context("reading the manifest")??;
+    if json {
+        let mut summary = manifest.clone();
+        if let Some(files) = manifest["files"].as_array() {
+            summary["files"] = files.len().into();
+        }
+        out_json(&serde_json::json!({
+            "id": fetched.id,
+            "path": fetched.path,
+            "bytes": fetched.bytes,
+            "sha256": fetched.sha256,
+            "manifest": summary,
+        }))?;
+    } else {
+        out(&format!(
+            "{} ({} bytes, sha256 {} checked)\n{}",
+            fetched.path.display(),
+            fetched.bytes,
+            fetched.sha256,
+            dbvmctl::bundle::summary(&manifest)
+        ))?;
+    }
+    Ok(Exit::Success)
+}
+
+/// `dbvmctl bundle list`.
+async fn bundle_list(ctx: &Ctx, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let list = ctx.client(&home)?.bundles().await?;
+    if json {
+        out_json(&list)?;
+        return Ok(Exit::Success);
+    }
+    let mut text = format!(
+        "{:<36}  {:<16}  {:<9}  {:>12}  {}\n",
+        "ID", "AGENT", "STATE", "BYTES", "CREATED"
+    );
+    for b in &list.bundles {
+        text.push_str(&format!(
+            "{:<36}  {:<16}  {:<9}  {:>12}  {}\n",
+            b.id,
+            b.agent_id,
+            b.state.as_str(),
+            b.size,
+            output::format_time(b.created_at_ms)
+        ));
+    }
+    text.push_str(&format!(
+        "{} bundles, {} bytes complete\n",
+        list.bundles.len(),
+        list.total_bytes
+    ));
+    out(&text)?;
+    Ok(Exit::Success)
 }
 
 /// Writes to stdout; `false` when the reader went away (`dbvmctl events | head`).

@@ -80,7 +80,8 @@ pub fn build(config: &Config, ctx: &Context) -> Result<Vec<Arc<dyn Capability>>,
         config.bundle.clone(),
         config.file.clone(),
         all.clone(),
-    );
+    )
+    .uploading_with(config.broker.ca_cert.clone());
     all.push(Arc::new(bundles));
     Ok(all)
 }

@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod firewall;
 pub mod firstboot;
 pub mod health;
+pub mod https;
 pub mod identity;
 pub mod journal;
 pub mod lifecycle;

@@ -236,6 +236,63 @@ pub struct ArtifactEntry {
     pub stored_at_ms: i64,
 }
 
+/// Where a log bundle is on the broker (`GET /v1/bundles`, `GET /v1/bundles/{id}/info`).
+/// A bundle's id is the id of the `bundle.collect` command that made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleInfo {
+    pub id: Uuid,
+    pub agent_id: String,
+    /// `uploading` (the agent is still sending it; it cannot be fetched yet) or
+    /// `complete` (every byte stored and its SHA-256 checked).
+    pub state: BundleState,
+    /// Bytes stored so far; the whole size once complete.
+    pub size: u64,
+    /// SHA-256 of the archive, once complete.
+    pub sha256: Option<String>,
+    pub created_at_ms: i64,
+    pub completed_at_ms: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundleState {
+    Uploading,
+    Complete,
+}
+
+impl BundleState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uploading => "uploading",
+            Self::Complete => "complete",
+        }
+    }
+}
+
+/// `GET /v1/bundles`: every bundle the broker holds, newest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleList {
+    pub bundles: Vec<BundleInfo>,
+    /// Bytes of every bundle stored (what `bundles.max_total_bytes` caps).
+    pub total_bytes: u64,
+}
+
+/// The broker's answer to an agent's upload of a bundle's bytes: how many it holds,
+/// on disk (the next upload starts there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleStored {
+    pub stored: u64,
+}
+
+/// `POST /v1/bundles/{id}/complete`: the agent's word that the bundle is `size` bytes
+/// hashing to `sha256`; the broker checks both against what it stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleComplete {
+    pub size: u64,
+    pub sha256: String,
+}
+
 /// One item of `GET /v1/events` (server-sent events; the SSE `event:` is `kind`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {

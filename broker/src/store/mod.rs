@@ -240,4 +240,12 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets certificates that expired before `before_ms` (TLS refuses them anyway);
     /// returns how many.
     async fn prune_certificates(&self, before_ms: i64) -> Result<u64, StoreError>;
+
+    /// Records a log bundle, or its new state (by id; its agent and creation time stay).
+    async fn put_bundle(&self, bundle: dbvm_protocol::api::BundleInfo) -> Result<(), StoreError>;
+    async fn bundle(&self, id: Uuid) -> Result<Option<dbvm_protocol::api::BundleInfo>, StoreError>;
+    /// Every bundle recorded, newest first.
+    async fn bundles(&self) -> Result<Vec<dbvm_protocol::api::BundleInfo>, StoreError>;
+    /// Forgets a bundle; whether it was recorded.
+    async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError>;
 }

@@ -12,7 +12,9 @@ use super::{
     RevocationList, Store, StoreError, TokenRefusal,
 };
 use async_trait::async_trait;
-use dbvm_protocol::api::{CommandError, CommandState, OperationClass, Progress};
+use dbvm_protocol::api::{
+    BundleInfo, BundleState, CommandError, CommandState, OperationClass, Progress,
+};
 use rusqlite::OptionalExtension;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -85,6 +87,17 @@ CREATE TABLE IF NOT EXISTS agent_revocations (
     agent_id TEXT PRIMARY KEY,
     revoked_at_ms INTEGER NOT NULL,
     reason TEXT
+);
+-- Log bundles: one per bundle.collect command (same id); the bytes are files under
+-- <data_dir>/bundles (see bundles.rs).
+CREATE TABLE IF NOT EXISTS bundles (
+    id BLOB PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT,
+    created_at_ms INTEGER NOT NULL,
+    completed_at_ms INTEGER
 );
 ";
 
@@ -849,6 +862,89 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn put_bundle(&self, b: BundleInfo) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            txn.execute(
+                "INSERT INTO bundles (id, agent_id, state, size, sha256, created_at_ms, completed_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(id) DO UPDATE SET state = excluded.state, size = excluded.size,
+                   sha256 = excluded.sha256, completed_at_ms = excluded.completed_at_ms",
+                rusqlite::params![
+                    b.id.as_bytes().as_slice(),
+                    b.agent_id,
+                    b.state.as_str(),
+                    i64::try_from(b.size).unwrap_or(i64::MAX),
+                    b.sha256,
+                    b.created_at_ms,
+                    b.completed_at_ms
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn bundle(&self, id: Uuid) -> Result<Option<BundleInfo>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {BUNDLE_COLUMNS} FROM bundles WHERE id = ?1"
+            ))?;
+            let mut rows = stmt.query([id.as_bytes().as_slice()])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(bundle_from_row(row)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn bundles(&self) -> Result<Vec<BundleInfo>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {BUNDLE_COLUMNS} FROM bundles ORDER BY created_at_ms DESC, id"
+            ))?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(bundle_from_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.write(move |txn| {
+            let n = txn.execute(
+                "DELETE FROM bundles WHERE id = ?1",
+                [id.as_bytes().as_slice()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
+const BUNDLE_COLUMNS: &str = "id, agent_id, state, size, sha256, created_at_ms, completed_at_ms";
+
+fn bundle_from_row(row: &rusqlite::Row<'_>) -> Result<BundleInfo, StoreError> {
+    let id = Uuid::from_slice(&row.get::<_, Vec<u8>>(0)?)
+        .map_err(|e| StoreError::Corrupt(format!("bundle id: {e}")))?;
+    let state = match row.get::<_, String>(2)?.as_str() {
+        "uploading" => BundleState::Uploading,
+        "complete" => BundleState::Complete,
+        other => return Err(StoreError::Corrupt(format!("bundle state {other:?}"))),
+    };
+    Ok(BundleInfo {
+        id,
+        agent_id: row.get(1)?,
+        state,
+        size: u64::try_from(row.get::<_, i64>(3)?).unwrap_or_default(),
+        sha256: row.get(4)?,
+        created_at_ms: row.get(5)?,
+        completed_at_ms: row.get(6)?,
+    })
 }
 
 const CERT_COLUMNS: &str = "fingerprint, agent_id, issued_at_ms, not_after_ms, revoked_at_ms";

@@ -3,8 +3,9 @@
 //! manifest's summary; and the agent's own parts: its journal, its config (redacted),
 //! its version and what `--check` says of its config now.
 //!
-//! Not built yet: the transport to the broker. The archive is a byte stream
-//! ([`super::collect`]) that a transport can consume instead of the file.
+//! With `broker_url` in its arguments, the bundle goes to the broker as it is written
+//! ([`super::upload`]) and the local file is removed once the broker has checked it;
+//! without, it stays in the state directory.
 
 use super::{ConfigFormat, Options, Part, Producer, Request};
 use crate::capability::{Capability, Context};
@@ -26,6 +27,10 @@ pub struct BundleSettings {
     pub default_max_bytes: u64,
     /// Bundles kept in `state_dir/bundle/` (the oldest go when a new one is written).
     pub keep: usize,
+    /// A directory of the agent's own log files (every regular file in it), collected
+    /// when journald is not running (an agent whose supervisor writes its standard error
+    /// to files).
+    pub log_dir: Option<PathBuf>,
 }
 
 impl Default for BundleSettings {
@@ -34,6 +39,7 @@ impl Default for BundleSettings {
             journal_unit: "dbvm-agent".into(),
             default_max_bytes: 512 * MIB,
             keep: 3,
+            log_dir: None,
         }
     }
 }
@@ -131,6 +137,7 @@ pub const AGENT_CONFIG_SAFE_KEYS: &[&str] = &[
     "bundle.journal_unit",
     "bundle.default_max_bytes",
     "bundle.keep",
+    "bundle.log_dir",
 ];
 
 /// The bundle capability: `bundle.collect` over the parts of every other capability.
@@ -146,6 +153,9 @@ struct Inner {
     others: Vec<Arc<dyn Capability>>,
     /// One bundle at a time: a second `bundle.collect` is refused while one runs.
     busy: tokio::sync::Mutex<()>,
+    /// The fleet CA's certificate (PEM file), which the broker's API is checked against
+    /// when a bundle is uploaded.
+    ca_cert: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Bundles {
@@ -171,8 +181,18 @@ impl Bundles {
                 settings,
                 others,
                 busy: tokio::sync::Mutex::new(()),
+                ca_cert: None,
             }),
         }
+    }
+
+    /// Bundles may be uploaded to the broker whose API presents a certificate of the
+    /// fleet CA in `ca_cert` (the link's).
+    pub fn uploading_with(mut self, ca_cert: PathBuf) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ca_cert = Some(ca_cert);
+        }
+        self
     }
 
     /// Every part of a bundle for `request`: the agent's own small parts first, then each
@@ -232,6 +252,154 @@ impl Bundles {
             "skipped": m.skipped,
             "left_out": m.left_out,
         }))
+    }
+}
+
+impl Bundles {
+    /// Builds a bundle and uploads it to the broker while it is written (see
+    /// [`super::upload`]); the local file is removed at the end, whatever happened (the
+    /// broker holds the bundle, or the command failed and says why).
+    pub async fn collect_and_upload(
+        &self,
+        ctx: &OpContext,
+        request: Request,
+        max_bytes: u64,
+        broker: &hyper::Uri,
+    ) -> Result<serde_json::Value, OpError> {
+        use super::upload::{self, End, Written};
+        let inner = &self.inner;
+        let id = ctx.command.id.to_string();
+        let dest = self.destination(broker, &id)?;
+        let _running = inner.busy.try_lock().map_err(|_| {
+            OpError::Failed(
+                "a bundle is already being collected on this agent; try again when it has finished"
+                    .into(),
+            )
+        })?;
+        let dir = inner.state_dir.join("bundle");
+        make_private_dir(&dir)
+            .await
+            .map_err(|e| OpError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        remove_leftovers(&dir).await;
+        let options = Options {
+            agent_id: inner.agent_id.clone(),
+            request: request.clone(),
+            max_bytes,
+            part_timeout: COMMAND_TIMEOUT,
+            zstd_level: 3,
+        };
+        let file = dir.join(format!(".{id}.upload"));
+        let spool_dir = dir.join(format!(".{id}.spool"));
+        let started = std::time::Instant::now();
+        let out = upload::create(&file)
+            .await
+            .map_err(|e| OpError::Failed(format!("cannot create {}: {e}", file.display())))?;
+        let (chunks, rx) = tokio::sync::mpsc::channel(super::writer::CHANNEL_CHUNKS);
+        let (wtx, wrx) = tokio::sync::watch::channel(Written::default());
+        let writing = async {
+            let (m, spooled) = tokio::join!(
+                super::collect(self.parts(&request), options, &spool_dir, chunks),
+                upload::spool(out, rx, &wtx)
+            );
+            let result = match (m, spooled) {
+                (Ok(m), Ok((size, sha256))) => {
+                    wtx.send_modify(|w| {
+                        w.end = Some(End::Complete {
+                            size,
+                            sha256: sha256.clone(),
+                        })
+                    });
+                    Ok((m, size, sha256))
+                }
+                (_, Err(e)) => Err(format!("cannot write {}: {e}", file.display())),
+                (Err(e), Ok(_)) => Err(e.to_string()),
+            };
+            if result.is_err() {
+                wtx.send_modify(|w| w.end = Some(End::Failed));
+            }
+            result
+        };
+        let watched = wrx.clone();
+        let last = std::sync::Mutex::new(std::time::Instant::now());
+        let uploading = upload::upload(&dest, &file, wrx, |stored| {
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() >= std::time::Duration::from_secs(1) {
+                *last = std::time::Instant::now();
+                let w = watched.borrow().bytes;
+                ctx.progress(
+                    50,
+                    format!(
+                        "collecting and uploading: {} MiB written, {} MiB on the broker",
+                        w >> 20,
+                        stored >> 20
+                    ),
+                );
+            }
+        });
+        tokio::pin!(writing);
+        tokio::pin!(uploading);
+        let outcome = tokio::select! {
+            written = &mut writing => match written {
+                Ok(w) => {
+                    ctx.progress(90, format!("bundle written ({} bytes); finishing the upload", w.1));
+                    uploading.await.map(|u| (w, u)).map_err(|e| format!("uploading the bundle to {broker}: {e}"))
+                }
+                Err(e) => Err(e),
+            },
+            // Only a failure ends the upload before the writer (it needs the end).
+            uploaded = &mut uploading => Err(match uploaded {
+                Err(e) => format!("uploading the bundle to {broker}: {e}"),
+                Ok(_) => "the upload ended before the bundle was written".into(),
+            }),
+        };
+        let _ = tokio::fs::remove_file(&file).await;
+        let _ = tokio::fs::remove_dir_all(&spool_dir).await;
+        let ((m, bytes, sha256), uploaded) = outcome.map_err(OpError::Failed)?;
+        Ok(serde_json::json!({
+            "bundle_id": id,
+            "bytes": bytes,
+            "sha256": sha256,
+            "files": m.files.len(),
+            "content_bytes": m.content_bytes,
+            "max_bytes": m.max_bytes,
+            "redactions": m.redactions,
+            "failed": m.failed,
+            "skipped": m.skipped,
+            "left_out": m.left_out,
+            "uploaded": { "bytes": uploaded.bytes, "resumed": uploaded.resumed },
+            "total_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    /// Where bundle `id` goes on `broker`, with the agent's credentials.
+    fn destination(
+        &self,
+        broker: &hyper::Uri,
+        id: &str,
+    ) -> Result<super::upload::Destination, OpError> {
+        let Some(ca_cert) = &self.inner.ca_cert else {
+            return Err(OpError::Failed(
+                "this agent has no fleet CA certificate to check the broker's API with".into(),
+            ));
+        };
+        let ca_pem = std::fs::read_to_string(ca_cert).map_err(|e| {
+            OpError::Failed(format!(
+                "cannot read the fleet CA certificate {}: {e}",
+                ca_cert.display()
+            ))
+        })?;
+        let identity = crate::identity::StateDir::open(&self.inner.state_dir)
+            .and_then(|s| s.identity())
+            .map_err(|e| OpError::Failed(format!("the agent's identity: {e}")))?
+            .ok_or_else(|| {
+                OpError::Failed("the agent has no certificate to upload the bundle with".into())
+            })?;
+        let base = broker.to_string();
+        Ok(super::upload::Destination {
+            bundle_url: format!("{}/v1/bundles/{id}", base.trim_end_matches('/')),
+            ca_pem,
+            identity,
+        })
     }
 }
 
@@ -363,22 +531,34 @@ impl Capability for Bundles {
                     .map_err(|e| e.to_string())?
             },
         ));
-        parts.push(journal_part(&inner.settings.journal_unit, request));
+        parts.push(journal_part(
+            &inner.settings.journal_unit,
+            inner.settings.log_dir.as_deref(),
+            request,
+        ));
         parts
     }
 }
 
-/// The agent's journal entries in the window, where journald runs.
-fn journal_part(unit: &str, request: &Request) -> Part {
+/// The agent's journal entries in the window, where journald runs; its log files in
+/// `log_dir` otherwise.
+fn journal_part(unit: &str, log_dir: Option<&Path>, request: &Request) -> Part {
     let path = "agent/journal.log";
     let source = format!("journalctl -u {unit}");
     if !Path::new("/run/systemd/journal/socket").exists() {
+        if let Some(dir) = log_dir {
+            return Part::log(
+                "agent/logs",
+                format!("the agent's log files in {}", dir.display()),
+                Producer::Dir(dir.to_path_buf()),
+            );
+        }
         return Part::log(
             path,
             source,
             Producer::Unavailable(
-                "journald is not running here (no /run/systemd/journal/socket); the agent logs \
-                 to its standard error, which only its supervisor keeps"
+                "journald is not running here (no /run/systemd/journal/socket) and bundle.log_dir \
+                 is not set; the agent logs to its standard error, which only its supervisor keeps"
                     .into(),
             ),
         );
@@ -440,6 +620,8 @@ struct Args {
     include_db_logs: Option<bool>,
     include_db_views: Option<bool>,
     max_bytes: Option<u64>,
+    /// The broker's API (`https://host:port`): the bundle is uploaded there.
+    broker_url: Option<String>,
 }
 
 impl Args {
@@ -513,12 +695,25 @@ impl Operation for Collect {
         } else {
             parse_args(args)?
         };
+        let broker = args
+            .broker_url
+            .as_deref()
+            .map(super::upload::check_broker_url)
+            .transpose()
+            .map_err(OpError::BadArguments)?;
         let (request, max_bytes) = args
             .check(
                 dbvm_protocol::now_ms(),
                 self.0.inner.settings.default_max_bytes,
             )
             .map_err(OpError::BadArguments)?;
+        if let Some(broker) = broker {
+            ctx.progress(0, "collecting the bundle and uploading it");
+            return self
+                .0
+                .collect_and_upload(&ctx, request, max_bytes, &broker)
+                .await;
+        }
         ctx.progress(0, "collecting the bundle");
         let summary = self
             .0

@@ -6,8 +6,8 @@
 //! allow-list of keys, everything else replaced; log-style: patterns for passwords,
 //! connection strings, PEM private keys, tokens, AWS keys, bearer headers). [`writer`]
 //! turns the parts into one `tar` compressed with zstd, streamed as it is built into a
-//! bounded channel of byte chunks (the consumer is a file today, the broker's transport
-//! later), with `manifest.json` as the last entry. A part that fails, vanishes or cannot
+//! bounded channel of byte chunks (to a file, which [`upload`] streams to the broker as
+//! it grows), with `manifest.json` as the last entry. A part that fails, vanishes or cannot
 //! be read is a line in the manifest, never the end of the bundle; a size cap cuts the
 //! bundle and the manifest names what was left out.
 //!
@@ -16,6 +16,7 @@
 
 pub mod capability;
 pub mod redact;
+pub mod upload;
 pub mod writer;
 
 use serde::{Deserialize, Serialize};

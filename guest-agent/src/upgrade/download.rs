@@ -1,8 +1,6 @@
 //! The new binary's download: HTTPS with the agent's own certificate, trusting only the
-//! fleet CA (the same TLS configuration as the link), streamed to a file beside the
-//! executable while it is hashed; never more than [`MAX_BYTES`]. hyper's client (already
-//! in the agent for the S3 client) rather than reqwest, which added 1.3 MiB to the static
-//! binary.
+//! fleet CA ([`crate::https`]), streamed to a file beside the executable while it is
+//! hashed; never more than [`MAX_BYTES`].
 
 use crate::dispatch::OpContext;
 use crate::identity::Identity;
@@ -15,7 +13,6 @@ use tokio::io::AsyncWriteExt;
 
 /// Largest binary accepted (the static agent is ~23 MiB).
 pub const MAX_BYTES: u64 = 256 * 1024 * 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The whole download; a stalled one is given up.
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -45,25 +42,12 @@ async fn fetch_inner(
     dest: &Path,
     ctx: &OpContext,
 ) -> Result<String, String> {
-    let tls = dbvm_protocol::tls::client_config(
-        ca_pem,
-        Some((identity.cert_pem.as_str(), identity.key_pem.as_str())),
-    )
-    .map_err(|e| format!("TLS setup for the download: {e}"))?;
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .wrap_connector(http);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, Empty<Bytes>>(https);
+    let client = crate::https::client::<Empty<Bytes>>(ca_pem, identity)
+        .map_err(|e| format!("the download's {e}"))?;
     let resp = client
         .get(url.clone())
         .await
-        .map_err(|e| format!("cannot download {url}: {}", causes(&e)))?;
+        .map_err(|e| format!("cannot download {url}: {}", crate::https::causes(&e)))?;
     let status = resp.status();
     let total = resp
         .headers()
@@ -72,20 +56,7 @@ async fn fetch_inner(
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = resp.into_body();
     if !status.is_success() {
-        let mut text = Vec::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Some(d) = frame.data_ref() {
-                text.extend_from_slice(d);
-            }
-            if text.len() > 600 {
-                break;
-            }
-        }
-        let text: String = String::from_utf8_lossy(&text)
-            .chars()
-            .take(300)
-            .filter(|c| !c.is_control())
-            .collect();
+        let text = crate::https::error_text(body).await;
         return Err(format!(
             "downloading {url}: the server answered {status}: {text}"
         ));
@@ -112,7 +83,8 @@ async fn fetch_inner(
     let mut got: u64 = 0;
     let mut last_percent = 0;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("downloading {url}: {}", causes(&e)))?;
+        let frame =
+            frame.map_err(|e| format!("downloading {url}: {}", crate::https::causes(&e)))?;
         let Some(chunk) = frame.data_ref() else {
             continue;
         };
@@ -149,16 +121,4 @@ async fn fetch_inner(
         .map_err(|e| format!("cannot sync {}: {e}", dest.display()))?;
     let sum = hash.finalize();
     Ok(sum.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// An error with its causes (hyper's client says "client error (Connect)" and hides why).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

@@ -1,0 +1,445 @@
+//! Log bundles through the broker, against real processes: a signed `bundle.collect`
+//! whose agent uploads the bundle to the broker while writing it, over its own HTTPS
+//! connection (through a TCP proxy the test can cut, pause and slow), resumable after a
+//! cut and a broker restart; who may upload and fetch; a broker disk that fills; two
+//! bundles at once on one agent; nine agents at once (admission runs eight).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use dbvm_e2e::proxy::Proxy;
+use dbvm_e2e::{eventually, Fleet};
+use dbvm_protocol::api::{BundleState, CommandState};
+use reqwest::StatusCode;
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `mib` MiB of log lines that compress about 2:1 (random hex), with a planted secret
+/// every 500 lines.
+fn write_logs(dir: &Path, mib: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("agent.log")).unwrap());
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut written = 0;
+    let mut i = 0u64;
+    while written < mib << 20 {
+        let mut hex = String::with_capacity(64);
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            hex.push_str(&format!("{state:016x}"));
+        }
+        let line = if i.is_multiple_of(500) {
+            format!(
+                "2026-12-04T07:00:00Z INFO dbvm_agent: login password=PlantUpload{i} id={hex}\n"
+            )
+        } else {
+            format!("2026-12-04T07:00:00Z INFO dbvm_agent: line {i} id={hex}\n")
+        };
+        f.write_all(line.as_bytes()).unwrap();
+        written += line.len();
+        i += 1;
+    }
+    f.flush().unwrap();
+}
+
+/// The bundle the broker lists for `id`, when it lists it.
+async fn listed(
+    client: &dbvmctl::Client,
+    id: uuid::Uuid,
+) -> Option<dbvm_protocol::api::BundleInfo> {
+    client
+        .bundles()
+        .await
+        .expect("list bundles")
+        .bundles
+        .into_iter()
+        .find(|b| b.id == id)
+}
+
+/// An agent config with its log files in `logs` (journald does not run here).
+fn log_dir_section(logs: &Path) -> String {
+    format!(
+        "[health]\nenabled = false\n[bundle]\nlog_dir = {}\n",
+        dbvm_e2e::fleet::toml_path(logs)
+    )
+}
+
+fn broker_url(proxy: &Proxy) -> String {
+    format!("https://localhost:{}", proxy.addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_streams_to_the_broker_resumes_after_a_cut_and_a_broker_restart_and_checks() {
+    let fleet = Fleet::new();
+    let mut broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let logs = fleet.path("db1-logs");
+    write_logs(&logs, 24);
+    let agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", &log_dir_section(&logs))
+        .await;
+    let proxy = Proxy::start(broker.api_addr).await;
+    // ~12 MiB at 1 MiB/s: long enough to cut it twice.
+    proxy.throttle(1 << 20);
+
+    let cmd = fleet.sign(
+        "db1",
+        "bundle.collect",
+        json!({"hours": 1, "broker_url": broker_url(&proxy)}),
+    );
+    let id = client.submit(&cmd).await.expect("submit").id;
+    let first = eventually(WAIT, "some of the bundle on the broker", || async {
+        listed(&client, id)
+            .await
+            .filter(|b| b.size > 0)
+            .map(|b| b.size)
+    })
+    .await;
+    proxy.cut();
+    let resumed_past = eventually(WAIT, "the upload resumed after the cut", || async {
+        listed(&client, id)
+            .await
+            .filter(|b| b.size > first + (1 << 20))
+            .map(|b| b.size)
+    })
+    .await;
+
+    // kill -9 and start again on the same ports and data: the agent resumes from what
+    // the broker had synced.
+    broker.proc.kill();
+    broker = fleet.restart_broker(&broker, "");
+    let client = fleet.client(&broker);
+    proxy.throttle(0);
+    let done = client.wait(id, WAIT).await.expect("wait");
+    assert_eq!(
+        done.state,
+        CommandState::Succeeded,
+        "{:?}\n{}",
+        done.error,
+        agent.proc.log_tail()
+    );
+    let out = done.output.expect("output");
+    assert!(out["uploaded"]["resumed"].as_u64().unwrap() >= 2, "{out}");
+    let info = listed(&client, id).await.expect("listed");
+    assert_eq!(info.state, BundleState::Complete);
+    assert!(info.size > resumed_past, "{info:?}");
+    assert_eq!(Some(info.size), out["bytes"].as_u64());
+    assert_eq!(info.sha256.as_deref(), out["sha256"].as_str());
+
+    // dbvmctl fetches it and checks it against the agent's and the broker's SHA-256.
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("b.tar.zst");
+    let got = dbvmctl::bundle::fetch(&client, id, &dest, out["sha256"].as_str(), |_, _| {})
+        .await
+        .expect("fetch");
+    assert_eq!(got.bytes, info.size);
+    let manifest = dbvmctl::bundle::manifest(&dest).expect("manifest");
+    let files = manifest["files"].as_array().unwrap();
+    let log = files
+        .iter()
+        .find(|f| f["path"] == "agent/logs/agent.log")
+        .unwrap_or_else(|| panic!("no agent log in {manifest}"));
+    assert!(log["size"].as_u64().unwrap() > 20 << 20, "{log}");
+    assert!(log["redactions"].as_u64().unwrap() > 0, "{log}");
+    let mut everything = Vec::new();
+    zstd::stream::copy_decode(std::fs::File::open(&dest).unwrap(), &mut everything).unwrap();
+    let everything = String::from_utf8_lossy(&everything);
+    assert!(everything.contains("line 4999 id="));
+    assert!(
+        !everything.contains("PlantUpload"),
+        "a planted secret is in the bundle"
+    );
+    // A fetch never overwrites; a wrong expected hash removes what arrived.
+    assert!(matches!(
+        dbvmctl::bundle::fetch(&client, id, &dest, None, |_, _| {}).await,
+        Err(dbvmctl::bundle::BundleError::Exists(_))
+    ));
+    let other = dir.path().join("other.tar.zst");
+    let e = dbvmctl::bundle::fetch(&client, id, &other, Some(&"0".repeat(64)), |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("the agent says"), "{e}");
+    assert!(!other.exists() && !dir.path().join("other.tar.zst.part").exists());
+    // The agent keeps no copy once the broker has it.
+    let kept: Vec<_> = std::fs::read_dir(agent.state_dir.join("bundle"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+
+    // Deleted, it is gone for good.
+    client.delete_bundle(id).await.expect("delete");
+    assert!(listed(&client, id).await.is_none());
+    let e = client
+        .download_bundle(id, &dir.path().join("gone"), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(StatusCode::NOT_FOUND), "{e}");
+}
+
+/// What one stolen credential can do: an agent's certificate uploads only its own
+/// command's bundle, never reads bundles; a control plane's never uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_agent_a_bundle_is_for_uploads_it_and_only_control_planes_read_bundles() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let logs = fleet.path("db1-logs");
+    write_logs(&logs, 8);
+    let db1 = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", &log_dir_section(&logs))
+        .await;
+    let db2 = fleet
+        .enroll_agent(
+            &client,
+            broker.agent_addr,
+            "db2",
+            "[health]\nenabled = false\n",
+        )
+        .await;
+    let proxy = Proxy::start(broker.api_addr).await;
+    // db1's bundle held on its way once it has begun, so its command stays unfinished.
+    proxy.throttle(256 << 10);
+    let cmd = fleet.sign(
+        "db1",
+        "bundle.collect",
+        json!({"hours": 1, "broker_url": broker_url(&proxy)}),
+    );
+    let id = client.submit(&cmd).await.expect("submit").id;
+    eventually(WAIT, "db1's bundle uploading", || async {
+        listed(&client, id).await.filter(|b| b.size > 0).map(drop)
+    })
+    .await;
+    proxy.pause(true);
+
+    let http_as = |dir: &Path| {
+        let id = dbvm_agent::identity::StateDir::open(dir)
+            .unwrap()
+            .identity()
+            .unwrap()
+            .expect("enrolled");
+        let tls = dbvm_protocol::tls::client_config(
+            fleet.ca.cert_pem(),
+            Some((&id.cert_pem, &id.key_pem)),
+        )
+        .unwrap();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap()
+    };
+    let db2_http = http_as(&db2.state_dir);
+    let api = broker.api_url();
+    let put = |http: &reqwest::Client, id: uuid::Uuid| {
+        http.put(format!("{api}/v1/bundles/{id}/content?offset=0"))
+            .body(vec![0u8; 1000])
+            .send()
+    };
+    let code = |resp: reqwest::Response| async move {
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        (status, body["code"].as_str().unwrap().to_string(), body)
+    };
+    // db2 may not upload db1's bundle.
+    let (status, c, body) = code(put(&db2_http, id).await.unwrap()).await;
+    assert_eq!(
+        (status, c.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("not for db2"),
+        "{body}"
+    );
+    // Nor upload anything for a command that is no bundle (its own ping).
+    let ping = client
+        .submit(&fleet.sign("db2", "ping", json!({})))
+        .await
+        .unwrap();
+    client.wait(ping.id, WAIT).await.unwrap();
+    let (status, c, body) = code(put(&db2_http, ping.id).await.unwrap()).await;
+    assert_eq!(
+        (status, c.as_str()),
+        (StatusCode::CONFLICT, "not_a_bundle"),
+        "{body}"
+    );
+    // Nor list or read bundles.
+    let resp = db2_http
+        .get(format!("{api}/v1/bundles"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = db2_http
+        .get(format!("{api}/v1/bundles/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // A control plane may not upload.
+    let tls = dbvm_protocol::tls::client_config(
+        fleet.ca.cert_pem(),
+        Some((&fleet.control_plane.cert_pem, &fleet.control_plane.key_pem)),
+    )
+    .unwrap();
+    let cp_http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let (status, c, body) = code(put(&cp_http, id).await.unwrap()).await;
+    assert_eq!(
+        (status, c.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "{body}"
+    );
+    // A bundle still uploading is listed but not served.
+    let e = client
+        .download_bundle(id, &fleet.path("early"), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.api_code(), Some("not_complete"), "{e}");
+
+    // A second bundle on the same agent while one runs is refused, clearly.
+    let second = client
+        .submit(&fleet.sign(
+            "db1",
+            "bundle.collect",
+            json!({"hours": 1, "broker_url": broker_url(&proxy)}),
+        ))
+        .await
+        .unwrap();
+    let second = client.wait(second.id, WAIT).await.unwrap();
+    assert_eq!(second.state, CommandState::Failed, "{second:?}");
+    let msg = second.error.unwrap().message;
+    assert!(msg.contains("already being collected"), "{msg}");
+
+    proxy.throttle(0);
+    proxy.pause(false);
+    let done = client.wait(id, WAIT).await.unwrap();
+    assert_eq!(
+        done.state,
+        CommandState::Succeeded,
+        "{:?}\n{}",
+        done.error,
+        db1.proc.log_tail()
+    );
+    // Finished: nothing more may be uploaded for it, even by db1.
+    let db1_http = http_as(&db1.state_dir);
+    let (status, c, body) = code(put(&db1_http, id).await.unwrap()).await;
+    assert_eq!(
+        (status, c.as_str()),
+        (StatusCode::CONFLICT, "already_complete"),
+        "{body}"
+    );
+}
+
+/// The broker's disk fills while it stores a bundle: the agent's command fails saying
+/// so, nothing of the bundle is kept or served, and with space back a bundle goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_broker_disk_fails_the_bundle_clearly_and_keeps_nothing() {
+    let fleet = Fleet::new();
+    let disk = dbvm_e2e::backup::Tmpfs::mount(&fleet.path("broker-data"), "3m");
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let logs = fleet.path("db1-logs");
+    write_logs(&logs, 16);
+    let agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", &log_dir_section(&logs))
+        .await;
+    let url = broker.api_url();
+    let v = fleet
+        .send(
+            &client,
+            &agent,
+            "bundle.collect",
+            json!({"hours": 1, "broker_url": url}),
+        )
+        .await;
+    assert_eq!(v.state, CommandState::Failed, "{v:?}");
+    let msg = v.error.unwrap().message;
+    assert!(msg.contains("disk is full"), "{msg}");
+    assert!(client.bundles().await.unwrap().bundles.is_empty());
+    let files: Vec<_> = std::fs::read_dir(fleet.path("broker-data").join("bundles"))
+        .unwrap()
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+
+    disk.resize("64m");
+    let out = fleet
+        .send_ok(
+            &client,
+            &agent,
+            "bundle.collect",
+            json!({"hours": 1, "broker_url": url}),
+        )
+        .await;
+    let id: uuid::Uuid = out["bundle_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        listed(&client, id).await.map(|b| b.state),
+        Some(BundleState::Complete)
+    );
+}
+
+/// Nine agents asked for a bundle at once: the broker's admission runs eight (the
+/// management class), the ninth waits in the queue and runs when one finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nine_bundles_on_nine_agents_run_eight_at_once_and_the_ninth_waits() {
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let client = fleet.client(&broker);
+    let proxy = Proxy::start(broker.api_addr).await;
+    proxy.pause(true);
+    let mut agents = Vec::new();
+    let mut ids = Vec::new();
+    for n in 1..=9 {
+        let name = format!("db{n}");
+        let logs = fleet.path(&format!("{name}-logs"));
+        write_logs(&logs, 1);
+        agents.push(
+            fleet
+                .enroll_agent(&client, broker.agent_addr, &name, &log_dir_section(&logs))
+                .await,
+        );
+    }
+    for n in 1..=9 {
+        let cmd = fleet.sign(
+            &format!("db{n}"),
+            "bundle.collect",
+            json!({"hours": 1, "broker_url": broker_url(&proxy)}),
+        );
+        ids.push(client.submit(&cmd).await.expect("submit").id);
+    }
+    let states = || async {
+        let mut s = Vec::new();
+        for id in &ids {
+            s.push(client.command(*id).await.unwrap().state);
+        }
+        s
+    };
+    eventually(WAIT, "eight bundles running and one queued", || async {
+        let s = states().await;
+        let running = s.iter().filter(|s| **s == CommandState::Running).count();
+        let queued = s.iter().filter(|s| **s == CommandState::Queued).count();
+        (running == 8 && queued == 1).then_some(())
+    })
+    .await;
+    // Held there: the ninth does not start while the eight run.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = states().await;
+    assert_eq!(
+        s.iter().filter(|s| **s == CommandState::Queued).count(),
+        1,
+        "{s:?}"
+    );
+    proxy.pause(false);
+    for id in &ids {
+        let v = client.wait(*id, WAIT).await.unwrap();
+        assert_eq!(v.state, CommandState::Succeeded, "{v:?}");
+    }
+    assert_eq!(client.bundles().await.unwrap().bundles.len(), 9);
+}
