@@ -757,3 +757,208 @@ pub(crate) async fn remove(
     tracing::info!(bundle = %id, "bundle deleted");
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CommandRecord, Finish, SqliteStore};
+    use dbvm_protocol::api::{CommandState, OperationClass};
+
+    fn command(agent: &str, operation: &str) -> CommandRecord {
+        CommandRecord {
+            id: Uuid::new_v4(),
+            agent_id: agent.into(),
+            operation: operation.into(),
+            class: OperationClass::Management,
+            state: CommandState::Running,
+            signed: vec![1],
+            submitted_at_ms: 1,
+            not_after_ms: i64::MAX,
+            delivered_at_ms: Some(1),
+            finished_at_ms: None,
+            progress: None,
+            output_json: None,
+            error: None,
+        }
+    }
+
+    async fn open(settings: BundleSettings) -> (tempfile::TempDir, BundleStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let bundles = BundleStore::open(dir.path(), settings, store).unwrap();
+        (dir, bundles)
+    }
+
+    fn body(
+        chunks: &[&[u8]],
+    ) -> impl futures::Stream<Item = Result<axum::body::Bytes, String>> + Unpin {
+        futures::stream::iter(
+            chunks
+                .iter()
+                .map(|c| Ok(axum::body::Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Uploads `bytes` for a new bundle.collect of `agent` in two requests and completes it.
+    async fn stored(b: &BundleStore, agent: &str, bytes: &[u8]) -> BundleInfo {
+        let cmd = command(agent, OPERATION);
+        let id = cmd.id;
+        b.store.insert_command(cmd).await.unwrap();
+        let rec = b.admit(agent, id).await.unwrap();
+        let half = bytes.len() / 2;
+        let token = CancellationToken::new();
+        let n = b
+            .append(id, 0, &mut body(&[&bytes[..half]]), &token)
+            .await
+            .unwrap();
+        assert_eq!(n, half as u64);
+        // A request from a stale offset is told where to resume, and nothing changes.
+        match b.append(id, 0, &mut body(&[b"xx"]), &token).await {
+            Err(BundleError::OffsetMismatch { stored, .. }) => assert_eq!(stored, half as u64),
+            other => panic!("{other:?}"),
+        }
+        let n = b
+            .append(id, n, &mut body(&[&bytes[half..]]), &token)
+            .await
+            .unwrap();
+        assert_eq!(n, bytes.len() as u64);
+        let sha = format!("{:x}", sha2::Sha256::digest(bytes));
+        let claim = BundleComplete {
+            size: n,
+            sha256: sha.clone(),
+        };
+        let done = b.complete(rec, &claim).await.unwrap();
+        assert_eq!(
+            (done.state, done.sha256.as_deref()),
+            (BundleState::Complete, Some(sha.as_str()))
+        );
+        done
+    }
+
+    #[tokio::test]
+    async fn uploads_resume_complete_only_when_the_hash_matches_and_only_for_their_agent() {
+        let (_dir, b) = open(BundleSettings::default()).await;
+        let done = stored(&b, "db1", b"0123456789abcdef").await;
+        let (rec, _) = b.open_file(done.id).await.unwrap();
+        assert_eq!(rec.size, 16);
+        assert!(matches!(
+            b.admit("db1", done.id).await,
+            Err(BundleError::AlreadyComplete(_))
+        ));
+
+        // Another agent, another operation, a finished command: refused.
+        let cmd = command("db1", OPERATION);
+        let id = cmd.id;
+        b.store.insert_command(cmd).await.unwrap();
+        assert!(matches!(
+            b.admit("db2", id).await,
+            Err(BundleError::NotYours { .. })
+        ));
+        let ping = command("db1", "ping");
+        let ping_id = ping.id;
+        b.store.insert_command(ping).await.unwrap();
+        assert!(matches!(
+            b.admit("db1", ping_id).await,
+            Err(BundleError::NotABundle { .. })
+        ));
+
+        // A hash that does not match removes what was stored.
+        let rec = b.admit("db1", id).await.unwrap();
+        let token = CancellationToken::new();
+        b.append(id, 0, &mut body(&[b"abc"]), &token).await.unwrap();
+        let claim = BundleComplete {
+            size: 3,
+            sha256: "0".repeat(64),
+        };
+        assert!(matches!(
+            b.complete(rec.clone(), &claim).await,
+            Err(BundleError::Mismatch { .. })
+        ));
+        assert!(!b.part_path(id).exists());
+        assert!(matches!(
+            b.open_file(id).await,
+            Err(BundleError::NotFound(_))
+        ));
+
+        // Past the cap: refused, nothing kept.
+        let (_dir2, small) = open(BundleSettings {
+            max_bytes: 64 * 1024,
+            ..BundleSettings::default()
+        })
+        .await;
+        let cmd = command("db1", OPERATION);
+        let id = cmd.id;
+        small.store.insert_command(cmd).await.unwrap();
+        small.admit("db1", id).await.unwrap();
+        let big = vec![7u8; 40 * 1024];
+        let e = small.append(id, 0, &mut body(&[&big, &big]), &token).await;
+        assert!(matches!(e, Err(BundleError::TooLarge { .. })), "{e:?}");
+        assert!(!small.part_path(id).exists());
+        assert!(small.store.bundle(id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn expiry_removes_old_bundles_the_oldest_beyond_the_total_abandoned_uploads_and_strays() {
+        let (_dir, b) = open(BundleSettings {
+            max_bytes: 64 * 1024,
+            max_total_bytes: 64 * 1024,
+            max_age_hours: 1,
+        })
+        .await;
+        let a = stored(&b, "db1", &[1u8; 30 * 1024]).await;
+        let c = stored(&b, "db2", &[2u8; 30 * 1024]).await;
+        assert_eq!(b.expire(dbvm_protocol::now_ms()).await.unwrap(), 0);
+        // A third passes the total: the oldest goes.
+        let mut older = a.clone();
+        older.created_at_ms -= 10;
+        older.completed_at_ms = older.completed_at_ms.map(|t| t - 10);
+        b.store.put_bundle(older).await.unwrap();
+        let d = stored(&b, "db3", &[3u8; 30 * 1024]).await;
+        assert_eq!(b.expire(dbvm_protocol::now_ms()).await.unwrap(), 1);
+        let ids: Vec<Uuid> = b
+            .list()
+            .await
+            .unwrap()
+            .bundles
+            .iter()
+            .map(|x| x.id)
+            .collect();
+        assert!(
+            !ids.contains(&a.id) && ids.contains(&c.id) && ids.contains(&d.id),
+            "{ids:?}"
+        );
+        assert!(!b.file_path(a.id).exists());
+
+        // An upload whose command finished without completing it, and a stray file.
+        let cmd = command("db4", OPERATION);
+        let id = cmd.id;
+        b.store.insert_command(cmd).await.unwrap();
+        b.admit("db4", id).await.unwrap();
+        b.append(id, 0, &mut body(&[b"partial"]), &CancellationToken::new())
+            .await
+            .unwrap();
+        let finish = Finish {
+            state: CommandState::Failed,
+            finished_at_ms: 2,
+            delivered_at_ms: None,
+            output_json: None,
+            error: None,
+        };
+        b.store.finish(id, finish).await.unwrap();
+        std::fs::write(b.dir().join("stray.tar.zst"), b"x").unwrap();
+        assert_eq!(b.expire(dbvm_protocol::now_ms()).await.unwrap(), 1);
+        assert!(!b.part_path(id).exists());
+        assert!(!b.dir().join("stray.tar.zst").exists());
+
+        // Two hours on, everything is past its age.
+        assert_eq!(
+            b.expire(dbvm_protocol::now_ms() + 2 * 3_600_000)
+                .await
+                .unwrap(),
+            2
+        );
+        assert!(b.list().await.unwrap().bundles.is_empty());
+        assert_eq!(std::fs::read_dir(b.dir()).unwrap().count(), 0);
+    }
+}

@@ -113,12 +113,8 @@ impl Proxy {
 async fn hold(paused: &watch::Receiver<bool>, rate: &AtomicU64, n: usize) {
     let mut paused = paused.clone();
     let _ = paused.wait_for(|p| !*p).await;
-    let rate = rate.load(Ordering::SeqCst);
-    if rate > 0 {
-        tokio::time::sleep(std::time::Duration::from_micros(
-            n as u64 * 1_000_000 / rate,
-        ))
-        .await;
+    if let Some(us) = (n as u64 * 1_000_000).checked_div(rate.load(Ordering::SeqCst)) {
+        tokio::time::sleep(std::time::Duration::from_micros(us)).await;
     }
 }
 

@@ -1,8 +1,9 @@
 //! Log bundles through real processes: a signed `bundle.collect` from the control plane,
 //! via a real broker, to a real agent process, which writes a complete, private bundle
 //! whose files match its manifest and which carries none of the secrets planted in the
-//! agent's argv-free environment or its config. (The transport of the bundle to the
-//! broker is not built yet: the test reads the file the agent wrote.)
+//! agent's argv-free environment or its config. These bundles are kept on the agent
+//! (no `broker_url`), so the test reads the file; the way through the broker is
+//! `bundle_transport.rs`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 

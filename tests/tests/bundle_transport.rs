@@ -443,3 +443,106 @@ async fn nine_bundles_on_nine_agents_run_eight_at_once_and_the_ninth_waits() {
     }
     assert_eq!(client.bundles().await.unwrap().bundles.len(), 9);
 }
+
+/// `dbvmctl bundle` as a support engineer runs it: collect, wait, download, check, and
+/// the manifest's summary; then `bundle list` and `bundle fetch`, with --json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dbvmctl_bundle_collects_fetches_checks_and_summarises() {
+    let fleet = Fleet::new();
+    let home = fleet.path("ctl-home");
+    let bin = dbvm_e2e::proc::bin_dir().join("dbvmctl");
+    let keygen = std::process::Command::new(&bin)
+        .args(["--dir", home.to_str().unwrap(), "keygen"])
+        .output()
+        .expect("run dbvmctl keygen");
+    assert!(keygen.status.success(), "{keygen:?}");
+    let entry = String::from_utf8(keygen.stdout).unwrap();
+    std::fs::copy(fleet.path("ca.crt"), home.join("ca.crt")).expect("ca");
+    std::fs::write(home.join("controlplane.crt"), &fleet.control_plane.cert_pem).expect("cert");
+    std::fs::write(home.join("controlplane.key"), &fleet.control_plane.key_pem).expect("key");
+    let broker = fleet.start_broker(&entry);
+    let client = fleet.client(&broker);
+    let logs = fleet.path("db1-logs");
+    write_logs(&logs, 2);
+    let _db1 = fleet
+        .enroll_agent(
+            &client,
+            broker.agent_addr,
+            "db1",
+            &format!("{}{entry}", log_dir_section(&logs)),
+        )
+        .await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .env("DBVM_HOME", &home)
+            .env("DBVM_BROKER", broker.api_url())
+            .output()
+            .expect("dbvmctl runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("db1.tar.zst");
+    let (code, stdout, stderr) = run(&[
+        "bundle",
+        "db1",
+        "--hours",
+        "2",
+        "-o",
+        first.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("checked") && stdout.contains("bundle of agent db1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("redactions"), "{stdout}");
+    assert!(first.exists());
+    // The same file again is refused before the agent works for nothing.
+    let (code, _, stderr) = run(&["bundle", "db1", "-o", first.to_str().unwrap()]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("exists already"), "{stderr}");
+
+    let (code, stdout, stderr) = run(&["bundle", "list", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let list: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let bundles = list["bundles"].as_array().unwrap();
+    assert_eq!(bundles.len(), 1, "{list}");
+    assert_eq!(bundles[0]["state"], "complete");
+    let id = bundles[0]["id"].as_str().unwrap().to_string();
+    let (code, stdout, _) = run(&["bundle", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains(&id) && stdout.contains("complete"),
+        "{stdout}"
+    );
+
+    let second = dir.path().join("again.tar.zst");
+    let (code, stdout, stderr) = run(&[
+        "bundle",
+        "fetch",
+        &id,
+        "-o",
+        second.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let fetched: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(fetched["sha256"], bundles[0]["sha256"], "{fetched}");
+    assert!(
+        fetched["manifest"]["files"].as_u64().unwrap() > 5,
+        "{fetched}"
+    );
+    assert_eq!(
+        std::fs::read(&first).unwrap(),
+        std::fs::read(&second).unwrap()
+    );
+    // An id the broker does not hold: a clear refusal.
+    let (code, _, stderr) = run(&["bundle", "fetch", &uuid::Uuid::new_v4().to_string()]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("no bundle"), "{stderr}");
+}

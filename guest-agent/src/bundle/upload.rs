@@ -76,9 +76,10 @@ pub fn check_broker_url(url: &str) -> Result<hyper::Uri, String> {
         return Err(format!("broker_url {url:?} names no host"));
     };
     if auth.as_str().contains('@') {
-        return Err(format!(
+        return Err(
             "broker_url must not carry credentials: the agent authenticates with its certificate"
-        ));
+                .into(),
+        );
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
