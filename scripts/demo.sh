@@ -76,12 +76,15 @@ say "starting dbvm-agent: it makes its own key, enrolls, then dials the broker o
   echo '[health]'
   echo 'interval_s = 5'
   echo "metrics_listen = \"127.0.0.1:$metrics_port\""
+  # No journald here: the agent's log files are where its bundles find its logs.
+  echo '[bundle]'
+  echo "log_dir = \"$demo/logs\""
   sed -n '/\[\[trusted_keys\]\]/,$p' "$demo/keygen.out"
 } > "$demo/agent.toml"
 # db-demo runs from its own copy (its VM's /usr/bin/dbvm-agent): an upgrade replaces it.
-mkdir -p "$demo/db-demo-bin"
+mkdir -p "$demo/db-demo-bin" "$demo/logs"
 cp "$agent_bin" "$demo/db-demo-bin/dbvm-agent"
-"$demo/db-demo-bin/dbvm-agent" --config "$demo/agent.toml" 2> "$demo/agent.log" &
+"$demo/db-demo-bin/dbvm-agent" --config "$demo/agent.toml" 2> "$demo/logs/agent.log" &
 pids+=($!)
 for _ in $(seq 100); do
   "$bin/dbvmctl" agents --json 2>/dev/null | grep -q '"connected": *true' && break
@@ -179,7 +182,7 @@ container_name = "db-demo-pg"
 [firewall]
 netns = "$netns"
 TOML
-"$demo/db-demo-bin/dbvm-agent" --config "$demo/agent.toml" 2>> "$demo/agent.log" &
+"$demo/db-demo-bin/dbvm-agent" --config "$demo/agent.toml" 2>> "$demo/logs/agent.log" &
 pids[1]=$!
 for _ in $(seq 100); do
   "$bin/dbvmctl" agents --json 2>/dev/null | grep -q '"connected": *true' && break
@@ -243,7 +246,7 @@ grep "health" "$demo/events.out" | grep -m3 "critical" || true
 if [ -n "$seen" ]; then
   echo "connectivity → critical reached dbvmctl events ${seen} ms after db.stop returned (interval 5 s)"
 else
-  echo "no health.changed event within 6 s: see $demo/events.out and $demo/agent.log"; exit 1
+  echo "no health.changed event within 6 s: see $demo/events.out and $demo/logs/agent.log"; exit 1
 fi
 run "$bin/dbvmctl" health db-demo
 run "$bin/dbvmctl" send db-demo db.start
@@ -331,6 +334,7 @@ sed -e 's/^agent_id = .*/agent_id = "db-restored"/' \
   -e "s|^metrics_listen = .*|metrics_listen = \"127.0.0.1:$(free_port)\"|" \
   -e "s|^data_root = .*|data_root = \"$demo/db-restored\"|" \
   -e 's/^container_name = .*/container_name = "db-demo-restored"/' \
+  -e '/^log_dir = /d' \
   "$demo/agent.toml" | sed '/^\[firewall\]/,/^netns/d' > "$demo/agent-restored.toml"
 "$agent_bin" --config "$demo/agent-restored.toml" 2> "$demo/agent-restored.log" &
 pids+=($!)
@@ -364,6 +368,13 @@ echo "source db-demo after recover: $recovered_rows rows (was 2500)"
 
 say "the agent's Prometheus endpoint (what Telegraf or Prometheus scrapes)"
 curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^dbvm_agent_(health_status|db_|link_up|process_resident)' | head -20
+
+# ---- for support engineers ----------------------------------------------------------------
+say "for support engineers: a log bundle of db-demo (its logs, configs redacted, the database's logs and settings, health history, backups, firewall, system facts), uploaded to the broker while the agent writes it, then downloaded and its SHA-256 checked (dbvmctl bundle)"
+run "$bin/dbvmctl" bundle db-demo --hours 1 --db-views -o "$demo/db-demo-bundle.tar.zst"
+run "$bin/dbvmctl" bundle list
+echo "the archive's first entries:"
+tar -I zstd -tvf "$demo/db-demo-bundle.tar.zst" | head -12
 
 # ---- for image builders ----------------------------------------------------------------
 say "the image builders' command: the static agent and broker at version 0.1.1 and their RPMs, signed with the builder's GPG key (a throwaway one here)"
@@ -407,4 +418,4 @@ say "the upgraded agent goes on managing the database"
 run "$bin/dbvmctl" send db-demo db.status > "$demo/status-after-upgrade.json"
 head -8 "$demo/status-after-upgrade.json"
 
-say "demo complete; logs and config are in $demo (broker.log, agent.log)"
+say "demo complete; logs and config are in $demo (broker.log, logs/agent.log, db-demo-bundle.tar.zst)"
