@@ -353,6 +353,10 @@ impl BundleStore {
     /// Removes bundle `id`'s part and its record: an upload that cannot go on.
     async fn discard(&self, id: Uuid) {
         let _ = tokio::fs::remove_file(self.part_path(id)).await;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         if let Err(e) = self.store.delete_bundle(id).await {
             tracing::warn!(bundle = %id, error = %e, "cannot forget a discarded bundle upload");
         }

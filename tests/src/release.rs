@@ -174,9 +174,14 @@ fn spawn_agent(
     })
 }
 
-/// Starts the broker on `fleet` (its embedded store in the fleet's directory), enrolls
-/// the agent with a one-time token and waits until it is connected (30 s at most).
-pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -> Result<Rig> {
+/// A broker and one agent from `bins` on `fleet`, the agent enrolled and connected (30 s
+/// at most), no database engine: for benchmarks that need none (the processes stop when
+/// dropped).
+pub async fn start_processes(
+    fleet: &Fleet,
+    bins: &Bins,
+    spec: &Spec<'_>,
+) -> Result<(BrokerProc, AgentProc, dbvmctl::Client)> {
     let any: SocketAddr = "127.0.0.1:0".parse().context("address")?;
     let broker_config = fleet.path("broker.toml");
     std::fs::write(&broker_config, fleet.broker_config("broker", any, any, ""))
@@ -205,10 +210,9 @@ pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -
         .await
         .context("cannot get an enrollment token")?
         .token;
-
     let id = spec.agent_id;
-    let agent = spawn_agent(
-        &fleet,
+    let mut agent = spawn_agent(
+        fleet,
         bins,
         agent_addr,
         id,
@@ -216,7 +220,27 @@ pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -
         &spec.sections,
         spec.log_level,
     )?;
-    let mut rig = Rig {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let agents = client.agents().await.unwrap_or_default();
+        if agents.iter().any(|a| a.id == id && a.connected) {
+            return Ok((broker, agent, client));
+        }
+        if !agent.proc.is_running() || Instant::now() > deadline {
+            bail!(
+                "the agent did not connect within 30 s:\n{}",
+                agent.proc.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts the broker on `fleet` (its embedded store in the fleet's directory), enrolls
+/// the agent with a one-time token and waits until it is connected (30 s at most).
+pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -> Result<Rig> {
+    let (broker, agent, client) = start_processes(&fleet, bins, &spec).await?;
+    Ok(Rig {
         agent,
         broker,
         client,
@@ -224,19 +248,5 @@ pub async fn start(fleet: Fleet, bins: &Bins, engine: &Engine, spec: Spec<'_>) -
         container: spec.container,
         fleet,
         keep_dir: spec.keep_dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let agents = rig.client.agents().await.unwrap_or_default();
-        if agents.iter().any(|a| a.id == id && a.connected) {
-            return Ok(rig);
-        }
-        if !rig.agent.proc.is_running() || Instant::now() > deadline {
-            bail!(
-                "the agent did not connect within 30 s:\n{}",
-                rig.agent.proc.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
 }
