@@ -374,7 +374,7 @@ say "for support engineers: a log bundle of db-demo (its logs, configs redacted,
 run "$bin/dbvmctl" bundle db-demo --hours 1 --db-views -o "$demo/db-demo-bundle.tar.zst"
 run "$bin/dbvmctl" bundle list
 echo "the archive's first entries:"
-tar -I zstd -tvf "$demo/db-demo-bundle.tar.zst" | head -12
+tar -I zstd -tvf "$demo/db-demo-bundle.tar.zst" | sed -n "1,12p"
 
 # ---- for image builders ----------------------------------------------------------------
 say "the image builders' command: the static agent and broker at version 0.1.1 and their RPMs, signed with the builder's GPG key (a throwaway one here)"

@@ -248,4 +248,7 @@ pub trait Store: Send + Sync + 'static {
     async fn bundles(&self) -> Result<Vec<dbvm_protocol::api::BundleInfo>, StoreError>;
     /// Forgets a bundle; whether it was recorded.
     async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// What the store holds, in counts (for the broker's own support bundle).
+    async fn stats(&self) -> Result<serde_json::Value, StoreError>;
 }

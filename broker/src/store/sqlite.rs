@@ -914,6 +914,10 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn stats(&self) -> Result<serde_json::Value, StoreError> {
+        self.read(|conn| Self::read_stats(conn)).await
+    }
+
     async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError> {
         self.write(move |txn| {
             let n = txn.execute(
@@ -923,6 +927,37 @@ impl Store for SqliteStore {
             Ok(n > 0)
         })
         .await
+    }
+}
+
+impl SqliteStore {
+    /// Counts by table (commands by state and operation class), read in one go.
+    fn read_stats(conn: &rusqlite::Connection) -> Result<serde_json::Value, StoreError> {
+        let mut commands = serde_json::Map::new();
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, class, COUNT(*) FROM commands GROUP BY state, class ORDER BY state, class",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        for row in rows {
+            let (state, class, n) = row?;
+            commands.insert(format!("{state}/{class}"), n.into());
+        }
+        let count = |table: &str| -> Result<i64, StoreError> {
+            Ok(conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?)
+        };
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok(serde_json::json!({
+            "commands_by_state_and_class": commands,
+            "agents": count("agents")?,
+            "enrollment_tokens": count("enrollment_tokens")?,
+            "certificates": count("certificates")?,
+            "agent_revocations": count("agent_revocations")?,
+            "bundles": count("bundles")?,
+            "database_bytes": pages * page_size,
+        }))
     }
 }
 
