@@ -44,6 +44,12 @@ const STDERR_QUOTE_BYTES: usize = 2048;
 /// zstd's worker threads (one: the machine this runs on may have two cores, and the
 /// redaction of the next part runs beside it).
 const COMPRESSION_WORKERS: u32 = 1;
+/// The input of one compression job: zstd's default for level 3 (8 MiB) holds about 45
+/// MiB of buffers in flight; 4 MiB holds about 25 at the same speed, with an archive
+/// 0.2 % smaller or larger (measured with benches/bundle).
+const COMPRESSION_JOB_BYTES: u32 = 4 * 1024 * 1024;
+/// The buffers between the spool, `tar` and zstd.
+const ARCHIVE_BUFFER: usize = 256 * 1024;
 /// The manifest's format.
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -491,7 +497,9 @@ async fn spool_part(
         let out = out.into_std().await;
         return tokio::task::spawn_blocking(move || spool_log_file(&path, out, &stop))
             .await
-            .map_err(|e| SpoolFailure::Step(format!("internal: the reading thread failed: {e}")))?;
+            .map_err(|e| {
+                SpoolFailure::Step(format!("internal: the reading thread failed: {e}"))
+            })?;
     }
     let mut out = tokio::io::BufWriter::with_capacity(CHUNK_BYTES, out);
     let result = match producer {
@@ -742,8 +750,7 @@ impl LogPump {
             let block = &chunk[..=last];
             if self.redactor.block(block, out) {
                 chunk = &chunk[last + 1..];
-            } else if std::str::from_utf8(block).is_ok_and(|t| self.redactor.passes_unchanged(t))
-            {
+            } else if std::str::from_utf8(block).is_ok_and(|t| self.redactor.passes_unchanged(t)) {
                 out.extend_from_slice(block);
                 chunk = &chunk[last + 1..];
             }
@@ -794,7 +801,6 @@ impl LogPump {
         self.pending.clear();
     }
 }
-
 
 /// A `Write` that cuts what it is given into chunks for the channel (blocking while the
 /// channel is full: the archive is made only as fast as it is read).
@@ -885,7 +891,14 @@ fn write_archive(
     encoder
         .multithread(COMPRESSION_WORKERS)
         .map_err(archive_error)?;
-    let mut tar = tar::Builder::new(encoder);
+    encoder
+        .set_parameter(zstd::stream::raw::CParameter::JobSize(
+            COMPRESSION_JOB_BYTES,
+        ))
+        .map_err(archive_error)?;
+    // `tar` copies each entry through an 8 KiB buffer: batched here (and read from the
+    // spool through a buffer as large), zstd is called, and the spool read, per 256 KiB.
+    let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(ARCHIVE_BUFFER, encoder));
     let mut files = Vec::new();
     let mut redactions = 0;
     while let Some(job) = jobs.blocking_recv() {
@@ -905,7 +918,7 @@ fn write_archive(
                 f.seek(std::io::SeekFrom::Start(offset))
                     .map_err(spool_error)?;
                 let mut reader = Hashing {
-                    inner: f.take(len),
+                    inner: std::io::BufReader::with_capacity(ARCHIVE_BUFFER, f).take(len),
                     hasher: Sha256::new(),
                     bytes: 0,
                 };
@@ -944,7 +957,11 @@ fn write_archive(
                     bytes.as_slice(),
                 )
                 .map_err(archive_error)?;
-                let encoder = tar.into_inner().map_err(archive_error)?;
+                let encoder = tar
+                    .into_inner()
+                    .map_err(archive_error)?
+                    .into_inner()
+                    .map_err(|e| archive_error(e.into_error()))?;
                 let mut writer = encoder.finish().map_err(archive_error)?;
                 writer.flush().map_err(archive_error)?;
                 return Ok(*m);
