@@ -166,7 +166,10 @@ fn run(args: &Args) -> Result<bool> {
     let names = generate(&logs, total, args.files)?;
     // Both sides read the logs from the page cache: read them once before the first pair.
     for n in &names {
-        std::io::copy(&mut std::fs::File::open(logs.join(n))?, &mut std::io::sink())?;
+        std::io::copy(
+            &mut std::fs::File::open(logs.join(n))?,
+            &mut std::io::sink(),
+        )?;
     }
     let exe = std::env::current_exe()?;
     let mut pairs = Vec::new();
@@ -297,10 +300,8 @@ fn generate(logs: &Path, total: u64, files: u32) -> Result<Vec<String>> {
     let mut ms: u64 = 1_764_806_400_000; // 2025-12-04 00:00:00 UTC
     for f in 0..files {
         let name = format!("postgresql-{:02}.log", f + 1);
-        let mut out = std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(logs.join(&name))?,
-        );
+        let mut out =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(logs.join(&name))?);
         let mut written = 0u64;
         let mut line = String::with_capacity(512);
         while written < per_file {

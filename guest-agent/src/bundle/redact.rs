@@ -100,21 +100,33 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
     };
     vec![
         // URLs with credentials: scheme://user:password@host
-        p(Needs::Words(&["://"]), r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s/]+)@", |c| {
-            fresh(c).then(|| format!("{}:{MARKER}@", &c[1]))
-        }),
+        p(
+            Needs::Words(&["://"]),
+            r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s/]+)@",
+            |c| fresh(c).then(|| format!("{}:{MARKER}@", &c[1])),
+        ),
         // Authorization headers and bearer tokens.
         p(
             Needs::Words(&["authorization"]),
             r"(?i)(\bauthorization\s*[:=]\s*(?:bearer|basic|token|digest|negotiate|aws4-hmac-sha256)?\s*)([^\s,;]+)",
             |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
         ),
-        p(Needs::Words(&["bearer"]), r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})", |c| {
-            Some(format!("{}{MARKER}", &c[1]))
-        }),
+        p(
+            Needs::Words(&["bearer"]),
+            r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})",
+            |c| Some(format!("{}{MARKER}", &c[1])),
+        ),
         // The fleet's own formats: enrollment tokens and sealed secrets.
-        p(Needs::Words(&["dbvm-enroll-"]), r"dbvm-enroll-[A-Za-z0-9_-]+", |_| Some(MARKER.to_string())),
-        p(Needs::Words(&["sealed:v1:"]), r"sealed:v1:[A-Za-z0-9_-]+", |_| Some(MARKER.to_string())),
+        p(
+            Needs::Words(&["dbvm-enroll-"]),
+            r"dbvm-enroll-[A-Za-z0-9_-]+",
+            |_| Some(MARKER.to_string()),
+        ),
+        p(
+            Needs::Words(&["sealed:v1:"]),
+            r"sealed:v1:[A-Za-z0-9_-]+",
+            |_| Some(MARKER.to_string()),
+        ),
         // JSON Web Tokens.
         p(
             Needs::Words(&["eyj"]),
@@ -130,9 +142,11 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
             |_| Some(MARKER.to_string()),
         ),
         // SQL: ALTER ROLE … PASSWORD 'x', IDENTIFIED BY 'x' (MySQL, MariaDB).
-        p(Needs::Words(&["password"]), r#"(?i)(\bpassword\s+)('[^']*'|"[^"]*")"#, |c| {
-            fresh(c).then(|| format!("{}{MARKER}", &c[1]))
-        }),
+        p(
+            Needs::Words(&["password"]),
+            r#"(?i)(\bpassword\s+)('[^']*'|"[^"]*")"#,
+            |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
+        ),
         p(
             Needs::Words(&["identified"]),
             r#"(?i)(\bidentified\s+(?:with\s+\S+\s+)?by\s+(?:password\s+)?)('[^']*'|"[^"]*"|[^\s;,)]+)"#,
@@ -296,7 +310,11 @@ static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
     // The words are lower case already (a test checks): over lower-cased text, a
     // case-sensitive search finds the same, and can use the SIMD searcher (Teddy) where
     // the processor has it.
-    let lower = match aho_corasick::packed::Config::new().builder().extend(&words).build() {
+    let lower = match aho_corasick::packed::Config::new()
+        .builder()
+        .extend(&words)
+        .build()
+    {
         Some(packed) => LowerSearch::Packed(packed),
         None => LowerSearch::Automaton(
             AhoCorasick::builder()
@@ -745,15 +763,60 @@ mod tests {
     /// no crate).
     fn mixed_lines(n: usize) -> Vec<String> {
         const PIECES: &[&str] = &[
-            "password", "PassWord", "pass", "Pwd", "passphrase", "=", ": ", ":", " ", "'",
-            "\"", "x", "Secret", "token", "api-key", "KEY", "s3_key", "credentials", "://",
-            "https://", "u:pw@", "@", "host", "Authorization", "Authorization: ", "Bearer ",
-            "bearer", "abcdefgh12", "dbvm-enroll-", "sealed:v1:", "eyJ", "eyJabc.def.ghi",
-            "AKIA", "asia", "ABCDEFGHIJKL0123", "IDENTIFIED BY ", "identified", "by ",
-            "-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----",
-            "-----BEGIN CERTIFICATE-----", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEK", "/", "+", ",", ";", "}", "PlantM",
-            "é", "paſſword", "ſecret", "2026-12-04 03:00:00 UTC LOG:  ", "checkpoint",
+            "password",
+            "PassWord",
+            "pass",
+            "Pwd",
+            "passphrase",
+            "=",
+            ": ",
+            ":",
+            " ",
+            "'",
+            "\"",
+            "x",
+            "Secret",
+            "token",
+            "api-key",
+            "KEY",
+            "s3_key",
+            "credentials",
+            "://",
+            "https://",
+            "u:pw@",
+            "@",
+            "host",
+            "Authorization",
+            "Authorization: ",
+            "Bearer ",
+            "bearer",
+            "abcdefgh12",
+            "dbvm-enroll-",
+            "sealed:v1:",
+            "eyJ",
+            "eyJabc.def.ghi",
+            "AKIA",
+            "asia",
+            "ABCDEFGHIJKL0123",
+            "IDENTIFIED BY ",
+            "identified",
+            "by ",
+            "-----BEGIN PRIVATE KEY-----",
+            "-----END PRIVATE KEY-----",
+            "-----BEGIN CERTIFICATE-----",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEK",
+            "/",
+            "+",
+            ",",
+            ";",
+            "}",
+            "PlantM",
+            "é",
+            "paſſword",
+            "ſecret",
+            "2026-12-04 03:00:00 UTC LOG:  ",
+            "checkpoint",
         ];
         let mut state: u64 = 14;
         let mut next = |m: usize| {
@@ -763,7 +826,11 @@ mod tests {
             ((state >> 33) as usize) % m
         };
         (0..n)
-            .map(|_| (0..1 + next(10)).map(|_| PIECES[next(PIECES.len())]).collect())
+            .map(|_| {
+                (0..1 + next(10))
+                    .map(|_| PIECES[next(PIECES.len())])
+                    .collect()
+            })
             .collect()
     }
 
@@ -773,7 +840,11 @@ mod tests {
         for p in PATTERNS.iter() {
             if let Needs::Words(ws) = p.needs {
                 for w in ws {
-                    assert_eq!(*w, w.to_ascii_lowercase(), "the block search needs lower case");
+                    assert_eq!(
+                        *w,
+                        w.to_ascii_lowercase(),
+                        "the block search needs lower case"
+                    );
                 }
             }
         }
@@ -793,11 +864,17 @@ mod tests {
             for (i, p) in PATTERNS.iter().enumerate() {
                 if p.regex.is_match(line) {
                     matched += 1;
-                    assert!(set & (1 << i) != 0, "pattern {i} matches {line:?}, not a candidate");
+                    assert!(
+                        set & (1 << i) != 0,
+                        "pattern {i} matches {line:?}, not a candidate"
+                    );
                 }
             }
         }
-        assert!(matched > 1000, "the lines hardly exercise the patterns: {matched}");
+        assert!(
+            matched > 1000,
+            "the lines hardly exercise the patterns: {matched}"
+        );
 
         // Blocks through the pre-filter give what line by line gives.
         for chunk in lines.chunks(37) {
@@ -810,7 +887,10 @@ mod tests {
             let mut by_block = LogRedactor::default();
             let mut got = Vec::new();
             if by_block.block(text.as_bytes(), &mut got) {
-                assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
+                assert_eq!(
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&expected)
+                );
                 assert_eq!(by_block.count, by_line.count);
             } else {
                 assert!(!text.is_ascii() && got.is_empty());
@@ -821,7 +901,10 @@ mod tests {
     #[test]
     fn non_ascii_look_alikes_still_go_through_the_patterns() {
         let (out, n) = log("paſſword=PlantU1 and ſecret: PlantU2");
-        assert!(!out.contains("PlantU1") && !out.contains("PlantU2"), "{out}");
+        assert!(
+            !out.contains("PlantU1") && !out.contains("PlantU2"),
+            "{out}"
+        );
         assert!(n >= 2);
     }
 
