@@ -13,6 +13,7 @@
 //!
 //! Each redaction is counted (the manifest carries the count per file, never a value).
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use regex::{Captures, Regex, RegexSet};
 use std::borrow::Cow;
 use std::sync::LazyLock;
@@ -69,48 +70,85 @@ struct Pattern {
     regex: Regex,
     /// Rewrites one match (`None`: leave this match alone).
     replace: fn(&Captures) -> Option<String>,
+    /// What any ASCII text the pattern matches contains (see [`KEY_WORDS`]).
+    needs: Needs,
+}
+
+/// What a pattern's every match in ASCII text contains.
+#[derive(Clone, Copy)]
+enum Needs {
+    /// One of these words, ASCII-case-insensitively.
+    Words(&'static [&'static str]),
+    /// A run of [`BASE64_RUN`] base64 characters.
+    Base64Run,
 }
 
 /// The key words that make a `key=value` value secret.
 const SECRET_WORDS: &str = r"password|passwd|pwd|passphrase|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?|cipher[_-]?pass|s3[_-]key|session[_-]?key|auth[_-]?key";
 
+/// What every word of [`SECRET_WORDS`] contains: password, passwd, passphrase and
+/// cipher-pass have "pass"; the api, access, private, s3, session and auth keys have "key";
+/// credential(s).
+const SECRET_NEEDS: &[&str] = &["pass", "pwd", "secret", "token", "key", "credential"];
+
 static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
-    let p = |re: &str, replace: fn(&Captures) -> Option<String>| Pattern {
+    let p = |needs: Needs, re: &str, replace: fn(&Captures) -> Option<String>| Pattern {
         // The patterns are constants checked by the unit tests; a typo fails every test.
         regex: Regex::new(re).unwrap_or_else(|e| panic!("redaction pattern {re:?}: {e}")),
         replace,
+        needs,
     };
     vec![
         // URLs with credentials: scheme://user:password@host
-        p(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s/]+)@", |c| {
-            fresh(c).then(|| format!("{}:{MARKER}@", &c[1]))
-        }),
+        p(
+            Needs::Words(&["://"]),
+            r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s/]+)@",
+            |c| fresh(c).then(|| format!("{}:{MARKER}@", &c[1])),
+        ),
         // Authorization headers and bearer tokens.
         p(
+            Needs::Words(&["authorization"]),
             r"(?i)(\bauthorization\s*[:=]\s*(?:bearer|basic|token|digest|negotiate|aws4-hmac-sha256)?\s*)([^\s,;]+)",
             |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
         ),
-        p(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})", |c| {
-            Some(format!("{}{MARKER}", &c[1]))
-        }),
+        p(
+            Needs::Words(&["bearer"]),
+            r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})",
+            |c| Some(format!("{}{MARKER}", &c[1])),
+        ),
         // The fleet's own formats: enrollment tokens and sealed secrets.
-        p(r"dbvm-enroll-[A-Za-z0-9_-]+", |_| Some(MARKER.to_string())),
-        p(r"sealed:v1:[A-Za-z0-9_-]+", |_| Some(MARKER.to_string())),
+        p(
+            Needs::Words(&["dbvm-enroll-"]),
+            r"dbvm-enroll-[A-Za-z0-9_-]+",
+            |_| Some(MARKER.to_string()),
+        ),
+        p(
+            Needs::Words(&["sealed:v1:"]),
+            r"sealed:v1:[A-Za-z0-9_-]+",
+            |_| Some(MARKER.to_string()),
+        ),
         // JSON Web Tokens.
         p(
+            Needs::Words(&["eyj"]),
             r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
             |_| Some(MARKER.to_string()),
         ),
         // AWS access key ids (20 characters; shorter look-alikes too).
         p(
+            Needs::Words(&[
+                "akia", "asia", "agpa", "aida", "aroa", "anpa", "anva", "aipa", "abia", "acca",
+            ]),
             r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[A-Z0-9]{12,}\b",
             |_| Some(MARKER.to_string()),
         ),
         // SQL: ALTER ROLE … PASSWORD 'x', IDENTIFIED BY 'x' (MySQL, MariaDB).
-        p(r#"(?i)(\bpassword\s+)('[^']*'|"[^"]*")"#, |c| {
-            fresh(c).then(|| format!("{}{MARKER}", &c[1]))
-        }),
         p(
+            Needs::Words(&["password"]),
+            r#"(?i)(\bpassword\s+)('[^']*'|"[^"]*")"#,
+            |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
+        ),
+        p(
+            Needs::Words(&["identified"]),
             r#"(?i)(\bidentified\s+(?:with\s+\S+\s+)?by\s+(?:password\s+)?)('[^']*'|"[^"]*"|[^\s;,)]+)"#,
             |c| fresh(c).then(|| format!("{}{MARKER}", &c[1])),
         ),
@@ -118,6 +156,7 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         // value runs to the end of the line (or a `,`, `;`, `}`, `]`): prose and YAML
         // put phrases there, and half a pass phrase is still a secret.
         p(
+            Needs::Words(SECRET_NEEDS),
             &format!(
                 r#"(?i)(["']?[A-Za-z0-9_.-]*(?:{SECRET_WORDS})[A-Za-z0-9_.-]*["']?\s*:\s*)("[^"]*"|'[^']*'|[^\s"',;}}\]][^,;}}\]]*)"#
             ),
@@ -126,6 +165,7 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         // key=value, with a secret key word in the key: one token unquoted (connection
         // strings put the next key after a space).
         p(
+            Needs::Words(SECRET_NEEDS),
             &format!(
                 r#"(?i)(["']?[A-Za-z0-9_.-]*(?:{SECRET_WORDS})[A-Za-z0-9_.-]*["']?\s*=\s*)("[^"]*"|'[^']*'|[^\s,;&"'}}\])]+)"#
             ),
@@ -134,6 +174,7 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         // AWS-style secret access keys: 40 characters of base64 with upper and lower case
         // and a digit or `/`/`+` (hex digests such as commit ids have no upper case).
         p(
+            Needs::Base64Run,
             r"(^|[^A-Za-z0-9/+=])([A-Za-z0-9/+]{40})($|[^A-Za-z0-9/+=])",
             |c| {
                 let s = &c[2];
@@ -158,14 +199,23 @@ fn fresh(c: &Captures) -> bool {
 /// Applies the log patterns to one line (no newline inside), adding to `count`.
 pub fn redact_text<'a>(line: &'a str, count: &mut u64) -> Cow<'a, str> {
     let mut out = Cow::Borrowed(line);
-    // One pass finds which patterns match at all; only those run (a replacement only
-    // ever writes the marker, which no pattern matches, so none becomes a match later).
-    let matched = ANY.matches(line);
-    if !matched.matched_any() {
+    // One pass finds which patterns may match; only those run (a replacement only ever
+    // writes the marker, which no pattern matches, so none becomes a match later). ASCII
+    // text: the pre-filter's candidates (a superset of the patterns that match); other
+    // text: the pattern set itself.
+    let candidates = if line.is_ascii() {
+        candidates(line)
+    } else {
+        ANY.matches(line)
+            .iter()
+            .filter(|&i| i < PATTERNS.len())
+            .fold(0, |set, i| set | 1 << i)
+    };
+    if candidates == 0 {
         return out;
     }
     for (i, pattern) in PATTERNS.iter().enumerate() {
-        if !matched.matched(i) {
+        if candidates & (1 << i) == 0 {
             continue;
         }
         let mut n = 0u64;
@@ -205,11 +255,143 @@ static ANY: LazyLock<RegexSet> = LazyLock::new(|| {
     RegexSet::new(all).unwrap_or_else(|e| panic!("redaction pattern set: {e}"))
 });
 
+/// The pre-filter. Every pattern of [`PATTERNS`] names what any ASCII text it matches
+/// must contain ([`Needs`]): one of a few words (compared ASCII-case-insensitively), or,
+/// for the AWS secret key pattern, a run of 40 base64 characters ([`base64_run`]); a PEM
+/// private key's BEGIN line has "-----begin ". A line of ASCII text with none of them is
+/// matched by no pattern, so it passes unchanged without the patterns' pass, and a line
+/// with some runs only the patterns that need them (most lines of a log have none: the
+/// pattern set costs far more per byte than this search). Non-ASCII text always takes the
+/// patterns' own pass: under `(?i)` a pattern's letters also match non-ASCII look-alikes
+/// (`ſ` for `s`, `K` for `k`). `the_prefilter_agrees_with_the_patterns` checks the
+/// words against the patterns.
+struct KeyWords {
+    /// ASCII-case-insensitive, for one line.
+    search: AhoCorasick,
+    /// Case-sensitive, for a block lower-cased first (see [`LogRedactor::block`]).
+    lower: LowerSearch,
+    /// For each word (by its pattern id in `search`), the patterns that need it (bit i:
+    /// `PATTERNS[i]`).
+    patterns: Vec<u64>,
+    /// The pattern that needs a base64 run, as a bit.
+    base64_run: u64,
+}
+
+const PEM_BEGIN_WORD: &str = "-----begin ";
+
+static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
+    let mut words: Vec<&str> = vec![PEM_BEGIN_WORD];
+    let mut patterns = vec![0u64];
+    let mut base64_run = 0;
+    for (i, p) in PATTERNS.iter().enumerate() {
+        match p.needs {
+            Needs::Words(ws) => {
+                for w in ws {
+                    let at = match words.iter().position(|x| x == w) {
+                        Some(at) => at,
+                        None => {
+                            words.push(w);
+                            patterns.push(0);
+                            words.len() - 1
+                        }
+                    };
+                    patterns[at] |= 1 << i;
+                }
+            }
+            Needs::Base64Run => base64_run |= 1 << i,
+        }
+    }
+    // Constant words; a failure fails every test.
+    let search = AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .kind(Some(AhoCorasickKind::DFA))
+        .build(&words)
+        .unwrap_or_else(|e| panic!("redaction key words: {e}"));
+    // The words are lower case already (a test checks): over lower-cased text, a
+    // case-sensitive search finds the same, and can use the SIMD searcher (Teddy) where
+    // the processor has it.
+    let lower = match aho_corasick::packed::Config::new()
+        .builder()
+        .extend(&words)
+        .build()
+    {
+        Some(packed) => LowerSearch::Packed(packed),
+        None => LowerSearch::Automaton(
+            AhoCorasick::builder()
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(&words)
+                .unwrap_or_else(|e| panic!("redaction key words: {e}")),
+        ),
+    };
+    KeyWords {
+        search,
+        lower,
+        patterns,
+        base64_run,
+    }
+});
+
+enum LowerSearch {
+    Packed(aho_corasick::packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+impl LowerSearch {
+    /// Where the first word at or after `from` in `text` starts.
+    fn find(&self, text: &[u8], from: usize) -> Option<usize> {
+        match self {
+            Self::Packed(s) => s.find_in(text, aho_corasick::Span::from(from..text.len())),
+            Self::Automaton(a) => a.find(aho_corasick::Input::new(text).span(from..text.len())),
+        }
+        .map(|m| m.start())
+    }
+}
+
+/// The patterns (bit i: `PATTERNS[i]`) that may match `line`, ASCII text: those whose
+/// word or base64 run it contains.
+fn candidates(line: &str) -> u64 {
+    let kw = &*KEY_WORDS;
+    let mut set = 0;
+    for m in kw.search.find_overlapping_iter(line) {
+        set |= kw.patterns[m.pattern().as_usize()];
+    }
+    if base64_run(line.as_bytes(), 0).is_some() {
+        set |= kw.base64_run;
+    }
+    set
+}
+
+/// The length of the base64 run the AWS secret key pattern needs.
+const BASE64_RUN: usize = 40;
+
+/// Whether `b` is in the AWS secret key pattern's class (`[A-Za-z0-9/+]`).
+fn base64_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'/' || b == b'+'
+}
+
+/// A position inside the first run of at least [`BASE64_RUN`] base64 characters in `text`
+/// at or after `from` (hand-written: no crate searches for a run of a byte class). Each
+/// window of [`BASE64_RUN`] bytes is checked from its end backwards: the first byte out of
+/// the class found moves the next window past it, so text with spaces now and then is
+/// mostly skipped, not read.
+fn base64_run(text: &[u8], from: usize) -> Option<usize> {
+    let mut start = from;
+    loop {
+        let window = text.get(start..start + BASE64_RUN)?;
+        match window.iter().rposition(|&b| !base64_byte(b)) {
+            None => return Some(start),
+            Some(k) => start += k + 1,
+        }
+    }
+}
+
 /// Log-style redaction of a stream of lines: the patterns, and PEM private key blocks
 /// dropped whole (from their BEGIN line to their END line).
 #[derive(Debug, Default)]
 pub struct LogRedactor {
     in_private_key: bool,
+    /// A block, lower-cased (kept to be reused).
+    lowered: Vec<u8>,
     /// Redactions so far.
     pub count: u64,
 }
@@ -219,6 +401,72 @@ impl LogRedactor {
     /// matched by no pattern.
     pub fn passes_unchanged(&self, block: &str) -> bool {
         !self.in_private_key && !ANY.is_match(block)
+    }
+
+    /// Redacts `block` (whole lines, each ending in `\n`, none longer than [`MAX_LINE`])
+    /// into `out`: lines the pre-filter ([`KeyWords`]) clears are copied
+    /// as they are, the rest (and every line of a private key block) go through
+    /// [`Self::push_line`]. Returns false, writing nothing, when `block` is not ASCII (the
+    /// caller then goes line by line).
+    pub fn block(&mut self, block: &[u8], out: &mut Vec<u8>) -> bool {
+        if !block.is_ascii() {
+            return false;
+        }
+        self.lowered.clear();
+        self.lowered.extend_from_slice(block);
+        self.lowered.make_ascii_lowercase();
+        let lowered = std::mem::take(&mut self.lowered);
+        self.block_lowered(block, &lowered, out);
+        self.lowered = lowered;
+        true
+    }
+
+    /// [`Self::block`] with the block lower-cased beside it.
+    fn block_lowered(&mut self, block: &[u8], lowered: &[u8], out: &mut Vec<u8>) {
+        let mut pos = 0;
+        // The next hit of each search at or after `pos` (searched again once passed).
+        let mut word: Option<usize> = None;
+        let mut run: Option<usize> = None;
+        while pos < block.len() {
+            let suspect = if self.in_private_key {
+                pos
+            } else {
+                if word.is_none_or(|w| w < pos) {
+                    word = Some(KEY_WORDS.lower.find(lowered, pos).unwrap_or(block.len()));
+                }
+                if run.is_none_or(|r| r < pos) {
+                    run = Some(base64_run(block, pos).unwrap_or(block.len()));
+                }
+                let first = word.unwrap_or(block.len()).min(run.unwrap_or(block.len()));
+                if first >= block.len() {
+                    out.extend_from_slice(&block[pos..]);
+                    return;
+                }
+                first
+            };
+            let start = block[pos..suspect]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(pos, |i| pos + i + 1);
+            let end = block[suspect..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(block.len(), |i| suspect + i);
+            out.extend_from_slice(&block[pos..start]);
+            self.push_line(&block[start..end], true, out);
+            pos = end + 1;
+        }
+    }
+
+    /// One line's bytes (without its newline; a trailing `\r` is dropped), redacted, onto
+    /// `out`, with a newline when `newline`.
+    pub fn push_line(&mut self, line: &[u8], newline: bool, out: &mut Vec<u8>) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        out.extend_from_slice(self.line(text).as_bytes());
+        if newline {
+            out.push(b'\n');
+        }
     }
 
     /// One line, without its newline; what to write instead (empty inside a key block).
@@ -509,6 +757,155 @@ mod tests {
         let mut inside = LogRedactor::default();
         inside.line("-----BEGIN PRIVATE KEY-----");
         assert!(!inside.passes_unchanged("MIIsecret\n"));
+    }
+
+    /// Lines made of the patterns' pieces, deterministic (a small LCG: the test needs
+    /// no crate).
+    fn mixed_lines(n: usize) -> Vec<String> {
+        const PIECES: &[&str] = &[
+            "password",
+            "PassWord",
+            "pass",
+            "Pwd",
+            "passphrase",
+            "=",
+            ": ",
+            ":",
+            " ",
+            "'",
+            "\"",
+            "x",
+            "Secret",
+            "token",
+            "api-key",
+            "KEY",
+            "s3_key",
+            "credentials",
+            "://",
+            "https://",
+            "u:pw@",
+            "@",
+            "host",
+            "Authorization",
+            "Authorization: ",
+            "Bearer ",
+            "bearer",
+            "abcdefgh12",
+            "dbvm-enroll-",
+            "sealed:v1:",
+            "eyJ",
+            "eyJabc.def.ghi",
+            "AKIA",
+            "asia",
+            "ABCDEFGHIJKL0123",
+            "IDENTIFIED BY ",
+            "identified",
+            "by ",
+            "-----BEGIN PRIVATE KEY-----",
+            "-----END PRIVATE KEY-----",
+            "-----BEGIN CERTIFICATE-----",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEK",
+            "/",
+            "+",
+            ",",
+            ";",
+            "}",
+            "PlantM",
+            "é",
+            "paſſword",
+            "ſecret",
+            "2026-12-04 03:00:00 UTC LOG:  ",
+            "checkpoint",
+        ];
+        let mut state: u64 = 14;
+        let mut next = |m: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as usize) % m
+        };
+        (0..n)
+            .map(|_| {
+                (0..1 + next(10))
+                    .map(|_| PIECES[next(PIECES.len())])
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_prefilter_agrees_with_the_patterns() {
+        assert!(PATTERNS.len() <= 64, "the candidate sets are 64-bit masks");
+        for p in PATTERNS.iter() {
+            if let Needs::Words(ws) = p.needs {
+                for w in ws {
+                    assert_eq!(
+                        *w,
+                        w.to_ascii_lowercase(),
+                        "the block search needs lower case"
+                    );
+                }
+            }
+        }
+        for (text, run) in [
+            ("", None),
+            ("a b", None),
+            ("x wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", Some(2)),
+            (" wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKE ", None),
+            ("ab cd wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEYxyz", Some(6)),
+        ] {
+            assert_eq!(base64_run(text.as_bytes(), 0), run, "{text:?}");
+        }
+        let lines = mixed_lines(20_000);
+        let mut matched = 0;
+        for line in lines.iter().filter(|l| l.is_ascii()) {
+            let set = candidates(line);
+            for (i, p) in PATTERNS.iter().enumerate() {
+                if p.regex.is_match(line) {
+                    matched += 1;
+                    assert!(
+                        set & (1 << i) != 0,
+                        "pattern {i} matches {line:?}, not a candidate"
+                    );
+                }
+            }
+        }
+        assert!(
+            matched > 1000,
+            "the lines hardly exercise the patterns: {matched}"
+        );
+
+        // Blocks through the pre-filter give what line by line gives.
+        for chunk in lines.chunks(37) {
+            let text: String = chunk.iter().map(|l| format!("{l}\n")).collect();
+            let mut by_line = LogRedactor::default();
+            let mut expected = Vec::new();
+            for l in chunk {
+                by_line.push_line(l.as_bytes(), true, &mut expected);
+            }
+            let mut by_block = LogRedactor::default();
+            let mut got = Vec::new();
+            if by_block.block(text.as_bytes(), &mut got) {
+                assert_eq!(
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(&expected)
+                );
+                assert_eq!(by_block.count, by_line.count);
+            } else {
+                assert!(!text.is_ascii() && got.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn non_ascii_look_alikes_still_go_through_the_patterns() {
+        let (out, n) = log("paſſword=PlantU1 and ſecret: PlantU2");
+        assert!(
+            !out.contains("PlantU1") && !out.contains("PlantU2"),
+            "{out}"
+        );
+        assert!(n >= 2);
     }
 
     #[test]
