@@ -17,7 +17,6 @@ use crate::client::{Client, ClientError};
 use crate::send::Request;
 use dbvm_protocol::AgentId;
 use serde_json::{Map, Value};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;
@@ -52,8 +51,11 @@ pub enum BundleError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("{} has no manifest.json: it is not a complete dbvm bundle", .0.display())]
-    NoManifest(PathBuf),
+    #[error("{} does not match its manifest: {error}", .path.display())]
+    Damaged {
+        path: PathBuf,
+        error: dbvm_bundle::verify::VerifyError,
+    },
     #[error("the manifest of {} is not JSON: {error}", .path.display())]
     BadManifest {
         path: PathBuf,
@@ -190,36 +192,22 @@ pub async fn fetch(
     })
 }
 
-/// The `manifest.json` of a bundle file (read through the archive, never whole in
-/// memory: the manifest is its last entry).
+/// Checks a bundle file against its own `manifest.json` (every file there with its
+/// size and SHA-256, nothing else, the manifest last; streamed, so any size is checked in
+/// flat memory) and returns the manifest.
 pub fn manifest(path: &Path) -> Result<Value, BundleError> {
-    let file_error = |op| {
-        move |error| BundleError::File {
-            op,
+    let file = std::fs::File::open(path).map_err(|error| BundleError::File {
+        op: "open",
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let m = dbvm_bundle::verify::verify(std::io::BufReader::new(file)).map_err(|error| {
+        BundleError::Damaged {
             path: path.to_path_buf(),
             error,
         }
-    };
-    let file = std::fs::File::open(path).map_err(file_error("open"))?;
-    let zstd = zstd::stream::read::Decoder::new(file).map_err(file_error("decompress"))?;
-    let mut tar = tar::Archive::new(zstd);
-    let mut found = None;
-    for entry in tar.entries().map_err(file_error("read the archive"))? {
-        let mut entry = entry.map_err(file_error("read the archive"))?;
-        let is_manifest = entry
-            .path()
-            .map(|p| p.as_os_str() == "manifest.json")
-            .unwrap_or(false);
-        if is_manifest {
-            let mut text = Vec::new();
-            entry
-                .read_to_end(&mut text)
-                .map_err(file_error("read the manifest of"))?;
-            found = Some(text);
-        }
-    }
-    let text = found.ok_or_else(|| BundleError::NoManifest(path.to_path_buf()))?;
-    serde_json::from_slice(&text).map_err(|error| BundleError::BadManifest {
+    })?;
+    serde_json::to_value(&m).map_err(|error| BundleError::BadManifest {
         path: path.to_path_buf(),
         error,
     })

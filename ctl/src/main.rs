@@ -993,9 +993,11 @@ async fn bundle_fetch(
     }
     let fetched = fetched?;
     let path = fetched.path.clone();
+    // Every file against the manifest: a bundle damaged after the broker checked it (on
+    // the broker's disk, on the way) is refused here.
     let manifest = tokio::task::spawn_blocking(move || dbvmctl::bundle::manifest(&path))
         .await
-        .context("reading the manifest")??;
+        .context("checking the bundle against its manifest")??;
     if json {
         let mut summary = manifest.clone();
         if let Some(files) = manifest["files"].as_array() {
@@ -1010,7 +1012,7 @@ async fn bundle_fetch(
         }))?;
     } else {
         out(&format!(
-            "{} ({} bytes, sha256 {} checked)\n{}",
+            "{} ({} bytes, sha256 {} checked; every file matches the manifest)\n{}",
             fetched.path.display(),
             fetched.bytes,
             fetched.sha256,

@@ -104,6 +104,7 @@ fn child(logs: &Path, out_dir: &Path) -> Result<()> {
             max_bytes: 16 * GIB,
             part_timeout: Duration::from_secs(120),
             zstd_level: 3,
+            version: dbvm_host::VERSION.to_string(),
         };
         collect_to_file(parts, options, out_dir, "bundle.tar.zst").await
     })?;
@@ -136,7 +137,7 @@ fn vm_kib(field: &str) -> Result<u64> {
 }
 
 fn run(args: &Args) -> Result<bool> {
-    if !(args.gib > 0.0) || args.files == 0 || args.pairs == 0 {
+    if args.gib.is_nan() || args.gib <= 0.0 || args.files == 0 || args.pairs == 0 {
         bail!("--gib, --files and --pairs must be above 0");
     }
     for tool in ["tar", "zstd"] {

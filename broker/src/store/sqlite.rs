@@ -915,7 +915,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self) -> Result<serde_json::Value, StoreError> {
-        self.read(|conn| Self::read_stats(conn)).await
+        self.read(Self::read_stats).await
     }
 
     async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -938,7 +938,11 @@ impl SqliteStore {
             "SELECT state, class, COUNT(*) FROM commands GROUP BY state, class ORDER BY state, class",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?;
         for row in rows {
             let (state, class, n) = row?;

@@ -234,6 +234,7 @@ impl Bundles {
             max_bytes,
             part_timeout: COMMAND_TIMEOUT,
             zstd_level: 3,
+            version: dbvm_host::VERSION.to_string(),
         };
         let file = format!("{name}.tar.zst");
         let (m, bytes, sha256) = super::collect_to_file(self.parts(&request), options, &dir, &file)
@@ -287,6 +288,7 @@ impl Bundles {
             max_bytes,
             part_timeout: COMMAND_TIMEOUT,
             zstd_level: 3,
+            version: dbvm_host::VERSION.to_string(),
         };
         let file = dir.join(format!(".{id}.upload"));
         let spool_dir = dir.join(format!(".{id}.spool"));

@@ -79,6 +79,8 @@ pub struct Options {
     pub part_timeout: Duration,
     /// zstd's level (3 is zstd's own default: fast, a good ratio on logs).
     pub zstd_level: i32,
+    /// The version of the program that makes the bundle (the manifest's `agent_version`).
+    pub version: String,
 }
 
 /// `manifest.json`.
@@ -192,7 +194,7 @@ async fn drive(
     let mut m = Manifest {
         format: MANIFEST_FORMAT,
         agent_id: options.agent_id.clone(),
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: options.version.clone(),
         created_ms: dbvm_protocol::now_ms(),
         request: Some(options.request.clone()),
         max_bytes: options.max_bytes,
