@@ -64,6 +64,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/bundles/{id}"),
     ("put", "/v1/bundles/{id}/content"),
     ("post", "/v1/bundles/{id}/complete"),
+    ("post", "/v1/broker/bundle"),
 ];
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -220,6 +221,7 @@ pub fn router(
     keys: TrustedKeys,
     artifacts: Arc<ArtifactStore>,
     bundles: Arc<crate::bundles::BundleStore>,
+    own_bundle: Arc<crate::own_bundle::Sources>,
 ) -> Router {
     let v1 = Router::new()
         .route(
@@ -241,6 +243,7 @@ pub fn router(
             "/v1/bundles/{id}",
             get(crate::bundles::download).delete(crate::bundles::remove),
         )
+        .route("/v1/broker/bundle", post(crate::bundles::broker_bundle))
         .layer(axum::middleware::from_fn(auth));
     // The agent's side of bundles: only the agent a bundle.collect command was for
     // uploads its bundle (checked in the handlers), with a certificate not revoked.
@@ -280,6 +283,7 @@ pub fn router(
         .route("/v1/artifacts/{sha256}", artifact)
         .layer(Extension(artifacts))
         .layer(Extension(bundles))
+        .layer(Extension(own_bundle))
         .fallback(|req: axum::extract::Request| {
             answer_unread(
                 req,
@@ -733,6 +737,14 @@ mod tests {
         )
     }
 
+    fn no_sources(dir: &tempfile::TempDir) -> Arc<crate::own_bundle::Sources> {
+        Arc::new(crate::own_bundle::Sources {
+            config_file: None,
+            log_dir: None,
+            data_dir: dir.path().to_path_buf(),
+        })
+    }
+
     fn artifacts_in(dir: &tempfile::TempDir) -> Arc<ArtifactStore> {
         Arc::new(ArtifactStore::open(dir.path(), 4096).expect("artifact store"))
     }
@@ -745,6 +757,7 @@ mod tests {
             TrustedKeys::new(),
             artifacts_in(&_dir),
             bundles_in(&hub, &_dir),
+            no_sources(&_dir),
         );
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
         for (method, path) in ROUTES {
@@ -813,6 +826,7 @@ mod tests {
             TrustedKeys::new(),
             artifacts_in(&dir),
             bundles_in(&hub, &dir),
+            no_sources(&dir),
         );
         let data = b"new agent binary".to_vec();
         let sha = format!("{:x}", sha2::Sha256::digest(&data));
@@ -1084,6 +1098,7 @@ mod tests {
             TrustedKeys::new(),
             artifacts_in(&_dir),
             bundles_in(&hub, &_dir),
+            no_sources(&_dir),
         );
         let get = |path: &str| {
             let mut req = axum::http::Request::builder()

@@ -111,6 +111,8 @@ pub enum BundleError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("the broker's own bundle could not be written: {0}")]
+    Made(dbvm_bundle::writer::BundleError),
 }
 
 impl BundleError {
@@ -152,7 +154,7 @@ impl From<BundleError> for ApiFailure {
                 tracing::error!(error = %s, "bundle store: store error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
-            E::Io { .. } => {
+            E::Io { .. } | E::Made(_) => {
                 tracing::error!(error = %e, "bundle store error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -196,7 +198,8 @@ impl std::fmt::Debug for BundleStore {
 
 impl BundleStore {
     /// Opens `<data_dir>/bundles` (made when absent). Parts of unfinished uploads stay:
-    /// their agents resume them.
+    /// their agents resume them; what a broker bundle cut short by a crash left (dot
+    /// names) is removed.
     pub fn open(
         data_dir: &Path,
         settings: BundleSettings,
@@ -208,6 +211,18 @@ impl BundleStore {
             .mode(0o750)
             .create(&dir)
             .map_err(BundleError::io("create", &dir))?;
+        for entry in std::fs::read_dir(&dir).map_err(BundleError::io("list", &dir))? {
+            let entry = entry.map_err(BundleError::io("list", &dir))?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(BundleError::io("remove", &path))?;
+            }
+        }
         Ok(Self {
             dir,
             settings,
@@ -425,6 +440,46 @@ impl BundleStore {
         Ok(rec)
     }
 
+    /// Makes a bundle of `parts` here (the broker's own) and stores it complete under a new
+    /// id, for `agent`. It is written under `.made/` (which expiry leaves alone), recorded,
+    /// then renamed into place.
+    pub async fn store_made(
+        &self,
+        agent: &str,
+        parts: Vec<dbvm_bundle::Part>,
+        options: dbvm_bundle::Options,
+    ) -> Result<BundleInfo, BundleError> {
+        let id = Uuid::new_v4();
+        let made = self.dir.join(".made");
+        let name = format!("{id}.tar.zst");
+        let created_at_ms = dbvm_protocol::now_ms();
+        let (_, size, sha256) = dbvm_bundle::collect_to_file(parts, options, &made, &name)
+            .await
+            .map_err(BundleError::Made)?;
+        let rec = BundleInfo {
+            id,
+            agent_id: agent.to_string(),
+            state: BundleState::Complete,
+            size,
+            sha256: Some(sha256),
+            created_at_ms,
+            completed_at_ms: Some(dbvm_protocol::now_ms()),
+        };
+        self.store.put_bundle(rec.clone()).await?;
+        let file = self.file_path(id);
+        tokio::fs::rename(made.join(&name), &file)
+            .await
+            .map_err(BundleError::io("rename", &file))?;
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || dbvm_host::fs::sync_dir(&f))
+            .await
+            .map_err(|e| {
+                BundleError::io("fsync the directory of", &file)(std::io::Error::other(e))
+            })?
+            .map_err(BundleError::io("fsync the directory of", &file))?;
+        Ok(rec)
+    }
+
     /// Every bundle, newest first (an upload with the bytes stored so far), and the
     /// bytes of the complete ones.
     pub async fn list(&self) -> Result<BundleList, BundleError> {
@@ -528,6 +583,10 @@ impl BundleStore {
             .map_err(BundleError::io("list", &self.dir))?;
         while let Ok(Some(e)) = rd.next_entry().await {
             let name = e.file_name().to_string_lossy().into_owned();
+            // A broker bundle being made (see `store_made`).
+            if name.starts_with('.') {
+                continue;
+            }
             let id = name
                 .split_once('.')
                 .and_then(|(stem, _)| Uuid::parse_str(stem).ok());
@@ -749,6 +808,33 @@ pub(crate) async fn download(
         .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BrokerBundleQuery {
+    hours: Option<u32>,
+}
+
+/// `POST /v1/broker/bundle[?hours=N]` (control planes): the broker's own bundle, made now
+/// and stored like an agent's; 201 with it.
+pub(crate) async fn broker_bundle(
+    State(hub): State<Arc<Hub>>,
+    Extension(bundles): Extension<Arc<BundleStore>>,
+    Extension(sources): Extension<Arc<crate::own_bundle::Sources>>,
+    Query(q): Query<BrokerBundleQuery>,
+) -> Result<Response, ApiFailure> {
+    let hours = q.hours.unwrap_or(24);
+    if !(1..=720).contains(&hours) {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("hours must be between 1 and 720, not {hours}"),
+        ));
+    }
+    let b = crate::own_bundle::collect(&hub, &bundles, &sources, hours).await?;
+    tracing::info!(bundle = %b.id, size = b.size, "the broker's own bundle stored");
+    Ok((StatusCode::CREATED, Json(b)).into_response())
+}
+
 /// `DELETE /v1/bundles/{id}` (control planes): 204.
 pub(crate) async fn remove(
     Extension(bundles): Extension<Arc<BundleStore>>,
@@ -908,6 +994,7 @@ mod tests {
             max_bytes: 64 * 1024,
             max_total_bytes: 64 * 1024,
             max_age_hours: 1,
+            log_dir: None,
         })
         .await;
         let a = stored(&b, "db1", &[1u8; 30 * 1024]).await;

@@ -60,6 +60,10 @@ pub struct Config {
     /// `[bundles]`: the log bundles agents upload (see `bundles.rs`).
     #[serde(default)]
     pub bundles: BundleSettings,
+    /// The file this config was read from (set by [`Config::load`]), for the broker's own
+    /// bundle.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -71,6 +75,9 @@ pub struct BundleSettings {
     pub max_total_bytes: u64,
     /// Bundles older than this are removed.
     pub max_age_hours: u32,
+    /// A directory of the broker's own log files (every regular file in it), for its own
+    /// bundle where journald does not run.
+    pub log_dir: Option<PathBuf>,
 }
 
 impl BundleSettings {
@@ -87,6 +94,7 @@ impl Default for BundleSettings {
             max_bytes: 4 * Self::GIB,
             max_total_bytes: 20 * Self::GIB,
             max_age_hours: 7 * 24,
+            log_dir: None,
         }
     }
 }
@@ -293,9 +301,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        let config: Self = toml::from_str(&text)
+        let mut config: Self = toml::from_str(&text)
             .map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
         config.validate()?;
+        config.file = Some(path.to_path_buf());
         Ok(config)
     }
 

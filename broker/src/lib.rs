@@ -16,6 +16,7 @@ pub mod health;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
+pub mod own_bundle;
 pub mod revocation;
 pub mod store;
 
@@ -62,6 +63,8 @@ pub struct Broker {
     command_keys: dbvm_protocol::command::TrustedKeys,
     artifacts: Arc<artifacts::ArtifactStore>,
     bundles: Arc<bundles::BundleStore>,
+    /// What the broker's own bundle reads.
+    own_bundle: Arc<own_bundle::Sources>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -128,6 +131,11 @@ impl Broker {
             command_keys,
             artifacts,
             bundles,
+            own_bundle: Arc::new(own_bundle::Sources {
+                config_file: config.file.clone(),
+                log_dir: config.bundles.log_dir.clone(),
+                data_dir: config.data_dir.clone(),
+            }),
         })
     }
 
@@ -191,7 +199,13 @@ impl Broker {
         let api = tokio::spawn(api::serve(
             self.api_listener,
             self.api_tls,
-            api::router(hub.clone(), self.command_keys, self.artifacts, self.bundles),
+            api::router(
+                hub.clone(),
+                self.command_keys,
+                self.artifacts,
+                self.bundles,
+                self.own_bundle,
+            ),
             shutdown.clone(),
             tracker.clone(),
         ));

@@ -132,8 +132,10 @@ pub struct Fetched {
     pub sha256: String,
 }
 
-/// The file name a bundle gets when none is given.
+/// The file name a bundle gets when none is given (the broker's own bundles, whose
+/// agent is `(broker)`, are `bundle-broker-<id>.tar.zst`).
 pub fn default_file(agent: &str, id: Uuid) -> PathBuf {
+    let agent: String = agent.chars().filter(|c| !matches!(c, '(' | ')')).collect();
     PathBuf::from(format!("bundle-{agent}-{id}.tar.zst"))
 }
 

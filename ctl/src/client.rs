@@ -7,9 +7,9 @@
 
 use crate::sse::{SseError, SseParser};
 use dbvm_protocol::api::{
-    AgentHealth, AgentView, ApiError, ArtifactEntry, ArtifactInfo, BundleList, CommandView,
-    EnrollmentToken, EnrollmentTokenRequest, Event, FleetHealth, Revocation, RevokeRequest,
-    SubmitCommand,
+    AgentHealth, AgentView, ApiError, ArtifactEntry, ArtifactInfo, BundleInfo, BundleList,
+    CommandView, EnrollmentToken, EnrollmentTokenRequest, Event, FleetHealth, Revocation,
+    RevokeRequest, SubmitCommand,
 };
 use dbvm_protocol::command::SignedCommand;
 use futures::{Stream, StreamExt};
@@ -470,6 +470,16 @@ impl Client {
     ) -> Result<Downloaded, ClientError> {
         let url = self.url(&["v1", "bundles", &id.to_string()]);
         self.download(url, dest, progress).await
+    }
+
+    /// `POST /v1/broker/bundle?hours=N`: the broker's own bundle, made now.
+    pub async fn broker_bundle(&self, hours: u32) -> Result<BundleInfo, ClientError> {
+        let mut url = self.url(&["v1", "broker", "bundle"]);
+        url.query_pairs_mut()
+            .append_pair("hours", &hours.to_string());
+        // Made while the request waits: journalctl over a long window takes a while.
+        self.call(Method::POST, url, Duration::from_secs(300), None)
+            .await
     }
 
     /// `DELETE /v1/bundles/{id}`.

@@ -289,6 +289,19 @@ enum BundleCommand {
     },
     /// Delete a bundle from the broker
     Delete { id: Uuid },
+    /// The broker's own bundle: its version, config (redacted), logs, store statistics,
+    /// the agents it knows and its metrics; made now, downloaded and checked
+    Broker {
+        /// Where it goes [default: bundle-broker-<id>.tar.zst here]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The logs of the last this many hours
+        #[arg(long, value_name = "HOURS", default_value_t = 24)]
+        hours: u32,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -719,6 +732,27 @@ async fn run(cli: Cli) -> Result<Exit> {
             Ok(Exit::Success)
         }
         Command::Bundle {
+            command:
+                Some(BundleCommand::Broker {
+                    output,
+                    hours,
+                    json,
+                }),
+            ..
+        } => {
+            let home = ctx.home()?;
+            let client = ctx.client(&home)?;
+            if let Some(out) = &output {
+                if out.exists() {
+                    return Err(dbvmctl::bundle::BundleError::Exists(out.clone()).into());
+                }
+            }
+            let made = client.broker_bundle(hours).await?;
+            let output =
+                output.unwrap_or_else(|| dbvmctl::bundle::default_file(&made.agent_id, made.id));
+            bundle_fetch(&ctx, made.id, Some(output), made.sha256, json).await
+        }
+        Command::Bundle {
             agent,
             output,
             hours,
@@ -731,7 +765,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             command: None,
         } => {
             let agent = agent.context(
-                "name the agent: dbvmctl bundle <AGENT> (or bundle list / bundle fetch ID)",
+                "name the agent: dbvmctl bundle <AGENT> (or bundle list / fetch ID / broker)",
             )?;
             let collect = dbvmctl::bundle::Collect {
                 hours,

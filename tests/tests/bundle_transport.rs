@@ -541,6 +541,35 @@ async fn dbvmctl_bundle_collects_fetches_checks_and_summarises() {
         std::fs::read(&first).unwrap(),
         std::fs::read(&second).unwrap()
     );
+    // The broker's own bundle: made now, listed like the agents', checked the same way.
+    let own = dir.path().join("broker.tar.zst");
+    let (code, stdout, stderr) = run(&[
+        "bundle",
+        "broker",
+        "--hours",
+        "1",
+        "-o",
+        own.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("bundle of agent (broker)"), "{stdout}");
+    let files = dbvm_bundle::verify::unpack(std::fs::File::open(&own).unwrap()).unwrap();
+    for f in [
+        "broker/version.txt",
+        "broker/config.toml",
+        "broker/config-check.txt",
+        "broker/store.json",
+        "broker/agents.json",
+        "broker/metrics.txt",
+        "system/meminfo",
+    ] {
+        assert!(files.contains_key(f), "{f} missing: {:?}", files.keys());
+    }
+    let store: serde_json::Value = serde_json::from_slice(&files["broker/store.json"]).unwrap();
+    assert_eq!(store["bundles"], 1, "{store}");
+    assert!(String::from_utf8_lossy(&files["broker/config-check.txt"]).contains("is valid"));
+    assert!(String::from_utf8_lossy(&files["broker/agents.json"]).contains("\"db1\""));
+
     // An id the broker does not hold: a clear refusal.
     let (code, _, stderr) = run(&["bundle", "fetch", &uuid::Uuid::new_v4().to_string()]);
     assert_ne!(code, Some(0));

