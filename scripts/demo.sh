@@ -375,6 +375,8 @@ run "$bin/dbvmctl" bundle db-demo --hours 1 --db-views -o "$demo/db-demo-bundle.
 run "$bin/dbvmctl" bundle list
 echo "the archive's first entries:"
 tar -I zstd -tvf "$demo/db-demo-bundle.tar.zst" | sed -n "1,12p"
+say "the broker's own bundle: its config (redacted), logs, store counts, agents and metrics"
+run "$bin/dbvmctl" bundle broker -o "$demo/broker-bundle.tar.zst"
 
 # ---- for image builders ----------------------------------------------------------------
 say "the image builders' command: the static agent and broker at version 0.1.1 and their RPMs, signed with the builder's GPG key (a throwaway one here)"
