@@ -219,9 +219,15 @@ pub fn manifest(path: &Path) -> Result<Value, BundleError> {
 /// nothing to collect or was cut.
 pub fn summary(manifest: &Value) -> String {
     let n = |k: &str| manifest[k].as_array().map_or(0, Vec::len);
+    let who = manifest["agent_id"].as_str().unwrap_or("?");
+    // The broker's own bundles name it `(broker)` (see the broker's own_bundle.rs).
+    let program = if who == "(broker)" {
+        "dbvm-broker"
+    } else {
+        "dbvm-agent"
+    };
     let mut out = format!(
-        "bundle of agent {} (dbvm-agent {}): {} files, {} bytes before compression, {} redactions\n",
-        manifest["agent_id"].as_str().unwrap_or("?"),
+        "bundle of agent {who} ({program} {}): {} files, {} bytes before compression, {} redactions\n",
         manifest["agent_version"].as_str().unwrap_or("?"),
         n("files"),
         manifest["content_bytes"].as_u64().unwrap_or(0),

@@ -8,6 +8,8 @@
 //! the generator's memory never counts in the writer's peak RSS (the child reports its
 //! own `VmHWM` from `/proc/self/status` at its end).
 
+mod e2e;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rand::rngs::StdRng;
@@ -48,6 +50,19 @@ struct Args {
     /// Print the report as JSON (the table goes to stderr).
     #[arg(long)]
     json: bool,
+    /// The whole way instead of the writer alone: a signed bundle.collect to the release
+    /// agent through the release broker, uploaded while written, fetched and checked at
+    /// the control plane (see e2e.rs); needs --agent-bin and --broker-bin.
+    #[arg(long, requires_all = ["agent_bin", "broker_bin"])]
+    e2e: bool,
+    #[arg(long, value_name = "PATH")]
+    agent_bin: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    broker_bin: Option<PathBuf>,
+    /// With --e2e: signed pings to the idle agent (the baseline of those sent while a
+    /// bundle streams).
+    #[arg(long, default_value_t = 200)]
+    pings: usize,
     /// Internal: run the writer over the logs in LOGS into OUT_DIR and print its figures.
     #[arg(long, hide = true, num_args = 2, value_names = ["LOGS", "OUT_DIR"])]
     child: Option<Vec<PathBuf>>,
@@ -172,6 +187,9 @@ fn run(args: &Args) -> Result<bool> {
             &mut std::io::sink(),
         )?;
     }
+    if args.e2e {
+        return run_e2e(args, &logs);
+    }
     let exe = std::env::current_exe()?;
     let mut pairs = Vec::new();
     for i in 0..args.pairs {
@@ -294,6 +312,53 @@ fn sync_file(path: &Path) -> Result<()> {
 /// (a password in a connection string or a statement, a URL with credentials, a bearer
 /// header, an AWS key id), the rest vary in their numbers, names and statements, so the
 /// text compresses as a server log does (not as one repeated line).
+/// `--e2e`: the whole way, with its own table.
+fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
+    let (Some(agent_bin), Some(broker_bin)) = (&args.agent_bin, &args.broker_bin) else {
+        bail!("--e2e needs --agent-bin and --broker-bin");
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(e2e::run(e2e::E2eArgs {
+        logs: logs.to_path_buf(),
+        pairs: args.pairs,
+        idle_pings: args.pings,
+        agent_bin: agent_bin.clone(),
+        broker_bin: broker_bin.clone(),
+    }))?;
+    let ok = e2e::passes(&r);
+    eprintln!(
+        "\n{:.2} GiB of logs, {} pairs\n\
+         bundle through the broker to the checked file / tar -I 'zstd -3': median {:.3} (target <= 1.2)\n\
+         pairs (s): {:?}\n\
+         sizes: bundle {:.1} MiB, tar.zst {:.1} MiB\n\
+         agent RSS: idle {:.1} MiB, peak while bundling {:.1} MiB (target < 64)\n\
+         signed ping round trip: idle p50 {:.2} ms p99 {:.2} ms (n={}); while the bundle streams p50 {:.2} ms p99 {:.2} ms (n={}) (target p99 <= 2x idle)\n\
+         {}",
+        r.input_bytes as f64 / GIB as f64,
+        r.pairs.len(),
+        r.median_ratio,
+        r.pairs,
+        r.bundle_bytes as f64 / MIB,
+        r.tar_bytes as f64 / MIB,
+        r.agent_idle_rss_mib,
+        r.agent_peak_rss_mib,
+        r.ping_idle_ms.p50,
+        r.ping_idle_ms.p99,
+        r.ping_idle_ms.n,
+        r.ping_streaming_ms.p50,
+        r.ping_streaming_ms.p99,
+        r.ping_streaming_ms.n,
+        if ok { "all targets met" } else { "a target was missed" }
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    }
+    Ok(ok)
+}
+
 fn generate(logs: &Path, total: u64, files: u32) -> Result<Vec<String>> {
     let mut rng = StdRng::seed_from_u64(14);
     let per_file = total / u64::from(files);

@@ -1,0 +1,232 @@
+//! The whole way of a bundle, end to end: a signed `bundle.collect` to the release agent
+//! through the release broker, the agent writing the bundle while it uploads it, then the
+//! download at the control plane checked against both SHA-256s (`dbvmctl::bundle::fetch`,
+//! what `dbvmctl bundle` runs), timed from the submission to the checked file; against
+//! `tar -I 'zstd -3' -cf` of the same files, interleaved in pairs. Meanwhile signed `ping`s
+//! to the same agent, one after another, against the same pings while it is idle; and the
+//! agent's resident memory sampled every 50 ms.
+
+use anyhow::{bail, Context, Result};
+use dbvm_e2e::release::{Bins, Spec};
+use dbvm_e2e::Fleet;
+use dbvm_protocol::api::CommandState;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct E2eArgs {
+    pub logs: PathBuf,
+    pub pairs: usize,
+    pub idle_pings: usize,
+    pub agent_bin: PathBuf,
+    pub broker_bin: PathBuf,
+}
+
+/// The targets of issue 14: the whole way at most 1.2 × tar | zstd -3, the agent under
+/// 64 MiB, pings while a bundle streams within 2 × their idle p99.
+pub fn passes(r: &E2eReport) -> bool {
+    r.median_ratio <= 1.2
+        && r.agent_peak_rss_mib < 64.0
+        && r.ping_streaming_ms.p99 <= 2.0 * r.ping_idle_ms.p99
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct E2eReport {
+    pub input_bytes: u64,
+    /// Seconds per pair: (bundle through the broker to the checked file, tar | zstd -3).
+    pub pairs: Vec<(f64, f64)>,
+    pub median_ratio: f64,
+    pub bundle_bytes: u64,
+    pub tar_bytes: u64,
+    pub agent_peak_rss_mib: f64,
+    pub agent_idle_rss_mib: f64,
+    pub ping_idle_ms: Percentiles,
+    pub ping_streaming_ms: Percentiles,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub n: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles::default();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Percentiles {
+        n: v.len(),
+        p50: at(0.50),
+        p99: at(0.99),
+        max: v[v.len() - 1],
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn ping(fleet: &Fleet, client: &dbvmctl::Client, agent: &str) -> Result<f64> {
+    let started = Instant::now();
+    let v = client
+        .submit(&fleet.sign(agent, "ping", json!({})))
+        .await
+        .context("submit a ping")?;
+    let v = client.wait(v.id, Duration::from_secs(30)).await?;
+    if v.state != CommandState::Succeeded {
+        bail!("a ping did not succeed: {v:?}");
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn tar_zstd(logs: &Path, out: &Path) -> Result<f64> {
+    let _ = std::fs::remove_file(out);
+    let started = Instant::now();
+    let status = std::process::Command::new("tar")
+        .args(["-I", "zstd -3", "-cf"])
+        .arg(out)
+        .arg("-C")
+        .arg(logs)
+        .arg(".")
+        .status()
+        .context("run tar")?;
+    if !status.success() {
+        bail!("tar -I 'zstd -3' failed: {status}");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+pub async fn run(args: E2eArgs) -> Result<E2eReport> {
+    let fleet = Fleet::new();
+    let bins = Bins {
+        agent: args.agent_bin.clone(),
+        broker: args.broker_bin.clone(),
+    };
+    let sections = format!(
+        "[health]\nmetrics_listen = \"\"\n[bundle]\nlog_dir = {}\n",
+        dbvm_e2e::fleet::toml_path(&args.logs)
+    );
+    let spec = Spec {
+        agent_id: "bench-bundle",
+        sections,
+        container: String::new(),
+        log_level: "warn",
+        keep_dir: false,
+    };
+    let (broker, agent, client) = dbvm_e2e::release::start_processes(&fleet, &bins, &spec).await?;
+    let pid = agent.proc.pid();
+    let input_bytes: u64 = std::fs::read_dir(&args.logs)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+
+    // Idle pings first (the agent has settled after its first health run).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss = rss_kib(pid, "VmRSS:");
+    let mut idle = Vec::new();
+    for _ in 0..args.idle_pings {
+        idle.push(ping(&fleet, &client, "bench-bundle").await?);
+    }
+
+    let out_dir = tempfile::tempdir()?;
+    let tar_out = out_dir.path().join("tar.tar.zst");
+    let mut pairs = Vec::new();
+    let mut streaming = Vec::new();
+    let mut peak = 0u64;
+    let mut bundle_bytes = 0;
+    for pair in 0..args.pairs {
+        // The bundle through the broker to the checked file.
+        let dest = out_dir.path().join(format!("bundle-{pair}.tar.zst"));
+        let done = Arc::new(AtomicBool::new(false));
+        let peak_kib = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (done, peak_kib) = (done.clone(), peak_kib.clone());
+            tokio::spawn(async move {
+                while !done.load(Ordering::Relaxed) {
+                    peak_kib.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let started = Instant::now();
+        let cmd = fleet.sign(
+            "bench-bundle",
+            "bundle.collect",
+            json!({"hours": 1, "max_bytes": 16u64 << 30, "broker_url": broker.api_url()}),
+        );
+        let v = client.submit(&cmd).await.context("submit the bundle")?;
+        let pings = async {
+            let mut lat = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                match ping(&fleet, &client, "bench-bundle").await {
+                    Ok(ms) => lat.push(ms),
+                    Err(_) => break,
+                }
+            }
+            lat
+        };
+        let bundle = async {
+            let r = async {
+                let v = client.wait(v.id, Duration::from_secs(1800)).await?;
+                let out = match (v.state, v.output) {
+                    (CommandState::Succeeded, Some(o)) => o,
+                    (state, _) => bail!("the bundle did not succeed: {state:?} {:?}", v.error),
+                };
+                let got =
+                    dbvmctl::bundle::fetch(&client, v.id, &dest, out["sha256"].as_str(), |_, _| {})
+                        .await
+                        .context("fetch the bundle")?;
+                Ok((v.id, got, started.elapsed().as_secs_f64()))
+            }
+            .await;
+            done.store(true, Ordering::Relaxed);
+            r
+        };
+        let (lat, fetched) = tokio::join!(pings, bundle);
+        let (id, got, bundle_s) = fetched?;
+        let _ = sampler.await;
+        streaming.extend(lat);
+        peak = peak.max(peak_kib.load(Ordering::Relaxed));
+        bundle_bytes = got.bytes;
+        client.delete_bundle(id).await.ok();
+        let _ = std::fs::remove_file(&dest);
+
+        let tar_s = tar_zstd(&args.logs, &tar_out)?;
+        eprintln!(
+            "pair {}: bundle to the checked file {bundle_s:.2} s, tar | zstd -3 {tar_s:.2} s, ratio {:.3}",
+            pair + 1,
+            bundle_s / tar_s
+        );
+        pairs.push((bundle_s, tar_s));
+    }
+    let tar_bytes = std::fs::metadata(&tar_out).map(|m| m.len()).unwrap_or(0);
+    let mut ratios: Vec<f64> = pairs.iter().map(|(b, t)| b / t).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median_ratio = ratios[ratios.len() / 2];
+    drop(agent);
+    drop(broker);
+    Ok(E2eReport {
+        input_bytes,
+        pairs,
+        median_ratio,
+        bundle_bytes,
+        tar_bytes,
+        agent_peak_rss_mib: peak as f64 / 1024.0,
+        agent_idle_rss_mib: idle_rss as f64 / 1024.0,
+        ping_idle_ms: percentiles(idle),
+        ping_streaming_ms: percentiles(streaming),
+    })
+}
