@@ -3,9 +3,11 @@
 //! most the channel's chunks, one line of a log, one config file).
 //!
 //! Each part is first read into a spool file of its own (redacted on the way: a
-//! `tar` header needs the size before the bytes, and redaction changes sizes), then the
-//! blocking pool appends it to the archive (the `tar` and `zstd` crates are synchronous)
-//! while the next part is read. The archive's writer hashes every entry as it copies it,
+//! `tar` header needs the size before the bytes, and redaction changes sizes; a log file
+//! by a blocking thread of its own), then the blocking pool appends it to the archive
+//! (the `tar` and `zstd` crates are synchronous) while the next part is read, and one
+//! zstd worker thread compresses beside it: three stages on their own threads, as `tar |
+//! zstd` runs (`benches/bundle` measures the writer against it). The archive's writer hashes every entry as it copies it,
 //! and `manifest.json`, the last entry, lists each file (path, size, sha256, source,
 //! redactions), every step that failed or was skipped and why, and what the size cap
 //! left out. A part's failure is recorded and the bundle goes on; only a failure to
