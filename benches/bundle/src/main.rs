@@ -136,7 +136,7 @@ fn vm_kib(field: &str) -> Result<u64> {
 }
 
 fn run(args: &Args) -> Result<bool> {
-    if !(args.gib > 0.0) || args.files == 0 || args.pairs == 0 {
+    if !args.gib.is_finite() || args.gib <= 0.0 || args.files == 0 || args.pairs == 0 {
         bail!("--gib, --files and --pairs must be above 0");
     }
     for tool in ["tar", "zstd"] {
