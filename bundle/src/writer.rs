@@ -3,9 +3,11 @@
 //! most the channel's chunks, one line of a log, one config file).
 //!
 //! Each part is first read into a spool file of its own (redacted on the way: a
-//! `tar` header needs the size before the bytes, and redaction changes sizes), then the
-//! blocking pool appends it to the archive (the `tar` and `zstd` crates are synchronous)
-//! while the next part is read. The archive's writer hashes every entry as it copies it,
+//! `tar` header needs the size before the bytes, and redaction changes sizes; a log file
+//! by a blocking thread of its own), then the blocking pool appends it to the archive
+//! (the `tar` and `zstd` crates are synchronous) while the next part is read, and zstd
+//! worker threads compress beside it: the stages on threads of their own, as `tar |
+//! zstd` runs (`benches/bundle` measures the writer against it). The archive's writer hashes every entry as it copies it,
 //! and `manifest.json`, the last entry, lists each file (path, size, sha256, source,
 //! redactions), every step that failed or was skipped and why, and what the size cap
 //! left out. A part's failure is recorded and the bundle goes on; only a failure to
@@ -41,12 +43,14 @@ pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
 const MIN_CUT_BYTES: u64 = 4096;
 /// How much of a failed command's standard error the manifest quotes.
 const STDERR_QUOTE_BYTES: usize = 2048;
-/// zstd's worker threads (one: the machine this runs on may have two cores, and the
-/// redaction of the next part runs beside it).
-const COMPRESSION_WORKERS: u32 = 1;
+/// zstd's worker threads at most: two, so compression can take both cores of a
+/// two-core VM while the redaction of the next part waits (with one, compression alone
+/// is as long as `tar | zstd -3` and everything else has to fit beside it; measured with
+/// benches/bundle), never more than the cores there are.
+const COMPRESSION_WORKERS: usize = 2;
 /// The input of one compression job: zstd's default for level 3 (8 MiB) holds about 45
-/// MiB of buffers in flight; 4 MiB holds about 25 at the same speed, with an archive
-/// 0.2 % smaller or larger (measured with benches/bundle).
+/// MiB of buffers in flight with one worker; 4 MiB holds about 25 at the same speed (35
+/// with two workers), with an archive 0.2 % smaller (measured with benches/bundle).
 const COMPRESSION_JOB_BYTES: u32 = 4 * 1024 * 1024;
 /// The buffers between the spool, `tar` and zstd.
 const ARCHIVE_BUFFER: usize = 256 * 1024;
@@ -886,13 +890,13 @@ fn write_archive(
         buf: Vec::with_capacity(CHUNK_BYTES),
     };
     let mut encoder = zstd::stream::write::Encoder::new(writer, level).map_err(archive_error)?;
-    // One compression worker, as the `zstd` command's default (`-T1`): the compression
-    // runs on a thread of its own beside this one (reading the spool, hashing, `tar`), and
-    // each job compresses a contiguous window (the single-threaded stream's ring buffer
-    // sends most blocks down zstd's slower external-dictionary path).
-    encoder
-        .multithread(COMPRESSION_WORKERS)
-        .map_err(archive_error)?;
+    // Compression workers, as the `zstd` command's default (`-T1`) has one: the
+    // compression runs on threads of its own beside this one (reading the spool, hashing,
+    // `tar`), and each job compresses a contiguous window (the single-threaded stream's
+    // ring buffer sends most blocks down zstd's slower external-dictionary path).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = COMPRESSION_WORKERS.min(cores) as u32;
+    encoder.multithread(workers).map_err(archive_error)?;
     encoder
         .set_parameter(zstd::stream::raw::CParameter::JobSize(
             COMPRESSION_JOB_BYTES,

@@ -152,7 +152,7 @@ fn vm_kib(field: &str) -> Result<u64> {
 }
 
 fn run(args: &Args) -> Result<bool> {
-    if args.gib.is_nan() || args.gib <= 0.0 || args.files == 0 || args.pairs == 0 {
+    if !args.gib.is_finite() || args.gib <= 0.0 || args.files == 0 || args.pairs == 0 {
         bail!("--gib, --files and --pairs must be above 0");
     }
     for tool in ["tar", "zstd"] {
@@ -194,6 +194,7 @@ fn run(args: &Args) -> Result<bool> {
     let mut pairs = Vec::new();
     for i in 0..args.pairs {
         let out = dir.path().join(format!("tar-{i}.tar.zst"));
+        let cpu = children_cpu_s()?;
         let start = Instant::now();
         let status = Command::new("tar")
             .args(["-I", "zstd -3", "-cf"])
@@ -205,6 +206,7 @@ fn run(args: &Args) -> Result<bool> {
         // tar's file is synced too, as the writer's is (the writer's figure includes it).
         sync_file(&out)?;
         let tar_s = start.elapsed().as_secs_f64();
+        let tar_cpu = children_cpu_s()? - cpu;
         if !status.success() {
             bail!("tar -I 'zstd -3' failed: {status}");
         }
@@ -212,6 +214,7 @@ fn run(args: &Args) -> Result<bool> {
         std::fs::remove_file(&out)?;
 
         let out_dir = dir.path().join(format!("bundle-{i}"));
+        let cpu = children_cpu_s()?;
         let start = Instant::now();
         let output = Command::new(&exe)
             .arg("--child")
@@ -220,6 +223,7 @@ fn run(args: &Args) -> Result<bool> {
             .stderr(Stdio::inherit())
             .output()?;
         let agent_s = start.elapsed().as_secs_f64();
+        let agent_cpu = children_cpu_s()? - cpu;
         if !output.status.success() {
             bail!("the writer's child failed: {}", output.status);
         }
@@ -228,12 +232,15 @@ fn run(args: &Args) -> Result<bool> {
         std::fs::remove_dir_all(&out_dir)?;
         let ratio = agent_s / tar_s;
         eprintln!(
-            "pair {}: tar|zstd {tar_s:.2} s, writer {agent_s:.2} s (ratio {ratio:.2}), writer peak RSS {:.1} MiB",
+            "pair {}: tar|zstd {tar_s:.2} s ({tar_cpu:.2} s CPU), writer {agent_s:.2} s ({agent_cpu:.2} s CPU) (ratio {ratio:.2}), writer peak RSS {:.1} MiB",
             i + 1,
             agent["vmhwm_kib"].as_f64().unwrap_or(0.0) / 1024.0
         );
         pairs.push(json!({
             "tar_s": tar_s,
+            "tar_cpu_s": tar_cpu,
+            "agent_cpu_s": agent_cpu,
+            "cpu_ratio": agent_cpu / tar_cpu.max(0.01),
             "tar_bytes": tar_bytes,
             "agent_s": agent_s,
             "ratio": ratio,
@@ -251,6 +258,7 @@ fn run(args: &Args) -> Result<bool> {
         .max()
         .unwrap_or(0);
     let (tar_s, agent_s, ratio) = (median("tar_s"), median("agent_s"), median("ratio"));
+    let (tar_cpu, agent_cpu) = (median("tar_cpu_s"), median("agent_cpu_s"));
     let tar_bytes = pairs[0]["tar_bytes"].as_u64().unwrap_or(0);
     let agent_bytes = pairs[0]["agent"]["bytes"].as_u64().unwrap_or(0);
     let rss_mib = peak_kib as f64 / 1024.0;
@@ -260,6 +268,7 @@ fn run(args: &Args) -> Result<bool> {
         "\n| | tar -I 'zstd -3' | agent writer | target |\n| --- | --- | --- | --- |\n\
          | wall time (median of {n}) | {tar_s:.2} s | {agent_s:.2} s | |\n\
          | ratio writer / tar (median) | | {ratio:.3} | ≤ {tr} {rm} |\n\
+         | CPU, user + system (median) | {tar_cpu:.2} s | {agent_cpu:.2} s ({cr:.2}× tar's) | |\n\
          | throughput | {tt:.0} MiB/s | {at:.0} MiB/s | |\n\
          | output | {tb:.1} MiB | {ab:.1} MiB ({sr:.3}× tar's) | |\n\
          | peak RSS (VmHWM of the writer's process) | | {rss_mib:.1} MiB | < {trss} MiB {rr} |\n\
@@ -267,6 +276,7 @@ fn run(args: &Args) -> Result<bool> {
         n = pairs.len(),
         tr = args.target_ratio,
         rm = if ratio_ok { "met" } else { "MISSED" },
+        cr = agent_cpu / tar_cpu.max(0.01),
         tt = total as f64 / MIB / tar_s,
         at = total as f64 / MIB / agent_s,
         tb = tar_bytes as f64 / MIB,
@@ -283,6 +293,8 @@ fn run(args: &Args) -> Result<bool> {
         "median_tar_s": tar_s,
         "median_agent_s": agent_s,
         "median_ratio": ratio,
+        "median_tar_cpu_s": tar_cpu,
+        "median_agent_cpu_s": agent_cpu,
         "peak_rss_mib": rss_mib,
         "tar_bytes": tar_bytes,
         "agent_bytes": agent_bytes,
@@ -300,6 +312,28 @@ fn run(args: &Args) -> Result<bool> {
         eprintln!("kept {}", kept.display());
     }
     Ok(ratio_ok && rss_ok)
+}
+
+/// The CPU time (user + system, s) of this process's waited-for children so far
+/// (`cutime` + `cstime` of /proc/self/stat): a child's own and its children's (tar's
+/// zstd), once it has been waited for.
+fn children_cpu_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command (in parentheses, which may hold spaces).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("no command in /proc/self/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of the line; `rest` starts at field 3.
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("a short /proc/self/stat")?
+            .parse::<f64>()?)
+    };
+    // USER_HZ is 100 on Linux's every architecture this runs on.
+    Ok((ticks(16)? + ticks(17)?) / 100.0)
 }
 
 fn sync_file(path: &Path) -> Result<()> {

@@ -329,3 +329,51 @@ async fn collect_to_file_writes_a_private_complete_file() {
         .collect();
     assert_eq!(names, ["b.tar.zst"], "no temporary or spool file is left");
 }
+
+/// A log long enough to span many reads, its lines of many lengths (so reads end
+/// mid-line), with secrets, a private key block and non-ASCII lines here and there: both
+/// the file path (a blocking thread) and the produced path give exactly what the redactor
+/// gives line by line.
+#[tokio::test]
+async fn a_log_read_in_chunks_is_redacted_as_line_by_line() {
+    let mut text = String::new();
+    for i in 0..12_000u32 {
+        match i % 97 {
+            5 => text.push_str(&format!("conn host=db user=app password=PlantC{i} ok\n")),
+            17 => text.push_str(&format!("Authorization: Bearer PlantC{i}abcdefgh\n")),
+            29 => text.push_str("-----BEGIN PRIVATE KEY-----\nMIIPlantCKey\nmore PlantCKey\n-----END PRIVATE KEY-----\n"),
+            // Rare: a read with a non-ASCII line goes line by line.
+            41 if i % 2000 == 41 => text.push_str(&format!("naïve paſſword=PlantC{i}\n")),
+            53 => text.push_str(&format!("key wJalrXUtnFEMI/K7MDENG/PlantC{i:06}EXAMPL end\n")),
+            _ => text.push_str(&format!(
+                "2026-12-04 03:00:{:02} UTC LOG: {} checkpoint\n",
+                i % 60,
+                "x".repeat((i as usize * 7919) % 300)
+            )),
+        }
+    }
+    let mut r = LogRedactor::default();
+    let mut expected = Vec::new();
+    for line in text.lines() {
+        r.push_line(line.as_bytes(), true, &mut expected);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.log");
+    std::fs::write(&path, &text).unwrap();
+    let owned = text.clone().into_bytes();
+    let parts = vec![
+        Part::log_file("l/file.log", &path),
+        Part::produced("l/produced.log", "test", async move { Ok(owned) }),
+    ];
+    let (m, archive) = build(parts, 1 << 30).await;
+    let files = unpack(&archive);
+    for p in ["l/file.log", "l/produced.log"] {
+        assert!(files[p] == expected, "{p} differs from line by line");
+        assert!(
+            !String::from_utf8_lossy(&files[p]).contains("PlantC"),
+            "{p}"
+        );
+        assert_eq!(file(&m, p).redactions, r.count, "{p}");
+    }
+    assert!(text.len() > 8 * CHUNK_BYTES);
+}
