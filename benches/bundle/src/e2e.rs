@@ -3,8 +3,9 @@
 //! download at the control plane checked against both SHA-256s (`dbvmctl::bundle::fetch`,
 //! what `dbvmctl bundle` runs), timed from the submission to the checked file; against
 //! `tar -I 'zstd -3' -cf` of the same files, interleaved in pairs. Meanwhile signed `ping`s
-//! to the same agent, one after another, against the same pings while it is idle; and the
-//! agent's resident memory sampled every 50 ms.
+//! to the same agent, one every [`PING_EVERY`] (a control plane's pace, not a flood that
+//! would itself take the CPU the bundle needs), against the same pings while it is idle;
+//! and the agent's resident memory sampled every 50 ms.
 
 use anyhow::{bail, Context, Result};
 use dbvm_e2e::release::{Bins, Spec};
@@ -15,6 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The pace of the pings, idle and while a bundle streams.
+const PING_EVERY: Duration = Duration::from_millis(50);
 
 pub struct E2eArgs {
     pub logs: PathBuf,
@@ -137,7 +141,9 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = rss_kib(pid, "VmRSS:");
     let mut idle = Vec::new();
+    let mut tick = tokio::time::interval(PING_EVERY);
     for _ in 0..args.idle_pings {
+        tick.tick().await;
         idle.push(ping(&fleet, &client, "bench-bundle").await?);
     }
 
@@ -170,7 +176,12 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         let v = client.submit(&cmd).await.context("submit the bundle")?;
         let pings = async {
             let mut lat = Vec::new();
+            let mut tick = tokio::time::interval(PING_EVERY);
             while !done.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
                 match ping(&fleet, &client, "bench-bundle").await {
                     Ok(ms) => lat.push(ms),
                     Err(_) => break,
