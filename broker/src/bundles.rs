@@ -57,6 +57,8 @@ pub const SHA256_HEADER: &str = "x-dbvm-sha256";
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read size when hashing or serving a file.
 const CHUNK: usize = 256 * 1024;
+/// An upload is synced every this many bytes as it arrives.
+const SYNC_EVERY: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -177,6 +179,9 @@ fn with_offset(failure: impl IntoResponse, stored: u64) -> Response {
 struct Slot {
     lock: tokio::sync::Mutex<()>,
     current: Mutex<CancellationToken>,
+    /// The SHA-256 of the part's first `.1` bytes, as this broker appended them (so the
+    /// completion need not read the whole part again; after a restart it does).
+    hash: Mutex<Option<(sha2::Sha256, u64)>>,
 }
 
 /// The bundles of one broker, in `<data_dir>/bundles`.
@@ -317,6 +322,17 @@ impl BundleStore {
         if offset != stored {
             return Err(BundleError::OffsetMismatch { id, offset, stored });
         }
+        let slot = self.slot(id);
+        let mut hash = slot
+            .hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|(_, n)| *n == stored);
+        if stored == 0 {
+            hash = Some((sha2::Sha256::new(), 0));
+        }
+        let mut unsynced = 0u64;
         let max = self.settings.max_bytes;
         let ended = loop {
             let next = tokio::select! {
@@ -348,6 +364,27 @@ impl BundleStore {
                 return Err(BundleError::io("write", &path)(e));
             }
             stored += chunk.len() as u64;
+            if let Some((h, n)) = &mut hash {
+                h.update(&chunk);
+                *n = stored;
+            }
+            // Synced as it goes, so the sync before the answer is short.
+            unsynced += chunk.len() as u64;
+            if unsynced >= SYNC_EVERY {
+                unsynced = 0;
+                let synced = async {
+                    file.flush().await?;
+                    file.sync_data().await
+                };
+                if let Err(e) = synced.await {
+                    if is_disk_full(&e) {
+                        drop(file);
+                        self.discard(id).await;
+                        return Err(BundleError::DiskFull(id));
+                    }
+                    return Err(BundleError::io("fsync", &path)(e));
+                }
+            }
         };
         // What is answered as stored is on disk: a broker restart keeps it.
         let synced = async {
@@ -362,6 +399,7 @@ impl BundleStore {
             }
             return Err(BundleError::io("fsync", &path)(e));
         }
+        *slot.hash.lock().unwrap_or_else(|p| p.into_inner()) = hash;
         ended.map(|()| stored)
     }
 
@@ -407,11 +445,24 @@ impl BundleStore {
                 stored,
             });
         }
-        let p = part.clone();
-        let actual = tokio::task::spawn_blocking(move || sha256_of(&p))
-            .await
-            .map_err(|e| BundleError::io("hash", &part)(std::io::Error::other(e)))?
-            .map_err(BundleError::io("hash", &part))?;
+        let kept = self
+            .slot(id)
+            .hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|(_, n)| *n == stored);
+        let actual = match kept {
+            Some((h, _)) => format!("{:x}", h.finalize()),
+            // Appended before a restart: read it all again.
+            None => {
+                let p = part.clone();
+                tokio::task::spawn_blocking(move || sha256_of(&p))
+                    .await
+                    .map_err(|e| BundleError::io("hash", &part)(std::io::Error::other(e)))?
+                    .map_err(BundleError::io("hash", &part))?
+            }
+        };
         if actual != claim.sha256 {
             self.discard(id).await;
             return Err(BundleError::Mismatch {

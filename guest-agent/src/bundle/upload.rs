@@ -110,8 +110,7 @@ pub async fn create(path: &Path) -> std::io::Result<tokio::fs::File> {
 }
 
 /// Writes the archive's chunks to `file` (from [`create`]), publishing how much is
-/// written; returns its size and SHA-256. The file is synced at the end (a restart of the
-/// agent does not resume an upload: its command is reported interrupted, never run twice).
+/// written; returns its size and SHA-256.
 pub async fn spool(
     mut file: tokio::fs::File,
     mut chunks: mpsc::Receiver<Vec<u8>>,
@@ -125,8 +124,10 @@ pub async fn spool(
         bytes += chunk.len() as u64;
         written.send_modify(|w| w.bytes = bytes);
     }
+    // Flushed, not synced: the file is the upload's buffer, read back at once; an agent
+    // that crashes does not resume (its command is interrupted), so no fsync of the whole
+    // archive delays the end of the upload.
     file.flush().await?;
-    file.sync_all().await?;
     let sha: String = hasher
         .finalize()
         .iter()
