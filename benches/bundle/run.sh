@@ -5,6 +5,15 @@
 #   GIB=4 PAIRS=5 bash benches/bundle/run.sh
 #   TARGET=x86_64-unknown-linux-musl bash benches/bundle/run.sh   # the agent's static build
 #   EXTRA="--json --keep-dir" bash benches/bundle/run.sh
+#   E2E=1 bash benches/bundle/run.sh                # the whole way, through the broker
+#
+# E2E=1: builds the release broker and the static (musl) release agent too, starts them
+# (no database), puts the logs in the agent's [bundle] log_dir, then interleaves: a signed
+# bundle.collect through the broker, the agent uploading the bundle while it writes it,
+# then dbvmctl's fetch checking it (timed from the submission to the checked file), and
+# `tar -I 'zstd -3'` of the same files. Meanwhile signed pings every 50 ms, against the
+# same pings to the idle agent. Targets: median ratio <= 1.2, agent peak RSS < 64 MiB,
+# ping p99 while streaming <= 2 x idle.
 #
 # Builds bundle-bench (release), generates GIB GiB of PostgreSQL-style logs (about 2 % of
 # the lines carry something the log patterns redact) under target/bundle-bench/run-*/,
@@ -29,6 +38,12 @@ if [[ -n "${TARGET:-}" ]]; then
 fi
 cargo build --release -p dbvm-bench-bundle "${target_args[@]}"
 cmd=("$bin" --gib "${GIB:-1}" --pairs "${PAIRS:-3}")
+if [[ -n "${E2E:-}" ]]; then
+  cargo build --release -p dbvm-broker
+  cargo build --release --target x86_64-unknown-linux-musl -p dbvm-agent -p dbvm-broker
+  cmd+=(--e2e --agent-bin target/x86_64-unknown-linux-musl/release/dbvm-agent
+    --broker-bin target/release/dbvm-broker)
+fi
 # shellcheck disable=SC2206 # EXTRA is a list of flags, split on purpose
 [[ -n "${EXTRA:-}" ]] && cmd+=($EXTRA)
 exec "${cmd[@]}"
