@@ -26,6 +26,8 @@ pub struct E2eArgs {
     pub idle_pings: usize,
     pub agent_bin: PathBuf,
     pub broker_bin: PathBuf,
+    /// Keep the fleet's directory (configs, logs) at the end.
+    pub keep_dir: bool,
 }
 
 /// The targets of issue 14: the whole way at most 1.2 × tar | zstd -3, the agent under
@@ -127,7 +129,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         agent_id: "bench-bundle",
         sections,
         container: String::new(),
-        log_level: "warn",
+        log_level: "info",
         keep_dir: false,
     };
     let (broker, agent, client) = dbvm_e2e::release::start_processes(&fleet, &bins, &spec).await?;
@@ -196,10 +198,18 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
                     (CommandState::Succeeded, Some(o)) => o,
                     (state, _) => bail!("the bundle did not succeed: {state:?} {:?}", v.error),
                 };
+                let waited = started.elapsed().as_secs_f64();
                 let got =
                     dbvmctl::bundle::fetch(&client, v.id, &dest, out["sha256"].as_str(), |_, _| {})
                         .await
                         .context("fetch the bundle")?;
+                eprintln!(
+                    "  the agent's command: {} ms on the agent, {} ms submitted to finished; \
+                     result seen after {waited:.2} s; fetched and checked after {:.2} s",
+                    out["total_ms"],
+                    v.finished_at_ms.unwrap_or(0) - v.submitted_at_ms,
+                    started.elapsed().as_secs_f64()
+                );
                 Ok((v.id, got, started.elapsed().as_secs_f64()))
             }
             .await;
@@ -229,6 +239,10 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
     let median_ratio = ratios[ratios.len() / 2];
     drop(agent);
     drop(broker);
+    if args.keep_dir {
+        let dir = fleet.dir.keep();
+        eprintln!("kept the processes' configs and logs in {}", dir.display());
+    }
     Ok(E2eReport {
         input_bytes,
         pairs,

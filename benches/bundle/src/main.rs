@@ -361,6 +361,7 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
         idle_pings: args.pings,
         agent_bin: agent_bin.clone(),
         broker_bin: broker_bin.clone(),
+        keep_dir: args.keep_dir,
     }))?;
     let ok = e2e::passes(&r);
     eprintln!(

@@ -121,6 +121,9 @@ pub async fn spool(
     while let Some(chunk) = chunks.recv().await {
         hasher.update(&chunk);
         file.write_all(&chunk).await?;
+        // tokio's file hands a write to a blocking thread and returns: only after the
+        // flush are the bytes in the file, where the upload reads them.
+        file.flush().await?;
         bytes += chunk.len() as u64;
         written.send_modify(|w| w.bytes = bytes);
     }
@@ -167,6 +170,10 @@ pub async fn upload(
     let mut backoff = BACKOFF.0;
     let mut last_gain = Instant::now();
     let mut restarts = 0u32;
+    // After a request that got no answer, an empty one first asks where the broker is: a
+    // body sent from a wrong offset is refused while it is still being written, and the
+    // refusal (with the broker's offset) is lost in the broken pipe.
+    let mut probe_first = false;
     loop {
         let end = written.borrow().end.clone();
         let attempt = match &end {
@@ -174,6 +181,18 @@ pub async fn upload(
             Some(End::Complete { size, sha256 }) if offset == *size => {
                 complete(&client, dest, *size, sha256).await
             }
+            _ if probe_first => match put_empty(&client, dest, offset).await {
+                // What the broker holds is where this upload goes on.
+                Attempt::Stored(n)
+                | Attempt::Retry {
+                    stored: Some(n), ..
+                } => {
+                    probe_first = false;
+                    offset = n;
+                    continue;
+                }
+                other => other,
+            },
             _ => {
                 requests += 1;
                 put(&client, dest, path, offset, written.clone()).await
@@ -207,8 +226,9 @@ pub async fn upload(
                 offset = 0;
             }
             Attempt::Retry { why, stored } => {
-                if let Some(s) = stored {
-                    offset = s;
+                match stored {
+                    Some(s) => offset = s,
+                    None => probe_first = true,
                 }
                 if last_gain.elapsed() > GIVE_UP {
                     return Err(format!(
@@ -272,6 +292,27 @@ async fn put(
         }
     };
     answer(resp, &url).await
+}
+
+/// An empty `PUT …/content?offset=N`: the broker answers what it holds (200 when that is
+/// `offset`, 409 with `Upload-Offset` otherwise).
+async fn put_empty(client: &Client, dest: &Destination, offset: u64) -> Attempt {
+    let url = format!("{}/content?offset={offset}", dest.bundle_url);
+    let req = match hyper::Request::put(&url)
+        .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+        .body(BoxBody::new(
+            Full::new(Bytes::new()).map_err(|never| match never {}),
+        )) {
+        Ok(r) => r,
+        Err(e) => return Attempt::Fatal(format!("bad upload request {url}: {e}")),
+    };
+    match tokio::time::timeout(STALL, client.request(req)).await {
+        Err(_) => Attempt::Retry {
+            why: format!("the broker did not answer within {} s", STALL.as_secs()),
+            stored: None,
+        },
+        Ok(r) => answer(r, &url).await,
+    }
 }
 
 /// `POST …/complete` with the size and SHA-256.
