@@ -356,12 +356,8 @@ impl BundleStore {
                 return Err(BundleError::TooLarge { id, max });
             }
             if let Err(e) = file.write_all(&chunk).await {
-                if is_disk_full(&e) {
-                    drop(file);
-                    self.discard(id).await;
-                    return Err(BundleError::DiskFull(id));
-                }
-                return Err(BundleError::io("write", &path)(e));
+                drop(file);
+                return Err(self.write_failed(id, &path, "write", e).await);
             }
             stored += chunk.len() as u64;
             if let Some((h, n)) = &mut hash {
@@ -372,35 +368,35 @@ impl BundleStore {
             unsynced += chunk.len() as u64;
             if unsynced >= SYNC_EVERY {
                 unsynced = 0;
-                let synced = async {
-                    file.flush().await?;
-                    file.sync_data().await
-                };
-                if let Err(e) = synced.await {
-                    if is_disk_full(&e) {
-                        drop(file);
-                        self.discard(id).await;
-                        return Err(BundleError::DiskFull(id));
-                    }
-                    return Err(BundleError::io("fsync", &path)(e));
+                if let Err(e) = sync(&mut file).await {
+                    drop(file);
+                    return Err(self.write_failed(id, &path, "fsync", e).await);
                 }
             }
         };
         // What is answered as stored is on disk: a broker restart keeps it.
-        let synced = async {
-            file.flush().await?;
-            file.sync_data().await
-        };
-        if let Err(e) = synced.await {
-            if is_disk_full(&e) {
-                drop(file);
-                self.discard(id).await;
-                return Err(BundleError::DiskFull(id));
-            }
-            return Err(BundleError::io("fsync", &path)(e));
+        if let Err(e) = sync(&mut file).await {
+            drop(file);
+            return Err(self.write_failed(id, &path, "fsync", e).await);
         }
         *slot.hash.lock().unwrap_or_else(|p| p.into_inner()) = hash;
         ended.map(|()| stored)
+    }
+
+    /// The error of a failed write or sync of bundle `id`'s part: a full disk discards the
+    /// part (nothing partial is kept), anything else leaves it for a retry.
+    async fn write_failed(
+        &self,
+        id: Uuid,
+        path: &Path,
+        op: &'static str,
+        e: std::io::Error,
+    ) -> BundleError {
+        if is_disk_full(&e) {
+            self.discard(id).await;
+            return BundleError::DiskFull(id);
+        }
+        BundleError::io(op, path)(e)
     }
 
     /// Removes bundle `id`'s part and its record: an upload that cannot go on.
@@ -648,6 +644,12 @@ impl BundleStore {
         }
         Ok(gone.len())
     }
+}
+
+/// Flushes and syncs a part's data.
+async fn sync(file: &mut tokio::fs::File) -> std::io::Result<()> {
+    file.flush().await?;
+    file.sync_data().await
 }
 
 fn sha256_of(path: &Path) -> std::io::Result<String> {

@@ -209,15 +209,15 @@ impl Bundles {
         parts
     }
 
-    /// Builds a bundle into `state_dir/bundle/<name>.tar.zst`.
-    pub async fn collect(
+    /// Takes the one-bundle-at-a-time guard, makes `state_dir/bundle` (0700) and removes
+    /// what an interrupted bundle left there; the writer's options for `request`.
+    async fn prepare(
         &self,
-        name: &str,
-        request: Request,
+        request: &Request,
         max_bytes: u64,
-    ) -> Result<serde_json::Value, OpError> {
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, PathBuf, Options), OpError> {
         let inner = &self.inner;
-        let _running = inner.busy.try_lock().map_err(|_| {
+        let running = inner.busy.try_lock().map_err(|_| {
             OpError::Failed(
                 "a bundle is already being collected on this agent; try again when it has finished"
                     .into(),
@@ -236,6 +236,18 @@ impl Bundles {
             zstd_level: 3,
             version: dbvm_host::VERSION.to_string(),
         };
+        Ok((running, dir, options))
+    }
+
+    /// Builds a bundle into `state_dir/bundle/<name>.tar.zst`.
+    pub async fn collect(
+        &self,
+        name: &str,
+        request: Request,
+        max_bytes: u64,
+    ) -> Result<serde_json::Value, OpError> {
+        let inner = &self.inner;
+        let (_running, dir, options) = self.prepare(&request, max_bytes).await?;
         let file = format!("{name}.tar.zst");
         let (m, bytes, sha256) = super::collect_to_file(self.parts(&request), options, &dir, &file)
             .await
@@ -268,28 +280,9 @@ impl Bundles {
         broker: &hyper::Uri,
     ) -> Result<serde_json::Value, OpError> {
         use super::upload::{self, End, Written};
-        let inner = &self.inner;
         let id = ctx.command.id.to_string();
         let dest = self.destination(broker, &id)?;
-        let _running = inner.busy.try_lock().map_err(|_| {
-            OpError::Failed(
-                "a bundle is already being collected on this agent; try again when it has finished"
-                    .into(),
-            )
-        })?;
-        let dir = inner.state_dir.join("bundle");
-        make_private_dir(&dir)
-            .await
-            .map_err(|e| OpError::Failed(format!("cannot create {}: {e}", dir.display())))?;
-        remove_leftovers(&dir).await;
-        let options = Options {
-            agent_id: inner.agent_id.clone(),
-            request: request.clone(),
-            max_bytes,
-            part_timeout: COMMAND_TIMEOUT,
-            zstd_level: 3,
-            version: dbvm_host::VERSION.to_string(),
-        };
+        let (_running, dir, options) = self.prepare(&request, max_bytes).await?;
         let file = dir.join(format!(".{id}.upload"));
         let spool_dir = dir.join(format!(".{id}.spool"));
         let started = std::time::Instant::now();
