@@ -15,7 +15,7 @@
 //!
 //! Speed: most log lines hold nothing to redact, and the patterns together cost far more
 //! per byte than a literal search, so ASCII text first goes through a pre-filter
-//! ([`KeyWords`]): each pattern names what its every match contains, and only lines with
+//! (`KeyWords`): each pattern names what its every match contains, and only lines with
 //! one of those run the patterns that need them. It never passes a line a pattern
 //! matches (a unit test checks the two against each other on generated lines).
 
@@ -410,7 +410,7 @@ impl LogRedactor {
     }
 
     /// Redacts `block` (whole lines, each ending in `\n`, none longer than [`MAX_LINE`])
-    /// into `out`: lines the pre-filter ([`KeyWords`]) clears are copied
+    /// into `out`: lines the pre-filter (`KeyWords`) clears are copied
     /// as they are, the rest (and every line of a private key block) go through
     /// [`Self::push_line`]. Returns false, writing nothing, when `block` is not ASCII (the
     /// caller then goes line by line).
