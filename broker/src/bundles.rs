@@ -115,6 +115,10 @@ pub enum BundleError {
     Store(#[from] crate::store::StoreError),
     #[error("the broker's own bundle could not be written: {0}")]
     Made(dbvm_bundle::writer::BundleError),
+    #[error("bundles.s3: {0}")]
+    S3(dbvm_s3::S3Error),
+    #[error("the S3 copy of bundle {id} could not be deleted, so nothing was: {error}; try again")]
+    CopyNotDeleted { id: Uuid, error: dbvm_s3::S3Error },
 }
 
 impl BundleError {
@@ -147,6 +151,7 @@ impl From<BundleError> for ApiFailure {
             E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             E::Mismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "sha256_mismatch"),
             E::Superseded(_) => (StatusCode::CONFLICT, "superseded"),
+            E::CopyNotDeleted { .. } => (StatusCode::BAD_GATEWAY, "storage_unavailable"),
             E::Stalled(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             E::DiskFull(_) => {
                 tracing::error!(error = %e, "bundle store: disk full");
@@ -156,7 +161,7 @@ impl From<BundleError> for ApiFailure {
                 tracing::error!(error = %s, "bundle store: store error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
-            E::Io { .. } | E::Made(_) => {
+            E::Io { .. } | E::Made(_) | E::S3(_) => {
                 tracing::error!(error = %e, "bundle store error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -190,6 +195,8 @@ pub struct BundleStore {
     settings: BundleSettings,
     store: Arc<dyn Store>,
     slots: Mutex<HashMap<Uuid, Arc<Slot>>>,
+    /// Copies complete bundles to `[bundles.s3]`, when configured.
+    copier: Option<Arc<crate::bundle_s3::Copier>>,
 }
 
 impl std::fmt::Debug for BundleStore {
@@ -228,12 +235,56 @@ impl BundleStore {
                 removed.map_err(BundleError::io("remove", &path))?;
             }
         }
+        let copier = match &settings.s3 {
+            None => None,
+            Some(s3) => {
+                let endpoint = s3
+                    .open()
+                    .map_err(|e| BundleError::S3(dbvm_s3::S3Error::Ca(e.to_string())))?;
+                Some(Arc::new(
+                    crate::bundle_s3::Copier::new(&endpoint).map_err(BundleError::S3)?,
+                ))
+            }
+        };
         Ok(Self {
             dir,
             settings,
             store,
             slots: Mutex::new(HashMap::new()),
+            copier,
         })
+    }
+
+    /// The S3 copier, when `[bundles.s3]` is configured (the broker runs it).
+    pub fn copier(&self) -> Option<Arc<crate::bundle_s3::Copier>> {
+        self.copier.clone()
+    }
+
+    /// Every bundle recorded, newest first.
+    pub(crate) async fn records(&self) -> Result<Vec<BundleInfo>, BundleError> {
+        Ok(self.store.bundles().await?)
+    }
+
+    /// Records where bundle `id`'s copy stands; false when the bundle is gone.
+    pub(crate) async fn record_copy(
+        &self,
+        id: Uuid,
+        copy: dbvm_protocol::api::BundleCopy,
+    ) -> Result<bool, BundleError> {
+        Ok(self.store.put_bundle_copy(id, copy).await?)
+    }
+
+    /// A complete bundle's record: its copy owed when there is a bucket.
+    fn owe_copy(&self, rec: &mut BundleInfo) {
+        if let Some(c) = &self.copier {
+            rec.s3 = Some(c.pending(rec));
+        }
+    }
+
+    fn wake_copier(&self) {
+        if let Some(c) = &self.copier {
+            c.wake();
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -285,6 +336,7 @@ impl BundleStore {
                     sha256: None,
                     created_at_ms: dbvm_protocol::now_ms(),
                     completed_at_ms: None,
+                    s3: None,
                 };
                 self.store.put_bundle(b.clone()).await?;
                 Ok(b)
@@ -483,7 +535,9 @@ impl BundleStore {
         rec.size = stored;
         rec.sha256 = Some(actual);
         rec.completed_at_ms = Some(dbvm_protocol::now_ms());
+        self.owe_copy(&mut rec);
         self.store.put_bundle(rec.clone()).await?;
+        self.wake_copier();
         Ok(rec)
     }
 
@@ -503,7 +557,7 @@ impl BundleStore {
         let (_, size, sha256) = dbvm_bundle::collect_to_file(parts, options, &made, &name)
             .await
             .map_err(BundleError::Made)?;
-        let rec = BundleInfo {
+        let mut rec = BundleInfo {
             id,
             agent_id: agent.to_string(),
             state: BundleState::Complete,
@@ -511,7 +565,9 @@ impl BundleStore {
             sha256: Some(sha256),
             created_at_ms,
             completed_at_ms: Some(dbvm_protocol::now_ms()),
+            s3: None,
         };
+        self.owe_copy(&mut rec);
         self.store.put_bundle(rec.clone()).await?;
         let file = self.file_path(id);
         tokio::fs::rename(made.join(&name), &file)
@@ -524,6 +580,7 @@ impl BundleStore {
                 BundleError::io("fsync the directory of", &file)(std::io::Error::other(e))
             })?
             .map_err(BundleError::io("fsync the directory of", &file))?;
+        self.wake_copier();
         Ok(rec)
     }
 
@@ -566,8 +623,19 @@ impl BundleStore {
         }
     }
 
-    /// Removes bundle `id` (complete or not); whether there was one.
-    pub async fn delete(&self, id: Uuid) -> Result<bool, BundleError> {
+    /// Removes bundle `id` (complete or not) and, when `copy_too`, its S3 copy first (if
+    /// that fails nothing is removed); whether there was one.
+    pub async fn delete(&self, id: Uuid, copy_too: bool) -> Result<bool, BundleError> {
+        if let (true, Some(copier)) = (copy_too, &self.copier) {
+            if let Some(rec) = self.store.bundle(id).await? {
+                if rec.s3.is_some() {
+                    copier
+                        .delete(&rec)
+                        .await
+                        .map_err(|error| BundleError::CopyNotDeleted { id, error })?;
+                }
+            }
+        }
         let mut found = false;
         for path in [self.file_path(id), self.part_path(id)] {
             match tokio::fs::remove_file(&path).await {
@@ -614,7 +682,8 @@ impl BundleStore {
             }
         }
         for (id, why) in &gone {
-            self.delete(*id).await?;
+            // The S3 copy stays: the bucket's lifecycle rules decide how long.
+            self.delete(*id, false).await?;
             tracing::info!(bundle = %id, why, "bundle removed");
         }
         // Files no record names (a crash between a file and its record).
@@ -894,7 +963,7 @@ pub(crate) async fn remove(
     UrlPath(id): UrlPath<String>,
 ) -> Result<StatusCode, ApiFailure> {
     let id = parse_id(&id)?;
-    if !bundles.delete(id).await? {
+    if !bundles.delete(id, true).await? {
         return Err(BundleError::NotFound(id).into());
     }
     tracing::info!(bundle = %id, "bundle deleted");
@@ -1048,6 +1117,7 @@ mod tests {
             max_total_bytes: 64 * 1024,
             max_age_hours: 1,
             log_dir: None,
+            s3: None,
         })
         .await;
         let a = stored(&b, "db1", &[1u8; 30 * 1024]).await;

@@ -78,6 +78,105 @@ pub struct BundleSettings {
     /// A directory of the broker's own log files (every regular file in it), for its own
     /// bundle where journald does not run.
     pub log_dir: Option<PathBuf>,
+    /// `[bundles.s3]`: a bucket every complete bundle is copied to as well.
+    pub s3: Option<BundleS3Settings>,
+}
+
+/// `[bundles.s3]`: where the broker copies complete bundles. The keys are read from
+/// files (one value each, like systemd credentials), never from this file, so the config
+/// can be shown and bundled whole.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleS3Settings {
+    /// `https://host[:port]`: S3 traffic travels over TLS only.
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default = "BundleS3Settings::default_region")]
+    pub region: String,
+    /// The folder in the bucket; a bundle is `<prefix>/<agent>/<id>.tar.zst`.
+    #[serde(default = "BundleS3Settings::default_prefix")]
+    pub prefix: String,
+    /// PEM of the CA that signed the endpoint's certificate; the system's roots when absent.
+    pub ca_file: Option<PathBuf>,
+    pub access_key_id_file: PathBuf,
+    /// Must not be readable by group or others.
+    pub secret_access_key_file: PathBuf,
+}
+
+impl BundleS3Settings {
+    fn default_region() -> String {
+        "us-east-1".into()
+    }
+    fn default_prefix() -> String {
+        "dbvm-bundles".into()
+    }
+
+    /// Checks every key and reads the files: where the broker's S3 client points.
+    pub fn open(&self) -> Result<dbvm_s3::Endpoint, ConfigError> {
+        let invalid =
+            |key: &'static str| move |problem: String| ConfigError::Invalid { key, problem };
+        let (host, port) =
+            dbvm_s3::parse_endpoint(&self.endpoint).map_err(invalid("bundles.s3.endpoint"))?;
+        dbvm_s3::check_bucket(&self.bucket).map_err(invalid("bundles.s3.bucket"))?;
+        dbvm_s3::check_region(&self.region).map_err(invalid("bundles.s3.region"))?;
+        dbvm_s3::check_prefix(&self.prefix).map_err(invalid("bundles.s3.prefix"))?;
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key,
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let ca_pem = match &self.ca_file {
+            None => None,
+            Some(path) => {
+                let pem = read("bundles.s3.ca_file", path)?;
+                dbvm_s3::check_ca(&pem).map_err(|e| ConfigError::Invalid {
+                    key: "bundles.s3.ca_file",
+                    problem: format!("{}: {e}", path.display()),
+                })?;
+                Some(pem)
+            }
+        };
+        let key = |name: &'static str, path: &Path| -> Result<dbvm_s3::Secret, ConfigError> {
+            let text = dbvm_s3::Secret::new(read(name, path)?);
+            let value = text.expose().trim_end_matches(['\n', '\r']);
+            if value.is_empty() || value.len() > 256 || value.contains(['\n', '\r']) {
+                return Err(ConfigError::Invalid {
+                    key: name,
+                    problem: format!(
+                        "{} must hold one value of 1 to 256 characters on one line",
+                        path.display()
+                    ),
+                });
+            }
+            Ok(dbvm_s3::Secret::new(value))
+        };
+        let secret_file = &self.secret_access_key_file;
+        if let Ok(m) = std::fs::metadata(secret_file) {
+            use std::os::unix::fs::PermissionsExt;
+            if m.permissions().mode() & 0o077 != 0 {
+                return Err(ConfigError::Invalid {
+                    key: "bundles.s3.secret_access_key_file",
+                    problem: format!(
+                        "{} is readable by group or others (mode {:o}): chmod 600 it",
+                        secret_file.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                });
+            }
+        }
+        Ok(dbvm_s3::Endpoint {
+            host,
+            port,
+            bucket: self.bucket.clone(),
+            region: self.region.clone(),
+            prefix: self.prefix.clone(),
+            ca_pem,
+            access_key_id: key("bundles.s3.access_key_id_file", &self.access_key_id_file)?,
+            secret_access_key: key("bundles.s3.secret_access_key_file", secret_file)?,
+        })
+    }
 }
 
 impl BundleSettings {
@@ -95,6 +194,7 @@ impl Default for BundleSettings {
             max_total_bytes: 20 * Self::GIB,
             max_age_hours: 7 * 24,
             log_dir: None,
+            s3: None,
         }
     }
 }
@@ -383,6 +483,9 @@ impl Config {
                 key: "bundles.max_age_hours",
                 problem: format!("{} is outside 1..=8760 hours", b.max_age_hours),
             });
+        }
+        if let Some(s3) = &b.s3 {
+            s3.open()?;
         }
         if !ArtifactSettings::MAX_BYTES_RANGE.contains(&self.artifacts.max_bytes) {
             return Err(ConfigError::Invalid {

@@ -9,6 +9,7 @@
 pub mod agent_link;
 pub mod api;
 pub mod artifacts;
+pub mod bundle_s3;
 pub mod bundles;
 pub mod config;
 pub mod enroll;
@@ -189,6 +190,10 @@ impl Broker {
                 }
             })
         };
+        let copier = self
+            .bundles
+            .copier()
+            .map(|c| tokio::spawn(c.run(self.bundles.clone(), shutdown.clone())));
         let agents = tokio::spawn(agent_link::serve(
             self.agent_listener,
             self.agent_tls,
@@ -211,6 +216,10 @@ impl Broker {
         ));
         shutdown.cancelled().await;
         let _ = tokio::join!(agents, api, expirer);
+        if let Some(c) = copier {
+            // A copy cut short is owed again at the next start.
+            c.abort();
+        }
         tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
             .await

@@ -1064,13 +1064,28 @@ async fn bundle_list(ctx: &Ctx, json: bool) -> Result<Exit> {
         out_json(&list)?;
         return Ok(Exit::Success);
     }
+    // An S3 column only when the broker copies bundles to a bucket.
+    let copies = list.bundles.iter().any(|b| b.s3.is_some());
     let mut text = format!(
-        "{:<36}  {:<16}  {:<9}  {:>12}  {}\n",
-        "ID", "AGENT", "STATE", "BYTES", "CREATED"
+        "{:<36}  {:<16}  {:<9}  {:>12}  {:<20}{}\n",
+        "ID",
+        "AGENT",
+        "STATE",
+        "BYTES",
+        "CREATED",
+        if copies { "  S3" } else { "" }
     );
     for b in &list.bundles {
+        let copy = match (&b.s3, copies) {
+            (_, false) => String::new(),
+            (None, true) => "  -".into(),
+            (Some(c), true) => match &c.error {
+                Some(e) => format!("  {} ({e})", c.state.as_str()),
+                None => format!("  {}", c.state.as_str()),
+            },
+        };
         text.push_str(&format!(
-            "{:<36}  {:<16}  {:<9}  {:>12}  {}\n",
+            "{:<36}  {:<16}  {:<9}  {:>12}  {:<20}{copy}\n",
             b.id,
             b.agent_id,
             b.state.as_str(),

@@ -251,6 +251,47 @@ pub struct BundleInfo {
     pub sha256: Option<String>,
     pub created_at_ms: i64,
     pub completed_at_ms: Option<i64>,
+    /// Its copy in the broker's S3 bucket, when the broker is configured with one
+    /// (`[bundles.s3]`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<BundleCopy>,
+}
+
+/// A complete bundle's copy in the broker's S3 bucket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleCopy {
+    /// `pending` (not copied yet), `copied` (stored whole, its SHA-256 checked) or
+    /// `failed` (the last attempt failed; it is tried again at `next_attempt_ms`).
+    pub state: CopyState,
+    /// `s3://bucket/key`.
+    pub url: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed (never a key or a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_at_ms: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyState {
+    Pending,
+    Copied,
+    Failed,
+}
+
+impl CopyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Copied => "copied",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,19 +5,18 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use dbvm_agent::backup::s3::{S3Error, PART_SIZE, S3};
-use dbvm_agent::backup::storage::Storage;
 use dbvm_e2e::backup::{maria, ms, Rig, Tmpfs};
 use dbvm_e2e::s3::S3Server;
 use dbvm_e2e::Fleet;
 use dbvm_protocol::api::CommandState;
 use dbvm_protocol::seal::{Sealed, Secret};
+use dbvm_s3::{Endpoint, S3Error, PART_SIZE, S3};
 use mysql_async::prelude::Queryable;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-fn storage(s3: &S3Server, bucket: &str, secret: &str, ca: &std::path::Path) -> Storage {
-    Storage {
+fn storage(s3: &S3Server, bucket: &str, secret: &str, ca: &std::path::Path) -> Endpoint {
+    Endpoint {
         host: s3.endpoint_host.clone(),
         port: s3.port,
         bucket: bucket.into(),

@@ -575,3 +575,150 @@ async fn dbvmctl_bundle_collects_fetches_checks_and_summarises() {
     assert_ne!(code, Some(0));
     assert!(stderr.contains("no bundle"), "{stderr}");
 }
+
+/// The copy of `id` the broker lists once `done` holds for it.
+async fn copy_when(
+    client: &dbvmctl::Client,
+    id: uuid::Uuid,
+    done: impl Fn(&dbvm_protocol::api::BundleCopy) -> bool,
+) -> dbvm_protocol::api::BundleCopy {
+    let mut last = None;
+    for _ in 0..(WAIT.as_millis() / 250) {
+        last = listed(client, id).await.and_then(|b| b.s3);
+        if let Some(c) = &last {
+            if done(c) {
+                return c.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("bundle {id}: its S3 copy never got there; last {last:?}");
+}
+
+/// A broker with a bucket (`[bundles.s3]`, a real S3 server that checks signatures,
+/// behind TLS) copies each complete bundle there: while S3 is down the copy is recorded
+/// failed with why and tried again, and copied once S3 is back, whole (its SHA-256 is the
+/// bundle's); the broker's own bundle is copied too; deleting a bundle deletes its copy.
+/// A secret key file others can read stops the broker before it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_a_bucket_copies_bundles_there_retries_while_s3_is_down_and_deletes_copies() {
+    use std::os::unix::fs::PermissionsExt;
+    let fleet = Fleet::new();
+    let s3 = dbvm_e2e::s3::S3Server::start(&fleet.path("s3"));
+    s3.create_bucket("support");
+    let key_id = fleet.path("s3-access-key-id");
+    let secret = fleet.path("s3-secret-access-key");
+    std::fs::write(&key_id, format!("{}\n", s3.access_key)).unwrap();
+    std::fs::write(&secret, format!("{}\n", s3.secret_key)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let section = format!(
+        "[bundles.s3]\nendpoint = \"{}\"\nbucket = \"support\"\nprefix = \"fleet-1/bundles\"\n\
+         ca_file = {}\naccess_key_id_file = {}\nsecret_access_key_file = {}\n",
+        s3.endpoint_url(),
+        dbvm_e2e::fleet::toml_path(&s3.ca_pem_path),
+        dbvm_e2e::fleet::toml_path(&key_id),
+        dbvm_e2e::fleet::toml_path(&secret),
+    );
+    // Readable by others: refused before anything starts, saying how to fix it.
+    let config = fleet.path("refused.toml");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    std::fs::write(&config, fleet.broker_config("refused", any, any, &section)).unwrap();
+    let out = std::process::Command::new(dbvm_e2e::proc::bin_dir().join("dbvm-broker"))
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("secret_access_key_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains(&s3.secret_key), "{err}");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let broker = fleet.start_broker(&section);
+    let client = fleet.client(&broker);
+    let logs = fleet.path("db1-logs");
+    write_logs(&logs, 2);
+    let agent = fleet
+        .enroll_agent(&client, broker.agent_addr, "db1", &log_dir_section(&logs))
+        .await;
+    let url = broker.api_url();
+
+    // S3 down: the bundle is complete on the broker, its copy failed and owed.
+    s3.stop_s3();
+    let out = fleet
+        .send_ok(
+            &client,
+            &agent,
+            "bundle.collect",
+            json!({"hours": 1, "broker_url": url}),
+        )
+        .await;
+    let id: uuid::Uuid = out["bundle_id"].as_str().unwrap().parse().unwrap();
+    let failed = copy_when(&client, id, |c| c.attempts >= 1).await;
+    assert_eq!(
+        failed.state,
+        dbvm_protocol::api::CopyState::Failed,
+        "{failed:?}"
+    );
+    assert_eq!(
+        failed.url,
+        format!("s3://support/fleet-1/bundles/db1/{id}.tar.zst")
+    );
+    let why = failed.error.clone().unwrap();
+    assert!(why.contains("storage"), "{why}");
+    assert!(failed.next_attempt_ms.is_some(), "{failed:?}");
+    let b = listed(&client, id).await.unwrap();
+    assert_eq!(b.state, BundleState::Complete);
+
+    // S3 back: the retry copies it, whole.
+    s3.start_s3();
+    let copied = copy_when(&client, id, |c| {
+        c.state == dbvm_protocol::api::CopyState::Copied
+    })
+    .await;
+    assert!(copied.attempts >= 2 && copied.error.is_none(), "{copied:?}");
+    let reader = dbvm_s3::S3::new(
+        &dbvm_s3::Endpoint {
+            host: s3.endpoint_host.clone(),
+            port: s3.port,
+            bucket: "support".into(),
+            region: s3.region.clone(),
+            prefix: "fleet-1/bundles".into(),
+            ca_pem: Some(std::fs::read_to_string(&s3.ca_pem_path).unwrap()),
+            access_key_id: dbvm_protocol::seal::Secret::new(s3.access_key.clone()),
+            secret_access_key: dbvm_protocol::seal::Secret::new(s3.secret_key.clone()),
+        },
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let name = format!("db1/{id}.tar.zst");
+    let mut bytes = Vec::new();
+    let stored = reader
+        .download(&name, &mut bytes, b.sha256.as_deref())
+        .await
+        .expect("the copy is the bundle");
+    assert_eq!(stored.size, b.size);
+
+    // The broker's own bundle goes to the bucket too, under broker/.
+    let own = client.broker_bundle(1).await.unwrap();
+    let copied = copy_when(&client, own.id, |c| {
+        c.state == dbvm_protocol::api::CopyState::Copied
+    })
+    .await;
+    assert!(
+        copied.url.ends_with(&format!("/broker/{}.tar.zst", own.id)),
+        "{copied:?}"
+    );
+
+    // Deleting a bundle deletes its copy.
+    client.delete_bundle(id).await.unwrap();
+    let gone = reader.download(&name, &mut Vec::new(), None).await;
+    assert!(
+        matches!(gone, Err(dbvm_s3::S3Error::NotFound { .. })),
+        "{gone:?}"
+    );
+    let log = broker.proc.log_text();
+    assert!(!log.contains(&s3.secret_key) && !log.contains(&s3.access_key));
+}

@@ -246,6 +246,13 @@ pub trait Store: Send + Sync + 'static {
     async fn bundle(&self, id: Uuid) -> Result<Option<dbvm_protocol::api::BundleInfo>, StoreError>;
     /// Every bundle recorded, newest first.
     async fn bundles(&self) -> Result<Vec<dbvm_protocol::api::BundleInfo>, StoreError>;
+    /// Records where a bundle's S3 copy stands, only if the bundle is still recorded
+    /// (a copy finishing after a delete never brings its record back); whether it was.
+    async fn put_bundle_copy(
+        &self,
+        id: Uuid,
+        copy: dbvm_protocol::api::BundleCopy,
+    ) -> Result<bool, StoreError>;
     /// Forgets a bundle; whether it was recorded.
     async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError>;
 

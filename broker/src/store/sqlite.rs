@@ -13,7 +13,7 @@ use super::{
 };
 use async_trait::async_trait;
 use dbvm_protocol::api::{
-    BundleInfo, BundleState, CommandError, CommandState, OperationClass, Progress,
+    BundleCopy, BundleInfo, BundleState, CommandError, CommandState, OperationClass, Progress,
 };
 use rusqlite::OptionalExtension;
 use std::path::Path;
@@ -97,7 +97,9 @@ CREATE TABLE IF NOT EXISTS bundles (
     size INTEGER NOT NULL,
     sha256 TEXT,
     created_at_ms INTEGER NOT NULL,
-    completed_at_ms INTEGER
+    completed_at_ms INTEGER,
+    -- Its copy in S3 (BundleCopy as JSON), when the broker has a bucket.
+    s3 TEXT
 );
 ";
 
@@ -201,6 +203,15 @@ fn migrate(conn: &rusqlite::Connection) -> Result<(), StoreError> {
         [],
         |r| r.get(0),
     )?;
+    let bundles_s3: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('bundles') WHERE name = 's3')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !bundles_s3 {
+        // Bundles recorded before the broker could copy them to S3.
+        conn.execute_batch("ALTER TABLE bundles ADD COLUMN s3 TEXT;")?;
+    }
     if old_index {
         // The index by state gave way to commands_open (by finished_at_ms); a finished
         // command always had its time, but make sure before relying on it.
@@ -866,10 +877,11 @@ impl Store for SqliteStore {
     async fn put_bundle(&self, b: BundleInfo) -> Result<(), StoreError> {
         self.write(move |txn| {
             txn.execute(
-                "INSERT INTO bundles (id, agent_id, state, size, sha256, created_at_ms, completed_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO bundles (id, agent_id, state, size, sha256, created_at_ms, completed_at_ms, s3)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT(id) DO UPDATE SET state = excluded.state, size = excluded.size,
-                   sha256 = excluded.sha256, completed_at_ms = excluded.completed_at_ms",
+                   sha256 = excluded.sha256, completed_at_ms = excluded.completed_at_ms,
+                   s3 = excluded.s3",
                 rusqlite::params![
                     b.id.as_bytes().as_slice(),
                     b.agent_id,
@@ -877,7 +889,8 @@ impl Store for SqliteStore {
                     i64::try_from(b.size).unwrap_or(i64::MAX),
                     b.sha256,
                     b.created_at_ms,
-                    b.completed_at_ms
+                    b.completed_at_ms,
+                    copy_json(b.s3.as_ref())?
                 ],
             )?;
             Ok(())
@@ -916,6 +929,17 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<serde_json::Value, StoreError> {
         self.read(Self::read_stats).await
+    }
+
+    async fn put_bundle_copy(&self, id: Uuid, copy: BundleCopy) -> Result<bool, StoreError> {
+        self.write(move |txn| {
+            let n = txn.execute(
+                "UPDATE bundles SET s3 = ?2 WHERE id = ?1",
+                rusqlite::params![id.as_bytes().as_slice(), copy_json(Some(&copy))?],
+            )?;
+            Ok(n > 0)
+        })
+        .await
     }
 
     async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -966,7 +990,14 @@ impl SqliteStore {
     }
 }
 
-const BUNDLE_COLUMNS: &str = "id, agent_id, state, size, sha256, created_at_ms, completed_at_ms";
+const BUNDLE_COLUMNS: &str =
+    "id, agent_id, state, size, sha256, created_at_ms, completed_at_ms, s3";
+
+fn copy_json(copy: Option<&BundleCopy>) -> Result<Option<String>, StoreError> {
+    copy.map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("bundle copy: {e}")))
+}
 
 fn bundle_from_row(row: &rusqlite::Row<'_>) -> Result<BundleInfo, StoreError> {
     let id = Uuid::from_slice(&row.get::<_, Vec<u8>>(0)?)
@@ -984,6 +1015,13 @@ fn bundle_from_row(row: &rusqlite::Row<'_>) -> Result<BundleInfo, StoreError> {
         sha256: row.get(4)?,
         created_at_ms: row.get(5)?,
         completed_at_ms: row.get(6)?,
+        s3: match row.get::<_, Option<String>>(7)? {
+            None => None,
+            Some(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("bundle copy {text:?}: {e}")))?,
+            ),
+        },
     })
 }
 

@@ -205,7 +205,7 @@ fn load_keys(m: &BackupManager) -> Result<Option<(Storage, Storage)>, BackupErro
 }
 
 fn client(m: &BackupManager, s: &Storage) -> Result<S3, BackupError> {
-    S3::new(s, Duration::from_secs(m.settings.io_timeout_s))
+    S3::new(&s.endpoint(), Duration::from_secs(m.settings.io_timeout_s))
         .map_err(|e| BackupError::Invalid(e.to_string()))
 }
 

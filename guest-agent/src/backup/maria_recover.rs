@@ -320,7 +320,8 @@ pub(super) async fn recover(
         )
     })?;
     let io = Duration::from_secs(m.settings.io_timeout_s);
-    let s3 = S3::new(&storage, io).map_err(|e| BackupError::Invalid(unchanged(e.to_string())))?;
+    let s3 = S3::new(&storage.endpoint(), io)
+        .map_err(|e| BackupError::Invalid(unchanged(e.to_string())))?;
     let mut busy = m.busy.lock().await;
     progress(5, "reading the chains in the bucket");
     let read = |all: Result<Vec<Manifest>, BackupError>| {

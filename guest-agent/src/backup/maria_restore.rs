@@ -43,7 +43,7 @@ pub async fn prepare(
     io_timeout: Duration,
     timeout: Duration,
 ) -> Result<MariaRestore, String> {
-    let s3 = S3::new(&storage, io_timeout).map_err(|e| e.to_string())?;
+    let s3 = S3::new(&storage.endpoint(), io_timeout).map_err(|e| e.to_string())?;
     let all = super::mariabackup::manifests(&s3)
         .await
         .map_err(|e| format!("the source's backups cannot be read: {e}"))?;

@@ -325,8 +325,11 @@ pub(super) async fn verify(
             "backups are not configured on this VM (send backup.configure first)".into(),
         )
     })?;
-    let s3 = super::s3::S3::new(&storage, Duration::from_secs(m.settings.io_timeout_s))
-        .map_err(|e| BackupError::Invalid(e.to_string()))?;
+    let s3 = super::s3::S3::new(
+        &storage.endpoint(),
+        Duration::from_secs(m.settings.io_timeout_s),
+    )
+    .map_err(|e| BackupError::Invalid(e.to_string()))?;
     let _busy = m.busy.lock().await;
     let t = Instant::now();
     progress(5, "reading the chains in the bucket");

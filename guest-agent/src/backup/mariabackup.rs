@@ -221,7 +221,7 @@ pub(super) fn load_storage(m: &BackupManager) -> Result<Option<Storage>, BackupE
 }
 
 fn client(m: &BackupManager, s: &Storage) -> Result<S3, BackupError> {
-    S3::new(s, Duration::from_secs(m.settings.io_timeout_s))
+    S3::new(&s.endpoint(), Duration::from_secs(m.settings.io_timeout_s))
         .map_err(|e| BackupError::Invalid(e.to_string()))
 }
 

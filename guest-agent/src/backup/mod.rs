@@ -38,7 +38,8 @@ pub mod pgbackrest;
 pub mod purge;
 pub mod recover;
 pub mod restore;
-pub mod s3;
+/// The S3 client lives in its own crate (the broker copies log bundles with it too).
+pub use dbvm_s3 as s3;
 pub mod schedule;
 pub mod storage;
 pub mod verify;

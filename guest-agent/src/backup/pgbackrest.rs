@@ -205,31 +205,9 @@ pub fn archive_command(program: &dyn Fn(&str) -> String, config: &Path) -> Strin
     )
 }
 
-/// S3 error bodies that pgBackRest prints can echo what was signed: the access key id,
-/// the string to sign, the canonical request. Their contents are cut out.
-const ECHOED_TAGS: [&str; 5] = [
-    "AWSAccessKeyId",
-    "StringToSign",
-    "StringToSignBytes",
-    "CanonicalRequest",
-    "SignatureProvided",
-];
-
-/// Cuts the contents of the tags S3 echoes (`ECHOED_TAGS`) out of `text`.
-pub fn redact_echoes(text: &str) -> String {
-    let mut out = text.to_string();
-    for tag in ECHOED_TAGS {
-        let open = format!("<{tag}>");
-        let close = format!("</{tag}>");
-        let mut from = 0;
-        while let Some(i) = out[from..].find(&open).map(|i| i + from + open.len()) {
-            let end = out[i..].find(&close).map_or(out.len(), |j| i + j);
-            out.replace_range(i..end, "[redacted]");
-            from = i + "[redacted]".len();
-        }
-    }
-    out
-}
+/// S3 error bodies that pgBackRest prints can echo what was signed; the S3 client cuts
+/// them out the same way.
+pub use dbvm_s3::redact_echoes;
 
 /// The cause of a pgBackRest failure, in words a person can act on.
 pub fn cause(text: &str) -> &'static str {

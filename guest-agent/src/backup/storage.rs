@@ -3,6 +3,8 @@
 //! [`Secret`]s (never printed, never in a result or an error).
 
 use dbvm_protocol::seal::{Sealed, SealingKey, Secret};
+pub use dbvm_s3::parse_endpoint;
+use dbvm_s3::{check_bucket, check_prefix, check_region};
 use serde::{Deserialize, Serialize};
 
 /// A bucket as a command names it (the secrets travel beside it, sealed).
@@ -40,6 +42,20 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// Where the S3 client points: this storage's endpoint, bucket, prefix, CA and keys.
+    pub fn endpoint(&self) -> dbvm_s3::Endpoint {
+        dbvm_s3::Endpoint {
+            host: self.host.clone(),
+            port: self.port,
+            bucket: self.bucket.clone(),
+            region: self.region.clone(),
+            prefix: self.prefix.clone(),
+            ca_pem: self.ca_pem.clone(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self.secret_access_key.clone(),
+        }
+    }
+
     /// Checks `location` and opens the sealed keys. Every problem is named; no secret is
     /// ever part of the message.
     pub fn open(
@@ -60,17 +76,8 @@ impl Storage {
         if let Err(e) = check_bucket(&location.bucket) {
             problems.push(format!("bucket: {e}"));
         }
-        if location.region.is_empty()
-            || location.region.len() > 64
-            || !location
-                .region
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
-            problems.push(format!(
-                "region: {:?} is not a region name (lower-case letters, digits, '-')",
-                location.region
-            ));
+        if let Err(e) = check_region(&location.region) {
+            problems.push(format!("region: {e}"));
         }
         let prefix = location
             .prefix
@@ -220,91 +227,6 @@ pub fn load_file(path: &std::path::Path) -> Result<Option<Vec<Storage>>, String>
             })
             .collect(),
     ))
-}
-
-/// `https://host[:port][/]` → host and port (443 when absent). Written by hand: four
-/// rules, and the refusals must say why (plain HTTP, an IP address, a path).
-pub fn parse_endpoint(endpoint: &str) -> Result<(String, u16), String> {
-    if endpoint.starts_with("http://") {
-        return Err(format!(
-            "{endpoint:?} is plain HTTP: backups travel over TLS only (https://)"
-        ));
-    }
-    let rest = endpoint.strip_prefix("https://").ok_or_else(|| {
-        format!("{endpoint:?} is not an https:// URL (expected https://host[:port])")
-    })?;
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains(['/', '?', '#', '@']) {
-        return Err(format!(
-            "{endpoint:?} has a path, query or user part: give https://host[:port] only"
-        ));
-    }
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{endpoint:?}: port {p:?} is not 1..65535"))?,
-        ),
-        None => (rest, 443),
-    };
-    if host.is_empty()
-        || host.len() > 253
-        || !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        || host.starts_with(['-', '.'])
-    {
-        return Err(format!("{endpoint:?}: {host:?} is not a host name"));
-    }
-    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
-        // pgBackRest 2.45 checks only the DNS names of the server's certificate.
-        return Err(format!(
-            "{endpoint:?}: give the endpoint's DNS name, not an IP address (pgBackRest verifies the certificate against DNS names only)"
-        ));
-    }
-    Ok((host.to_ascii_lowercase(), port))
-}
-
-/// S3 bucket naming rules (the strict, DNS-compatible ones).
-fn check_bucket(b: &str) -> Result<(), String> {
-    let ok_chars = b
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-    let ends_ok = b
-        .chars()
-        .next()
-        .zip(b.chars().last())
-        .is_some_and(|(f, l)| f.is_ascii_alphanumeric() && l.is_ascii_alphanumeric());
-    if (3..=63).contains(&b.len()) && ok_chars && ends_ok && !b.contains("..") {
-        Ok(())
-    } else {
-        Err(format!(
-            "{b:?} is not a bucket name (3-63 lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
-        ))
-    }
-}
-
-/// A folder inside the bucket: segments of letters, digits, `-`, `_`, `.`, no `..`.
-fn check_prefix(p: &str) -> Result<(), String> {
-    let ok = !p.is_empty()
-        && p.len() <= 128
-        && p.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{p:?} is not a folder name (segments of letters, digits, '-', '_', '.' separated by '/', at most 128)"
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! The agent's own S3 client (MariaDB's streamed backups and binlogs; PostgreSQL's go
-//! through pgBackRest): aws-sdk-s3 over rustls on ring, trusting exactly the CA a command
-//! names (the system's roots only when it names none), path-style addressing, the keys of
-//! the opened [`Storage`] (never logged: the SDK's `Credentials` redacts them in `Debug`).
+//! dbvm's own S3 client: the agent's MariaDB backups and binlogs (PostgreSQL's go through
+//! pgBackRest) and the broker's copies of log bundles. aws-sdk-s3 over rustls on ring,
+//! trusting exactly the CA an [`Endpoint`] names (the system's roots only when it names
+//! none), path-style addressing, the endpoint's keys (never logged: they are [`Secret`]s,
+//! and the SDK's `Credentials` redacts them in `Debug`).
 //!
 //! Objects carry a SHA-256: a small object is put whole with `x-amz-checksum-sha256` (the
 //! server checks it: s3s-fs 0.14.1 does on PutObject), a large one is a multipart upload
@@ -9,7 +10,6 @@
 //! check parts), and the SHA-256 of the whole object is returned to be recorded in the
 //! manifest, against which downloads are checked while they stream.
 
-use super::storage::Storage;
 use aws_sdk_s3::config::{
     retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Credentials, Region,
     RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
@@ -18,6 +18,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use base64::Engine as _;
+pub use dbvm_protocol::seal::Secret;
 use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -92,6 +93,21 @@ pub struct Listed {
     pub size: u64,
 }
 
+/// A checked bucket on an S3 endpoint with its keys: where a client points.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub bucket: String,
+    pub region: String,
+    /// The folder in the bucket every name is under.
+    pub prefix: String,
+    /// PEM of the CA that signed the endpoint's certificate; the system's roots when absent.
+    pub ca_pem: Option<String>,
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+}
+
 /// A bucket and prefix with their keys.
 #[derive(Clone, Debug)]
 pub struct S3 {
@@ -128,7 +144,7 @@ pub fn check_ca(pem: &str) -> Result<(), S3Error> {
 impl S3 {
     /// A client for `storage` (no request is made). `io_timeout` bounds connecting and
     /// each read of an answer.
-    pub fn new(storage: &Storage, io_timeout: Duration) -> Result<Self, S3Error> {
+    pub fn new(storage: &Endpoint, io_timeout: Duration) -> Result<Self, S3Error> {
         use aws_smithy_http_client::tls;
         let trust = match &storage.ca_pem {
             Some(pem) => {
@@ -206,7 +222,7 @@ impl S3 {
             op,
             key: format!("s3://{}/{key}", self.bucket),
             cause: cause(code.as_deref(), &detail),
-            detail: super::pgbackrest::redact_echoes(&detail),
+            detail: redact_echoes(&detail),
         }
     }
 
@@ -548,8 +564,35 @@ async fn read_part(input: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<
     Ok(buf)
 }
 
-/// The cause of a failure, in words a person can act on (the same words as
-/// [`super::pgbackrest::cause`] uses for pgBackRest's failures).
+/// S3 error bodies can echo what was signed: the access key id, the string to sign, the
+/// canonical request. Their contents are cut out (see [`redact_echoes`]).
+const ECHOED_TAGS: [&str; 5] = [
+    "AWSAccessKeyId",
+    "StringToSign",
+    "StringToSignBytes",
+    "CanonicalRequest",
+    "SignatureProvided",
+];
+
+/// Cuts the contents of the tags S3 echoes (`ECHOED_TAGS`) out of `text`: error details
+/// from the SDK here, pgBackRest's output on the agent.
+pub fn redact_echoes(text: &str) -> String {
+    let mut out = text.to_string();
+    for tag in ECHOED_TAGS {
+        let open = format!("<{tag}>");
+        let close = format!("</{tag}>");
+        let mut from = 0;
+        while let Some(i) = out[from..].find(&open).map(|i| i + from + open.len()) {
+            let end = out[i..].find(&close).map_or(out.len(), |j| i + j);
+            out.replace_range(i..end, "[redacted]");
+            from = i + "[redacted]".len();
+        }
+    }
+    out
+}
+
+/// The cause of a failure, in words a person can act on (the same words as the agent's
+/// `pgbackrest::cause` uses for pgBackRest's failures).
 fn cause(code: Option<&str>, detail: &str) -> &'static str {
     match code {
         Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied") => {
@@ -580,6 +623,108 @@ fn cause(code: Option<&str>, detail: &str) -> &'static str {
     } else {
         "the storage answered with an error"
     }
+}
+
+// Checks of what names an endpoint, for every side that takes one from a person.
+
+/// `https://host[:port][/]` → host and port (443 when absent). Written by hand: four
+/// rules, and the refusals must say why (plain HTTP, an IP address, a path).
+pub fn parse_endpoint(endpoint: &str) -> Result<(String, u16), String> {
+    if endpoint.starts_with("http://") {
+        return Err(format!(
+            "{endpoint:?} is plain HTTP: S3 traffic travels over TLS only (https://)"
+        ));
+    }
+    let rest = endpoint.strip_prefix("https://").ok_or_else(|| {
+        format!("{endpoint:?} is not an https:// URL (expected https://host[:port])")
+    })?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "{endpoint:?} has a path, query or user part: give https://host[:port] only"
+        ));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{endpoint:?}: port {p:?} is not 1..65535"))?,
+        ),
+        None => (rest, 443),
+    };
+    if host.is_empty()
+        || host.len() > 253
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        || host.starts_with(['-', '.'])
+    {
+        return Err(format!("{endpoint:?}: {host:?} is not a host name"));
+    }
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        // pgBackRest 2.45 checks only the DNS names of the server's certificate.
+        return Err(format!(
+            "{endpoint:?}: give the endpoint's DNS name, not an IP address (pgBackRest verifies the certificate against DNS names only)"
+        ));
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// S3 bucket naming rules (the strict, DNS-compatible ones).
+pub fn check_bucket(b: &str) -> Result<(), String> {
+    let ok_chars = b
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    let ends_ok = b
+        .chars()
+        .next()
+        .zip(b.chars().last())
+        .is_some_and(|(f, l)| f.is_ascii_alphanumeric() && l.is_ascii_alphanumeric());
+    if (3..=63).contains(&b.len()) && ok_chars && ends_ok && !b.contains("..") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{b:?} is not a bucket name (3-63 lower-case letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// A folder inside the bucket: segments of letters, digits, `-`, `_`, `.`, no `..`.
+pub fn check_prefix(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 128
+        && p.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{p:?} is not a folder name (segments of letters, digits, '-', '_', '.' separated by '/', at most 128)"
+        ))
+    }
+}
+
+/// A region name: lower-case letters, digits and `-`.
+pub fn check_region(r: &str) -> Result<(), String> {
+    if r.is_empty()
+        || r.len() > 64
+        || !r
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(format!(
+            "{r:?} is not a region name (lower-case letters, digits, '-')"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
