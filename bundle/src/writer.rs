@@ -193,7 +193,7 @@ async fn drive(
 ) -> Result<Manifest, BundleError> {
     let (jobs, rx) = mpsc::channel::<Job>(1);
     let level = options.zstd_level;
-    let archive = tokio::task::spawn_blocking(move || write_archive(rx, sink, level));
+    let archive = in_background("bundle-archive", move || write_archive(rx, sink, level));
 
     let mut m = Manifest {
         format: MANIFEST_FORMAT,
@@ -372,6 +372,47 @@ async fn drive(
         .map_err(|e| BundleError::Writer(e.to_string()))?
 }
 
+/// How much lower than the agent's own the CPU priority of a bundle's threads is (nice
+/// steps): a bundle is support work, and must not take the cores from the agent's link
+/// (a signed `ping` waited 3.2× its idle p99 behind the writer at the same priority), its
+/// health checks or the database.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Runs `work` on a thread of its own at [`BACKGROUND_NICE`] below the caller's priority
+/// (threads it starts, zstd's workers, inherit it; a thread of tokio's blocking pool
+/// would keep it for whatever runs there next). The answer comes back when it is done;
+/// dropping the future does not stop it (as with `spawn_blocking`).
+fn in_background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, String>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            lower_priority();
+            let _ = tx.send(work());
+        });
+    async move {
+        started.map_err(|e| format!("cannot start a thread: {e}"))?;
+        rx.await
+            .map_err(|_| "the thread ended without an answer (it panicked)".to_string())
+    }
+}
+
+/// Lowers the calling thread's CPU priority by [`BACKGROUND_NICE`] (Linux: the nice value
+/// is per thread). Lowering is always allowed; a failure only means the work runs at the
+/// agent's priority, so it is logged and not fatal.
+fn lower_priority() {
+    use rustix::process::{getpriority_process, setpriority_process};
+    let me = Some(rustix::thread::gettid());
+    let lowered = getpriority_process(me)
+        .and_then(|now| setpriority_process(me, (now + BACKGROUND_NICE).min(19)));
+    if let Err(e) = lowered {
+        tracing::debug!(error = %e, "cannot lower a bundle thread's CPU priority");
+    }
+}
+
 /// Builds the bundle into `dir/name` (0600): written to a temporary name, synced, then
 /// renamed, so a file of that name is always a complete bundle. Returns the manifest
 /// and the archive's size and sha256.
@@ -501,7 +542,7 @@ async fn spool_part(
         let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let (path, stop) = (path.clone(), cancel.0.clone());
         let out = out.into_std().await;
-        return tokio::task::spawn_blocking(move || spool_log_file(&path, out, &stop))
+        return in_background("bundle-spool", move || spool_log_file(&path, out, &stop))
             .await
             .map_err(|e| {
                 SpoolFailure::Step(format!("internal: the reading thread failed: {e}"))
