@@ -106,6 +106,16 @@ DBVM_HOME="$demo/stranger" "$bin/dbvmctl" keygen >/dev/null 2>&1
 for f in ca.crt controlplane.crt controlplane.key; do cp "$DBVM_HOME/$f" "$demo/stranger/"; done
 DBVM_HOME="$demo/stranger" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"
 
+say "roles: a certificate for a dashboard that may only read (dbvmctl ca issue --role reader); it lists agents, and submitting is refused with 403 naming the operator role"
+run "$bin/dbvmctl" ca issue dashboard --role reader --out "$demo/dashboard"
+mkdir -p "$demo/dashboard-home"
+DBVM_HOME="$demo/dashboard-home" "$bin/dbvmctl" keygen >/dev/null 2>&1
+cp "$DBVM_HOME/ca.crt" "$demo/dashboard-home/"
+cp "$demo/dashboard/dashboard.crt" "$demo/dashboard-home/controlplane.crt"
+cp "$demo/dashboard/dashboard.key" "$demo/dashboard-home/controlplane.key"
+DBVM_HOME="$demo/dashboard-home" run "$bin/dbvmctl" agents
+DBVM_HOME="$demo/dashboard-home" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"
+
 say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
 
 say "first boot of a new VM: the package's config (names no VM) and the OVF environment a deployment fills (VMware Tools hands it over as guestinfo.ovfEnv; here a file in the same format)"

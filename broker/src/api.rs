@@ -22,7 +22,7 @@ use dbvm_protocol::api::{
 };
 use dbvm_protocol::command::{TimeWindow, TrustedKeys, MAX_COMMAND_LIFETIME_MS};
 use dbvm_protocol::messages::RejectCode;
-use dbvm_protocol::pki::{identity_of, Identity};
+use dbvm_protocol::pki::{identity_of, roles_of, Identity, Role};
 use dbvm_protocol::{AgentId, SignedCommand, VerifyError};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
@@ -41,30 +41,63 @@ const MAX_WAIT_MS: u64 = 60_000;
 
 /// Every route the API serves, as (method, path). `openapi.json` must list exactly these
 /// (a test checks it), so the document and the code cannot drift apart.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/healthz"),
-    ("get", "/metrics"),
-    ("get", "/openapi.json"),
-    ("post", "/v1/commands"),
-    ("get", "/v1/commands/{id}"),
-    ("get", "/v1/commands/{id}/wait"),
-    ("get", "/v1/agents"),
-    ("get", "/v1/agents/{id}"),
-    ("get", "/v1/agents/{id}/health"),
-    ("get", "/v1/health"),
-    ("post", "/v1/enrollment-tokens"),
-    ("get", "/v1/events"),
-    ("post", "/v1/agents/{id}/revoke"),
-    ("get", "/v1/artifacts"),
-    ("put", "/v1/artifacts/{sha256}"),
-    ("get", "/v1/artifacts/{sha256}"),
-    ("delete", "/v1/artifacts/{sha256}"),
-    ("get", "/v1/bundles"),
-    ("get", "/v1/bundles/{id}"),
-    ("delete", "/v1/bundles/{id}"),
-    ("put", "/v1/bundles/{id}/content"),
-    ("post", "/v1/bundles/{id}/complete"),
-    ("post", "/v1/broker/bundle"),
+/// Who may call a route. A control-plane certificate's roles (`dbvm://role/…`, see
+/// [`Role`]) must include one of [`Access::roles`]; `auth` looks the route up here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No certificate needed (`/healthz`, `/metrics`, `/openapi.json`).
+    Open,
+    /// Any role: reading.
+    Read,
+    /// `operator`: what changes the fleet.
+    Operate,
+    /// `support`: log bundles.
+    Support,
+    /// Agents only (a bundle's upload), checked by the bundle routes themselves.
+    Agent,
+    /// Any role, or an agent whose certificate is not revoked (an artifact's download).
+    ReadOrAgent,
+}
+
+impl Access {
+    /// The roles any one of which lets a control plane in.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Self::Read | Self::ReadOrAgent => &Role::ALL,
+            Self::Operate => &[Role::Operator],
+            Self::Support => &[Role::Support],
+            Self::Open | Self::Agent => &[],
+        }
+    }
+}
+
+/// Every route the API serves, as (method, path, who may call it). `openapi.json` must
+/// list exactly these, each with its roles in `x-dbvm-roles` (a test checks it), so the
+/// document and the code cannot drift apart.
+pub const ROUTES: &[(&str, &str, Access)] = &[
+    ("get", "/healthz", Access::Open),
+    ("get", "/metrics", Access::Open),
+    ("get", "/openapi.json", Access::Open),
+    ("post", "/v1/commands", Access::Operate),
+    ("get", "/v1/commands/{id}", Access::Read),
+    ("get", "/v1/commands/{id}/wait", Access::Read),
+    ("get", "/v1/agents", Access::Read),
+    ("get", "/v1/agents/{id}", Access::Read),
+    ("get", "/v1/agents/{id}/health", Access::Read),
+    ("get", "/v1/health", Access::Read),
+    ("post", "/v1/enrollment-tokens", Access::Operate),
+    ("get", "/v1/events", Access::Read),
+    ("post", "/v1/agents/{id}/revoke", Access::Operate),
+    ("get", "/v1/artifacts", Access::Read),
+    ("put", "/v1/artifacts/{sha256}", Access::Operate),
+    ("get", "/v1/artifacts/{sha256}", Access::ReadOrAgent),
+    ("delete", "/v1/artifacts/{sha256}", Access::Operate),
+    ("get", "/v1/bundles", Access::Support),
+    ("get", "/v1/bundles/{id}", Access::Support),
+    ("delete", "/v1/bundles/{id}", Access::Support),
+    ("put", "/v1/bundles/{id}/content", Access::Agent),
+    ("post", "/v1/bundles/{id}/complete", Access::Agent),
+    ("post", "/v1/broker/bundle", Access::Support),
 ];
 
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -76,6 +109,11 @@ pub enum Peer {
     Identity(Identity),
     Invalid(String),
 }
+
+/// The roles a connection's client certificate carries (none for agents, anonymous
+/// clients and control-plane certificates issued without roles).
+#[derive(Clone, Debug, Default)]
+pub struct PeerRoles(pub Vec<Role>);
 
 /// The client certificate of an API connection, for the revocation check of agents
 /// (in every request's extensions when the client presented one).
@@ -153,12 +191,137 @@ pub(crate) fn require_control_plane(peer: &Peer) -> ApiResult<()> {
     }
 }
 
+/// Every refusal is the API's JSON error (`{"code", "error"}`), including those the
+/// framework makes before a handler runs: a query that does not parse (`?wait_ms=x`), a
+/// method a path does not have (405, `Allow` kept), a body over its limit. An error
+/// answer that is not JSON already is rewritten here with a stable `code` for its
+/// status and the framework's text as `error`; successful answers pass untouched.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let matched = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // The framework's own refusals are a line of text; more is not read.
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        StatusCode::TOO_MANY_REQUESTS => "busy",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let error = if status == StatusCode::METHOD_NOT_ALLOWED {
+        // The methods the route table declares for this path (the framework adds its
+        // `Allow` header after this layer).
+        let allowed = ROUTES
+            .iter()
+            .filter(|(_, p, _)| Some(*p) == matched.as_deref())
+            .map(|(m, _, _)| m.to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("{method} is not a method of {path} (it has: {allowed}); see /openapi.json")
+    } else if text.is_empty() {
+        format!("{path}: {status}")
+    } else {
+        text
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&ApiError {
+        code: code.into(),
+        error,
+    })
+    .unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// Refuses a request whose route's [`Access`] the certificate's roles do not grant: 403
+/// naming the roles that would, and the ones the certificate has.
+pub(crate) fn require_role(peer: &Peer, roles: &[Role], method: &str, path: &str) -> ApiResult<()> {
+    let access = ROUTES
+        .iter()
+        .find(|(m, p, _)| m.eq_ignore_ascii_case(method) && *p == path)
+        .map(|(_, _, a)| *a);
+    // A method a declared path does not have goes on to its 405; a path missing from
+    // the table is refused: access is declared, never assumed.
+    if access.is_none() && ROUTES.iter().any(|(_, p, _)| *p == path) {
+        return Ok(());
+    }
+    let needed = access.map_or(&[][..], Access::roles);
+    if needed.iter().any(|r| roles.contains(r)) {
+        return Ok(());
+    }
+    let name = match peer {
+        Peer::Identity(Identity::ControlPlane(name)) => name.as_str(),
+        _ => "?",
+    };
+    let has = if roles.is_empty() {
+        "none (issued without roles: issue it again with `dbvmctl ca issue`)".to_string()
+    } else {
+        roles
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let need = if needed.is_empty() {
+        "a role this broker declares for it (none is: a bug)".to_string()
+    } else {
+        needed
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    Err(ApiFailure::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "{} {path} needs the {need} role; the certificate of control plane {name} has: {has}",
+            method.to_ascii_uppercase()
+        ),
+    ))
+}
+
 async fn auth(
     Extension(peer): Extension<Peer>,
+    roles: Option<Extension<PeerRoles>>,
+    path: Option<axum::extract::MatchedPath>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match require_control_plane(&peer) {
+    let roles = roles.map(|Extension(r)| r.0).unwrap_or_default();
+    let path = path.as_ref().map_or("", |p| p.as_str());
+    let allowed = require_control_plane(&peer)
+        .and_then(|()| require_role(&peer, &roles, req.method().as_str(), path));
+    match allowed {
         Ok(()) => next.run(req).await,
         Err(e) => answer_unread(req, e).await,
     }
@@ -290,6 +453,7 @@ pub fn router(
                 ApiFailure::not_found("no such route; see /openapi.json"),
             )
         })
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(hub)
 }
 
@@ -673,8 +837,15 @@ async fn connection(
         },
     };
     let cert = first.and_then(|der| crate::revocation::LinkCert::from_der(der.as_ref()).ok());
+    let roles = PeerRoles(match &peer {
+        Peer::Identity(Identity::ControlPlane(_)) => {
+            first.map(|der| roles_of(der.as_ref())).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    });
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
+        req.extensions_mut().insert(roles.clone());
         if let Some(cert) = cert {
             req.extensions_mut().insert(PeerCertificate(cert));
         }
@@ -707,12 +878,73 @@ mod tests {
         }
         let served: BTreeSet<(String, String)> = ROUTES
             .iter()
-            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
             .collect();
         assert_eq!(
             documented, served,
             "broker/openapi.json and api::ROUTES differ"
         );
+    }
+
+    /// Every error `code` the broker's sources can answer with (`StatusCode::…, "code"`
+    /// pairs, the signature refusals' `RejectCode`s, and `json_errors`' table) is in the
+    /// document's `ApiError.code` enum, and the enum holds no other: the codes a control
+    /// plane may match on cannot drift from the document.
+    #[test]
+    fn openapi_error_codes_are_exactly_those_the_sources_answer_with() {
+        let pair = regex::Regex::new(r#"StatusCode::[A-Z_]+,?\s*(?:=>\s*)?"([a-z_0-9]+)""#)
+            .expect("regex");
+        let mut used = BTreeSet::new();
+        for source in [
+            include_str!("api.rs"),
+            include_str!("bundles.rs"),
+            include_str!("artifacts.rs"),
+        ] {
+            let code = source.split("#[cfg(test)]").next().unwrap_or_default();
+            for c in pair.captures_iter(code) {
+                used.insert(c[1].to_string());
+            }
+        }
+        for rejected in [RejectCode::UnknownKey, RejectCode::BadSignature] {
+            used.insert(rejected.as_str().to_string());
+        }
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        let documented: BTreeSet<String> = doc["components"]["schemas"]["ApiError"]["properties"]
+            ["code"]["enum"]
+            .as_array()
+            .expect("ApiError.code enum")
+            .iter()
+            .map(|v| v.as_str().expect("a code").to_string())
+            .collect();
+        assert_eq!(
+            documented, used,
+            "ApiError.code in openapi.json and the sources differ"
+        );
+    }
+
+    /// Each operation's `x-dbvm-roles` in the document is exactly the roles its
+    /// [`Access`] lets in (absent only on the open routes).
+    #[test]
+    fn openapi_states_each_operations_roles_as_the_server_enforces_them() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        for (method, path, access) in ROUTES {
+            let declared = &doc["paths"][path][method]["x-dbvm-roles"];
+            if *access == Access::Open {
+                assert!(
+                    declared.is_null(),
+                    "{method} {path} is open but declares roles"
+                );
+                continue;
+            }
+            let declared: Vec<&str> = declared
+                .as_array()
+                .unwrap_or_else(|| panic!("{method} {path} declares no x-dbvm-roles"))
+                .iter()
+                .map(|v| v.as_str().expect("a role"))
+                .collect();
+            let enforced: Vec<&str> = access.roles().iter().map(|r| r.as_str()).collect();
+            assert_eq!(declared, enforced, "{method} {path}");
+        }
     }
 
     /// A hub on a fresh store in a temporary directory (kept alive by the caller).
@@ -760,7 +992,7 @@ mod tests {
             no_sources(&_dir),
         );
         let cp = Peer::Identity(Identity::ControlPlane("ops".into()));
-        for (method, path) in ROUTES {
+        for (method, path, access) in ROUTES {
             let path = path
                 .replace("{id}", "00000000-0000-0000-0000-000000000000")
                 .replace("{sha256}", &"0".repeat(64));
@@ -781,6 +1013,42 @@ mod tests {
                 .body(body)
                 .expect("request");
             req.extensions_mut().insert(cp.clone());
+            req.extensions_mut().insert(PeerRoles(Role::ALL.to_vec()));
+            // Each role alone: let in exactly where the route's access names it, refused
+            // with 403 naming the role needed everywhere else.
+            if !access.roles().is_empty() {
+                for role in Role::ALL {
+                    let mut one = axum::http::Request::builder()
+                        .method(method.to_uppercase().as_str())
+                        .uri(&path)
+                        .header("content-type", "application/json")
+                        .body(Body::from(if *method == "post" || *method == "put" {
+                            "{}"
+                        } else {
+                            ""
+                        }))
+                        .expect("request");
+                    one.extensions_mut().insert(cp.clone());
+                    one.extensions_mut().insert(PeerRoles(vec![role]));
+                    let resp = app.clone().oneshot(one).await.expect("response");
+                    let status = resp.status();
+                    let refused = if status == StatusCode::FORBIDDEN {
+                        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                            .await
+                            .expect("body");
+                        let text = String::from_utf8_lossy(&bytes).to_string();
+                        assert!(text.contains("role") && text.contains("has: "), "{text}");
+                        true
+                    } else {
+                        false
+                    };
+                    assert_eq!(
+                        refused,
+                        !access.roles().contains(&role),
+                        "{method} {path} as {role}: {status}"
+                    );
+                }
+            }
             if path.starts_with("/v1/") {
                 let mut anon = axum::http::Request::builder()
                     .method(method.to_uppercase().as_str())
@@ -846,6 +1114,9 @@ mod tests {
                     .body(Body::from(body))
                     .expect("request");
                 req.extensions_mut().insert(peer.clone());
+                if matches!(peer, Peer::Identity(Identity::ControlPlane(_))) {
+                    req.extensions_mut().insert(PeerRoles(Role::ALL.to_vec()));
+                }
                 if let Some(c) = cert {
                     req.extensions_mut().insert(PeerCertificate(c));
                 }
@@ -1107,6 +1378,7 @@ mod tests {
                 .expect("request");
             req.extensions_mut()
                 .insert(Peer::Identity(Identity::ControlPlane("ops".into())));
+            req.extensions_mut().insert(PeerRoles(Role::ALL.to_vec()));
             let app = app.clone();
             async move {
                 let resp = app.oneshot(req).await.expect("response");
@@ -1148,6 +1420,42 @@ mod tests {
         );
         let (status, body) = get("/v1/agents/Bad%20Id/health").await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+        // The framework's own refusals come back as the API's JSON error too.
+        let (status, body) = get(&format!(
+            "/v1/commands/{}/wait?timeout_ms=x",
+            Uuid::new_v4()
+        ))
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["code"], "bad_request", "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("timeout_ms"),
+            "{body}"
+        );
+        let mut req = axum::http::Request::builder()
+            .method("DELETE")
+            .uri("/v1/health")
+            .body(Body::empty())
+            .expect("request");
+        req.extensions_mut()
+            .insert(Peer::Identity(Identity::ControlPlane("ops".into())));
+        req.extensions_mut().insert(PeerRoles(Role::ALL.to_vec()));
+        let resp = app.clone().oneshot(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(resp.headers().contains_key(axum::http::header::ALLOW));
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(body["code"], "method_not_allowed", "{body}");
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains("GET"),
+            "{body}"
+        );
 
         let (status, body) = get("/v1/health").await;
         assert_eq!(status, StatusCode::OK, "{body}");

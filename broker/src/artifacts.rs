@@ -357,7 +357,14 @@ pub(crate) async fn auth_download(
     next: axum::middleware::Next,
 ) -> Response {
     let refused = match &peer {
-        Peer::Identity(Identity::ControlPlane(_)) => None,
+        Peer::Identity(Identity::ControlPlane(_)) => {
+            let roles = req
+                .extensions()
+                .get::<crate::api::PeerRoles>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default();
+            crate::api::require_role(&peer, &roles, "get", "/v1/artifacts/{sha256}").err()
+        }
         Peer::Identity(Identity::Agent(agent)) => {
             let cert = req.extensions().get::<PeerCertificate>().copied();
             agent_certificate_good(&hub, agent.as_str(), cert)

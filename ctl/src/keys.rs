@@ -4,7 +4,7 @@
 
 use crate::home::{Home, HomeError, HomeFile};
 use dbvm_protocol::command::{CommandSigner, PublicKeyFile, SigningKeyFile};
-use dbvm_protocol::pki::{FleetCa, Identity, PkiError};
+use dbvm_protocol::pki::{FleetCa, PkiError};
 use dbvm_protocol::seal::{self, SealingKey};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +32,102 @@ pub enum KeysError {
     EmptyBrokerName(String),
     #[error("cannot encode {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+    #[error("give at least one --role (operator, reader, support)")]
+    NoRole,
+    #[error("--days must be between 1 and {MAX_CA_DAYS}, not {0}")]
+    BadCertDays(u32),
+    #[error("{} already exists: choose another --out or remove it", .0.display())]
+    FileExists(PathBuf),
+    #[error("cannot write {}: {error}", .path.display())]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// What `ca issue` made.
+#[derive(Debug, serde::Serialize)]
+pub struct CaIssueOutput {
+    pub control_plane: String,
+    pub roles: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub not_after_ms: i64,
+}
+
+/// Issues one more control-plane client certificate from the home's fleet CA, with
+/// exactly `roles`, as `<out>/<name>.crt` and `<name>.key` (0600). Existing files are
+/// never replaced; nothing is written unless both can be.
+pub fn ca_issue(
+    home: &Home,
+    name: &str,
+    roles: &[dbvm_protocol::pki::Role],
+    days: u32,
+    out: &std::path::Path,
+) -> Result<CaIssueOutput, KeysError> {
+    if roles.is_empty() {
+        return Err(KeysError::NoRole);
+    }
+    if days == 0 || days > MAX_CA_DAYS {
+        return Err(KeysError::BadCertDays(days));
+    }
+    let ca = FleetCa::load(&home.read(HomeFile::CaCert)?, &home.read(HomeFile::CaKey)?).map_err(
+        |error| KeysError::Pki {
+            what: "fleet CA (run `dbvmctl ca init` first)",
+            error,
+        },
+    )?;
+    let lifetime = Duration::from_secs(u64::from(days) * 24 * 3600);
+    let made = ca
+        .issue_control_plane(name, roles, lifetime)
+        .map_err(|error| KeysError::Pki {
+            what: "control-plane certificate",
+            error,
+        })?;
+    let (_, not_after_ms) =
+        dbvm_protocol::pki::validity_ms(&made.cert_pem).map_err(|error| KeysError::Pki {
+            what: "control-plane certificate",
+            error,
+        })?;
+    let cert = out.join(format!("{name}.crt"));
+    let key = out.join(format!("{name}.key"));
+    for p in [&cert, &key] {
+        if p.exists() {
+            return Err(KeysError::FileExists(p.clone()));
+        }
+    }
+    let write = |path: &std::path::Path, text: &str, mode: u32| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(out)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(path)
+            })
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+            .map_err(|error| KeysError::Write {
+                path: path.to_path_buf(),
+                error,
+            })
+    };
+    write(&key, &made.key_pem, 0o600)?;
+    if let Err(e) = write(&cert, &made.cert_pem, 0o644) {
+        let _ = std::fs::remove_file(&key);
+        return Err(e);
+    }
+    let mut roles: Vec<String> = roles.iter().map(|r| r.as_str().to_string()).collect();
+    roles.sort();
+    roles.dedup();
+    Ok(CaIssueOutput {
+        control_plane: name.to_string(),
+        roles,
+        cert,
+        key,
+        not_after_ms,
+    })
 }
 
 const KEYGEN_FILES: [HomeFile; 4] = [
@@ -190,9 +286,11 @@ pub fn ca_init(home: &Home, options: &CaInitOptions) -> Result<CaInitOutput, Key
     let broker = ca
         .issue_server(&broker_names, lifetime)
         .map_err(pki("broker certificate"))?;
+    // dbvmctl's own certificate may do everything (`ca issue` makes narrower ones).
     let control_plane = ca
-        .issue_client(
-            &Identity::ControlPlane(options.control_plane.clone()),
+        .issue_control_plane(
+            &options.control_plane,
+            &dbvm_protocol::pki::Role::ALL,
             lifetime,
         )
         .map_err(pki("control-plane certificate"))?;
@@ -217,6 +315,7 @@ pub fn ca_init(home: &Home, options: &CaInitOptions) -> Result<CaInitOutput, Key
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dbvm_protocol::pki::Identity;
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &std::path::Path) -> u32 {
@@ -324,6 +423,49 @@ mod tests {
         )
         .unwrap();
         assert_ne!(home.read(HomeFile::CaCert).unwrap(), ca_pem);
+    }
+
+    #[test]
+    fn ca_issue_makes_a_certificate_with_exactly_its_roles_and_never_replaces_files() {
+        use dbvm_protocol::pki::{first_cert_der, identity_of, roles_of, Role};
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::new(tmp.path().join("home"));
+        let out = tmp.path().join("certs");
+        // No CA yet: refused, nothing written.
+        assert!(ca_issue(&home, "dash", &[Role::Reader], 30, &out).is_err());
+        assert!(!out.exists());
+        ca_init(&home, &CaInitOptions::default()).unwrap();
+        let own = first_cert_der(&home.read(HomeFile::ControlPlaneCert).unwrap()).unwrap();
+        assert_eq!(
+            roles_of(&own),
+            Role::ALL.to_vec(),
+            "dbvmctl's own may do everything"
+        );
+        assert!(matches!(
+            ca_issue(&home, "dash", &[], 30, &out),
+            Err(KeysError::NoRole)
+        ));
+        assert!(matches!(
+            ca_issue(&home, "dash", &[Role::Reader], 0, &out),
+            Err(KeysError::BadCertDays(0))
+        ));
+        assert!(ca_issue(&home, "Bad Name", &[Role::Reader], 30, &out).is_err());
+        assert!(!out.exists(), "nothing written for bad input");
+        let made = ca_issue(&home, "dash", &[Role::Support, Role::Reader], 30, &out).unwrap();
+        assert_eq!(made.roles, ["reader", "support"]);
+        assert_eq!(mode(&made.key), 0o600);
+        let der = first_cert_der(&std::fs::read_to_string(&made.cert).unwrap()).unwrap();
+        assert_eq!(
+            identity_of(&der).unwrap(),
+            Identity::ControlPlane("dash".into())
+        );
+        assert_eq!(roles_of(&der), vec![Role::Reader, Role::Support]);
+        let key_before = std::fs::read(&made.key).unwrap();
+        assert!(matches!(
+            ca_issue(&home, "dash", &[Role::Operator], 30, &out),
+            Err(KeysError::FileExists(_))
+        ));
+        assert_eq!(std::fs::read(&made.key).unwrap(), key_before);
     }
 
     #[test]

@@ -34,7 +34,9 @@ pub mod upgrade;
 pub use args::{parse_args, parse_secrets, read_secret_files, seal_secrets, ArgsError};
 pub use client::{Client, ClientError, EventStream};
 pub use home::{Home, HomeError, HomeFile};
-pub use keys::{ca_init, keygen, CaInitOptions, CaInitOutput, KeygenOutput, KeysError};
+pub use keys::{
+    ca_init, ca_issue, keygen, CaInitOptions, CaInitOutput, CaIssueOutput, KeygenOutput, KeysError,
+};
 pub use reveal::{redact, reveal, RevealError};
 pub use send::{SendError, Sender};
 pub use sign::{sign_command, SignError};

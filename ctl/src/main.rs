@@ -491,6 +491,30 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue another control-plane certificate from this home's fleet CA, with the roles
+    /// it may use: operator (submit, cancel, enroll, revoke, artifacts), reader (lists,
+    /// health, events), support (log bundles); reading takes any role
+    Issue {
+        /// The control plane's name in the certificate (a-z, 0-9, '-', '.')
+        name: String,
+        /// A role (repeat, or separate with commas): operator, reader, support
+        #[arg(long = "role", value_name = "ROLE", required = true, num_args = 1.., value_delimiter = ',', action = ArgAction::Append, value_parser = parse_role)]
+        roles: Vec<dbvm_protocol::pki::Role>,
+        /// Lifetime in days
+        #[arg(long, value_name = "DAYS", default_value_t = 365)]
+        days: u32,
+        /// Directory for NAME.crt and NAME.key (0600); existing files are never replaced
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// Print what was made as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_role(text: &str) -> Result<dbvm_protocol::pki::Role, String> {
+    dbvm_protocol::pki::Role::parse(text)
+        .ok_or_else(|| format!("{text:?} is not a role: operator, reader or support"))
 }
 
 #[derive(Args)]
@@ -673,6 +697,32 @@ async fn run(cli: Cli) -> Result<Exit> {
                 force,
             };
             ca_init(&ctx, &options)
+        }
+        Command::Ca {
+            command:
+                CaCommand::Issue {
+                    name,
+                    roles,
+                    days,
+                    out,
+                    json,
+                },
+        } => {
+            let home = ctx.home()?;
+            let made = dbvmctl::ca_issue(&home, &name, &roles, days, &out)?;
+            if json {
+                out_json(&made)?;
+            } else {
+                self::out(&format!(
+                    "control-plane certificate for {:?} with roles {}: {} (key {}), valid until {}\n",
+                    made.control_plane,
+                    made.roles.join(", "),
+                    made.cert.display(),
+                    made.key.display(),
+                    output::format_time(made.not_after_ms)
+                ))?;
+            }
+            Ok(Exit::Success)
         }
         Command::EnrollToken { agent, ttl, json } => enroll_token(&ctx, &agent, ttl, json).await,
         Command::Agents {

@@ -4,6 +4,8 @@
 //!
 //! Identities are URI subject alternative names: `dbvm://agent/<id>` and
 //! `dbvm://control-plane/<name>`. The broker trusts only these, never a common name.
+//! A control plane's certificate also carries its roles, one URI each:
+//! `dbvm://role/<operator|reader|support>` (see [`Role`]).
 
 use crate::ids::AgentId;
 use rcgen::{
@@ -15,6 +17,41 @@ use time::OffsetDateTime;
 
 const AGENT_URI: &str = "dbvm://agent/";
 const CONTROL_PLANE_URI: &str = "dbvm://control-plane/";
+const ROLE_URI: &str = "dbvm://role/";
+
+/// What a control-plane certificate may do on the broker's API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Submits and cancels commands, enrolls and revokes agents, uploads and deletes
+    /// artifacts; reads everything a reader does.
+    Operator,
+    /// Lists and reads commands, agents, health, events and artifacts.
+    Reader,
+    /// A reader who also collects, fetches and deletes log bundles.
+    Support,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Operator, Role::Reader, Role::Support];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Reader => "reader",
+            Self::Support => "support",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -28,6 +65,8 @@ pub enum PkiError {
     BadAgentId(#[from] crate::ids::IdError),
     #[error("control-plane name {0:?} must be 1-63 characters of a-z, 0-9, '-', '.'")]
     BadName(String),
+    #[error("a control-plane certificate needs at least one role (operator, reader, support)")]
+    NoRole,
 }
 
 /// Who a certificate speaks for.
@@ -150,6 +189,32 @@ impl FleetCa {
         self.key.serialize_pem()
     }
 
+    /// A control plane's client certificate with exactly `roles` (at least one).
+    pub fn issue_control_plane(
+        &self,
+        name: &str,
+        roles: &[Role],
+        lifetime: Duration,
+    ) -> Result<CertifiedKey, PkiError> {
+        if roles.is_empty() {
+            return Err(PkiError::NoRole);
+        }
+        let key = KeyPair::generate()?;
+        let mut params = client_params(&Identity::ControlPlane(name.to_string()), lifetime)?;
+        let mut roles = roles.to_vec();
+        roles.sort();
+        roles.dedup();
+        for r in roles {
+            let uri = rcgen::Ia5String::try_from(format!("{ROLE_URI}{r}"))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        let cert = params.signed_by(&key, &self.issuer, &self.key)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// A server certificate for the broker, for the given DNS names and IP addresses.
     pub fn issue_server(
         &self,
@@ -177,6 +242,10 @@ impl FleetCa {
         identity: &Identity,
         lifetime: Duration,
     ) -> Result<CertifiedKey, PkiError> {
+        // A control plane this way may do everything: every role.
+        if let Identity::ControlPlane(name) = identity {
+            return self.issue_control_plane(name, &Role::ALL, lifetime);
+        }
         let key = KeyPair::generate()?;
         let params = client_params(identity, lifetime)?;
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
@@ -245,6 +314,31 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
         }
     }
     Err(PkiError::NoIdentity)
+}
+
+/// The roles a DER certificate carries (`dbvm://role/<role>` URI names; unknown ones are
+/// ignored, so a newer CA's roles never widen an older broker's grants).
+pub fn roles_of(cert_der: &[u8]) -> Vec<Role> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let mut roles: Vec<Role> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => {
+                uri.strip_prefix(ROLE_URI).and_then(Role::parse)
+            }
+            _ => None,
+        })
+        .collect();
+    roles.sort();
+    roles.dedup();
+    roles
 }
 
 /// Validity window of a PEM certificate, in Unix milliseconds.
@@ -316,6 +410,30 @@ mod tests {
             identity_of(&der).unwrap(),
             Identity::ControlPlane("ops".into())
         );
+        assert_eq!(roles_of(&der), Role::ALL.to_vec());
+        let reader = ca
+            .issue_control_plane(
+                "dash",
+                &[Role::Reader, Role::Reader],
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let der = first_cert_der(&reader.cert_pem).unwrap();
+        assert_eq!(
+            identity_of(&der).unwrap(),
+            Identity::ControlPlane("dash".into())
+        );
+        assert_eq!(roles_of(&der), vec![Role::Reader]);
+        assert!(matches!(
+            ca.issue_control_plane("none", &[], Duration::from_secs(60)),
+            Err(PkiError::NoRole)
+        ));
+        // An agent's certificate carries no role.
+        let (csr, _) = make_csr(&id).unwrap();
+        let agent = ca
+            .sign_agent_csr(&csr, &id, Duration::from_secs(60))
+            .unwrap();
+        assert!(roles_of(&first_cert_der(&agent).unwrap()).is_empty());
 
         let server = ca
             .issue_server(

@@ -722,3 +722,151 @@ async fn a_broker_with_a_bucket_copies_bundles_there_retries_while_s3_is_down_an
     let log = broker.proc.log_text();
     assert!(!log.contains(&s3.secret_key) && !log.contains(&s3.access_key));
 }
+
+/// The status and message of a refused call.
+fn refusal<T: std::fmt::Debug>(r: Result<T, dbvmctl::ClientError>) -> (StatusCode, String) {
+    match r {
+        Err(dbvmctl::ClientError::Http(status, e)) => (
+            StatusCode::from_u16(status.as_u16()).unwrap(),
+            format!("{}: {}", e.code, e.error),
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Roles, over real mTLS against a real broker and agent, one certificate per role (as
+/// `dbvmctl ca issue` makes them): a reader reads and is refused commands and bundles;
+/// an operator submits and enrolls and is refused bundles; support reads and handles
+/// bundles and is refused commands. Each refusal is 403 naming the role needed and the
+/// ones the certificate has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_does_what_it_may_and_is_refused_the_rest_naming_the_role() {
+    use dbvm_protocol::pki::Role;
+    let fleet = Fleet::new();
+    let broker = fleet.start_broker("");
+    let admin = fleet.client(&broker);
+    let logs = fleet.path("db1-logs");
+    write_logs(&logs, 1);
+    let agent = fleet
+        .enroll_agent(&admin, broker.agent_addr, "db1", &log_dir_section(&logs))
+        .await;
+    let url = broker.api_url();
+    let out = fleet
+        .send_ok(
+            &admin,
+            &agent,
+            "bundle.collect",
+            json!({"hours": 1, "broker_url": url}),
+        )
+        .await;
+    let bundle: uuid::Uuid = out["bundle_id"].as_str().unwrap().parse().unwrap();
+    let as_role = |name: &str, role: Role| {
+        let cert = fleet
+            .ca
+            .issue_control_plane(name, &[role], Duration::from_secs(3600))
+            .unwrap();
+        dbvm_e2e::fleet::client_as(
+            &url,
+            fleet.ca.cert_pem(),
+            Some((&cert.cert_pem, &cert.key_pem)),
+        )
+    };
+    let reader = as_role("dash", Role::Reader);
+    let operator = as_role("orchestrator", Role::Operator);
+    let support = as_role("helpdesk", Role::Support);
+    let refused_for = |r: (StatusCode, String), needed: &str, has: &str| {
+        assert_eq!(r.0, StatusCode::FORBIDDEN, "{}", r.1);
+        assert!(
+            r.1.contains(&format!("needs the {needed} role"))
+                && r.1.contains(&format!("has: {has}")),
+            "{}",
+            r.1
+        );
+    };
+
+    // Reader: lists and health and events; no commands, no bundles.
+    assert_eq!(reader.agents().await.unwrap().len(), 1);
+    drop(
+        reader
+            .events(None)
+            .await
+            .expect("a reader may follow events"),
+    );
+    refused_for(
+        refusal(reader.submit(&fleet.sign("db1", "ping", json!({}))).await),
+        "operator",
+        "reader",
+    );
+    refused_for(refusal(reader.bundles().await), "support", "reader");
+    refused_for(
+        refusal(
+            reader
+                .download_bundle(bundle, &fleet.path("r.tar.zst"), |_, _| {})
+                .await,
+        ),
+        "support",
+        "reader",
+    );
+    refused_for(
+        refusal(reader.enrollment_token("db9", None).await),
+        "operator",
+        "reader",
+    );
+
+    // Operator: submits and enrolls; no bundles.
+    let v = operator
+        .submit(&fleet.sign("db1", "ping", json!({})))
+        .await
+        .unwrap();
+    let done = operator.wait(v.id, WAIT).await.unwrap();
+    assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
+    operator.enrollment_token("db9", None).await.unwrap();
+    refused_for(refusal(operator.bundles().await), "support", "operator");
+    refused_for(
+        refusal(operator.delete_bundle(bundle).await),
+        "support",
+        "operator",
+    );
+    refused_for(
+        refusal(operator.broker_bundle(1).await),
+        "support",
+        "operator",
+    );
+
+    // Support: reads, lists and fetches bundles, makes the broker's; no commands.
+    assert_eq!(support.agents().await.unwrap().len(), 1);
+    assert!(support
+        .bundles()
+        .await
+        .unwrap()
+        .bundles
+        .iter()
+        .any(|b| b.id == bundle));
+    support
+        .download_bundle(bundle, &fleet.path("s.tar.zst"), |_, _| {})
+        .await
+        .expect("support fetches bundles");
+    support
+        .broker_bundle(1)
+        .await
+        .expect("support makes the broker's bundle");
+    refused_for(
+        refusal(support.submit(&fleet.sign("db1", "ping", json!({}))).await),
+        "operator",
+        "support",
+    );
+    refused_for(
+        refusal(support.revoke("db1", None).await),
+        "operator",
+        "support",
+    );
+    // Nothing a refusal touched changed: the bundle is still there, db1 not revoked.
+    assert!(admin
+        .bundles()
+        .await
+        .unwrap()
+        .bundles
+        .iter()
+        .any(|b| b.id == bundle));
+    assert!(admin.agents().await.unwrap().iter().all(|a| a.connected));
+}
