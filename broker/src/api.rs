@@ -265,6 +265,12 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
 /// Refuses a request whose route's [`Access`] the certificate's roles do not grant: 403
 /// naming the roles that would, and the ones the certificate has.
 pub(crate) fn require_role(peer: &Peer, roles: &[Role], method: &str, path: &str) -> ApiResult<()> {
+    // The framework answers HEAD with the GET handler: it needs what GET needs.
+    let method = if method.eq_ignore_ascii_case("head") {
+        "get"
+    } else {
+        method
+    };
     let access = ROUTES
         .iter()
         .find(|(m, p, _)| m.eq_ignore_ascii_case(method) && *p == path)
@@ -1046,6 +1052,26 @@ mod tests {
                         refused,
                         !access.roles().contains(&role),
                         "{method} {path} as {role}: {status}"
+                    );
+                }
+                // HEAD runs a GET route's handler: it needs the same roles.
+                if *method == "get" && !Role::ALL.iter().all(|r| access.roles().contains(r)) {
+                    let outsider = *Role::ALL
+                        .iter()
+                        .find(|r| !access.roles().contains(r))
+                        .expect("a role outside");
+                    let mut head = axum::http::Request::builder()
+                        .method("HEAD")
+                        .uri(&path)
+                        .body(Body::empty())
+                        .expect("request");
+                    head.extensions_mut().insert(cp.clone());
+                    head.extensions_mut().insert(PeerRoles(vec![outsider]));
+                    let resp = app.clone().oneshot(head).await.expect("response");
+                    assert_eq!(
+                        resp.status(),
+                        StatusCode::FORBIDDEN,
+                        "HEAD {path} as {outsider}"
                     );
                 }
             }
