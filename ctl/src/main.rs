@@ -1117,13 +1117,16 @@ async fn bundle_list(ctx: &Ctx, json: bool) -> Result<Exit> {
     // An S3 column only when the broker copies bundles to a bucket.
     let copies = list.bundles.iter().any(|b| b.s3.is_some());
     let mut text = format!(
-        "{:<36}  {:<16}  {:<9}  {:>12}  {:<20}{}\n",
+        "{:<36}  {:<16}  {:<9}  {:>12}  {}\n",
         "ID",
         "AGENT",
         "STATE",
         "BYTES",
-        "CREATED",
-        if copies { "  S3" } else { "" }
+        if copies {
+            format!("{:<24}  S3", "CREATED")
+        } else {
+            "CREATED".to_string()
+        }
     );
     for b in &list.bundles {
         let copy = match (&b.s3, copies) {
@@ -1134,13 +1137,18 @@ async fn bundle_list(ctx: &Ctx, json: bool) -> Result<Exit> {
                 None => format!("  {}", c.state.as_str()),
             },
         };
+        let created = output::format_time(b.created_at_ms);
+        let created = if copies {
+            format!("{created:<24}")
+        } else {
+            created
+        };
         text.push_str(&format!(
-            "{:<36}  {:<16}  {:<9}  {:>12}  {:<20}{copy}\n",
+            "{:<36}  {:<16}  {:<9}  {:>12}  {created}{copy}\n",
             b.id,
             b.agent_id,
             b.state.as_str(),
             b.size,
-            output::format_time(b.created_at_ms)
         ));
     }
     text.push_str(&format!(
