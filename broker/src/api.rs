@@ -12,7 +12,6 @@ use crate::metrics::Metrics;
 use crate::store::{CommandRecord, StoreError};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
@@ -79,7 +78,9 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("get", "/metrics", Access::Open),
     ("get", "/openapi.json", Access::Open),
     ("post", "/v1/commands", Access::Operate),
+    ("get", "/v1/commands", Access::Read),
     ("get", "/v1/commands/{id}", Access::Read),
+    ("post", "/v1/commands/{id}/cancel", Access::Operate),
     ("get", "/v1/commands/{id}/wait", Access::Read),
     ("get", "/v1/agents", Access::Read),
     ("get", "/v1/agents/{id}", Access::Read),
@@ -131,8 +132,13 @@ impl ApiFailure {
             ApiError {
                 code: code.into(),
                 error: error.into(),
+                state: None,
             },
         )
+    }
+    /// An error whose body carries more than the code and the text.
+    pub(crate) fn with_body(status: StatusCode, body: ApiError) -> Self {
+        Self(status, body)
     }
     fn bad_request(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", error)
@@ -168,7 +174,7 @@ impl IntoResponse for ApiFailure {
     }
 }
 
-type ApiResult<T> = Result<T, ApiFailure>;
+pub(crate) type ApiResult<T> = Result<T, ApiFailure>;
 
 pub(crate) fn require_control_plane(peer: &Peer) -> ApiResult<()> {
     match peer {
@@ -257,6 +263,7 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
     let body = serde_json::to_vec(&ApiError {
         code: code.into(),
         error,
+        state: None,
     })
     .unwrap_or_default();
     Response::from_parts(parts, axum::body::Body::from(body))
@@ -395,16 +402,19 @@ pub fn router(
     let v1 = Router::new()
         .route(
             "/v1/commands",
-            post(submit).layer(Extension(Arc::new(keys))),
+            post(submit)
+                .layer(Extension(Arc::new(keys)))
+                .get(crate::lists::commands),
         )
         .route("/v1/commands/{id}", get(command))
+        .route("/v1/commands/{id}/cancel", post(crate::lists::cancel))
         .route("/v1/commands/{id}/wait", get(wait))
-        .route("/v1/agents", get(agents))
+        .route("/v1/agents", get(crate::lists::agents))
         .route("/v1/agents/{id}", get(agent))
         .route("/v1/agents/{id}/health", get(agent_health))
         .route("/v1/health", get(fleet_health))
         .route("/v1/enrollment-tokens", post(enrollment_token))
-        .route("/v1/events", get(events))
+        .route("/v1/events", get(crate::lists::events))
         .route("/v1/agents/{id}/revoke", post(revoke))
         .route("/v1/artifacts", get(crate::artifacts::list))
         .route("/v1/bundles", get(crate::bundles::list))
@@ -630,7 +640,7 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
-fn parse_id(id: &str) -> ApiResult<Uuid> {
+pub(crate) fn parse_id(id: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(id)
         .map_err(|_| ApiFailure::bad_request(format!("{id:?} is not a command id (a UUID)")))
 }
@@ -657,10 +667,6 @@ async fn wait(
         Some(rec) => Ok(Json(rec.view())),
         None => Err(ApiFailure::not_found(format!("no command {id}"))),
     }
-}
-
-async fn agents(State(hub): State<Arc<Hub>>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(hub.agent_views().await?))
 }
 
 async fn agent(
@@ -780,37 +786,6 @@ async fn revoke(
     Ok(Json(hub.revoke(id, reason).await?))
 }
 
-#[derive(Deserialize)]
-struct EventsQuery {
-    agent: Option<String>,
-}
-
-async fn events(State(hub): State<Arc<Hub>>, Query(q): Query<EventsQuery>) -> impl IntoResponse {
-    let rx = hub.subscribe();
-    let stream = futures::stream::unfold((rx, q.agent), |(mut rx, agent)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) => {
-                    if agent.as_deref().is_some_and(|a| a != ev.agent_id) {
-                        continue;
-                    }
-                    let data = serde_json::to_string(&ev).unwrap_or_default();
-                    let sse = SseEvent::default().event(ev.kind.clone()).data(data);
-                    return Some((Ok::<_, Infallible>(sse), (rx, agent)));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let sse = SseEvent::default().comment(format!(
-                        "{n} events were dropped: this client reads too slowly"
-                    ));
-                    return Some((Ok(sse), (rx, agent)));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            }
-        }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-}
-
 /// Serves the API over TLS until `shutdown`. The client certificate (if any) of each
 /// connection becomes a [`Peer`] in every request's extensions.
 pub async fn serve(
@@ -903,6 +878,7 @@ mod tests {
         let mut used = BTreeSet::new();
         for source in [
             include_str!("api.rs"),
+            include_str!("lists.rs"),
             include_str!("bundles.rs"),
             include_str!("artifacts.rs"),
         ] {
@@ -958,9 +934,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(crate::store::SqliteStore::open(dir.path()).expect("store"));
         let ca = FleetCa::generate("t", Duration::from_secs(600)).expect("ca");
-        let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
-            .await
-            .expect("hub");
+        let hub = Hub::new(
+            store,
+            ca,
+            AgentSettings::default(),
+            Limits::default(),
+            Default::default(),
+        )
+        .await
+        .expect("hub");
         (dir, hub)
     }
 

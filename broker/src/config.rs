@@ -60,6 +60,9 @@ pub struct Config {
     /// `[bundles]`: the log bundles agents upload (see `bundles.rs`).
     #[serde(default)]
     pub bundles: BundleSettings,
+    /// `[events]`: the durable event log `GET /v1/events` resumes from.
+    #[serde(default)]
+    pub events: EventSettings,
     /// The file this config was read from (set by [`Config::load`]), for the broker's own
     /// bundle.
     #[serde(skip)]
@@ -270,6 +273,32 @@ impl Default for AgentSettings {
     }
 }
 
+/// `[events]`: how much of the event log the broker keeps for subscribers that were away
+/// (`GET /v1/events` with `Last-Event-ID`). An event goes when either bound is passed;
+/// a subscriber asking for an event gone is told so (a `dropped` event) and re-lists.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventSettings {
+    /// Newest events kept.
+    pub keep: u64,
+    /// Events older than this many hours go.
+    pub max_age_hours: u64,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            keep: 500_000,
+            max_age_hours: 7 * 24,
+        }
+    }
+}
+
+impl EventSettings {
+    pub const KEEP_RANGE: std::ops::RangeInclusive<u64> = 1..=100_000_000;
+    pub const AGE_RANGE: std::ops::RangeInclusive<u64> = 1..=24 * 366;
+}
+
 /// Admission limits by operation class (DSM seed: 8+2 deployments, 8 management,
 /// 5 backups, 5 log uploads).
 #[derive(Clone, Debug, Deserialize)]
@@ -453,6 +482,22 @@ impl Config {
             }
         }
         self.listener_limits()?;
+        let e = &self.events;
+        for (key, v, range) in [
+            ("events.keep", e.keep, EventSettings::KEEP_RANGE),
+            (
+                "events.max_age_hours",
+                e.max_age_hours,
+                EventSettings::AGE_RANGE,
+            ),
+        ] {
+            if !range.contains(&v) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!("{v} is outside {}..={}", range.start(), range.end()),
+                });
+            }
+        }
         let b = &self.bundles;
         for (key, v) in [
             ("bundles.max_bytes", b.max_bytes),

@@ -2,7 +2,7 @@
 //! for command completion, and the event stream. The API and the agent link both act
 //! through the [`Hub`].
 
-use crate::config::{AgentSettings, Limits};
+use crate::config::{AgentSettings, EventSettings, Limits};
 use crate::health::HealthBook;
 use crate::metrics::Metrics;
 use crate::revocation::Revocations;
@@ -197,11 +197,79 @@ pub struct Hub {
     pub(crate) refusal_log: crate::listener::LogLimit,
     agents: Mutex<HashMap<String, ConnectedAgent>>,
     generation: AtomicU64,
+    /// Events after they are in the durable log (ids set): live subscribers.
     events: broadcast::Sender<Event>,
-    event_seq: AtomicU64,
+    /// Events on their way to the log (see [`event_log`]).
+    event_log: mpsc::UnboundedSender<Event>,
+    /// Who got a command first: its delivery or its cancellation (see [`Hub::cancel`]).
+    claims: Mutex<Claims>,
     /// Callers waiting for a command to finish; woken with the finished record, so the
     /// answer to `?wait_ms` needs no read of the store.
     waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<Arc<CommandRecord>>>>>,
+}
+
+/// The answer to [`Hub::cancel`].
+#[derive(Debug)]
+pub enum Cancel {
+    Cancelled(CommandRecord),
+    /// Not queued any more: the command as it stands.
+    TooLate(CommandRecord),
+    Unknown,
+}
+
+/// Commands handed to an agent and not finished, and those cancelled (with their
+/// `not_after_ms`): whichever a command is in first wins it.
+#[derive(Debug, Default)]
+struct Claims {
+    handed: std::collections::HashSet<Uuid>,
+    cancelled: HashMap<Uuid, i64>,
+}
+
+/// Most events written to the log in one store write.
+const EVENT_BATCH: usize = 1024;
+/// How often old events are pruned.
+const EVENT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Writes published events to the durable log in batches (one store write each, in the
+/// store's group commit), then hands them to live subscribers with their ids. One task,
+/// so ids and the order subscribers see are the same. Prunes by `settings` once a minute.
+/// Ends when the hub is dropped.
+async fn event_log_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    live: broadcast::Sender<Event>,
+    settings: EventSettings,
+) {
+    let mut prune = tokio::time::interval(EVENT_PRUNE_INTERVAL);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(EVENT_BATCH);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, EVENT_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                match store.append_events(std::mem::take(&mut batch)).await {
+                    Ok(written) => {
+                        for e in written {
+                            let _ = live.send(e);
+                        }
+                    }
+                    // Only a failing store gets here, and then commands fail too.
+                    Err(e) => tracing::error!(error = %e, events = n, "events could not be logged and are lost"),
+                }
+            }
+            _ = prune.tick() => {
+                let max_age_ms = i64::try_from(settings.max_age_hours * 3_600_000).unwrap_or(i64::MAX);
+                let before = dbvm_protocol::now_ms().saturating_sub(max_age_ms);
+                match store.prune_events(settings.keep, before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(events = n, "old events pruned"),
+                    Err(e) => tracing::warn!(error = %e, "old events could not be pruned; retrying in a minute"),
+                }
+            }
+        }
+    }
 }
 
 impl Hub {
@@ -210,6 +278,7 @@ impl Hub {
         ca: FleetCa,
         settings: AgentSettings,
         limits: Limits,
+        event_settings: EventSettings,
     ) -> Result<Arc<Self>, StoreError> {
         let admission = Admission::new(&limits);
         // Deployments accepted before a restart still count against the waiting room.
@@ -229,6 +298,13 @@ impl Hub {
             Err(e) => tracing::warn!(error = %e, "cannot read the fleet CA certificate's expiry"),
         }
         let (events, _) = broadcast::channel(4096);
+        let (event_log, log_rx) = mpsc::unbounded_channel();
+        tokio::spawn(event_log_loop(
+            store.clone(),
+            log_rx,
+            events.clone(),
+            event_settings,
+        ));
         Ok(Arc::new(Self {
             store,
             ca,
@@ -242,7 +318,8 @@ impl Hub {
             agents: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             events,
-            event_seq: AtomicU64::new(1),
+            event_log,
+            claims: Mutex::new(Claims::default()),
             waiters: Mutex::new(HashMap::new()),
         }))
     }
@@ -254,6 +331,8 @@ impl Hub {
 
     // ----- events ---------------------------------------------------------------------
 
+    /// Live events, each after it is in the durable log. Subscribe before reading the
+    /// log (`Store::events_after`) and skip ids already read: nothing falls between.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
@@ -265,18 +344,16 @@ impl Hub {
         command_id: Option<Uuid>,
         data: impl FnOnce() -> serde_json::Value,
     ) {
-        if self.events.receiver_count() == 0 {
-            return;
-        }
         let event = Event {
-            seq: self.event_seq.fetch_add(1, Ordering::Relaxed),
+            // Given by the log, in order (see event_log_loop).
+            seq: 0,
             at_ms: dbvm_protocol::now_ms(),
             kind: kind.to_string(),
             agent_id: agent_id.to_string(),
             command_id,
             data: data(),
         };
-        let _ = self.events.send(event);
+        let _ = self.event_log.send(event);
     }
 
     fn publish_state(
@@ -358,6 +435,7 @@ impl Hub {
         let Some(rec) = self.store.finish(id, finish).await? else {
             return Ok(None);
         };
+        self.claims().handed.remove(&id);
         let class = rec.class;
         self.class_finished(class);
         Metrics::count(&self.metrics.commands_finished, "state", state.as_str());
@@ -365,6 +443,76 @@ impl Hub {
         let rec = Arc::new(rec);
         self.wake(rec.clone());
         Ok(Some(rec))
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a session just before it hands a command to its agent: whether it may
+    /// (not when the command was cancelled). The store's `delivered` mark is written
+    /// late (see the session's `MARK_DELAY`), so this, not the store, is what a
+    /// cancellation races against.
+    pub fn claim_delivery(&self, id: Uuid) -> bool {
+        let mut claims = self.claims();
+        if claims.cancelled.contains_key(&id) {
+            return false;
+        }
+        claims.handed.insert(id);
+        true
+    }
+
+    /// Takes back a command not yet handed to its agent: `POST /v1/commands/{id}/cancel`.
+    pub async fn cancel(&self, id: Uuid) -> Result<Cancel, StoreError> {
+        let Some(mut rec) = self.store.command(id).await? else {
+            return Ok(Cancel::Unknown);
+        };
+        if rec.state != CommandState::Queued {
+            return Ok(Cancel::TooLate(rec));
+        }
+        {
+            let mut claims = self.claims();
+            if claims.handed.contains(&id) {
+                // Handed out; its `delivered` mark is not written yet.
+                rec.state = CommandState::Delivered;
+                return Ok(Cancel::TooLate(rec));
+            }
+            let now = dbvm_protocol::now_ms();
+            // A session holding a cancelled command skips it; past its time it would
+            // skip it anyway (expired), so the claim can go then.
+            claims
+                .cancelled
+                .retain(|_, not_after| !TimeWindow::DEFAULT.is_expired(*not_after, now));
+            claims.cancelled.insert(id, rec.not_after_ms);
+        }
+        let error = CommandError {
+            code: "cancelled".into(),
+            message: "cancelled by the control plane before it was delivered".into(),
+        };
+        let Some(done) = self
+            .store
+            .cancel(id, dbvm_protocol::now_ms(), error)
+            .await?
+        else {
+            // It moved on meanwhile (expired, or finished by another broker's record).
+            self.claims().cancelled.remove(&id);
+            return Ok(match self.store.command(id).await? {
+                Some(rec) => Cancel::TooLate(rec),
+                None => Cancel::Unknown,
+            });
+        };
+        tracing::info!(%id, agent = %done.agent_id, operation = %done.operation, "command cancelled");
+        self.class_finished(done.class);
+        Metrics::count(&self.metrics.commands_finished, "state", "cancelled");
+        self.publish_state(
+            &done.agent_id,
+            id,
+            &done.operation,
+            CommandState::Cancelled,
+            done.error.as_ref(),
+        );
+        self.wake(Arc::new(done.clone()));
+        Ok(Cancel::Cancelled(done))
     }
 
     fn class_finished(&self, class: OperationClass) {
@@ -831,9 +979,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
         let ca = FleetCa::generate("t", Duration::from_secs(3600)).unwrap();
-        let hub = Hub::new(store, ca, AgentSettings::default(), Limits::default())
-            .await
-            .unwrap();
+        let hub = Hub::new(
+            store,
+            ca,
+            AgentSettings::default(),
+            Limits::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
         (dir, hub)
     }
 
@@ -875,8 +1029,13 @@ mod tests {
             let by = peer(i as u16 + 2);
             assert_eq!(end.closed().await, Close::Replaced { by });
         }
+        // Events reach subscribers once they are in the log.
         let mut kinds = Vec::new();
-        while let Ok(e) = events.try_recv() {
+        while kinds.len() < 5 {
+            let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("logged within 10 s")
+                .unwrap();
             if e.kind == "agent.replaced" || e.kind == "agent.flapping" {
                 kinds.push((e.kind, e.data["replacements_in_window"].as_u64()));
             }
@@ -1027,5 +1186,95 @@ mod tests {
         ));
         // A handshake that checked before the revocation cannot register after it.
         assert!(hub.register(record("db1", 1), tx, peer(2), seen).is_err());
+    }
+
+    #[tokio::test]
+    async fn events_are_logged_with_rising_ids_that_survive_pruning_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let store = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+            let ca = FleetCa::generate("t", Duration::from_secs(3600)).unwrap();
+            // The defaults: the log's own pruning (at start, then each minute) keeps all.
+            Hub::new(
+                store,
+                ca,
+                AgentSettings::default(),
+                Limits::default(),
+                EventSettings::default(),
+            )
+            .await
+            .unwrap()
+        };
+        let hub = open().await;
+        let mut live = hub.subscribe();
+        for i in 0..5 {
+            hub.publish("agent.event", "db1", None, || serde_json::json!({ "i": i }));
+        }
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(live.recv().await.unwrap().seq);
+        }
+        assert_eq!(ids, [1, 2, 3, 4, 5]);
+        let logged = hub.store.events_after(2, None, 10).await.unwrap();
+        assert_eq!(logged.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(logged[0].data["i"], 2);
+        assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(1), 5));
+        // Keep 3: the two oldest go; then everything older than now (all of it).
+        assert_eq!(hub.store.prune_events(3, 0).await.unwrap(), 2);
+        assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(3), 5));
+        let now = dbvm_protocol::now_ms() + 1;
+        assert_eq!(hub.store.prune_events(3, now).await.unwrap(), 3);
+        assert_eq!(hub.store.event_bounds().await.unwrap(), (None, 5));
+        drop(live);
+        drop(hub);
+        // A new broker on the same store goes on from the last id ever given.
+        let hub = open().await;
+        let mut live = hub.subscribe();
+        hub.publish("agent.event", "db2", None, || serde_json::json!({}));
+        assert_eq!(live.recv().await.unwrap().seq, 6);
+    }
+
+    #[tokio::test]
+    async fn a_command_goes_to_its_cancellation_or_its_delivery_never_both() {
+        let (_dir, hub) = hub().await;
+        let now = dbvm_protocol::now_ms();
+        let rec = |id: Uuid| CommandRecord {
+            id,
+            agent_id: "db1".into(),
+            operation: "ping".into(),
+            class: OperationClass::Query,
+            state: CommandState::Queued,
+            signed: vec![1],
+            submitted_at_ms: now,
+            not_after_ms: now + 60_000,
+            delivered_at_ms: None,
+            finished_at_ms: None,
+            progress: None,
+            output_json: None,
+            error: None,
+        };
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        for id in [a, b] {
+            hub.store.insert_command(rec(id)).await.unwrap();
+        }
+        // Handed out first (its `delivered` not written yet): too late to cancel.
+        assert!(hub.claim_delivery(a));
+        match hub.cancel(a).await.unwrap() {
+            Cancel::TooLate(r) => assert_eq!(r.state, CommandState::Delivered),
+            other => panic!("{other:?}"),
+        }
+        // Cancelled first: no session may hand it out after.
+        match hub.cancel(b).await.unwrap() {
+            Cancel::Cancelled(r) => assert_eq!(r.state, CommandState::Cancelled),
+            other => panic!("{other:?}"),
+        }
+        assert!(!hub.claim_delivery(b));
+        assert!(
+            matches!(hub.cancel(b).await.unwrap(), Cancel::TooLate(r) if r.state == CommandState::Cancelled)
+        );
+        assert!(matches!(
+            hub.cancel(Uuid::new_v4()).await.unwrap(),
+            Cancel::Unknown
+        ));
     }
 }

@@ -16,6 +16,7 @@ pub mod enroll;
 pub mod health;
 pub mod hub;
 pub mod listener;
+pub mod lists;
 pub mod metrics;
 pub mod own_bundle;
 pub mod revocation;
@@ -93,7 +94,14 @@ impl Broker {
             config.bundles.clone(),
             store.clone(),
         )?);
-        let hub = Hub::new(store, ca, config.agents.clone(), config.limits.clone()).await?;
+        let hub = Hub::new(
+            store,
+            ca,
+            config.agents.clone(),
+            config.limits.clone(),
+            config.events.clone(),
+        )
+        .await?;
         // Both listeners let a client without a certificate finish the handshake: the
         // agent port so a new VM can enroll, the API so it can answer 401 clearly.
         // Each then refuses what needs an identity.

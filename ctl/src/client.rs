@@ -7,9 +7,9 @@
 
 use crate::sse::{SseError, SseParser};
 use dbvm_protocol::api::{
-    AgentHealth, AgentView, ApiError, ArtifactEntry, ArtifactInfo, BundleInfo, BundleList,
-    CommandView, EnrollmentToken, EnrollmentTokenRequest, Event, FleetHealth, Revocation,
-    RevokeRequest, SubmitCommand,
+    AgentHealth, AgentPage, AgentView, ApiError, ArtifactEntry, ArtifactInfo, BundleInfo,
+    BundleList, CommandPage, CommandView, EnrollmentToken, EnrollmentTokenRequest, Event,
+    FleetHealth, Revocation, RevokeRequest, SubmitCommand,
 };
 use dbvm_protocol::command::SignedCommand;
 use futures::{Stream, StreamExt};
@@ -318,10 +318,40 @@ impl Client {
         }
     }
 
-    /// `GET /v1/agents`.
+    /// `GET /v1/agents`, every page.
     pub async fn agents(&self) -> Result<Vec<AgentView>, ClientError> {
-        let url = self.url(&["v1", "agents"]);
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = self.url(&["v1", "agents"]);
+            url.query_pairs_mut().append_pair("limit", "1000");
+            if let Some(c) = &cursor {
+                url.query_pairs_mut().append_pair("cursor", c);
+            }
+            let page: AgentPage = self.call(Method::GET, url, REQUEST_TIMEOUT, None).await?;
+            all.extend(page.agents);
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// `GET /v1/commands`: one page, newest first. `query` holds the filters
+    /// (`agent`, `state`, `operation`, `since_ms`, `until_ms`, `limit`, `cursor`).
+    pub async fn commands(&self, query: &[(&str, String)]) -> Result<CommandPage, ClientError> {
+        let mut url = self.url(&["v1", "commands"]);
+        for (k, v) in query {
+            url.query_pairs_mut().append_pair(k, v);
+        }
         self.call(Method::GET, url, REQUEST_TIMEOUT, None).await
+    }
+
+    /// `POST /v1/commands/{id}/cancel`: the command, now cancelled; a 409 carries its
+    /// state when it reached its agent first.
+    pub async fn cancel(&self, id: Uuid) -> Result<CommandView, ClientError> {
+        let url = self.url(&["v1", "commands", &id.to_string(), "cancel"]);
+        self.call(Method::POST, url, REQUEST_TIMEOUT, None).await
     }
 
     /// `GET /v1/agents/{id}`.
@@ -578,11 +608,21 @@ impl Client {
             .map(drop)
     }
 
-    /// `GET /v1/events[?agent=ID]`: follows the broker's event stream.
-    pub async fn events(&self, agent: Option<&str>) -> Result<EventStream, ClientError> {
+    /// `GET /v1/events[?agent=ID][&after=N]`: follows the broker's event stream, from
+    /// the logged events after `after` when given (a `dropped` event first when the log
+    /// no longer holds them all).
+    pub async fn events(
+        &self,
+        agent: Option<&str>,
+        after: Option<u64>,
+    ) -> Result<EventStream, ClientError> {
         let mut url = self.url(&["v1", "events"]);
         if let Some(agent) = agent {
             url.query_pairs_mut().append_pair("agent", agent);
+        }
+        if let Some(after) = after {
+            url.query_pairs_mut()
+                .append_pair("after", &after.to_string());
         }
         let method = Method::GET;
         // No overall timeout: the stream lasts. The answer's head must come in time,
@@ -749,6 +789,7 @@ fn http_error(status: StatusCode, body: &[u8]) -> ClientError {
             } else {
                 text
             },
+            state: None,
         }
     });
     ClientError::Http(status, error)

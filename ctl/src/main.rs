@@ -240,11 +240,58 @@ enum Command {
         #[command(subcommand)]
         command: Option<BundleCommand>,
     },
+    /// List the commands the broker knows, newest first: one line each
+    ///
+    /// Filters combine. One page at a time: the last line says how to ask for the next
+    /// (--cursor), or --all pages through them all.
+    Commands {
+        /// Only this agent's commands
+        #[arg(long, value_name = "ID")]
+        agent: Option<AgentId>,
+        /// Only in these states (comma-separated: queued, delivered, running, succeeded,
+        /// failed, rejected, interrupted, expired, cancelled)
+        #[arg(long, value_name = "STATES")]
+        state: Option<String>,
+        /// Only this operation (db.create, bundle.collect, ...)
+        #[arg(long, value_name = "NAME")]
+        operation: Option<String>,
+        /// Only those submitted in the last this many minutes
+        #[arg(long, value_name = "MINUTES")]
+        since_minutes: Option<u64>,
+        /// Commands per page (1 to 1000)
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Where the previous page ended (its last line gives it)
+        #[arg(long, value_name = "CURSOR", conflicts_with = "all")]
+        cursor: Option<String>,
+        /// Every page, not one
+        #[arg(long)]
+        all: bool,
+        /// The page as the broker answers it (with --all: one JSON array)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take back a command that has not reached its agent yet
+    ///
+    /// Exit code 0 when it was cancelled; 1, with its state, when it had already reached
+    /// the agent or finished (then it runs or ran: `status` follows it).
+    Cancel {
+        command_id: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow the broker's events, one line each
+    ///
+    /// Each event has an id (`--json` shows it as `seq`). Give the last one you saw to
+    /// --after to go on from there without losing one; the broker says so (a `dropped`
+    /// line) if it no longer keeps them all. A dropped connection is resumed the same way.
     Events {
         /// Only this agent's events
         #[arg(long, value_name = "ID")]
         agent: Option<AgentId>,
+        /// Start with the events after this id
+        #[arg(long, value_name = "ID")]
+        after: Option<u64>,
         /// One JSON object per line
         #[arg(long)]
         json: bool,
@@ -593,6 +640,9 @@ struct UpgradeArgs {
 #[error("the broker at {0} closed the event stream: run `dbvmctl events` again once it is back")]
 struct StreamClosed(String);
 
+/// Reconnections of `dbvmctl events` in a row before it gives up.
+const EVENTS_RESUME_TRIES: u32 = 10;
+
 fn exit_code_of(err: &anyhow::Error) -> Exit {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<ClientError>() {
@@ -763,7 +813,35 @@ async fn run(cli: Cli) -> Result<Exit> {
             .await
         }
         Command::Fleet { json } => fleet(&ctx, json).await,
-        Command::Events { agent, json } => events(&ctx, agent.as_ref(), json).await,
+        Command::Events { agent, after, json } => events(&ctx, agent.as_ref(), after, json).await,
+        Command::Commands {
+            agent,
+            state,
+            operation,
+            since_minutes,
+            limit,
+            cursor,
+            all,
+            json,
+        } => {
+            let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+            if let Some(a) = &agent {
+                query.push(("agent", a.to_string()));
+            }
+            if let Some(s) = state {
+                query.push(("state", s));
+            }
+            if let Some(o) = operation {
+                query.push(("operation", o));
+            }
+            if let Some(m) = since_minutes {
+                let since = dbvm_protocol::now_ms()
+                    .saturating_sub(i64::try_from(m.saturating_mul(60_000)).unwrap_or(i64::MAX));
+                query.push(("since_ms", since.max(0).to_string()));
+            }
+            commands(&ctx, query, cursor, all, json).await
+        }
+        Command::Cancel { command_id, json } => cancel(&ctx, command_id, json).await,
         Command::Upgrade(args) => upgrade(&ctx, args).await,
         Command::Bundle {
             command: Some(BundleCommand::List { json }),
@@ -1656,18 +1734,135 @@ async fn upgrade(ctx: &Ctx, a: UpgradeArgs) -> Result<Exit> {
     Ok(Exit::CommandFailed)
 }
 
-async fn events(ctx: &Ctx, agent: Option<&AgentId>, json: bool) -> Result<Exit> {
+async fn commands(
+    ctx: &Ctx,
+    query: Vec<(&str, String)>,
+    mut cursor: Option<String>,
+    all: bool,
+    json: bool,
+) -> Result<Exit> {
     let home = ctx.home()?;
     let client = ctx.client(&home)?;
-    let mut stream = client.events(agent.map(AgentId::as_str)).await?;
+    let mut every = Vec::new();
+    loop {
+        let mut q = query.clone();
+        if let Some(c) = &cursor {
+            q.push(("cursor", c.clone()));
+        }
+        let mut page = client
+            .commands(&q)
+            .await
+            .context("cannot list the broker's commands")?;
+        for c in &mut page.commands {
+            if let Some(output) = &mut c.output {
+                dbvmctl::redact(output);
+            }
+        }
+        if !all {
+            if json {
+                out_json(&page)?;
+            } else {
+                let mut text = String::new();
+                for c in &page.commands {
+                    text.push_str(&output::command_state_line(c));
+                    text.push('\n');
+                }
+                match &page.next_cursor {
+                    Some(next) => text.push_str(&format!("more: --cursor {next}\n")),
+                    None if page.commands.is_empty() => text.push_str("no commands\n"),
+                    None => {}
+                }
+                out(&text)?;
+            }
+            return Ok(Exit::Success);
+        }
+        if !json {
+            let mut text = String::new();
+            for c in &page.commands {
+                text.push_str(&output::command_state_line(c));
+                text.push('\n');
+            }
+            if !out(&text)? {
+                return Ok(Exit::Success);
+            }
+        }
+        every.extend(page.commands);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    if json {
+        out_json(&every)?;
+    }
+    Ok(Exit::Success)
+}
+
+async fn cancel(ctx: &Ctx, id: Uuid, json: bool) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    match client.cancel(id).await {
+        Ok(view) => {
+            if json {
+                out_json(&view)?;
+            } else {
+                out(&format!("{}\n", output::command_state_line(&view)))?;
+            }
+            Ok(Exit::Success)
+        }
+        Err(ClientError::Http(status, e)) if status == reqwest::StatusCode::CONFLICT => {
+            if json {
+                out_json(&e)?;
+            } else {
+                eprintln!("dbvmctl: {}", e.error);
+            }
+            Ok(Exit::CommandFailed)
+        }
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot cancel command {id}"))),
+    }
+}
+
+/// Follows the event stream; a dropped connection is resumed after the last event seen.
+async fn events(
+    ctx: &Ctx,
+    agent: Option<&AgentId>,
+    after: Option<u64>,
+    json: bool,
+) -> Result<Exit> {
+    let home = ctx.home()?;
+    let client = ctx.client(&home)?;
+    let mut last = after;
+    let mut stream = client.events(agent.map(AgentId::as_str), last).await?;
     let style = stdout_style();
+    let mut retries = 0u32;
     loop {
         let item = tokio::select! {
             item = stream.next() => item,
             _ = tokio::signal::ctrl_c() => return Ok(Exit::Success),
         };
         let event = match item {
-            None => return Err(StreamClosed(ctx.broker.clone()).into()),
+            None | Some(Err(ClientError::EventRead { .. } | ClientError::EventsIdle { .. })) => {
+                // Resume where the stream stopped: nothing is lost unless the broker
+                // pruned it meanwhile, which it says (`dropped`).
+                if retries >= EVENTS_RESUME_TRIES {
+                    return Err(StreamClosed(ctx.broker.clone()).into());
+                }
+                retries += 1;
+                eprintln!(
+                    "dbvmctl: the event stream closed; resuming{} (try {retries} of {EVENTS_RESUME_TRIES})",
+                    last.map(|l| format!(" after event {l}")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_secs(u64::from(retries.min(5)))).await;
+                match client.events(agent.map(AgentId::as_str), last).await {
+                    Ok(s) => stream = s,
+                    Err(e) if retries < EVENTS_RESUME_TRIES => {
+                        eprintln!("dbvmctl: {e}");
+                        stream = Box::pin(futures::stream::empty());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
             Some(Ok(event)) => event,
             Some(Err(e @ ClientError::EventDecode { .. })) => {
                 eprintln!("dbvmctl: skipped an event: {e}");
@@ -1675,6 +1870,15 @@ async fn events(ctx: &Ctx, agent: Option<&AgentId>, json: bool) -> Result<Exit> 
             }
             Some(Err(e)) => return Err(e.into()),
         };
+        retries = 0;
+        if event.seq > 0 {
+            last = Some(event.seq);
+        } else if event.kind == "dropped" {
+            eprintln!(
+                "dbvmctl: the broker no longer keeps every event asked for ({}); list what you need again",
+                event.data["reason"].as_str().unwrap_or("dropped")
+            );
+        }
         let mut event = event;
         dbvmctl::redact(&mut event.data);
         let line = if json {
@@ -1947,6 +2151,7 @@ mod tests {
             dbvm_protocol::api::ApiError {
                 code: "busy".into(),
                 error: "full".into(),
+                state: None,
             },
         );
         let api = anyhow::Error::from(api).context("sending");
@@ -1962,6 +2167,7 @@ mod tests {
             dbvm_protocol::api::ApiError {
                 code: "bad_signature".into(),
                 error: "no".into(),
+                state: None,
             },
         ))
         .into();

@@ -82,13 +82,21 @@ pub enum CommandState {
     Interrupted,
     /// It expired before it could be delivered.
     Expired,
+    /// The control plane took it back before it was delivered
+    /// (`POST /v1/commands/{id}/cancel`); it never reached the agent.
+    Cancelled,
 }
 
 impl CommandState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Succeeded | Self::Failed | Self::Rejected | Self::Interrupted | Self::Expired
+            Self::Succeeded
+                | Self::Failed
+                | Self::Rejected
+                | Self::Interrupted
+                | Self::Expired
+                | Self::Cancelled
         )
     }
 
@@ -102,6 +110,7 @@ impl CommandState {
             Self::Rejected => "rejected",
             Self::Interrupted => "interrupted",
             Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -115,6 +124,7 @@ impl CommandState {
             "rejected" => Self::Rejected,
             "interrupted" => Self::Interrupted,
             "expired" => Self::Expired,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
@@ -149,6 +159,24 @@ pub struct CommandView {
     /// The operation's output (JSON) when it succeeded.
     pub output: Option<serde_json::Value>,
     pub error: Option<CommandError>,
+}
+
+/// One page of `GET /v1/commands`: newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandPage {
+    pub commands: Vec<CommandView>,
+    /// Pass as `cursor` for the next page (with the same filters); absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// One page of `GET /v1/agents`: by id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentPage {
+    pub agents: Vec<AgentView>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// An agent as the broker knows it: `GET /v1/agents`.
@@ -528,6 +556,9 @@ pub struct ApiError {
     /// `bad_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`, `busy`, `internal`.
     pub code: String,
     pub error: String,
+    /// The command's state now, when a cancellation came too late (`not_cancellable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<CommandState>,
 }
 
 #[cfg(test)]

@@ -788,7 +788,7 @@ async fn each_role_does_what_it_may_and_is_refused_the_rest_naming_the_role() {
     assert_eq!(reader.agents().await.unwrap().len(), 1);
     drop(
         reader
-            .events(None)
+            .events(None, None)
             .await
             .expect("a reader may follow events"),
     );

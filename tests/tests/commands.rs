@@ -328,7 +328,10 @@ async fn the_event_stream_shows_connections_and_every_state_of_a_command() {
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let mut events = client.events(Some("db1")).await.expect("event stream");
+    let mut events = client
+        .events(Some("db1"), None)
+        .await
+        .expect("event stream");
     let token = client
         .enrollment_token("db1", None)
         .await

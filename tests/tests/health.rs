@@ -223,7 +223,7 @@ struct Changes {
 
 impl Changes {
     async fn subscribe(client: &dbvmctl::Client, agent: &str) -> Self {
-        let mut stream = client.events(Some(agent)).await.expect("events");
+        let mut stream = client.events(Some(agent), None).await.expect("events");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(Ok(ev)) = stream.next().await {

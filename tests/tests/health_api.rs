@@ -117,7 +117,7 @@ async fn reports_are_served_summarised_and_relayed_and_a_foreign_one_is_refused(
     let fleet = Fleet::new();
     let broker = fleet.start_broker("");
     let client = fleet.client(&broker);
-    let mut events = client.events(Some("db1")).await.expect("events");
+    let mut events = client.events(Some("db1"), None).await.expect("events");
 
     let mut db1 = agent_link(&fleet, &broker, "db1", &[]).await;
     let _db3 = agent_link(&fleet, &broker, "db3", &[]).await;

@@ -80,7 +80,7 @@ async fn a_stolen_certificate_taking_turns_with_the_real_agent_is_an_event_and_a
         .enroll_agent(&client, broker.agent_addr, "db1", "")
         .await;
     let stolen = steal(&agent);
-    let mut events = client.events(Some("db1")).await.expect("events");
+    let mut events = client.events(Some("db1"), None).await.expect("events");
 
     // Three Hellos with the stolen certificate: each takes the session over (from the
     // real agent, which reconnects, or from the thief's previous connection). The
@@ -147,7 +147,7 @@ async fn a_revoked_certificate_is_refused_at_hello_and_renewal_and_a_new_enrollm
         other => panic!("renewal before the revocation: {other:?}"),
     };
 
-    let mut events = client.events(Some("db1")).await.expect("events");
+    let mut events = client.events(Some("db1"), None).await.expect("events");
     let revocation = client
         .revoke("db1", Some("identity.pem copied off the VM"))
         .await

@@ -499,6 +499,12 @@ impl Session {
                 self.blocked.push_back(rec);
                 continue;
             }
+            if !self.hub.claim_delivery(rec.id) {
+                // Cancelled by the control plane (POST /v1/commands/{id}/cancel).
+                self.hub.admission.release(rec.class);
+                self.known.remove(&rec.id);
+                continue;
+            }
             // Debug-level, like the other per-command spans: free at the default level (an
             // info span per command cost ~7 % of the broker's CPU per command in the
             // relay benchmark); events above debug name the command themselves.

@@ -73,6 +73,32 @@ impl CommandRecord {
     }
 }
 
+/// What `GET /v1/commands` asks for: every filter optional, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct CommandFilter {
+    pub agent_id: Option<String>,
+    /// Any of these states (all when empty).
+    pub states: Vec<CommandState>,
+    pub operation: Option<String>,
+    /// Submitted at or after (ms, Unix time).
+    pub since_ms: Option<i64>,
+    /// Submitted before.
+    pub until_ms: Option<i64>,
+    /// Strictly older than this position (the previous page's last), from a cursor.
+    pub before: Option<CommandPosition>,
+}
+
+/// Where a command sits in the newest-first order: its submission time, then the store's
+/// own insertion order for commands submitted in the same millisecond.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommandPosition {
+    pub submitted_at_ms: i64,
+    pub seq: i64,
+}
+
+/// A stored event (`GET /v1/events`): its id orders the log.
+pub type StoredEvent = dbvm_protocol::api::Event;
+
 /// How a command ended, as recorded.
 #[derive(Clone, Debug)]
 pub struct Finish {
@@ -189,6 +215,21 @@ pub trait Store: Send + Sync + 'static {
     /// Records the outcome durably, unless the command already finished. Returns the
     /// finished record when this call finished it (so nobody has to read it back).
     async fn finish(&self, id: Uuid, finish: Finish) -> Result<Option<CommandRecord>, StoreError>;
+    /// One page of commands matching `filter`, newest first, each with its position
+    /// (for the next page's cursor).
+    async fn commands(
+        &self,
+        filter: CommandFilter,
+        limit: usize,
+    ) -> Result<Vec<(CommandPosition, CommandRecord)>, StoreError>;
+    /// Finishes a command as `cancelled` if it is still `queued` in the store; returns
+    /// the finished record, or `None` when it was not queued (the caller reads why).
+    async fn cancel(
+        &self,
+        id: Uuid,
+        at_ms: i64,
+        error: CommandError,
+    ) -> Result<Option<CommandRecord>, StoreError>;
     /// Expires queued commands whose time ran out; returns them.
     async fn expire_due(&self, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError>;
 
@@ -255,6 +296,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Forgets a bundle; whether it was recorded.
     async fn delete_bundle(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Appends events to the durable log in order; returns them with their ids (`seq`),
+    /// which rise and are never reused, even after every event was pruned.
+    async fn append_events(&self, events: Vec<StoredEvent>)
+        -> Result<Vec<StoredEvent>, StoreError>;
+    /// Events with an id above `after`, oldest first, at most `limit` (of `agent` only,
+    /// when given).
+    async fn events_after(
+        &self,
+        after: u64,
+        agent: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The oldest id the log still holds (`None` when empty) and the last id ever given.
+    async fn event_bounds(&self) -> Result<(Option<u64>, u64), StoreError>;
+    /// Drops events beyond the newest `keep` and those older than `before_ms`; how many.
+    async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError>;
 
     /// What the store holds, in counts (for the broker's own support bundle).
     async fn stats(&self) -> Result<serde_json::Value, StoreError>;

@@ -8,8 +8,9 @@
 //! 1,000 WAL pages copies them all before it returns, and every caller of that batch waits.
 
 use super::{
-    AgentRecord, AgentRevocation, CommandRecord, Finish, IssuedCertificate, RenewalRevoked,
-    RevocationList, Store, StoreError, TokenRefusal,
+    AgentRecord, AgentRevocation, CommandFilter, CommandPosition, CommandRecord, Finish,
+    IssuedCertificate, RenewalRevoked, RevocationList, Store, StoreError, StoredEvent,
+    TokenRefusal,
 };
 use async_trait::async_trait;
 use dbvm_protocol::api::{
@@ -56,6 +57,11 @@ CREATE TABLE IF NOT EXISTS commands (
 -- three-value IN list costs on every insert and update (a third of the writer's time).
 CREATE INDEX IF NOT EXISTS commands_open ON commands(agent_id)
     WHERE finished_at_ms IS NULL;
+-- GET /v1/commands, newest first: by agent, and across the fleet. Both end in the rowid,
+-- which orders commands submitted in the same millisecond (and is the cursor's second
+-- half). Neither column changes after the insert, so finishing a command never touches them.
+CREATE INDEX IF NOT EXISTS commands_agent ON commands(agent_id, submitted_at_ms);
+CREATE INDEX IF NOT EXISTS commands_time ON commands(submitted_at_ms);
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY,
     last_seen_ms INTEGER,
@@ -100,6 +106,16 @@ CREATE TABLE IF NOT EXISTS bundles (
     completed_at_ms INTEGER,
     -- Its copy in S3 (BundleCopy as JSON), when the broker has a bucket.
     s3 TEXT
+);
+-- The event log GET /v1/events resumes from. AUTOINCREMENT: an id is never given twice,
+-- even after pruning emptied the table, so a client's Last-Event-ID stays meaningful.
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    command_id BLOB,
+    data TEXT NOT NULL
 );
 ";
 
@@ -347,31 +363,39 @@ const COMMAND_COLUMNS: &str = "id, agent_id, operation, class, state, signed, su
 fn command_from_row(
     row: &rusqlite::Row<'_>,
 ) -> rusqlite::Result<Result<CommandRecord, StoreError>> {
-    let id: Vec<u8> = row.get(0)?;
-    let state: String = row.get(4)?;
-    let percent: Option<u8> = row.get(10)?;
-    let message: Option<String> = row.get(11)?;
-    let code: Option<String> = row.get(13)?;
-    let error_message: Option<String> = row.get(14)?;
-    let class: String = row.get(3)?;
+    command_from_row_at(row, 0)
+}
+
+/// A command from [`COMMAND_COLUMNS`] starting at column `at`.
+fn command_from_row_at(
+    row: &rusqlite::Row<'_>,
+    at: usize,
+) -> rusqlite::Result<Result<CommandRecord, StoreError>> {
+    let id: Vec<u8> = row.get(at)?;
+    let state: String = row.get(at + 4)?;
+    let percent: Option<u8> = row.get(at + 10)?;
+    let message: Option<String> = row.get(at + 11)?;
+    let code: Option<String> = row.get(at + 13)?;
+    let error_message: Option<String> = row.get(at + 14)?;
+    let class: String = row.get(at + 3)?;
     let rec = (|| {
         Ok(CommandRecord {
             id: uuid_from(id)?,
-            agent_id: row.get(1)?,
-            operation: row.get(2)?,
+            agent_id: row.get(at + 1)?,
+            operation: row.get(at + 2)?,
             class: class_from(&class),
             state: CommandState::parse(&state)
                 .ok_or_else(|| StoreError::Corrupt(format!("command state {state:?}")))?,
-            signed: row.get(5)?,
-            submitted_at_ms: row.get(6)?,
-            not_after_ms: row.get(7)?,
-            delivered_at_ms: row.get(8)?,
-            finished_at_ms: row.get(9)?,
+            signed: row.get(at + 5)?,
+            submitted_at_ms: row.get(at + 6)?,
+            not_after_ms: row.get(at + 7)?,
+            delivered_at_ms: row.get(at + 8)?,
+            finished_at_ms: row.get(at + 9)?,
             progress: percent.map(|percent| Progress {
                 percent,
                 message: message.unwrap_or_default(),
             }),
-            output_json: row.get(12)?,
+            output_json: row.get(at + 12)?,
             error: code.map(|code| CommandError {
                 code,
                 message: error_message.unwrap_or_default(),
@@ -614,6 +638,197 @@ impl Store for SqliteStore {
             }
         }
         Ok(expired)
+    }
+
+    async fn commands(
+        &self,
+        filter: CommandFilter,
+        limit: usize,
+    ) -> Result<Vec<(CommandPosition, CommandRecord)>, StoreError> {
+        self.read(move |conn| {
+            use rusqlite::types::Value;
+            let mut clauses: Vec<String> = Vec::new();
+            let mut params: Vec<Value> = Vec::new();
+            let mut param = |v: Value| {
+                params.push(v);
+                format!("?{}", params.len())
+            };
+            if let Some(a) = filter.agent_id {
+                clauses.push(format!("agent_id = {}", param(Value::Text(a))));
+            }
+            if !filter.states.is_empty() {
+                // Known words only (CommandState::as_str): safe to inline.
+                clauses.push(format!("state IN ({})", in_list(&filter.states)));
+            }
+            if let Some(op) = filter.operation {
+                clauses.push(format!("operation = {}", param(Value::Text(op))));
+            }
+            if let Some(ms) = filter.since_ms {
+                clauses.push(format!("submitted_at_ms >= {}", param(Value::Integer(ms))));
+            }
+            if let Some(ms) = filter.until_ms {
+                clauses.push(format!("submitted_at_ms < {}", param(Value::Integer(ms))));
+            }
+            if let Some(p) = filter.before {
+                // A range on the index (<=), then the tie-break inside that millisecond.
+                let ms = param(Value::Integer(p.submitted_at_ms));
+                let seq = param(Value::Integer(p.seq));
+                clauses.push(format!(
+                    "submitted_at_ms <= {ms} AND (submitted_at_ms < {ms} OR rowid < {seq})"
+                ));
+            }
+            let limit = param(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+            let sql = format!(
+                "SELECT rowid, {COMMAND_COLUMNS} FROM commands {} {}
+                 ORDER BY submitted_at_ms DESC, rowid DESC LIMIT {limit}",
+                if clauses.is_empty() { "" } else { "WHERE" },
+                clauses.join(" AND "),
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let seq: i64 = row.get(0)?;
+                let rec = command_from_row_at(row, 1)??;
+                let pos = CommandPosition {
+                    submitted_at_ms: rec.submitted_at_ms,
+                    seq,
+                };
+                out.push((pos, rec));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn cancel(
+        &self,
+        id: Uuid,
+        at_ms: i64,
+        error: CommandError,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        self.write(move |txn| {
+            let mut stmt = txn.prepare_cached(&format!(
+                "UPDATE commands SET state = 'cancelled', finished_at_ms = ?2, error_code = ?3, error_message = ?4
+                 WHERE id = ?1 AND state = 'queued' RETURNING {COMMAND_COLUMNS}",
+            ))?;
+            let mut rows = stmt.query(rusqlite::params![
+                id.as_bytes().as_slice(),
+                at_ms,
+                error.code,
+                error.message
+            ])?;
+            match rows.next()? {
+                Some(row) => command_from_row(row)?.map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn append_events(
+        &self,
+        mut events: Vec<StoredEvent>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.write(move |txn| {
+            let mut stmt = txn.prepare_cached(
+                "INSERT INTO events (at_ms, kind, agent_id, command_id, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for e in &mut events {
+                stmt.execute(rusqlite::params![
+                    e.at_ms,
+                    e.kind,
+                    e.agent_id,
+                    e.command_id.map(|id| id.as_bytes().to_vec()),
+                    e.data.to_string(),
+                ])?;
+                e.seq = u64::try_from(txn.last_insert_rowid())
+                    .map_err(|_| StoreError::Corrupt("negative event id".into()))?;
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        agent: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(move |conn| {
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, at_ms, kind, agent_id, command_id, data FROM events
+                 WHERE id > ?1 AND (?2 IS NULL OR agent_id = ?2) ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(rusqlite::params![after, agent, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, at_ms, kind, agent_id, command_id, data) = row?;
+                out.push(StoredEvent {
+                    seq: u64::try_from(id)
+                        .map_err(|_| StoreError::Corrupt("negative event id".into()))?,
+                    at_ms,
+                    kind,
+                    agent_id,
+                    command_id: command_id.map(uuid_from).transpose()?,
+                    data: serde_json::from_str(&data)
+                        .map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn event_bounds(&self) -> Result<(Option<u64>, u64), StoreError> {
+        self.read(|conn| {
+            let oldest: Option<i64> =
+                conn.query_row("SELECT MIN(id) FROM events", [], |r| r.get(0))?;
+            // sqlite_sequence keeps the last id given even when the table is empty.
+            let last: Option<i64> = conn
+                .query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let u = |v: i64| u64::try_from(v).unwrap_or(0);
+            Ok((oldest.map(u), last.map(u).unwrap_or(0)))
+        })
+        .await
+    }
+
+    async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let last: i64 =
+                txn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+            let by_count = last.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
+            // Ids rise with time: the first event young enough bounds the old ones (found
+            // from the oldest end, so this reads only what goes).
+            let first_young: Option<i64> = txn
+                .query_row(
+                    "SELECT id FROM events WHERE at_ms >= ?1 ORDER BY id LIMIT 1",
+                    [before_ms],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let by_age = first_young.map_or(last, |id| id - 1);
+            let n = txn.execute("DELETE FROM events WHERE id <= ?1", [by_count.max(by_age)])?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     async fn upsert_agent(&self, rec: AgentRecord) -> Result<(), StoreError> {
@@ -1138,7 +1353,12 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(indexes, vec!["commands_open".to_string()]);
+        let mut indexes = indexes;
+        indexes.sort();
+        assert_eq!(
+            indexes,
+            ["commands_agent", "commands_open", "commands_time"].map(String::from)
+        );
         drop(store);
         // Opening again changes nothing.
         let store = SqliteStore::open(dir.path()).unwrap();
