@@ -116,6 +116,19 @@ cp "$demo/dashboard/dashboard.key" "$demo/dashboard-home/controlplane.key"
 DBVM_HOME="$demo/dashboard-home" run "$bin/dbvmctl" agents
 DBVM_HOME="$demo/dashboard-home" run "$bin/dbvmctl" send db-demo ping || echo "(exit code $?: refused, as it should be)"
 
+say "a control plane finds its commands again: the list (newest first, by page), a queued command taken back, and the events it missed while away, resumed by id"
+last_event=0
+queued=$("$bin/dbvmctl" send db-later ping --no-wait --json | sed -nE 's/.*"id": *"([0-9a-f-]{36})".*/\1/p' | head -1)
+run "$bin/dbvmctl" commands --limit 3
+run "$bin/dbvmctl" commands --state queued
+run "$bin/dbvmctl" cancel "$queued"
+run "$bin/dbvmctl" cancel "$queued" || echo "(exit code $?: already cancelled, as it should be)"
+# Every event since the broker started, from the log (a control plane back from a restart
+# passes the last id it saw); the first few lines of it.
+timeout 3 "$bin/dbvmctl" events --after "$last_event" > "$demo/resumed-events.out" 2>&1 || true
+printf '\033[2m$ dbvmctl events --after %s | head -5\033[0m\n' "$last_event" >&2
+head -5 "$demo/resumed-events.out"
+
 say "agent memory: $(grep VmRSS /proc/${pids[1]}/status | tr -s ' ')"
 
 say "first boot of a new VM: the package's config (names no VM) and the OVF environment a deployment fills (VMware Tools hands it over as guestinfo.ovfEnv; here a file in the same format)"

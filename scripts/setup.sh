@@ -21,10 +21,13 @@ fi
 # tests/src/s3.rs). Packaging: rpm (rpmbuild, rpmsign, rpm --root), gnupg (signs them),
 # systemd (systemctl and systemd-sysusers run the RPMs' scriptlets in a throwaway root;
 # systemd-analyze verifies the units offline). The Photon image recipe (photon/): packer
-# (validates and builds the vSphere template), jq (the image manifest's SBOM).
+# (validates and builds the vSphere template), jq (the image manifest's SBOM). python3 and
+# python3-venv (Debian's python3 has no ensurepip without it): the contract tests'
+# virtual environment below, and free ports in the scripts.
 packages=(build-essential pkg-config musl-tools ca-certificates curl iproute2 procps file
   nftables docker.io postgresql-15 postgresql-client-15 mariadb-server mariadb-client socat
-  busybox-static pgbackrest mariadb-backup stunnel4 zstd rpm gnupg systemd packer jq)
+  busybox-static pgbackrest mariadb-backup stunnel4 zstd rpm gnupg systemd packer jq
+  python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -72,5 +75,17 @@ fi
 if ! command -v s3s-fs >/dev/null 2>&1 && ! [ -x "$HOME/.cargo/bin/s3s-fs" ]; then
   say "installing s3s-fs (the S3 server of the backup tests; built once, about 2 minutes)"
   cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
+fi
+# schemathesis: scripts/contract.sh fuzzes the broker's API against broker/openapi.json with
+# it (a PyPI package, not a Debian one). It lives in its own virtual environment under
+# target/ so it never touches the system's Python, and is pinned: a newer schemathesis adds
+# checks and changes its CLI, so a run that passed must keep passing for the same broker.
+# Installed only when that version is not there already.
+st_version=4.32.5
+st_venv="$(cd "$(dirname "$0")/.." && pwd)/target/schemathesis-venv"
+if ! "$st_venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('schemathesis') != '$st_version')" 2>/dev/null; then
+  say "installing schemathesis $st_version into $st_venv (the contract tests' API fuzzer)"
+  [ -x "$st_venv/bin/python" ] || python3 -m venv "$st_venv"
+  "$st_venv/bin/python" -m pip install --quiet "schemathesis==$st_version"
 fi
 say "setup complete: $(cargo --version)"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up this machine (scripts/setup.sh) and runs every check dbvm has: formatting,
 # clippy with warnings as errors, the documentation with warnings as errors, unused
-# dependencies, the static musl builds and RPMs (scripts/build-rpms.sh), and the whole test suite (unit,
-# component and end-to-end tests against real processes).
+# dependencies, the static musl builds and RPMs (scripts/build-rpms.sh), the whole test suite (unit,
+# component and end-to-end tests against real processes), and the API's contract tests
+# (scripts/contract.sh: schemathesis against a live broker and agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,3 +33,6 @@ say "cargo test --workspace"
 # tests/src/docker.rs); stop it when the tests end, however they end.
 trap 'bash scripts/dockerd.sh stop target/dbvm-test-docker >/dev/null 2>&1 || true' EXIT
 cargo test --workspace --locked -- --test-threads 2
+
+say "the API's contract: schemathesis against a live broker and agent (scripts/contract.sh)"
+CONTRACT_SKIP_SETUP=1 bash scripts/contract.sh

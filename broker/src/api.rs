@@ -593,19 +593,25 @@ pub fn validate_submission(
 }
 
 #[derive(Deserialize)]
-struct WaitQuery {
+#[serde(deny_unknown_fields)]
+struct SubmitQuery {
     wait_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
 async fn submit(
     State(hub): State<Arc<Hub>>,
     Extension(keys): Extension<Arc<TrustedKeys>>,
-    Query(q): Query<WaitQuery>,
-    body: Result<Json<SubmitCommand>, axum::extract::rejection::JsonRejection>,
+    Query(q): Query<SubmitQuery>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) =
-        body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let wait_ms = wait_limit("wait_ms", q.wait_ms)?;
+    let req: SubmitCommand = json_object(body)?;
     let rec = match validate_submission(&req, &keys, dbvm_protocol::now_ms()) {
         Ok(r) => r,
         Err(e) => {
@@ -625,9 +631,9 @@ async fn submit(
             ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, "busy", busy.to_string())
         }
     };
-    let view = match q.wait_ms {
+    let view = match wait_ms {
         Some(ms) if ms > 0 => hub
-            .submit_and_wait(rec, Duration::from_millis(ms.min(MAX_WAIT_MS)))
+            .submit_and_wait(rec, Duration::from_millis(ms))
             .await
             .map_err(refused)?
             .map(|r| r.view())
@@ -640,9 +646,32 @@ async fn submit(
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
+/// A UUID as the document declares ids (`format: uuid`): the hyphenated form only, so
+/// the server accepts exactly what the document says (the `uuid` crate also reads the
+/// simple, braced and URN forms).
+pub(crate) fn parse_uuid(text: &str) -> Option<Uuid> {
+    (text.len() == 36)
+        .then(|| Uuid::try_parse(text).ok())
+        .flatten()
+}
+
 pub(crate) fn parse_id(id: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(id)
-        .map_err(|_| ApiFailure::bad_request(format!("{id:?} is not a command id (a UUID)")))
+    parse_uuid(id).ok_or_else(|| {
+        ApiFailure::bad_request(format!(
+            "{id:?} is not a command id (a UUID, as 8-4-4-4-12 hex digits)"
+        ))
+    })
+}
+
+/// `wait_ms` / `timeout_ms`: at most [`MAX_WAIT_MS`], refused above (not silently cut, so
+/// a client learns the limit).
+fn wait_limit(key: &str, ms: Option<u64>) -> ApiResult<Option<u64>> {
+    match ms {
+        Some(ms) if ms > MAX_WAIT_MS => Err(ApiFailure::bad_request(format!(
+            "{key} must be at most {MAX_WAIT_MS} (ms)"
+        ))),
+        ms => Ok(ms),
+    }
 }
 
 async fn command(
@@ -662,7 +691,7 @@ async fn wait(
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let id = parse_id(&id)?;
-    let ms = q.timeout_ms.unwrap_or(30_000).min(MAX_WAIT_MS);
+    let ms = wait_limit("timeout_ms", q.timeout_ms)?.unwrap_or(30_000);
     match hub.wait_finished(id, Duration::from_millis(ms)).await? {
         Some(rec) => Ok(Json(rec.view())),
         None => Err(ApiFailure::not_found(format!("no command {id}"))),
@@ -720,10 +749,9 @@ async fn fleet_health(State(hub): State<Arc<Hub>>) -> ApiResult<impl IntoRespons
 
 async fn enrollment_token(
     State(hub): State<Arc<Hub>>,
-    body: Result<Json<EnrollmentTokenRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) =
-        body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let req: EnrollmentTokenRequest = json_object(body)?;
     let agent =
         AgentId::new(req.agent_id.clone()).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
     let max = hub.settings.max_token_ttl_seconds;
@@ -749,6 +777,60 @@ async fn enrollment_token(
     ))
 }
 
+/// A JSON request body as the document declares it: an object (serde alone would also
+/// take an array for a struct, by position), its numbers read as JSON Schema reads them
+/// (`774.0` is the integer 774).
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<T> {
+    let Json(mut value) = body.map_err(json_refusal)?;
+    if !value.is_object() {
+        return Err(ApiFailure::bad_request(
+            "request body: must be a JSON object",
+        ));
+    }
+    whole_numbers(&mut value);
+    serde_json::from_value(value).map_err(|e| ApiFailure::bad_request(format!("request body: {e}")))
+}
+
+/// Turns every float with no fraction (`774.0`) into the integer it is.
+fn whole_numbers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) {
+                // Within ±2^53 a float is exact; beyond, leave it (a range error follows).
+                if f.abs() <= 9_007_199_254_740_992.0 {
+                    *value = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers),
+        Value::Object(map) => map.values_mut().for_each(whole_numbers),
+        _ => {}
+    }
+}
+
+/// A JSON body that did not make it to the handler: the framework's status (400 bad
+/// JSON, 415 not `application/json`, 413 over the limit, 422 wrong shape, answered as
+/// 400) with its reason, as the API's error.
+fn json_refusal(e: axum::extract::rejection::JsonRejection) -> ApiFailure {
+    use axum::extract::rejection::JsonRejection as J;
+    match &e {
+        J::MissingJsonContentType(_) => ApiFailure::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("request body: {}", e.body_text()),
+        ),
+        J::BytesRejection(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiFailure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body: {}", e.body_text()),
+        ),
+        _ => ApiFailure::bad_request(format!("request body: {}", e.body_text())),
+    }
+}
+
 /// Longest revocation reason kept.
 const MAX_REASON_CHARS: usize = 256;
 
@@ -758,22 +840,22 @@ const MAX_REASON_CHARS: usize = 256;
 async fn revoke(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
-    body: Result<Json<RevokeRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let Json(req) =
-        body.map_err(|e| ApiFailure::bad_request(format!("request body: {}", e.body_text())))?;
+    let req: RevokeRequest = json_object(body)?;
     let agent = AgentId::new(id).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
-    let reason = req
-        .reason
-        .map(|r| r.trim().to_string())
-        .filter(|r| !r.is_empty());
-    if let Some(r) = &reason {
+    // Checked as sent (the document's maxLength and pattern), then trimmed.
+    if let Some(r) = &req.reason {
         if r.chars().count() > MAX_REASON_CHARS || r.chars().any(char::is_control) {
             return Err(ApiFailure::bad_request(format!(
                 "reason must be at most {MAX_REASON_CHARS} characters, without control characters"
             )));
         }
     }
+    let reason = req
+        .reason
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
     let id = agent.as_str();
     let known = hub.is_connected(id)
         || hub.store.agents().await?.iter().any(|a| a.id == id)

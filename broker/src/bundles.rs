@@ -737,7 +737,7 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
 }
 
 fn parse_id(text: &str) -> Result<Uuid, BundleError> {
-    Uuid::parse_str(text).map_err(|_| BundleError::BadId(text.chars().take(80).collect()))
+    crate::api::parse_uuid(text).ok_or_else(|| BundleError::BadId(text.chars().take(80).collect()))
 }
 
 /// The agent on the other end, when the request carries an agent certificate the
@@ -851,9 +851,10 @@ pub(crate) async fn complete(
     Extension(bundles): Extension<Arc<BundleStore>>,
     Extension(UploadingAgent(agent)): Extension<UploadingAgent>,
     UrlPath(id): UrlPath<String>,
-    Json(claim): Json<BundleComplete>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiFailure> {
     let id = parse_id(&id)?;
+    let claim: BundleComplete = crate::api::json_object(body)?;
     let rec = match bundles.admit(&agent, id).await {
         Ok(r) => r,
         Err(BundleError::AlreadyComplete(_)) => {

@@ -199,7 +199,7 @@ pub struct Hub {
     generation: AtomicU64,
     /// Events after they are in the durable log (ids set): live subscribers.
     events: broadcast::Sender<Event>,
-    /// Events on their way to the log (see [`event_log`]).
+    /// Events on their way to the log (see `event_log_loop`).
     event_log: mpsc::UnboundedSender<Event>,
     /// Who got a command first: its delivery or its cancellation (see [`Hub::cancel`]).
     claims: Mutex<Claims>,

@@ -54,11 +54,13 @@ fn encode_cursor(p: CommandPosition) -> String {
 fn decode_cursor(s: &str) -> ApiResult<CommandPosition> {
     let refuse = || bad(format!("cursor {s:?} is not one this broker gave out"));
     let (ms, seq) = s.split_once('-').ok_or_else(refuse)?;
+    // Up to 19 digits, as the document's pattern; beyond i64 it means "from the newest".
     let num = |t: &str| -> ApiResult<i64> {
         if t.is_empty() || t.len() > 19 || !t.bytes().all(|b| b.is_ascii_digit()) {
             return Err(refuse());
         }
-        t.parse().map_err(|_| refuse())
+        let n: u64 = t.parse().map_err(|_| refuse())?;
+        Ok(i64::try_from(n).unwrap_or(i64::MAX))
     };
     Ok(CommandPosition {
         submitted_at_ms: num(ms)?,
@@ -112,7 +114,6 @@ pub async fn commands(
 ) -> ApiResult<impl IntoResponse> {
     let mut states = Vec::new();
     for word in q.state.as_deref().unwrap_or("").split(',') {
-        let word = word.trim();
         if word.is_empty() && q.state.as_deref().is_some_and(|s| s.contains(',')) {
             return Err(bad("state: an empty item in the list"));
         }
@@ -267,16 +268,18 @@ pub async fn events(
         .map(agent_id)
         .transpose()?
         .map(|a| a.to_string());
-    let after = match (q.after, headers.get("last-event-id")) {
-        (Some(a), _) => Some(a),
-        (None, Some(h)) => Some(
+    // The header is checked whenever it is sent, even when ?after= wins over it.
+    let header = headers
+        .get("last-event-id")
+        .map(|h| {
             h.to_str()
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| bad("Last-Event-ID must be an event id this broker gave out"))?,
-        ),
-        (None, None) => None,
-    };
+                .filter(|v| !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| bad("Last-Event-ID must be an event id this broker gave out"))
+        })
+        .transpose()?;
+    let after = q.after.or(header);
     // Subscribe before reading the log: an event logged meanwhile comes from one or
     // the other (or both, and the repeat is skipped by id).
     let rx = hub.subscribe();
@@ -414,6 +417,13 @@ mod tests {
             seq: 42,
         };
         assert_eq!(decode_cursor(&encode_cursor(p)).unwrap(), p);
+        // 19 digits (the pattern's most) past i64: from the newest, not an error.
+        assert_eq!(
+            decode_cursor("9999999999999999999-1")
+                .unwrap()
+                .submitted_at_ms,
+            i64::MAX
+        );
         for bad in [
             "",
             "-",

@@ -653,8 +653,21 @@ impl Store for SqliteStore {
                 params.push(v);
                 format!("?{}", params.len())
             };
+            let by_agent = filter.agent_id.is_some();
             if let Some(a) = filter.agent_id {
                 clauses.push(format!("agent_id = {}", param(Value::Text(a))));
+            }
+            // Only unfinished states: the partial index of unfinished commands holds
+            // them all (a few per agent), so the page never walks the agent's history.
+            let unfinished =
+                !filter.states.is_empty() && filter.states.iter().all(|s| !s.is_terminal());
+            let index = if unfinished && by_agent {
+                "INDEXED BY commands_open"
+            } else {
+                ""
+            };
+            if unfinished {
+                clauses.push("finished_at_ms IS NULL".into());
             }
             if !filter.states.is_empty() {
                 // Known words only (CommandState::as_str): safe to inline.
@@ -679,7 +692,7 @@ impl Store for SqliteStore {
             }
             let limit = param(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
             let sql = format!(
-                "SELECT rowid, {COMMAND_COLUMNS} FROM commands {} {}
+                "SELECT rowid, {COMMAND_COLUMNS} FROM commands {index} {} {}
                  ORDER BY submitted_at_ms DESC, rowid DESC LIMIT {limit}",
                 if clauses.is_empty() { "" } else { "WHERE" },
                 clauses.join(" AND "),
