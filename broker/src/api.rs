@@ -1306,6 +1306,42 @@ mod tests {
     }
 
     #[test]
+    fn bodies_and_ids_are_read_exactly_as_the_document_declares_them() {
+        let body = |v: serde_json::Value| Ok(Json(v));
+        // An object; its whole-number floats are integers (JSON Schema's reading).
+        let req: EnrollmentTokenRequest = json_object(body(
+            serde_json::json!({"agent_id": "db1", "ttl_seconds": 774.0}),
+        ))
+        .unwrap();
+        assert_eq!(req.ttl_seconds, Some(774));
+        // Not a fraction, and not an array in the object's place (serde alone takes one).
+        for bad in [
+            serde_json::json!({"agent_id": "db1", "ttl_seconds": 774.5}),
+            serde_json::json!(["db1", 60]),
+            serde_json::json!("db1"),
+        ] {
+            let e = json_object::<EnrollmentTokenRequest>(body(bad.clone())).unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        // Ids: the hyphenated UUID the document's format and pattern say, nothing else.
+        let id = Uuid::new_v4();
+        assert_eq!(parse_uuid(&id.to_string()), Some(id));
+        assert_eq!(parse_uuid(&id.to_string().to_uppercase()), Some(id));
+        for other in [
+            id.simple().to_string(),
+            id.braced().to_string(),
+            id.urn().to_string(),
+        ] {
+            assert_eq!(parse_uuid(&other), None, "{other}");
+        }
+        assert!(wait_limit("wait_ms", Some(MAX_WAIT_MS + 1)).is_err());
+        assert_eq!(
+            wait_limit("wait_ms", Some(MAX_WAIT_MS)).unwrap(),
+            Some(MAX_WAIT_MS)
+        );
+    }
+
+    #[test]
     fn submissions_are_validated_before_anything_is_stored() {
         let signer = dbvm_protocol::command::CommandSigner::generate();
         let keys = TrustedKeys::new().trust(signer.key_id(), signer.verifying_key());

@@ -229,6 +229,8 @@ struct Claims {
 const EVENT_BATCH: usize = 1024;
 /// How often old events are pruned.
 const EVENT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Most events deleted in one store write.
+const EVENT_PRUNE_ROWS: u64 = 2_000;
 
 /// Writes published events to the durable log in batches (one store write each, in the
 /// store's group commit), then hands them to live subscribers with their ids. One task,
@@ -262,10 +264,25 @@ async fn event_log_loop(
             _ = prune.tick() => {
                 let max_age_ms = i64::try_from(settings.max_age_hours * 3_600_000).unwrap_or(i64::MAX);
                 let before = dbvm_protocol::now_ms().saturating_sub(max_age_ms);
-                match store.prune_events(settings.keep, before).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(events = n, "old events pruned"),
-                    Err(e) => tracing::warn!(error = %e, "old events could not be pruned; retrying in a minute"),
+                // In writes of EVENT_PRUNE_ROWS, so commands committing meanwhile never
+                // wait behind one large delete.
+                let mut pruned = 0;
+                loop {
+                    match store.prune_events(settings.keep, before, EVENT_PRUNE_ROWS).await {
+                        Ok(n) => {
+                            pruned += n;
+                            if n < EVENT_PRUNE_ROWS {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "old events could not be pruned; retrying in a minute");
+                            break;
+                        }
+                    }
+                }
+                if pruned > 0 {
+                    tracing::debug!(events = pruned, "old events pruned");
                 }
             }
         }
@@ -1219,11 +1236,14 @@ mod tests {
         assert_eq!(logged.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(logged[0].data["i"], 2);
         assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(1), 5));
-        // Keep 3: the two oldest go; then everything older than now (all of it).
-        assert_eq!(hub.store.prune_events(3, 0).await.unwrap(), 2);
+        // Keep 3: the two oldest go; then everything older than now (all of it), at most
+        // two rows a write.
+        assert_eq!(hub.store.prune_events(3, 0, 100).await.unwrap(), 2);
         assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(3), 5));
         let now = dbvm_protocol::now_ms() + 1;
-        assert_eq!(hub.store.prune_events(3, now).await.unwrap(), 3);
+        assert_eq!(hub.store.prune_events(3, now, 2).await.unwrap(), 2);
+        assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(5), 5));
+        assert_eq!(hub.store.prune_events(3, now, 2).await.unwrap(), 1);
         assert_eq!(hub.store.event_bounds().await.unwrap(), (None, 5));
         drop(live);
         drop(hub);

@@ -311,8 +311,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredEvent>, StoreError>;
     /// The oldest id the log still holds (`None` when empty) and the last id ever given.
     async fn event_bounds(&self) -> Result<(Option<u64>, u64), StoreError>;
-    /// Drops events beyond the newest `keep` and those older than `before_ms`; how many.
-    async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError>;
+    /// Drops events beyond the newest `keep` and those older than `before_ms`, at most
+    /// `max_rows` of the oldest in one write (so pruning never holds the writer long);
+    /// how many went. Fewer than `max_rows` means nothing more is due.
+    async fn prune_events(
+        &self,
+        keep: u64,
+        before_ms: i64,
+        max_rows: u64,
+    ) -> Result<u64, StoreError>;
 
     /// What the store holds, in counts (for the broker's own support bundle).
     async fn stats(&self) -> Result<serde_json::Value, StoreError>;

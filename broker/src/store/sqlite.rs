@@ -823,22 +823,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn prune_events(&self, keep: u64, before_ms: i64) -> Result<u64, StoreError> {
+    async fn prune_events(
+        &self,
+        keep: u64,
+        before_ms: i64,
+        max_rows: u64,
+    ) -> Result<u64, StoreError> {
         self.write(move |txn| {
-            let last: i64 =
-                txn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+            let (oldest, last): (Option<i64>, Option<i64>) =
+                txn.query_row("SELECT MIN(id), MAX(id) FROM events", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            let (Some(oldest), Some(last)) = (oldest, last) else {
+                return Ok(0);
+            };
             let by_count = last.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
-            // Ids rise with time: the first event young enough bounds the old ones (found
-            // from the oldest end, so this reads only what goes).
-            let first_young: Option<i64> = txn
-                .query_row(
-                    "SELECT id FROM events WHERE at_ms >= ?1 ORDER BY id LIMIT 1",
-                    [before_ms],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let by_age = first_young.map_or(last, |id| id - 1);
-            let n = txn.execute("DELETE FROM events WHERE id <= ?1", [by_count.max(by_age)])?;
+            // Only the oldest `max_rows` ids are looked at: ids rise with time, so an
+            // event young enough there means none after it is old.
+            let upper = oldest.saturating_add(i64::try_from(max_rows).unwrap_or(i64::MAX) - 1);
+            let n = txn.execute(
+                "DELETE FROM events WHERE id <= ?1 AND (id <= ?2 OR at_ms < ?3)",
+                rusqlite::params![upper, by_count, before_ms],
+            )?;
             Ok(n as u64)
         })
         .await
