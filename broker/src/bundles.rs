@@ -660,13 +660,27 @@ impl BundleStore {
         let max_age_ms = i64::from(self.settings.max_age_hours) * 3_600_000;
         let mut gone = Vec::new();
         let mut kept = Vec::new();
-        for b in self.store.bundles().await? {
-            let old = now_ms - b.completed_at_ms.unwrap_or(b.created_at_ms) > max_age_ms;
-            let dead_upload = b.state == BundleState::Uploading
+        for mut b in self.store.bundles().await? {
+            let mut dead_upload = b.state == BundleState::Uploading
                 && match self.store.command(b.id).await? {
                     Some(c) => c.state.is_terminal(),
                     None => true,
                 };
+            if dead_upload {
+                // The list was read before the command: the agent completes its upload
+                // before it sends the command's result, so an upload that completed
+                // meanwhile shows now. Without this read a bundle completing while
+                // another one's completion ran this expiry was deleted as abandoned.
+                match self.store.bundle(b.id).await? {
+                    Some(now) if now.state == BundleState::Complete => {
+                        b = now;
+                        dead_upload = false;
+                    }
+                    Some(_) => {}
+                    None => continue,
+                }
+            }
+            let old = now_ms - b.completed_at_ms.unwrap_or(b.created_at_ms) > max_age_ms;
             if old || dead_upload {
                 gone.push((b.id, if old { "expired" } else { "upload abandoned" }));
             } else if b.state == BundleState::Complete {
