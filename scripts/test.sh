@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
-say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+say() { printf '\033[1m==> [%dm%02ds] %s\033[0m\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
@@ -36,3 +36,4 @@ cargo test --workspace --locked -- --test-threads 2
 
 say "the API's contract: schemathesis against a live broker and agent (scripts/contract.sh)"
 CONTRACT_SKIP_SETUP=1 bash scripts/contract.sh
+say "every check passed"
