@@ -278,8 +278,9 @@ fn target_dir() -> PathBuf {
     exe.ancestors().nth(3).expect("target dir").to_path_buf()
 }
 
-/// The release agent, built as `scripts/test.sh`, the demo and image builders build it
-/// (`-p dbvm-agent` for musl), has no switch that turns signature checks off:
+/// The release agent, built as `scripts/build-rpms.sh`, the demo and image builders build
+/// it (`-p dbvm-agent -p dbvm-broker` for musl), has no switch that turns signature
+/// checks off:
 ///
 /// - the old config key is refused by `--check` and at start, naming the key;
 /// - the feature that compiles the benchmarks' non-checking verifier into
@@ -298,6 +299,11 @@ fn the_release_agent_cannot_skip_signature_checks() {
     let agent = tree(&["-p", "dbvm-agent", "--target", MUSL]);
     assert!(agent.contains("dbvm-protocol feature"), "{agent}");
     assert!(!agent.contains(feature), "the release agent has {feature}");
+    let shipped = tree(&["-p", "dbvm-agent", "-p", "dbvm-broker", "--target", MUSL]);
+    assert!(
+        !shipped.contains(feature),
+        "the agent and broker as the RPMs build them have {feature}"
+    );
     let demo = tree(&["-p", "dbvm-broker", "-p", "dbvmctl"]);
     assert!(demo.contains("dbvm-protocol feature"), "{demo}");
     assert!(
@@ -310,6 +316,9 @@ fn the_release_agent_cannot_skip_signature_checks() {
         "benches/relay lost {feature}: {bench}"
     );
 
+    // Exactly as scripts/build-rpms.sh builds it (.ci/run builds that first), so nothing
+    // is compiled again: `-p dbvm-agent` alone unifies features differently and rebuilt
+    // every dependency (minutes of CI).
     cargo(&[
         "build",
         "--quiet",
@@ -319,6 +328,8 @@ fn the_release_agent_cannot_skip_signature_checks() {
         MUSL,
         "-p",
         "dbvm-agent",
+        "-p",
+        "dbvm-broker",
     ]);
     let bin = target_dir().join(MUSL).join("release").join("dbvm-agent");
     let fleet = Fleet::new();
