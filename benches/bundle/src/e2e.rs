@@ -50,6 +50,23 @@ pub struct E2eReport {
     pub agent_idle_rss_mib: f64,
     pub ping_idle_ms: Percentiles,
     pub ping_streaming_ms: Percentiles,
+    /// The five slowest pings while a bundle streamed, and where their time went.
+    pub slowest_pings: Vec<Ping>,
+    /// CPU seconds per pair (medians): where the whole way's CPU goes, beside tar's.
+    pub cpu: CpuReport,
+}
+
+/// CPU time (user + system, s) of each side, the median of the pairs.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CpuReport {
+    /// The agent, from the submission to the checked file (idle pings' share included).
+    pub agent: f64,
+    /// The broker, over the same time.
+    pub broker: f64,
+    /// This process: the pings, the download and its check.
+    pub bench: f64,
+    /// `tar -I 'zstd -3'` (tar and zstd).
+    pub tar: f64,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -74,6 +91,12 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
     }
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -85,17 +108,43 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn ping(fleet: &Fleet, client: &dbvmctl::Client, agent: &str) -> Result<f64> {
+/// One signed ping's round trip (ms) and where its time went.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Ping {
+    pub ms: f64,
+    /// Sent to accepted: the submission's HTTP request and the broker's commit of it.
+    pub submit_ms: i64,
+    /// Accepted to handed to the agent's link (the broker's clock).
+    pub queued_ms: i64,
+    /// Handed to the agent to the broker's record of its result: the agent's journal,
+    /// its run, the result's way back.
+    pub agent_ms: i64,
+    /// The result recorded to the answer here: the broker's commit and the long poll.
+    pub answer_ms: i64,
+}
+
+async fn ping(fleet: &Fleet, client: &dbvmctl::Client, agent: &str) -> Result<Ping> {
     let started = Instant::now();
+    let sent_ms = dbvm_protocol::now_ms();
     let v = client
         .submit(&fleet.sign(agent, "ping", json!({})))
         .await
         .context("submit a ping")?;
+    let accepted_ms = dbvm_protocol::now_ms();
     let v = client.wait(v.id, Duration::from_secs(30)).await?;
     if v.state != CommandState::Succeeded {
         bail!("a ping did not succeed: {v:?}");
     }
-    Ok(started.elapsed().as_secs_f64() * 1000.0)
+    let answered_ms = dbvm_protocol::now_ms();
+    let delivered = v.delivered_at_ms.unwrap_or(v.submitted_at_ms);
+    let finished = v.finished_at_ms.unwrap_or(answered_ms);
+    Ok(Ping {
+        ms: started.elapsed().as_secs_f64() * 1000.0,
+        submit_ms: accepted_ms - sent_ms,
+        queued_ms: delivered - v.submitted_at_ms,
+        agent_ms: finished - delivered,
+        answer_ms: answered_ms - finished,
+    })
 }
 
 fn tar_zstd(logs: &Path, out: &Path) -> Result<f64> {
@@ -146,7 +195,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
     let mut tick = tokio::time::interval(PING_EVERY);
     for _ in 0..args.idle_pings {
         tick.tick().await;
-        idle.push(ping(&fleet, &client, "bench-bundle").await?);
+        idle.push(ping(&fleet, &client, "bench-bundle").await?.ms);
     }
 
     let out_dir = tempfile::tempdir()?;
@@ -155,6 +204,9 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
     let mut streaming = Vec::new();
     let mut peak = 0u64;
     let mut bundle_bytes = 0;
+    let (broker_pid, agent_pid) = (broker.proc.pid().to_string(), pid.to_string());
+    let own = |p: &str| crate::cpu_s(p, 14).unwrap_or(0.0);
+    let mut cpu: [Vec<f64>; 4] = Default::default();
     for pair in 0..args.pairs {
         // The bundle through the broker to the checked file.
         let dest = out_dir.path().join(format!("bundle-{pair}.tar.zst"));
@@ -169,6 +221,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
                 }
             })
         };
+        let cpu_before = [own(&agent_pid), own(&broker_pid), own("self")];
         let started = Instant::now();
         let cmd = fleet.sign(
             "bench-bundle",
@@ -185,7 +238,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
                     break;
                 }
                 match ping(&fleet, &client, "bench-bundle").await {
-                    Ok(ms) => lat.push(ms),
+                    Ok(p) => lat.push(p),
                     Err(_) => break,
                 }
             }
@@ -218,6 +271,10 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         };
         let (lat, fetched) = tokio::join!(pings, bundle);
         let (id, got, bundle_s) = fetched?;
+        let cpu_after = [own(&agent_pid), own(&broker_pid), own("self")];
+        for i in 0..3 {
+            cpu[i].push(cpu_after[i] - cpu_before[i]);
+        }
         let _ = sampler.await;
         streaming.extend(lat);
         peak = peak.max(peak_kib.load(Ordering::Relaxed));
@@ -225,7 +282,9 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         client.delete_bundle(id).await.ok();
         let _ = std::fs::remove_file(&dest);
 
+        let tar_cpu = crate::cpu_s("self", 16)?;
         let tar_s = tar_zstd(&args.logs, &tar_out)?;
+        cpu[3].push(crate::cpu_s("self", 16)? - tar_cpu);
         eprintln!(
             "pair {}: bundle to the checked file {bundle_s:.2} s, tar | zstd -3 {tar_s:.2} s, ratio {:.3}",
             pair + 1,
@@ -233,6 +292,10 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         );
         pairs.push((bundle_s, tar_s));
     }
+    let mut slowest = streaming.clone();
+    slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    slowest.truncate(5);
+    let streaming: Vec<f64> = streaming.iter().map(|p| p.ms).collect();
     let tar_bytes = std::fs::metadata(&tar_out).map(|m| m.len()).unwrap_or(0);
     let mut ratios: Vec<f64> = pairs.iter().map(|(b, t)| b / t).collect();
     ratios.sort_by(f64::total_cmp);
@@ -253,5 +316,12 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         agent_idle_rss_mib: idle_rss as f64 / 1024.0,
         ping_idle_ms: percentiles(idle),
         ping_streaming_ms: percentiles(streaming),
+        slowest_pings: slowest,
+        cpu: CpuReport {
+            agent: median(&cpu[0]),
+            broker: median(&cpu[1]),
+            bench: median(&cpu[2]),
+            tar: median(&cpu[3]),
+        },
     })
 }

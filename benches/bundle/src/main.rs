@@ -318,22 +318,28 @@ fn run(args: &Args) -> Result<bool> {
 /// (`cutime` + `cstime` of /proc/self/stat): a child's own and its children's (tar's
 /// zstd), once it has been waited for.
 fn children_cpu_s() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    cpu_s("self", 16)
+}
+
+/// CPU time (s) from `/proc/<pid>/stat`: fields `first` and `first + 1` (14: the
+/// process's own user + system time; 16: its waited-for children's).
+pub(crate) fn cpu_s(pid: &str, first: usize) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The fields after the command (in parentheses, which may hold spaces).
     let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
-        .context("no command in /proc/self/stat")?;
+        .context("no command in /proc/PID/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // cutime and cstime are fields 16 and 17 of the line; `rest` starts at field 3.
+    // `rest` starts at field 3.
     let ticks = |i: usize| -> Result<f64> {
         Ok(fields
             .get(i - 3)
-            .context("a short /proc/self/stat")?
+            .context("a short /proc/PID/stat")?
             .parse::<f64>()?)
     };
     // USER_HZ is 100 on Linux's every architecture this runs on.
-    Ok((ticks(16)? + ticks(17)?) / 100.0)
+    Ok((ticks(first)? + ticks(first + 1)?) / 100.0)
 }
 
 fn sync_file(path: &Path) -> Result<()> {
@@ -364,6 +370,12 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
         keep_dir: args.keep_dir,
     }))?;
     let ok = e2e::passes(&r);
+    for p in &r.slowest_pings {
+        eprintln!(
+            "slow ping while streaming: {:.1} ms = submit {} + queued {} + agent and result {} + answer {} (ms)",
+            p.ms, p.submit_ms, p.queued_ms, p.agent_ms, p.answer_ms
+        );
+    }
     eprintln!(
         "\n{:.2} GiB of logs, {} pairs\n\
          bundle through the broker to the checked file / tar -I 'zstd -3': median {:.3} (target <= 1.2)\n\
@@ -371,6 +383,7 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
          sizes: bundle {:.1} MiB, tar.zst {:.1} MiB\n\
          agent RSS: idle {:.1} MiB, peak while bundling {:.1} MiB (target < 64)\n\
          signed ping round trip: idle p50 {:.2} ms p99 {:.2} ms (n={}); while the bundle streams p50 {:.2} ms p99 {:.2} ms (n={}) (target p99 <= 2x idle)\n\
+         CPU per pair (s, median): agent {:.2}, broker {:.2}, this process (pings, download, check) {:.2}; tar | zstd -3 {:.2}\n\
          {}",
         r.input_bytes as f64 / GIB as f64,
         r.pairs.len(),
@@ -386,6 +399,10 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
         r.ping_streaming_ms.p50,
         r.ping_streaming_ms.p99,
         r.ping_streaming_ms.n,
+        r.cpu.agent,
+        r.cpu.broker,
+        r.cpu.bench,
+        r.cpu.tar,
         if ok { "all targets met" } else { "a target was missed" }
     );
     if args.json {
