@@ -7,6 +7,7 @@
 //! would itself take the CPU the bundle needs), against the same pings while it is idle;
 //! and the agent's resident memory sampled every 50 ms.
 
+use crate::median;
 use anyhow::{bail, Context, Result};
 use dbvm_e2e::release::{Bins, Spec};
 use dbvm_e2e::Fleet;
@@ -89,12 +90,6 @@ fn percentiles(mut v: Vec<f64>) -> Percentiles {
         p99: at(0.99),
         max: v[v.len() - 1],
     }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -297,9 +292,8 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
     slowest.truncate(5);
     let streaming: Vec<f64> = streaming.iter().map(|p| p.ms).collect();
     let tar_bytes = std::fs::metadata(&tar_out).map(|m| m.len()).unwrap_or(0);
-    let mut ratios: Vec<f64> = pairs.iter().map(|(b, t)| b / t).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median_ratio = ratios[ratios.len() / 2];
+    let ratios: Vec<f64> = pairs.iter().map(|(b, t)| b / t).collect();
+    let median_ratio = median(&ratios);
     drop(agent);
     drop(broker);
     if args.keep_dir {

@@ -248,9 +248,8 @@ fn run(args: &Args) -> Result<bool> {
         }));
     }
     let median = |key: &str| {
-        let mut v: Vec<f64> = pairs.iter().filter_map(|p| p[key].as_f64()).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let v: Vec<f64> = pairs.iter().filter_map(|p| p[key].as_f64()).collect();
+        median(&v)
     };
     let peak_kib = pairs
         .iter()
@@ -312,6 +311,13 @@ fn run(args: &Args) -> Result<bool> {
         eprintln!("kept {}", kept.display());
     }
     Ok(ratio_ok && rss_ok)
+}
+
+/// The middle value of `v` (the upper one of an even count; 0 when empty).
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// The CPU time (user + system, s) of this process's waited-for children so far
