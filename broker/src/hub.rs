@@ -242,7 +242,11 @@ async fn event_log_loop(
     live: broadcast::Sender<Event>,
     settings: EventSettings,
 ) {
-    let mut prune = tokio::time::interval(EVENT_PRUNE_INTERVAL);
+    // The first prune ran before the broker served (Hub::new).
+    let mut prune = tokio::time::interval_at(
+        tokio::time::Instant::now() + EVENT_PRUNE_INTERVAL,
+        EVENT_PRUNE_INTERVAL,
+    );
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(EVENT_BATCH);
     loop {
@@ -261,31 +265,37 @@ async fn event_log_loop(
                     Err(e) => tracing::error!(error = %e, events = n, "events could not be logged and are lost"),
                 }
             }
-            _ = prune.tick() => {
-                let max_age_ms = i64::try_from(settings.max_age_hours * 3_600_000).unwrap_or(i64::MAX);
-                let before = dbvm_protocol::now_ms().saturating_sub(max_age_ms);
-                // In writes of EVENT_PRUNE_ROWS, so commands committing meanwhile never
-                // wait behind one large delete.
-                let mut pruned = 0;
-                loop {
-                    match store.prune_events(settings.keep, before, EVENT_PRUNE_ROWS).await {
-                        Ok(n) => {
-                            pruned += n;
-                            if n < EVENT_PRUNE_ROWS {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "old events could not be pruned; retrying in a minute");
-                            break;
-                        }
-                    }
-                }
-                if pruned > 0 {
-                    tracing::debug!(events = pruned, "old events pruned");
+            _ = prune.tick() => prune_events(&*store, &settings).await,
+        }
+    }
+}
+
+/// Drops events beyond `settings` (in writes of EVENT_PRUNE_ROWS, so commands
+/// committing meanwhile never wait behind one large delete). A failure is logged and
+/// left for the next round.
+async fn prune_events(store: &dyn Store, settings: &EventSettings) {
+    let max_age_ms = i64::try_from(settings.max_age_hours * 3_600_000).unwrap_or(i64::MAX);
+    let before = dbvm_protocol::now_ms().saturating_sub(max_age_ms);
+    let mut pruned = 0;
+    loop {
+        match store
+            .prune_events(settings.keep, before, EVENT_PRUNE_ROWS)
+            .await
+        {
+            Ok(n) => {
+                pruned += n;
+                if n < EVENT_PRUNE_ROWS {
+                    break;
                 }
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "old events could not be pruned; retrying in a minute");
+                break;
+            }
         }
+    }
+    if pruned > 0 {
+        tracing::debug!(events = pruned, "old events pruned");
     }
 }
 
@@ -314,6 +324,9 @@ impl Hub {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the fleet CA certificate's expiry"),
         }
+        // Before anything is served, so a client resuming from an old id is told what a
+        // smaller `keep` dropped rather than racing the first prune.
+        prune_events(&*store, &event_settings).await;
         let (events, _) = broadcast::channel(4096);
         let (event_log, log_rx) = mpsc::unbounded_channel();
         tokio::spawn(event_log_loop(
@@ -1232,19 +1245,32 @@ mod tests {
             ids.push(live.recv().await.unwrap().seq);
         }
         assert_eq!(ids, [1, 2, 3, 4, 5]);
+        let bounds = |page: crate::store::EventPage| (page.oldest, page.last_given);
         let logged = hub.store.events_after(2, None, 10).await.unwrap();
-        assert_eq!(logged.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
-        assert_eq!(logged[0].data["i"], 2);
-        assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(1), 5));
+        assert_eq!(
+            logged.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        assert_eq!(logged.events[0].data["i"], 2);
+        assert_eq!(bounds(logged), (Some(1), 5));
         // Keep 3: the two oldest go; then everything older than now (all of it), at most
         // two rows a write.
         assert_eq!(hub.store.prune_events(3, 0, 100).await.unwrap(), 2);
-        assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(3), 5));
+        assert_eq!(
+            bounds(hub.store.events_after(0, None, 1).await.unwrap()),
+            (Some(3), 5)
+        );
         let now = dbvm_protocol::now_ms() + 1;
         assert_eq!(hub.store.prune_events(3, now, 2).await.unwrap(), 2);
-        assert_eq!(hub.store.event_bounds().await.unwrap(), (Some(5), 5));
+        assert_eq!(
+            bounds(hub.store.events_after(0, None, 1).await.unwrap()),
+            (Some(5), 5)
+        );
         assert_eq!(hub.store.prune_events(3, now, 2).await.unwrap(), 1);
-        assert_eq!(hub.store.event_bounds().await.unwrap(), (None, 5));
+        assert_eq!(
+            bounds(hub.store.events_after(0, None, 1).await.unwrap()),
+            (None, 5)
+        );
         drop(live);
         drop(hub);
         // A new broker on the same store goes on from the last id ever given.

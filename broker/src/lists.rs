@@ -341,8 +341,16 @@ impl Stream {
     /// Queues what comes next; `Err` ends the stream (the broker is going away).
     async fn fill(&mut self) -> Result<(), ()> {
         if let Some(replay) = &mut self.replay {
+            // The page and the log's bounds come from one snapshot: a prune running
+            // meanwhile is seen by the check, not silently skipped over.
+            let page = self
+                .hub
+                .store
+                .events_after(self.last, self.agent.clone(), REPLAY_BATCH)
+                .await
+                .map_err(|_| ())?;
             if let Some(after) = replay.check_from.take() {
-                let (oldest, last_given) = self.hub.store.event_bounds().await.map_err(|_| ())?;
+                let (oldest, last_given) = (page.oldest, page.last_given);
                 let gone = if after > last_given {
                     // An id from another broker, or from before the store was reset.
                     Some("this broker never gave that id")
@@ -371,18 +379,13 @@ impl Stream {
                     self.out
                         .push_back(SseEvent::default().event("dropped").data(data));
                     if after > last_given {
+                        // Nothing above `after` exists yet: go on live from the last id.
                         self.last = last_given;
                     }
                 }
             }
-            let page = self
-                .hub
-                .store
-                .events_after(self.last, self.agent.clone(), REPLAY_BATCH)
-                .await
-                .map_err(|_| ())?;
-            let caught_up = page.len() < REPLAY_BATCH;
-            for e in &page {
+            let caught_up = page.events.len() < REPLAY_BATCH;
+            for e in &page.events {
                 self.push(e);
             }
             if caught_up {

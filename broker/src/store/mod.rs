@@ -99,6 +99,16 @@ pub struct CommandPosition {
 /// A stored event (`GET /v1/events`): its id orders the log.
 pub type StoredEvent = dbvm_protocol::api::Event;
 
+/// A page of the event log and the log's bounds, read together (one snapshot).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventPage {
+    pub events: Vec<StoredEvent>,
+    /// The oldest id the log held (`None` when empty).
+    pub oldest: Option<u64>,
+    /// The last id ever given, even if pruned since.
+    pub last_given: u64,
+}
+
 /// How a command ended, as recorded.
 #[derive(Clone, Debug)]
 pub struct Finish {
@@ -302,15 +312,13 @@ pub trait Store: Send + Sync + 'static {
     async fn append_events(&self, events: Vec<StoredEvent>)
         -> Result<Vec<StoredEvent>, StoreError>;
     /// Events with an id above `after`, oldest first, at most `limit` (of `agent` only,
-    /// when given).
+    /// when given), with the log's bounds as they were when the page was read.
     async fn events_after(
         &self,
         after: u64,
         agent: Option<String>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
-    /// The oldest id the log still holds (`None` when empty) and the last id ever given.
-    async fn event_bounds(&self) -> Result<(Option<u64>, u64), StoreError>;
+    ) -> Result<EventPage, StoreError>;
     /// Drops events beyond the newest `keep` and those older than `before_ms`, at most
     /// `max_rows` of the oldest in one write (so pruning never holds the writer long);
     /// how many went. Fewer than `max_rows` means nothing more is due.

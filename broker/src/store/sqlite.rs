@@ -8,7 +8,7 @@
 //! 1,000 WAL pages copies them all before it returns, and every caller of that batch waits.
 
 use super::{
-    AgentRecord, AgentRevocation, CommandFilter, CommandPosition, CommandRecord, Finish,
+    AgentRecord, AgentRevocation, CommandFilter, CommandPosition, CommandRecord, EventPage, Finish,
     IssuedCertificate, RenewalRevoked, RevocationList, Store, StoreError, StoredEvent,
     TokenRefusal,
 };
@@ -768,11 +768,14 @@ impl Store for SqliteStore {
         after: u64,
         agent: Option<String>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<EventPage, StoreError> {
         self.read(move |conn| {
+            // One read transaction: the page and the bounds are the same snapshot, so a
+            // prune between them cannot hide a gap from the caller.
+            let txn = conn.unchecked_transaction()?;
             let after = i64::try_from(after).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = txn.prepare_cached(
                 "SELECT id, at_ms, kind, agent_id, command_id, data FROM events
                  WHERE id > ?1 AND (?2 IS NULL OR agent_id = ?2) ORDER BY id LIMIT ?3",
             )?;
@@ -786,10 +789,10 @@ impl Store for SqliteStore {
                     r.get::<_, String>(5)?,
                 ))
             })?;
-            let mut out = Vec::new();
+            let mut events = Vec::new();
             for row in rows {
                 let (id, at_ms, kind, agent_id, command_id, data) = row?;
-                out.push(StoredEvent {
+                events.push(StoredEvent {
                     seq: u64::try_from(id)
                         .map_err(|_| StoreError::Corrupt("negative event id".into()))?,
                     at_ms,
@@ -800,25 +803,24 @@ impl Store for SqliteStore {
                         .map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?,
                 });
             }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn event_bounds(&self) -> Result<(Option<u64>, u64), StoreError> {
-        self.read(|conn| {
+            drop(stmt);
             let oldest: Option<i64> =
-                conn.query_row("SELECT MIN(id) FROM events", [], |r| r.get(0))?;
+                txn.query_row("SELECT MIN(id) FROM events", [], |r| r.get(0))?;
             // sqlite_sequence keeps the last id given even when the table is empty.
-            let last: Option<i64> = conn
+            let last: Option<i64> = txn
                 .query_row(
                     "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
                     [],
                     |r| r.get(0),
                 )
                 .optional()?;
+            txn.commit()?;
             let u = |v: i64| u64::try_from(v).unwrap_or(0);
-            Ok((oldest.map(u), last.map(u).unwrap_or(0)))
+            Ok(EventPage {
+                events,
+                oldest: oldest.map(u),
+                last_given: last.map(u).unwrap_or(0),
+            })
         })
         .await
     }
