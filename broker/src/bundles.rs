@@ -433,7 +433,7 @@ impl BundleStore {
                     drop(file);
                     return Err(self.write_failed(id, &path, "write", e).await);
                 }
-                start_writeback(&file, stored - unstarted, unstarted);
+                start_writeback(&file, stored - unstarted, unstarted).await;
                 unstarted = 0;
             }
             // Synced as it goes, so the sync before the answer is short.
@@ -754,15 +754,23 @@ impl BundleStore {
 /// of the range's dirty pages, then drops only the pages already clean; the rest stay
 /// cached); `sync_file_range(SYNC_FILE_RANGE_WRITE)`, the call made for this, has no safe
 /// wrapper in rustix or nix, and the workspace denies `unsafe`. Only a hint: a failure is
-/// ignored (the syncs still make the data durable).
-fn start_writeback(file: &tokio::fs::File, offset: u64, len: u64) {
+/// ignored (the syncs still make the data durable). On a blocking thread, with its own
+/// handle of the file: handing the pages to a device whose queue is full can block, and
+/// a runtime thread serves other agents' links. Awaited, so hints never pile up.
+async fn start_writeback(file: &tokio::fs::File, offset: u64, len: u64) {
     use std::os::fd::AsFd;
-    let _ = rustix::fs::fadvise(
-        file.as_fd(),
-        offset,
-        std::num::NonZeroU64::new(len),
-        rustix::fs::Advice::DontNeed,
-    );
+    let Ok(fd) = file.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        rustix::fs::fadvise(
+            &fd,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        )
+    })
+    .await;
 }
 
 /// Flushes and syncs a part's data.
