@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::io::AsyncRead;
 
 pub use redact::{ConfigFormat, Redaction};
-pub use writer::{collect, collect_to_file, Manifest, Options};
+pub use writer::{collect, collect_to_file, in_background, Manifest, Options};
 
 /// What a bundle is asked for: capabilities read it when they name their parts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -381,8 +381,9 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// Runs `work` on a thread of its own at [`BACKGROUND_NICE`] below the caller's priority
 /// (threads it starts, zstd's workers, inherit it; a thread of tokio's blocking pool
 /// would keep it for whatever runs there next). The answer comes back when it is done;
-/// dropping the future does not stop it (as with `spawn_blocking`).
-fn in_background<T: Send + 'static>(
+/// dropping the future does not stop it (as with `spawn_blocking`). Public for the
+/// bundle's other threads (the agent's upload spool).
+pub fn in_background<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T, String>> {

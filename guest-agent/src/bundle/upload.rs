@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 
 /// Bytes read from the file for one chunk of the request body.
@@ -110,33 +110,40 @@ pub async fn create(path: &Path) -> std::io::Result<tokio::fs::File> {
 }
 
 /// Writes the archive's chunks to `file` (from [`create`]), publishing how much is
-/// written; returns its size and SHA-256.
+/// written; returns its size and SHA-256. On a thread of its own at the bundle's
+/// priority (`dbvm_bundle::in_background`): plain writes and the hash, where tokio's
+/// file cost two trips to the blocking pool per chunk and the hash ran on the runtime
+/// beside the link.
 pub async fn spool(
-    mut file: tokio::fs::File,
+    file: tokio::fs::File,
     mut chunks: mpsc::Receiver<Vec<u8>>,
     written: &watch::Sender<Written>,
 ) -> std::io::Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
-    while let Some(chunk) = chunks.recv().await {
-        hasher.update(&chunk);
-        file.write_all(&chunk).await?;
-        // tokio's file hands a write to a blocking thread and returns: only after the
-        // flush are the bytes in the file, where the upload reads them.
-        file.flush().await?;
-        bytes += chunk.len() as u64;
-        written.send_modify(|w| w.bytes = bytes);
-    }
-    // Flushed, not synced: the file is the upload's buffer, read back at once; an agent
-    // that crashes does not resume (its command is interrupted), so no fsync of the whole
-    // archive delays the end of the upload.
-    file.flush().await?;
-    let sha: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((bytes, sha))
+    use std::io::Write;
+    let mut file = file.into_std().await;
+    let written = written.clone();
+    dbvm_bundle::in_background("bundle-upload-spool", move || {
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = chunks.blocking_recv() {
+            hasher.update(&chunk);
+            // A plain write: in the file, where the upload reads it, once it returns.
+            file.write_all(&chunk)?;
+            bytes += chunk.len() as u64;
+            written.send_modify(|w| w.bytes = bytes);
+        }
+        // Not synced: the file is the upload's buffer, read back at once; an agent that
+        // crashes does not resume (its command is interrupted), so no fsync of the whole
+        // archive delays the end of the upload.
+        let sha: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok((bytes, sha))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 enum Attempt {
