@@ -21,7 +21,8 @@ pub struct Vm {
 }
 
 /// Removes the containers of every VM it made (the database's and its one-shots) when
-/// dropped.
+/// dropped. Drop its VMs first (locals declared after it are): an agent still running
+/// starts its database's container again.
 pub struct Rig {
     pub fleet: Fleet,
     pub broker: BrokerProc,

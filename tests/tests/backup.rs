@@ -522,6 +522,11 @@ async fn disk_full_on_the_restore_target_fails_clearly_and_a_retry_with_room_wor
     let (ak, sk) = rig.keys(&dst, &rig.s3.secret_key).await;
     let out = rig.ok(&dst, "db.restore", restore(ak, sk)).await;
     assert_eq!(count(dst.port, &out, &rig).await, 1_000_000, "{out}");
+    // The agents first: one still running brings back the container the rig removes,
+    // and that database outlives the test (its archiver hung on the stopped S3 server).
+    // Then the containers, then the disk under one of them.
+    drop(dst);
+    drop(src);
     drop(rig);
     drop(disk);
 }
