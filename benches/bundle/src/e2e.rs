@@ -50,8 +50,13 @@ pub struct E2eReport {
     pub agent_peak_rss_mib: f64,
     pub agent_idle_rss_mib: f64,
     pub ping_idle_ms: Percentiles,
+    /// Pings sent while the agent wrote and uploaded its bundle (before the command was
+    /// seen finished): the target's window.
     pub ping_streaming_ms: Percentiles,
-    /// The five slowest pings while a bundle streamed, and where their time went.
+    /// Pings sent while the bundle was downloaded and checked here, after the agent
+    /// was done: what a download costs the broker's other work.
+    pub ping_download_ms: Percentiles,
+    /// The five slowest pings of either window, and where their time went.
     pub slowest_pings: Vec<Ping>,
     /// CPU seconds per pair (medians): where the whole way's CPU goes, beside tar's.
     pub cpu: CpuReport,
@@ -116,6 +121,11 @@ pub struct Ping {
     pub agent_ms: i64,
     /// The result recorded to the answer here: the broker's commit and the long poll.
     pub answer_ms: i64,
+    /// When it was sent, from its pair's submission of the bundle (s).
+    pub at_s: f64,
+    /// When that pair's bundle was seen finished by the agent, from the same start (s):
+    /// a ping after it ran while the download and its check did.
+    pub finished_s: f64,
 }
 
 async fn ping(fleet: &Fleet, client: &dbvmctl::Client, agent: &str) -> Result<Ping> {
@@ -139,6 +149,8 @@ async fn ping(fleet: &Fleet, client: &dbvmctl::Client, agent: &str) -> Result<Pi
         queued_ms: delivered - v.submitted_at_ms,
         agent_ms: finished - delivered,
         answer_ms: answered_ms - finished,
+        at_s: 0.0,
+        finished_s: 0.0,
     })
 }
 
@@ -224,6 +236,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
             json!({"hours": 1, "max_bytes": 16u64 << 30, "broker_url": broker.api_url()}),
         );
         let v = client.submit(&cmd).await.context("submit the bundle")?;
+        let seen_finished = AtomicU64::new(f64::INFINITY.to_bits());
         let pings = async {
             let mut lat = Vec::new();
             let mut tick = tokio::time::interval(PING_EVERY);
@@ -232,8 +245,9 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
                 if done.load(Ordering::Relaxed) {
                     break;
                 }
+                let at_s = started.elapsed().as_secs_f64();
                 match ping(&fleet, &client, "bench-bundle").await {
-                    Ok(p) => lat.push(p),
+                    Ok(p) => lat.push(Ping { at_s, ..p }),
                     Err(_) => break,
                 }
             }
@@ -247,6 +261,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
                     (state, _) => bail!("the bundle did not succeed: {state:?} {:?}", v.error),
                 };
                 let waited = started.elapsed().as_secs_f64();
+                seen_finished.store(waited.to_bits(), Ordering::Relaxed);
                 let got =
                     dbvmctl::bundle::fetch(&client, v.id, &dest, out["sha256"].as_str(), |_, _| {})
                         .await
@@ -271,7 +286,8 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
             cpu[i].push(cpu_after[i] - cpu_before[i]);
         }
         let _ = sampler.await;
-        streaming.extend(lat);
+        let finished_s = f64::from_bits(seen_finished.load(Ordering::Relaxed));
+        streaming.extend(lat.into_iter().map(|p| Ping { finished_s, ..p }));
         peak = peak.max(peak_kib.load(Ordering::Relaxed));
         bundle_bytes = got.bytes;
         client.delete_bundle(id).await.ok();
@@ -290,7 +306,10 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
     let mut slowest = streaming.clone();
     slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
     slowest.truncate(5);
+    let (streaming, downloading): (Vec<Ping>, Vec<Ping>) =
+        streaming.into_iter().partition(|p| p.at_s < p.finished_s);
     let streaming: Vec<f64> = streaming.iter().map(|p| p.ms).collect();
+    let downloading: Vec<f64> = downloading.iter().map(|p| p.ms).collect();
     let tar_bytes = std::fs::metadata(&tar_out).map(|m| m.len()).unwrap_or(0);
     let ratios: Vec<f64> = pairs.iter().map(|(b, t)| b / t).collect();
     let median_ratio = median(&ratios);
@@ -310,6 +329,7 @@ pub async fn run(args: E2eArgs) -> Result<E2eReport> {
         agent_idle_rss_mib: idle_rss as f64 / 1024.0,
         ping_idle_ms: percentiles(idle),
         ping_streaming_ms: percentiles(streaming),
+        ping_download_ms: percentiles(downloading),
         slowest_pings: slowest,
         cpu: CpuReport {
             agent: median(&cpu[0]),

@@ -378,8 +378,9 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
     let ok = e2e::passes(&r);
     for p in &r.slowest_pings {
         eprintln!(
-            "slow ping while streaming: {:.1} ms = submit {} + queued {} + agent and result {} + answer {} (ms)",
-            p.ms, p.submit_ms, p.queued_ms, p.agent_ms, p.answer_ms
+            "slow ping: {:.1} ms = submit {} + queued {} + agent and result {} + answer {} (ms), \
+             sent {:.2} s into its pair, whose bundle was seen finished at {:.2} s",
+            p.ms, p.submit_ms, p.queued_ms, p.agent_ms, p.answer_ms, p.at_s, p.finished_s
         );
     }
     eprintln!(
@@ -388,7 +389,7 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
          pairs (s): {:?}\n\
          sizes: bundle {:.1} MiB, tar.zst {:.1} MiB\n\
          agent RSS: idle {:.1} MiB, peak while bundling {:.1} MiB (target < 64)\n\
-         signed ping round trip: idle p50 {:.2} ms p99 {:.2} ms (n={}); while the bundle streams p50 {:.2} ms p99 {:.2} ms (n={}) (target p99 <= 2x idle)\n\
+         signed ping round trip: idle p50 {:.2} ms p99 {:.2} ms (n={}); while the bundle streams p50 {:.2} ms p99 {:.2} ms (n={}) (target p99 <= 2x idle); while it is downloaded and checked p50 {:.2} ms p99 {:.2} ms (n={})\n\
          CPU per pair (s, median): agent {:.2}, broker {:.2}, this process (pings, download, check) {:.2}; tar | zstd -3 {:.2}\n\
          {}",
         r.input_bytes as f64 / GIB as f64,
@@ -405,6 +406,9 @@ fn run_e2e(args: &Args, logs: &Path) -> Result<bool> {
         r.ping_streaming_ms.p50,
         r.ping_streaming_ms.p99,
         r.ping_streaming_ms.n,
+        r.ping_download_ms.p50,
+        r.ping_download_ms.p99,
+        r.ping_download_ms.n,
         r.cpu.agent,
         r.cpu.broker,
         r.cpu.bench,
