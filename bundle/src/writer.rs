@@ -401,16 +401,84 @@ pub fn in_background<T: Send + 'static>(
     }
 }
 
+/// The CPU time a bundle thread asks the scheduler for at a time (Linux 6.12 and later:
+/// `sched_attr.sched_runtime` of a normal thread is its EEVDF slice; the default is a few
+/// ms). A thread that wakes with a shorter slice than the running one's preempts it at
+/// once, so the link's, the broker's and the database's threads stop waiting out the
+/// rest of a bundle thread's slice on every hop. The bundle's share of the CPU is its
+/// nice value's, as before: unlike `SCHED_IDLE` it is never starved (measured with
+/// benches/bundle: ping p99 while a bundle streams 3.1-4.0x idle with the default slice,
+/// 1.3-2.2x with this; a 0.1 GiB bundle beside busy loops on every core took 149 s
+/// under `SCHED_IDLE`, 3.2 s at nice +10). Older kernels ignore it.
+pub const BACKGROUND_SLICE: Duration = Duration::from_millis(20);
+
 /// Lowers the calling thread's CPU priority by [`BACKGROUND_NICE`] (Linux: the nice value
-/// is per thread). Lowering is always allowed; a failure only means the work runs at the
-/// agent's priority, so it is logged and not fatal.
+/// is per thread) and asks for [`BACKGROUND_SLICE`]. Lowering is always allowed; a
+/// failure only means the work runs at the agent's priority, so it is logged and not
+/// fatal.
 fn lower_priority() {
     use rustix::process::{getpriority_process, setpriority_process};
     let me = Some(rustix::thread::gettid());
-    let lowered = getpriority_process(me)
-        .and_then(|now| setpriority_process(me, (now + BACKGROUND_NICE).min(19)));
-    if let Err(e) = lowered {
-        tracing::debug!(error = %e, "cannot lower a bundle thread's CPU priority");
+    let lowered = getpriority_process(me).and_then(|now| {
+        let nice = (now + BACKGROUND_NICE).min(19);
+        setpriority_process(me, nice).map(|()| nice)
+    });
+    match lowered {
+        Ok(nice) => {
+            if let Err(e) = long_slice(nice) {
+                tracing::debug!(error = %e, "cannot set a bundle thread's scheduler slice");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot lower a bundle thread's CPU priority"),
+    }
+}
+
+/// `struct sched_attr` as `sched_setattr(2)` takes it (its first version, 48 bytes).
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+// The size the kernel reads as the first version of the struct.
+const _: () = assert!(std::mem::size_of::<SchedAttr>() == 48);
+
+/// Sets the calling thread's policy to `SCHED_OTHER` at `nice` with
+/// [`BACKGROUND_SLICE`]. Hand-written: neither nix nor rustix wraps `sched_setattr`, and
+/// libc has no function for it (glibc 2.41 added one; musl has none), so the raw
+/// system call.
+#[allow(unsafe_code)]
+fn long_slice(nice: i32) -> std::io::Result<()> {
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        flags: 0,
+        nice,
+        priority: 0,
+        runtime: BACKGROUND_SLICE.as_nanos() as u64,
+        deadline: 0,
+        period: 0,
+    };
+    // SAFETY: `attr` is a fully initialised `struct sched_attr` (SCHED_ATTR_SIZE_VER0)
+    // that outlives the call, which only reads it; pid 0 is the calling thread; flags 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            0 as libc::pid_t,
+            &attr as *const SchedAttr,
+            0 as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -377,3 +377,39 @@ async fn a_log_read_in_chunks_is_redacted_as_line_by_line() {
     }
     assert!(text.len() > 8 * CHUNK_BYTES);
 }
+
+/// A thread of `in_background` runs at nice +10 below its caller and, where the kernel
+/// reads a normal thread's `sched_runtime` as its slice (Linux 6.12 and later), with
+/// [`BACKGROUND_SLICE`]; both read back from `/proc/thread-self`.
+#[tokio::test]
+async fn background_threads_are_niced_and_ask_for_a_long_slice() {
+    fn nice_now() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Field 19 (nice), counted after the command name's closing parenthesis.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+    fn slice_now() -> Option<u64> {
+        let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+        let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
+        line.rsplit(' ').next()?.trim().parse().ok()
+    }
+    let caller = nice_now();
+    let (nice, slice) = in_background("bundle-test", || (nice_now(), slice_now()))
+        .await
+        .unwrap();
+    assert_eq!(nice, (caller + BACKGROUND_NICE).min(19));
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    // `/proc/*/sched` exists only in kernels built with scheduler debugging.
+    if let (Some(slice), true) = (slice, (major, minor) >= (6, 12)) {
+        assert_eq!(
+            slice,
+            BACKGROUND_SLICE.as_nanos() as u64,
+            "kernel {release}"
+        );
+    }
+}
