@@ -407,8 +407,8 @@ pub fn in_background<T: Send + 'static>(
 /// once, so the link's, the broker's and the database's threads stop waiting out the
 /// rest of a bundle thread's slice on every hop. The bundle's share of the CPU is its
 /// nice value's, as before: unlike `SCHED_IDLE` it is never starved (measured with
-/// benches/bundle: ping p99 while a bundle streams 3.1-4.0x idle with the default slice,
-/// 1.3-2.2x with this; a 0.1 GiB bundle beside busy loops on every core took 149 s
+/// benches/bundle: ping p99 while a bundle streams 2.9-4.0x idle with the default slice,
+/// 1.4-1.6x with this; a 0.1 GiB bundle beside busy loops on every core took 149 s
 /// under `SCHED_IDLE`, 3.2 s at nice +10). Older kernels ignore it.
 pub const BACKGROUND_SLICE: Duration = Duration::from_millis(20);
 
