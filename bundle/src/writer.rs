@@ -449,16 +449,18 @@ struct SchedAttr {
 // The size the kernel reads as the first version of the struct.
 const _: () = assert!(std::mem::size_of::<SchedAttr>() == 48);
 
-/// Sets the calling thread's policy to `SCHED_OTHER` at `nice` with
-/// [`BACKGROUND_SLICE`]. Hand-written: neither nix nor rustix wraps `sched_setattr`, and
+/// Sets the calling thread's nice value to `nice` and asks for [`BACKGROUND_SLICE`],
+/// keeping its policy (an agent its unit runs under `SCHED_BATCH` or `SCHED_IDLE` keeps
+/// its bundles there; `SCHED_FLAG_KEEP_POLICY`, Linux 5.3+). Hand-written: neither nix nor rustix wraps `sched_setattr`, and
 /// libc has no function for it (glibc 2.41 added one; musl has none), so the raw
 /// system call.
 #[allow(unsafe_code)]
 fn long_slice(nice: i32) -> std::io::Result<()> {
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
+        // Ignored: the flag keeps the thread's policy.
+        policy: 0,
+        flags: libc::SCHED_FLAG_KEEP_POLICY as u64,
         nice,
         priority: 0,
         runtime: BACKGROUND_SLICE.as_nanos() as u64,
@@ -466,7 +468,8 @@ fn long_slice(nice: i32) -> std::io::Result<()> {
         period: 0,
     };
     // SAFETY: `attr` is a fully initialised `struct sched_attr` (SCHED_ATTR_SIZE_VER0)
-    // that outlives the call, which only reads it; pid 0 is the calling thread; flags 0.
+    // that outlives the call, which only reads it; pid 0 is the calling thread; the
+    // syscall's own flags argument must be 0.
     let r = unsafe {
         libc::syscall(
             libc::SYS_sched_setattr,

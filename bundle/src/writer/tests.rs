@@ -389,16 +389,20 @@ async fn background_threads_are_niced_and_ask_for_a_long_slice() {
         let rest = &stat[stat.rfind(')').unwrap() + 2..];
         rest.split(' ').nth(16).unwrap().parse().unwrap()
     }
-    fn slice_now() -> Option<u64> {
+    fn sched_field(name: &str) -> Option<u64> {
         let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
-        let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
+        let line = sched.lines().find(|l| l.split(' ').next() == Some(name))?;
         line.rsplit(' ').next()?.trim().parse().ok()
     }
-    let caller = nice_now();
-    let (nice, slice) = in_background("bundle-test", || (nice_now(), slice_now()))
-        .await
-        .unwrap();
+    let (caller, caller_policy) = (nice_now(), sched_field("policy"));
+    let (nice, slice, policy) = in_background("bundle-test", || {
+        (nice_now(), sched_field("se.slice"), sched_field("policy"))
+    })
+    .await
+    .unwrap();
     assert_eq!(nice, (caller + BACKGROUND_NICE).min(19));
+    // The thread keeps its policy (`chrt -b 0 cargo test …` runs this under SCHED_BATCH).
+    assert_eq!(policy, caller_policy);
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut v = release
         .split(['.', '-'])
