@@ -450,10 +450,11 @@ struct SchedAttr {
 const _: () = assert!(std::mem::size_of::<SchedAttr>() == 48);
 
 /// Sets the calling thread's nice value to `nice` and asks for [`BACKGROUND_SLICE`],
-/// keeping its policy (an agent its unit runs under `SCHED_BATCH` or `SCHED_IDLE` keeps
-/// its bundles there; `SCHED_FLAG_KEEP_POLICY`, Linux 5.3+). Hand-written: neither nix nor rustix wraps `sched_setattr`, and
-/// libc has no function for it (glibc 2.41 added one; musl has none), so the raw
-/// system call.
+/// keeping its policy (`SCHED_FLAG_KEEP_POLICY`, Linux 5.3+: an agent whose unit runs it
+/// under `SCHED_BATCH` or `SCHED_IDLE` keeps its bundles there). On an older kernel this
+/// fails and the nice value [`lower_priority`] set stays. Hand-written: neither nix nor
+/// rustix wraps `sched_setattr`, and libc has no function for it (glibc 2.41 added one;
+/// musl has none), so the raw system call.
 #[allow(unsafe_code)]
 fn long_slice(nice: i32) -> std::io::Result<()> {
     let attr = SchedAttr {
