@@ -6,6 +6,14 @@ use dbvm_agent::config::Config;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of musl's malloc (the agent is a static musl binary): musl returns
+/// freed memory at once, so buffers that come and go (TLS records, HTTP bodies, a bundle's
+/// buffers) cost an `mmap`, page faults and an `munmap` with a TLB shootdown of the other
+/// cores each. With it, a 1 GiB log bundle took 0.5 s less of the agent's CPU (5.4-5.5 s
+/// against 6.0, bundle-bench), for a peak RSS of 51 MiB against 43.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The dbvm agent: manages this database VM on behalf of a control plane.
 #[derive(Parser, Debug)]
 #[command(version = dbvm_host::VERSION, about)]
