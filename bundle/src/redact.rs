@@ -375,20 +375,40 @@ fn base64_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'/' || b == b'+'
 }
 
-/// A position inside the first run of at least [`BASE64_RUN`] base64 characters in `text`
-/// at or after `from` (hand-written: no crate searches for a run of a byte class). Each
-/// window of [`BASE64_RUN`] bytes is checked from its end backwards: the first byte out of
-/// the class found moves the next window past it, so text with spaces now and then is
-/// mostly skipped, not read.
+/// The blocks [`base64_run`] looks at: any run of [`BASE64_RUN`] characters holds a whole
+/// block of this many, wherever the blocks start (40 >= 2 x 16 - 1).
+const BASE64_BLOCK: usize = 16;
+const _: () = assert!(BASE64_RUN >= 2 * BASE64_BLOCK - 1);
+
+/// The start of the first run of at least [`BASE64_RUN`] base64 characters in `text` at
+/// or after `from` (hand-written: no crate searches for a run of a byte class). It looks
+/// at `text` in blocks of [`BASE64_BLOCK`] bytes, each tested whole (a test the compiler
+/// turns into SIMD compares; a block of log text almost always holds a space or a
+/// punctuation mark), and only around a block of base64 characters for the run's ends
+/// (the test before, one window of 40 checked from its end backwards at a time, took
+/// 40 % longer over `bundle-bench`'s logs).
 fn base64_run(text: &[u8], from: usize) -> Option<usize> {
-    let mut start = from;
-    loop {
-        let window = text.get(start..start + BASE64_RUN)?;
-        match window.iter().rposition(|&b| !base64_byte(b)) {
-            None => return Some(start),
-            Some(k) => start += k + 1,
+    let mut at = from;
+    while let Some(block) = text.get(at..at + BASE64_BLOCK) {
+        if !block.iter().fold(true, |all, &b| all & base64_byte(b)) {
+            at += BASE64_BLOCK;
+            continue;
         }
+        let start = text[from..at]
+            .iter()
+            .rposition(|&b| !base64_byte(b))
+            .map_or(from, |i| from + i + 1);
+        let end = text[at + BASE64_BLOCK..]
+            .iter()
+            .position(|&b| !base64_byte(b))
+            .map_or(text.len(), |i| at + BASE64_BLOCK + i);
+        if end - start >= BASE64_RUN {
+            return Some(start);
+        }
+        // A later run starts after this one's end (which is not base64).
+        at = end + 1;
     }
+    None
 }
 
 /// Log-style redaction of a stream of lines: the patterns, and PEM private key blocks
@@ -901,6 +921,55 @@ mod tests {
             } else {
                 assert!(!text.is_ascii() && got.is_empty());
             }
+        }
+    }
+
+    /// The block search finds the same runs as a byte-by-byte one, wherever they start
+    /// and end relative to its blocks, and whatever `from` is.
+    #[test]
+    fn base64_runs_are_found_wherever_they_fall() {
+        fn naive(text: &[u8], from: usize) -> Option<usize> {
+            let mut start = from;
+            for (i, &b) in text.iter().enumerate().skip(from) {
+                if !base64_byte(b) {
+                    start = i + 1;
+                } else if i + 1 - start >= BASE64_RUN {
+                    return Some(start);
+                }
+            }
+            None
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let class = b"AZaz09/+Kq";
+        let other = b" =-.:\n_@";
+        for _ in 0..3000 {
+            let mut text = Vec::new();
+            while text.len() < 300 {
+                // Runs around the length that counts, and short ones.
+                let len = match next(3) {
+                    0 => 30 + next(20),
+                    _ => next(12),
+                };
+                for _ in 0..len {
+                    text.push(class[next(class.len() as u64) as usize]);
+                }
+                for _ in 0..1 + next(2) {
+                    text.push(other[next(other.len() as u64) as usize]);
+                }
+            }
+            let from = next(60) as usize;
+            assert_eq!(
+                base64_run(&text, from),
+                naive(&text, from),
+                "{:?} from {from}",
+                String::from_utf8_lossy(&text)
+            );
         }
     }
 
