@@ -4,14 +4,17 @@
 //!
 //! Each part is first read into a spool file of its own (redacted on the way: a
 //! `tar` header needs the size before the bytes, and redaction changes sizes; a log file
-//! by a blocking thread of its own), then the blocking pool appends it to the archive
-//! (the `tar` and `zstd` crates are synchronous) while the next part is read, and zstd
-//! worker threads compress beside it: the stages on threads of their own, as `tar |
-//! zstd` runs (`benches/bundle` measures the writer against it). The archive's writer hashes every entry as it copies it,
-//! and `manifest.json`, the last entry, lists each file (path, size, sha256, source,
-//! redactions), every step that failed or was skipped and why, and what the size cap
-//! left out. A part's failure is recorded and the bundle goes on; only a failure to
-//! write the archive itself (spool disk, the reader gone) ends it.
+//! by a blocking thread of its own), by a task of its own, two parts at once
+//! ([`READ_AHEAD`]); then the archive's thread appends it to the archive (the `tar` and
+//! `zstd` crates are synchronous) while the next parts are read, and zstd worker threads
+//! compress beside it: the stages on threads of their own, as `tar | zstd` runs
+//! (`benches/bundle` measures the writer against it). The archive's writer hashes every
+//! entry as it copies it, and `manifest.json`, the last entry, lists each file (path,
+//! size, sha256, source, redactions), every step that failed or was skipped and why, and
+//! what the size cap left out. A part's failure is recorded and the bundle goes on; only
+//! a failure to write the archive itself (spool disk, the reader gone) ends it. The size
+//! cap is checked before a part is read and again, in the parts' order, after: a part
+//! read ahead while the one before it filled the cap is left out then.
 //!
 //! The size cap counts the files' bytes (before compression; the manifest is not
 //! counted): a log that does not fit is cut to its newest lines, anything else that does
@@ -207,101 +210,137 @@ async fn drive(
     let mut total = 0u64;
     let mut n = 0u64;
     let mut queue: std::collections::VecDeque<Part> = parts.into();
-    while let Some(part) = queue.pop_front() {
-        let Part {
-            path,
-            source,
-            producer,
-            redaction,
-        } = part;
-        let (path, source) = (clean(path), clean(source));
-        let producer = match producer {
-            Producer::Unavailable(why) => {
-                let why = clean(why);
-                m.skipped.push(Skipped { path, source, why });
-                continue;
-            }
-            Producer::Dir(dir) => {
-                match list_dir(&dir).await {
-                    Ok(files) if files.is_empty() => m.skipped.push(Skipped {
-                        path,
-                        source,
-                        why: format!("{} has no files", dir.display()),
-                    }),
-                    Ok(files) => {
-                        // Each file becomes a part of its own, in name order, before the
-                        // parts that followed the directory.
-                        for f in files.into_iter().rev() {
-                            let name = f.file_name().map(|s| s.to_string_lossy().into_owned());
-                            let name = name.unwrap_or_default();
-                            queue.push_front(Part {
-                                path: format!("{}/{name}", path.trim_end_matches('/')),
-                                source: f.display().to_string(),
-                                producer: Producer::File(f),
-                                redaction,
-                            });
-                        }
-                    }
-                    Err(e) => m.failed.push(FailedStep {
-                        path,
-                        source,
-                        error: format!("cannot list {}: {e}", dir.display()),
-                    }),
-                }
-                continue;
-            }
-            p => p,
-        };
-        if total >= options.max_bytes {
-            let bytes = match &producer {
-                Producer::File(f) => tokio::fs::metadata(f).await.ok().map(|md| md.len()),
-                _ => None,
+    let mut reading = Reading::default();
+    loop {
+        // Start reading parts until READ_AHEAD are read at once (or none is left).
+        while reading.0.len() < READ_AHEAD {
+            let Some(part) = queue.pop_front() else {
+                break;
             };
-            m.left_out.push(LeftOut {
+            let Part {
                 path,
                 source,
-                bytes,
-                why: format!("the size cap ({} bytes) was reached", options.max_bytes),
-            });
-            continue;
-        }
-
-        n += 1;
-        let spool = spool_dir.join(format!("{n}.part"));
-        let timeout = match &producer {
-            // A command has its own timeout (and a partial output of its own).
-            Producer::Command { timeout, .. } => *timeout + Duration::from_secs(5),
-            _ => options.part_timeout,
-        };
-        let spooled =
-            match tokio::time::timeout(timeout, spool_part(producer, redaction, &spool)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(SpoolFailure::Step(error))) => {
-                    remove_quietly(&spool).await;
-                    m.failed.push(FailedStep {
-                        path,
-                        source,
-                        error: clean(error),
-                    });
+                producer,
+                redaction,
+            } = part;
+            let (path, source) = (clean(path), clean(source));
+            let producer = match producer {
+                Producer::Unavailable(why) => {
+                    let why = clean(why);
+                    m.skipped.push(Skipped { path, source, why });
                     continue;
                 }
-                Ok(Err(SpoolFailure::Disk(e))) => {
-                    remove_quietly(&spool).await;
-                    return Err(BundleError::Spool(spool, e));
-                }
-                Err(_) => {
-                    remove_quietly(&spool).await;
-                    m.failed.push(FailedStep {
-                        path,
-                        source,
-                        error: format!(
-                            "reading it took longer than {} ms; nothing of it kept",
-                            timeout.as_millis()
-                        ),
-                    });
+                Producer::Dir(dir) => {
+                    match list_dir(&dir).await {
+                        Ok(files) if files.is_empty() => m.skipped.push(Skipped {
+                            path,
+                            source,
+                            why: format!("{} has no files", dir.display()),
+                        }),
+                        Ok(files) => {
+                            // Each file becomes a part of its own, in name order, before
+                            // the parts that followed the directory.
+                            for f in files.into_iter().rev() {
+                                let name = f.file_name().map(|s| s.to_string_lossy().into_owned());
+                                let name = name.unwrap_or_default();
+                                queue.push_front(Part {
+                                    path: format!("{}/{name}", path.trim_end_matches('/')),
+                                    source: f.display().to_string(),
+                                    producer: Producer::File(f),
+                                    redaction,
+                                });
+                            }
+                        }
+                        Err(e) => m.failed.push(FailedStep {
+                            path,
+                            source,
+                            error: format!("cannot list {}: {e}", dir.display()),
+                        }),
+                    }
                     continue;
                 }
+                p => p,
             };
+            if total >= options.max_bytes {
+                let bytes = match &producer {
+                    Producer::File(f) => tokio::fs::metadata(f).await.ok().map(|md| md.len()),
+                    _ => None,
+                };
+                m.left_out.push(LeftOut {
+                    path,
+                    source,
+                    bytes,
+                    why: format!("the size cap ({} bytes) was reached", options.max_bytes),
+                });
+                continue;
+            }
+            n += 1;
+            let spool = spool_dir.join(format!("{n}.part"));
+            let timeout = match &producer {
+                // A command has its own timeout (and a partial output of its own).
+                Producer::Command { timeout, .. } => *timeout + Duration::from_secs(5),
+                _ => options.part_timeout,
+            };
+            let to = spool.clone();
+            // A task of its own: it reads while the parts before it are archived or
+            // waited for (a command's output must be drained, its timeout runs).
+            let task = tokio::spawn(async move {
+                tokio::time::timeout(timeout, spool_part(producer, redaction, &to)).await
+            });
+            reading.0.push_back(PartRead {
+                path,
+                source,
+                redaction,
+                spool,
+                timeout,
+                task,
+            });
+        }
+        let Some(read) = reading.0.pop_front() else {
+            break;
+        };
+        let PartRead {
+            path,
+            source,
+            redaction,
+            spool,
+            timeout,
+            task,
+        } = read;
+        let read = match task.await {
+            Ok(r) => r,
+            Err(e) => Ok(Err(SpoolFailure::Step(format!(
+                "internal: the reading task failed: {e}"
+            )))),
+        };
+        let spooled = match read {
+            Ok(Ok(s)) => s,
+            Ok(Err(SpoolFailure::Step(error))) => {
+                remove_quietly(&spool).await;
+                m.failed.push(FailedStep {
+                    path,
+                    source,
+                    error: clean(error),
+                });
+                continue;
+            }
+            Ok(Err(SpoolFailure::Disk(e))) => {
+                remove_quietly(&spool).await;
+                return Err(BundleError::Spool(spool, e));
+            }
+            Err(_) => {
+                remove_quietly(&spool).await;
+                m.failed.push(FailedStep {
+                    path,
+                    source,
+                    error: format!(
+                        "reading it took longer than {} ms; nothing of it kept",
+                        timeout.as_millis()
+                    ),
+                });
+                continue;
+            }
+        };
         if let Some(error) = &spooled.error {
             m.failed.push(FailedStep {
                 path: path.clone(),
@@ -318,7 +357,7 @@ async fn drive(
             }
         }
 
-        let room = options.max_bytes - total;
+        let room = options.max_bytes.saturating_sub(total);
         let (offset, len, cut_from_bytes) = if spooled.size <= room {
             (0, spooled.size, None)
         } else if redaction == Redaction::Log && room >= MIN_CUT_BYTES {
@@ -364,12 +403,45 @@ async fn drive(
             break;
         }
     }
+    // Parts still being read when the writer ended early are not wanted.
+    drop(reading);
     m.content_bytes = total;
     let _ = jobs.send(Job::Finish(Box::new(m))).await;
     drop(jobs);
     archive
         .await
         .map_err(|e| BundleError::Writer(e.to_string()))?
+}
+
+/// Parts read at once, ahead of the archive: two. With one, the first log file was
+/// redacted with nothing else to do on a two-core VM (nothing to archive yet), and the
+/// archive waited whenever a file took longer to redact than the one before it to
+/// archive (measured with benches/bundle). Each part read ahead holds a spool file of
+/// its size until it is archived; the size cap bounds them all.
+const READ_AHEAD: usize = 2;
+
+/// A part being read into its spool file, and what the manifest needs of it.
+struct PartRead {
+    path: String,
+    source: String,
+    redaction: Redaction,
+    spool: PathBuf,
+    timeout: Duration,
+    task:
+        tokio::task::JoinHandle<Result<Result<Spooled, SpoolFailure>, tokio::time::error::Elapsed>>,
+}
+
+/// The parts being read, in order; dropped (the bundle ended or its future was dropped),
+/// it stops them (a log file's thread at its next chunk, see `CancelOnDrop`).
+#[derive(Default)]
+struct Reading(std::collections::VecDeque<PartRead>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            r.task.abort();
+        }
+    }
 }
 
 /// How much lower than the agent's own the CPU priority of a bundle's threads is (nice

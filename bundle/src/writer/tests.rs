@@ -195,6 +195,34 @@ async fn unreadable_files_are_recorded() {
     assert_eq!(unpack(&archive).len(), 1);
 }
 
+/// The next part is read while one is still being read (READ_AHEAD), and the archive
+/// keeps the parts' order whichever read finishes first.
+#[tokio::test]
+async fn parts_are_read_ahead_and_archived_in_order() {
+    let second_started = Arc::new(tokio::sync::Notify::new());
+    let started = second_started.clone();
+    let parts = vec![
+        Part::produced("1-first", "p", async move {
+            // Finishes only once the second part has begun: read one at a time, this
+            // would wait for nothing and say so.
+            match tokio::time::timeout(Duration::from_secs(20), started.notified()).await {
+                Ok(()) => Ok(b"first\n".to_vec()),
+                Err(_) => Err("the second part was not read ahead".into()),
+            }
+        }),
+        Part::produced("0-second", "p", async move {
+            second_started.notify_one();
+            Ok(b"second\n".to_vec())
+        }),
+        Part::produced("2-third", "p", async { Ok(b"third\n".to_vec()) }),
+    ];
+    let (m, archive) = build(parts, 1 << 20).await;
+    assert!(m.failed.is_empty(), "{:?}", m.failed);
+    let order: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(order, ["1-first", "0-second", "2-third"]);
+    assert_eq!(unpack(&archive)["1-first"], b"first\n");
+}
+
 #[tokio::test]
 async fn a_directory_becomes_one_entry_per_file() {
     let dir = tempfile::tempdir().unwrap();
