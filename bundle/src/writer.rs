@@ -420,6 +420,11 @@ async fn drive(
 /// its size until it is archived; the size cap bounds them all.
 const READ_AHEAD: usize = 2;
 
+/// How much lower than the archive's threads a log file's reading thread runs (nice
+/// steps): the archive (hashing, `tar`, zstd) is the longer stage, and the reads, two
+/// ahead, only need to stay ahead of it.
+const READ_EXTRA_NICE: i32 = 3;
+
 /// A part being read into its spool file, and what the manifest needs of it.
 struct PartRead {
     path: String,
@@ -459,11 +464,20 @@ pub fn in_background<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T, String>> {
+    in_background_below(name, 0, work)
+}
+
+/// [`in_background`], `extra` nice steps lower still.
+fn in_background_below<T: Send + 'static>(
+    name: &str,
+    extra: i32,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, String>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let started = std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
-            lower_priority();
+            lower_priority(extra);
             let _ = tx.send(work());
         });
     async move {
@@ -488,11 +502,11 @@ pub const BACKGROUND_SLICE: Duration = Duration::from_millis(20);
 /// is per thread) and asks for [`BACKGROUND_SLICE`]. Lowering is always allowed; a
 /// failure only means the work runs at the agent's priority, so it is logged and not
 /// fatal.
-fn lower_priority() {
+fn lower_priority(extra: i32) {
     use rustix::process::{getpriority_process, setpriority_process};
     let me = Some(rustix::thread::gettid());
     let lowered = getpriority_process(me).and_then(|now| {
-        let nice = (now + BACKGROUND_NICE).min(19);
+        let nice = (now + BACKGROUND_NICE + extra).min(19);
         setpriority_process(me, nice).map(|()| nice)
     });
     match lowered {
@@ -687,11 +701,11 @@ async fn spool_part(
         let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let (path, stop) = (path.clone(), cancel.0.clone());
         let out = out.into_std().await;
-        return in_background("bundle-spool", move || spool_log_file(&path, out, &stop))
-            .await
-            .map_err(|e| {
-                SpoolFailure::Step(format!("internal: the reading thread failed: {e}"))
-            })?;
+        return in_background_below("bundle-spool", READ_EXTRA_NICE, move || {
+            spool_log_file(&path, out, &stop)
+        })
+        .await
+        .map_err(|e| SpoolFailure::Step(format!("internal: the reading thread failed: {e}")))?;
     }
     let mut out = tokio::io::BufWriter::with_capacity(CHUNK_BYTES, out);
     let result = match producer {

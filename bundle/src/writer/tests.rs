@@ -429,6 +429,14 @@ async fn background_threads_are_niced_and_ask_for_a_long_slice() {
     .await
     .unwrap();
     assert_eq!(nice, (caller + BACKGROUND_NICE).min(19));
+    // A log file's reading thread runs lower still than the archive's.
+    let reading = in_background_below("bundle-test", READ_EXTRA_NICE, nice_now)
+        .await
+        .unwrap();
+    assert_eq!(
+        reading,
+        (caller + BACKGROUND_NICE + READ_EXTRA_NICE).min(19)
+    );
     // The thread keeps its policy (`chrt -b 0 cargo test …` runs this under SCHED_BATCH).
     assert_eq!(policy, caller_policy);
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
