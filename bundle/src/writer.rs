@@ -296,18 +296,11 @@ async fn drive(
                 task,
             });
         }
-        let Some(read) = reading.0.pop_front() else {
+        let Some(part) = reading.0.pop_front() else {
             break;
         };
-        let PartRead {
-            path,
-            source,
-            redaction,
-            spool,
-            timeout,
-            task,
-        } = read;
-        let read = match task.await {
+        let (path, source, spool) = (part.path, part.source, part.spool);
+        let read = match part.task.await {
             Ok(r) => r,
             Err(e) => Ok(Err(SpoolFailure::Step(format!(
                 "internal: the reading task failed: {e}"
@@ -335,7 +328,7 @@ async fn drive(
                     source,
                     error: format!(
                         "reading it took longer than {} ms; nothing of it kept",
-                        timeout.as_millis()
+                        part.timeout.as_millis()
                     ),
                 });
                 continue;
@@ -360,7 +353,7 @@ async fn drive(
         let room = options.max_bytes.saturating_sub(total);
         let (offset, len, cut_from_bytes) = if spooled.size <= room {
             (0, spooled.size, None)
-        } else if redaction == Redaction::Log && room >= MIN_CUT_BYTES {
+        } else if part.redaction == Redaction::Log && room >= MIN_CUT_BYTES {
             let offset = line_start_after(&spool, spooled.size - room)
                 .await
                 .map_err(|e| BundleError::Spool(spool.clone(), e))?;
