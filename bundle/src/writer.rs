@@ -5,7 +5,7 @@
 //! Each part is first read into a spool file of its own (redacted on the way: a
 //! `tar` header needs the size before the bytes, and redaction changes sizes; a log file
 //! by a blocking thread of its own), by a task of its own, two parts at once
-//! ([`READ_AHEAD`]); then the archive's thread appends it to the archive (the `tar` and
+//! (`READ_AHEAD`); then the archive's thread appends it to the archive (the `tar` and
 //! `zstd` crates are synchronous) while the next parts are read, and zstd worker threads
 //! compress beside it: the stages on threads of their own, as `tar | zstd` runs
 //! (`benches/bundle` measures the writer against it). The archive's writer hashes every
