@@ -494,10 +494,10 @@ fn in_background_below<T: Send + 'static>(
 /// under `SCHED_IDLE`, 3.2 s at nice +10). Older kernels ignore it.
 pub const BACKGROUND_SLICE: Duration = Duration::from_millis(20);
 
-/// Lowers the calling thread's CPU priority by [`BACKGROUND_NICE`] (Linux: the nice value
-/// is per thread) and asks for [`BACKGROUND_SLICE`]. Lowering is always allowed; a
-/// failure only means the work runs at the agent's priority, so it is logged and not
-/// fatal.
+/// Lowers the calling thread's CPU priority by [`BACKGROUND_NICE`] + `extra` (Linux: the
+/// nice value is per thread) and asks for [`BACKGROUND_SLICE`]. Lowering is always
+/// allowed; a failure only means the work runs at the agent's priority, so it is logged
+/// and not fatal.
 fn lower_priority(extra: i32) {
     use rustix::process::{getpriority_process, setpriority_process};
     let me = Some(rustix::thread::gettid());
