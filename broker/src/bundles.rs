@@ -60,11 +60,11 @@ const CHUNK: usize = 256 * 1024;
 /// An upload is synced every this many bytes as it arrives.
 const SYNC_EVERY: u64 = 8 * 1024 * 1024;
 /// The disk's write-back of an upload is started every this many bytes (see
-/// [`start_writeback`]), so a sync, the store's or the upload's own, never finds megabytes
-/// of it waiting. Without it the store's commits, which share the disk, waited behind up
-/// to 8 MiB of bundle data each: signed pings while a bundle streamed had a p99 of 167
-/// and 189 ms in two runs of `E2E=1 benches/bundle/run.sh`, and 32 and 39 ms with it
-/// (interleaved, the same evening; idle p99 8–14 ms).
+/// [`dbvm_host::fs::start_writeback`]), so a sync, the store's or the upload's own, never
+/// finds megabytes of it waiting. Without it the store's commits, which share the disk,
+/// waited behind up to 8 MiB of bundle data each: signed pings while a bundle streamed
+/// had a p99 of 167 and 189 ms in two runs of `E2E=1 benches/bundle/run.sh`, and 32 and
+/// 39 ms with it (interleaved, the same evening; idle p99 8–14 ms).
 const WRITEBACK_EVERY: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -433,7 +433,7 @@ impl BundleStore {
                     drop(file);
                     return Err(self.write_failed(id, &path, "write", e).await);
                 }
-                start_writeback(&file, stored - unstarted, unstarted).await;
+                dbvm_host::fs::start_writeback(&file, stored - unstarted, unstarted).await;
                 unstarted = 0;
             }
             // Synced as it goes, so the sync before the answer is short.
@@ -747,30 +747,6 @@ impl BundleStore {
         }
         Ok(gone.len())
     }
-}
-
-/// Starts the disk's write-back of `len` bytes of `file` from `offset`, without waiting
-/// for it. `posix_fadvise(POSIX_FADV_DONTNEED)` does that on Linux (it starts write-back
-/// of the range's dirty pages, then drops only the pages already clean; the rest stay
-/// cached); `sync_file_range(SYNC_FILE_RANGE_WRITE)`, the call made for this, has no safe
-/// wrapper in rustix or nix, and the workspace denies `unsafe`. Only a hint: a failure is
-/// ignored (the syncs still make the data durable). On a blocking thread, with its own
-/// handle of the file: handing the pages to a device whose queue is full can block, and
-/// a runtime thread serves other agents' links. Awaited, so hints never pile up.
-async fn start_writeback(file: &tokio::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsFd;
-    let Ok(fd) = file.as_fd().try_clone_to_owned() else {
-        return;
-    };
-    let _ = tokio::task::spawn_blocking(move || {
-        rustix::fs::fadvise(
-            &fd,
-            offset,
-            std::num::NonZeroU64::new(len),
-            rustix::fs::Advice::DontNeed,
-        )
-    })
-    .await;
 }
 
 /// Flushes and syncs a part's data.

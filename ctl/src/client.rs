@@ -30,6 +30,10 @@ pub const MAX_POLL: Duration = Duration::from_secs(60);
 pub const EVENTS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The broker's address when none is configured.
 pub const DEFAULT_BROKER_URL: &str = "https://localhost:8443";
+/// A download's write-back to the disk is started every this many bytes, so its sync at
+/// the end waits for the last of them only, not for the whole file: the sync of a 120 MiB
+/// bundle took 0.15-0.18 s here, serial after its last byte came.
+const WRITEBACK_EVERY: u64 = 4 * 1024 * 1024;
 
 /// The causes of an error, joined by `: ` (reqwest's own message only names the URL).
 struct Causes<'a>(&'a reqwest::Error);
@@ -522,7 +526,8 @@ impl Client {
         .map(drop)
     }
 
-    /// A `GET` streamed into a new file at `dest` while it is hashed; whatever fails
+    /// A `GET` streamed into a new file at `dest` while it is hashed, synced at the end
+    /// (its write-back started as it arrives: see [`WRITEBACK_EVERY`]); whatever fails
     /// removes `dest`. The stream may not stay silent for more than 30 s.
     async fn download(
         &self,
@@ -568,6 +573,8 @@ impl Client {
         let written = async {
             let mut body = resp.bytes_stream();
             let mut n = 0u64;
+            // Where the bytes whose write-back is not started yet begin.
+            let mut started = 0u64;
             let mut hash = sha2::Sha256::new();
             loop {
                 let chunk = match tokio::time::timeout(REQUEST_TIMEOUT, body.next()).await {
@@ -585,6 +592,13 @@ impl Client {
                 file.write_all(&chunk).await.map_err(file_error("write"))?;
                 n += chunk.len() as u64;
                 progress(n, total);
+                if n - started >= WRITEBACK_EVERY {
+                    // The bytes reach the file (tokio writes in the background) before
+                    // their write-back is asked for; a failed write shows here.
+                    file.flush().await.map_err(file_error("write"))?;
+                    dbvm_host::fs::start_writeback(&file, started, n - started).await;
+                    started = n;
+                }
             }
             file.flush().await.map_err(file_error("write"))?;
             file.sync_all().await.map_err(file_error("fsync"))?;

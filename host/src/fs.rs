@@ -1,5 +1,6 @@
 //! Durable file replacement: the one way dbvm writes a file that must survive a crash
-//! whole (keys, certificates, state, configuration).
+//! whole (keys, certificates, state, configuration); and write-back started early, for
+//! large files that are synced when complete (bundles).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -70,6 +71,32 @@ pub fn sync_dir(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
         other => other,
     }
+}
+
+/// Starts the disk's write-back of `len` bytes of `file` from `offset`, without waiting
+/// for it, so the sync that makes a large file durable finds little left to write
+/// instead of everything written since the last one. `posix_fadvise(POSIX_FADV_DONTNEED)`
+/// does that on Linux (it starts write-back of the range's dirty pages, then drops only
+/// the pages already clean; the rest stay cached); `sync_file_range(SYNC_FILE_RANGE_WRITE)`,
+/// the call made for this, has no safe wrapper in rustix or nix, and the workspace denies
+/// `unsafe`. Only a hint: a failure is ignored (a sync still makes the data durable). On
+/// a blocking thread, with its own handle of the file: handing the pages to a device
+/// whose queue is full can block, and a runtime thread has other work. Awaited, so hints
+/// never pile up.
+pub async fn start_writeback(file: &tokio::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsFd;
+    let Ok(fd) = file.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        rustix::fs::fadvise(
+            &fd,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        )
+    })
+    .await;
 }
 
 fn temporary_path(path: &Path) -> std::io::Result<PathBuf> {

@@ -1,7 +1,7 @@
 //! What dbvm's programs need from the host they run on, written once: logging set-up
 //! ([`logging`]), shutdown signals ([`signals`]), systemd readiness notification
-//! ([`notify`]) and durable file replacement ([`fs`]). The broker and the agent use all of
-//! it; `dbvmctl` uses [`fs`].
+//! ([`notify`]), durable file replacement and early write-back ([`fs`]). The broker and
+//! the agent use all of it; `dbvmctl` uses [`fs`].
 
 #![forbid(unsafe_code)]
 
