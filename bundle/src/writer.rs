@@ -2,16 +2,20 @@
 //! chunks through a bounded channel (memory stays flat whatever the bundle's size: at
 //! most the channel's chunks, one line of a log, one config file).
 //!
-//! Each part is first read into a spool file of its own (redacted on the way: a
-//! `tar` header needs the size before the bytes, and redaction changes sizes; a log file
-//! by a blocking thread of its own), by a task of its own, two parts at once
-//! (`READ_AHEAD`); then the archive's thread appends it to the archive (the `tar` and
-//! `zstd` crates are synchronous) while the next parts are read, and zstd worker threads
-//! compress beside it: the stages on threads of their own, as `tar | zstd` runs
-//! (`benches/bundle` measures the writer against it). The archive's writer hashes every
-//! entry as it copies it, and `manifest.json`, the last entry, lists each file (path,
-//! size, sha256, source, redactions), every step that failed or was skipped and why, and
-//! what the size cap left out. A part's failure is recorded and the bundle goes on; only
+//! Each part is first read and redacted whole (a `tar` header needs the size before the
+//! bytes, and redaction changes sizes), by a task of its own, two parts at once
+//! (`READ_AHEAD`): a log file by a blocking thread of its own into a plan of what
+//! redaction changed, which the archive's thread reads the file again by (`plan`: each
+//! read checked against its CRC first, so nothing unredacted comes out of a file that
+//! changed meanwhile); anything else, and a log whose plan would be too large, into a
+//! spool file of its own. Then the archive's thread appends it to the archive (the
+//! `tar` and `zstd` crates are synchronous) while the next parts are read, and zstd
+//! worker threads compress beside it: the stages on threads of their own, as
+//! `tar | zstd` runs (`benches/bundle` measures the writer against it). Each part is
+//! hashed as it is read (the archive's thread hashes only a log the size cap cut), and
+//! `manifest.json`, the last entry, lists each file (path, size, sha256, source,
+//! redactions), every step that failed or was skipped and why, and what the size cap
+//! left out. A part's failure is recorded and the bundle goes on; only
 //! a failure to write the archive itself (spool disk, the reader gone) ends it. The size
 //! cap is checked before a part is read and again, in the parts' order, after: a part
 //! read ahead while the one before it filled the cap is left out then.
@@ -33,10 +37,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// The size of the chunks the archive is streamed in.
-pub const CHUNK_BYTES: usize = 64 * 1024;
+/// The size of the chunks the archive is streamed in: each is a trip through the
+/// channel and, at the agent, a wake-up of the upload's spool thread and of the upload
+/// (with 64 KiB chunks the broker's CPU per 1 GiB bundle was 0.62 s, 0.54 s with these;
+/// measured with benches/bundle --e2e).
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// The size of the reads from a part.
+const READ_BYTES: usize = 64 * 1024;
 // A chunk read from a part holds no line longer than redaction allows (see `pump`).
-const _: () = assert!(CHUNK_BYTES <= MAX_LINE);
+const _: () = assert!(READ_BYTES <= MAX_LINE);
 /// Chunks the channel holds before the writer waits for its reader.
 pub const CHANNEL_CHUNKS: usize = 16;
 /// A config-style part larger than this is not a config: it is left out (redacting a
@@ -157,6 +166,9 @@ pub struct LeftOut {
     pub why: String,
 }
 
+/// A SHA-256.
+type Digest256 = [u8; 32];
+
 /// What the blocking archive writer is given.
 enum Job {
     Entry {
@@ -165,6 +177,11 @@ enum Job {
         spool: PathBuf,
         offset: u64,
         len: u64,
+        /// A log file's plan: the entry is read from the log again, not from `spool`.
+        plan: Option<Box<plan::LogPlan>>,
+        /// The entry's SHA-256 when it is the whole spool file (hashed as it was
+        /// written); else the archive's thread hashes the entry as it copies it.
+        sha256: Option<Digest256>,
         redactions: u64,
         cut_from_bytes: Option<u64>,
         incomplete: Option<String>,
@@ -288,7 +305,8 @@ async fn drive(
             // A task of its own: it reads while the parts before it are archived or
             // waited for (a command's output must be drained, its timeout runs).
             let task = tokio::spawn(async move {
-                tokio::time::timeout(timeout, spool_part(producer, redaction, &to)).await
+                let read = spool_part(producer, redaction, &to);
+                tokio::time::timeout(timeout, read).await
             });
             reading.0.push_back(PartRead {
                 path,
@@ -354,9 +372,27 @@ async fn drive(
         }
 
         let room = options.max_bytes.saturating_sub(total);
+        let mut whole_sha256 = Some(spooled.sha256);
+        let mut plan = spooled.plan;
+        let mut changed = None;
         let (offset, len, cut_from_bytes) = if spooled.size <= room {
             (0, spooled.size, None)
         } else if part.redaction == Redaction::Log && room >= MIN_CUT_BYTES {
+            if let Some(p) = plan.take() {
+                // Cut where its lines are: written out into its spool first.
+                let to = spool.clone();
+                changed = in_background("bundle-spool", move || plan::write_out(p, &to))
+                    .await
+                    .map_err(|e| BundleError::Writer(e.to_string()))?
+                    .map_err(|e| BundleError::Spool(spool.clone(), e))?;
+                if let Some(why) = &changed {
+                    m.failed.push(FailedStep {
+                        path: path.clone(),
+                        source: source.clone(),
+                        error: why.clone(),
+                    });
+                }
+            }
             let offset = line_start_after(&spool, spooled.size - room)
                 .await
                 .map_err(|e| BundleError::Spool(spool.clone(), e))?;
@@ -369,6 +405,8 @@ async fn drive(
                     options.max_bytes
                 ),
             });
+            // The hash of the whole spool is not the cut entry's.
+            whole_sha256 = None;
             (offset, spooled.size - offset, Some(spooled.size))
         } else {
             remove_quietly(&spool).await;
@@ -390,9 +428,11 @@ async fn drive(
             spool,
             offset,
             len,
+            plan,
+            sha256: whole_sha256,
             redactions: spooled.redactions,
             cut_from_bytes,
-            incomplete: spooled.error.map(clean),
+            incomplete: spooled.error.map(clean).or(changed),
         };
         if jobs.send(job).await.is_err() {
             // The writer ended early; its error says why.
@@ -413,7 +453,8 @@ async fn drive(
 /// redacted with nothing else to do on a two-core VM (nothing to archive yet), and the
 /// archive waited whenever a file took longer to redact than the one before it to
 /// archive (measured with benches/bundle). Each part read ahead holds a spool file of
-/// its size until it is archived; the size cap bounds them all.
+/// its size (the size cap bounds them all) or a log's plan (`plan::PLAN_CAP`) until it
+/// is archived.
 const READ_AHEAD: usize = 2;
 
 /// How much lower than the archive's threads a log file's reading thread runs (nice
@@ -664,9 +705,15 @@ async fn line_start_after(path: &Path, offset: u64) -> std::io::Result<u64> {
 
 struct Spooled {
     size: u64,
+    /// The SHA-256 of the spool file's `size` bytes, hashed as they were written: on the
+    /// reading thread, ahead of the archive's, whose stage is the longer (hashing there
+    /// took about half of its thread's CPU; measured with benches/bundle).
+    sha256: Digest256,
     redactions: u64,
     /// Reading failed after `size` bytes.
     error: Option<String>,
+    /// A log file not spooled: its plan (the archive's thread reads it again).
+    plan: Option<Box<plan::LogPlan>>,
 }
 
 enum SpoolFailure {
@@ -682,6 +729,44 @@ async fn spool_part(
     redaction: Redaction,
     spool: &Path,
 ) -> Result<Spooled, SpoolFailure> {
+    if let (Producer::File(path), Redaction::Log) = (&producer, redaction) {
+        // The bulk of a bundle (logs): read and redacted by a blocking thread with plain
+        // reads (each of tokio's file operations is a trip to the blocking pool of its
+        // own), into a plan (see `plan`), or into the spool when that is too large or
+        // the file too small. Dropping this future (the part's timeout) stops it at its
+        // next chunk.
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let (path, stop, spool) = (path.clone(), cancel.0.clone(), spool.to_path_buf());
+        return in_background_below("bundle-spool", READ_EXTRA_NICE, move || {
+            match plan::plan_log_file(&path, &stop) {
+                Err(e) => Err(open_failure(&path, e)),
+                Ok(plan::Planned::Cancelled) => Err(SpoolFailure::Step("cancelled".into())),
+                Ok(plan::Planned::Plan {
+                    plan,
+                    redactions,
+                    error,
+                }) => Ok(Spooled {
+                    size: plan.size,
+                    sha256: plan.sha256,
+                    redactions,
+                    error,
+                    plan: Some(plan),
+                }),
+                Ok(plan::Planned::Spool) => {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&spool)
+                        .map_err(SpoolFailure::Disk)?;
+                    spool_log_file(&path, out, &stop)
+                }
+            }
+        })
+        .await
+        .map_err(|e| SpoolFailure::Step(format!("internal: the reading thread failed: {e}")))?;
+    }
     let out = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -689,21 +774,7 @@ async fn spool_part(
         .open(spool)
         .await
         .map_err(SpoolFailure::Disk)?;
-    if let (Producer::File(path), Redaction::Log) = (&producer, redaction) {
-        // The bulk of a bundle (logs): read, redacted and written by a blocking thread
-        // with plain reads and writes (each of tokio's file operations is a trip to the
-        // blocking pool of its own). Dropping this future (the part's timeout) stops it at
-        // its next chunk.
-        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
-        let (path, stop) = (path.clone(), cancel.0.clone());
-        let out = out.into_std().await;
-        return in_background_below("bundle-spool", READ_EXTRA_NICE, move || {
-            spool_log_file(&path, out, &stop)
-        })
-        .await
-        .map_err(|e| SpoolFailure::Step(format!("internal: the reading thread failed: {e}")))?;
-    }
-    let mut out = tokio::io::BufWriter::with_capacity(CHUNK_BYTES, out);
+    let mut out = tokio::io::BufWriter::with_capacity(READ_BYTES, out);
     let result = match producer {
         Producer::File(path) => {
             let reader = tokio::fs::File::open(&path)
@@ -759,9 +830,10 @@ fn spool_log_file(
 ) -> Result<Spooled, SpoolFailure> {
     let mut reader = std::fs::File::open(path).map_err(|e| open_failure(path, e))?;
     let mut pump = LogPump::default();
-    let mut buf = vec![0u8; CHUNK_BYTES];
-    let mut text = Vec::with_capacity(2 * CHUNK_BYTES);
+    let mut buf = vec![0u8; READ_BYTES];
+    let mut text = Vec::with_capacity(2 * READ_BYTES);
     let mut size = 0u64;
+    let mut sha256 = Sha256::new();
     let mut error = None;
     loop {
         if cancel.load(Ordering::Relaxed) {
@@ -780,16 +852,20 @@ fn spool_log_file(
         text.clear();
         pump.feed(&buf[..n], &mut text);
         out.write_all(&text).map_err(SpoolFailure::Disk)?;
+        sha256.update(&text);
         size += text.len() as u64;
     }
     text.clear();
     pump.finish(&mut text);
     out.write_all(&text).map_err(SpoolFailure::Disk)?;
+    sha256.update(&text);
     size += text.len() as u64;
     Ok(Spooled {
         size,
+        sha256: sha256.finalize().into(),
         redactions: pump.redactor.count,
         error,
+        plan: None,
     })
 }
 
@@ -890,15 +966,18 @@ async fn pump(
             out.write_all(redacted.as_bytes()).await.map_err(disk)?;
             Ok(Spooled {
                 size: redacted.len() as u64,
+                sha256: Sha256::digest(redacted.as_bytes()).into(),
                 redactions,
                 error: None,
+                plan: None,
             })
         }
         Redaction::Log => {
             let mut pump = LogPump::default();
-            let mut buf = vec![0u8; CHUNK_BYTES];
-            let mut text = Vec::with_capacity(2 * CHUNK_BYTES);
+            let mut buf = vec![0u8; READ_BYTES];
+            let mut text = Vec::with_capacity(2 * READ_BYTES);
             let mut size = 0u64;
+            let mut sha256 = Sha256::new();
             let mut error = None;
             loop {
                 let n = match reader.read(&mut buf).await {
@@ -912,22 +991,26 @@ async fn pump(
                 text.clear();
                 pump.feed(&buf[..n], &mut text);
                 out.write_all(&text).await.map_err(disk)?;
+                sha256.update(&text);
                 size += text.len() as u64;
             }
             text.clear();
             pump.finish(&mut text);
             out.write_all(&text).await.map_err(disk)?;
+            sha256.update(&text);
             size += text.len() as u64;
             Ok(Spooled {
                 size,
+                sha256: sha256.finalize().into(),
                 redactions: pump.redactor.count,
                 error,
+                plan: None,
             })
         }
     }
 }
 
-/// Log-style redaction of a byte stream fed in chunks of at most [`CHUNK_BYTES`]: lines
+/// Log-style redaction of a byte stream fed in chunks of at most [`READ_BYTES`]: lines
 /// longer than [`MAX_LINE`] are cut (with a note), a line split between two chunks is
 /// held until its end comes.
 #[derive(Default)]
@@ -1038,17 +1121,19 @@ impl Write for ChunkWriter {
     }
 }
 
-/// A reader that hashes and counts what passes through it.
+/// A reader that counts what passes through it and, given a hasher, hashes it.
 struct Hashing<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     bytes: u64,
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.bytes += n as u64;
         Ok(n)
     }
@@ -1075,7 +1160,8 @@ fn header(len: u64) -> tar::Header {
     h
 }
 
-/// The blocking side: appends each spooled part (hashing it), then the manifest.
+/// The blocking side: appends each spooled part (hashing it when its reading did not),
+/// then the manifest.
 fn write_archive(
     mut jobs: mpsc::Receiver<Job>,
     sink: mpsc::Sender<Vec<u8>>,
@@ -1087,8 +1173,8 @@ fn write_archive(
     };
     let mut encoder = zstd::stream::write::Encoder::new(writer, level).map_err(archive_error)?;
     // Compression workers, as the `zstd` command's default (`-T1`) has one: the
-    // compression runs on threads of its own beside this one (reading the spool, hashing,
-    // `tar`), and each job compresses a contiguous window (the single-threaded stream's
+    // compression runs on threads of its own beside this one (reading the spool, `tar`),
+    // and each job compresses a contiguous window (the single-threaded stream's
     // ring buffer sends most blocks down zstd's slower external-dictionary path).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = COMPRESSION_WORKERS.min(cores) as u32;
@@ -1102,15 +1188,64 @@ fn write_archive(
     // spool through a buffer as large), zstd is called, and the spool read, per 256 KiB.
     let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(ARCHIVE_BUFFER, encoder));
     let mut files = Vec::new();
+    // Logs that changed between their plan and the archive (`plan`).
+    let mut changed: Vec<FailedStep> = Vec::new();
     let mut redactions = 0;
     while let Some(job) = jobs.blocking_recv() {
         match job {
             Job::Entry {
                 path,
                 source,
+                spool: _,
+                offset,
+                len,
+                plan: Some(plan),
+                sha256: _,
+                redactions: r,
+                cut_from_bytes,
+                incomplete,
+            } => {
+                let mut reader = plan::PlanReader::new(plan);
+                let mut counted = Hashing {
+                    inner: (&mut reader).take(len),
+                    hasher: None,
+                    bytes: 0,
+                };
+                tar.append_data(&mut header(len), &path, &mut counted)
+                    .map_err(archive_error)?;
+                if counted.bytes != len {
+                    return Err(BundleError::Archive(std::io::Error::other(format!(
+                        "{path}: {} bytes where the plan made {len}",
+                        counted.bytes
+                    ))));
+                }
+                debug_assert_eq!(offset, 0);
+                redactions += r;
+                files.push(FileEntry {
+                    path,
+                    size: len,
+                    sha256: hex(&reader.sha256()),
+                    source,
+                    redactions: r,
+                    cut_from_bytes,
+                    incomplete: reader.changed.clone().or(incomplete),
+                });
+                if let Some(why) = reader.changed {
+                    changed.push(FailedStep {
+                        path: files.last().map(|f| f.path.clone()).unwrap_or_default(),
+                        source: files.last().map(|f| f.source.clone()).unwrap_or_default(),
+                        error: why,
+                    });
+                }
+            }
+            Job::Entry {
+                path,
+                source,
                 spool,
                 offset,
                 len,
+                plan: None,
+                sha256,
                 redactions: r,
                 cut_from_bytes,
                 incomplete,
@@ -1119,20 +1254,20 @@ fn write_archive(
                 let mut f = std::fs::File::open(&spool).map_err(spool_error)?;
                 f.seek(std::io::SeekFrom::Start(offset))
                     .map_err(spool_error)?;
-                let mut reader = Hashing {
+                let mut spooled = Hashing {
                     inner: std::io::BufReader::with_capacity(ARCHIVE_BUFFER, f).take(len),
-                    hasher: Sha256::new(),
+                    hasher: sha256.is_none().then(Sha256::new),
                     bytes: 0,
                 };
-                tar.append_data(&mut header(len), &path, &mut reader)
+                tar.append_data(&mut header(len), &path, &mut spooled)
                     .map_err(archive_error)?;
-                if reader.bytes != len {
+                if spooled.bytes != len {
                     // The spool is ours alone; a short one means the disk lost data.
                     return Err(BundleError::Spool(
                         spool.clone(),
                         std::io::Error::other(format!(
                             "{} bytes where {len} were written",
-                            reader.bytes
+                            spooled.bytes
                         )),
                     ));
                 }
@@ -1141,7 +1276,10 @@ fn write_archive(
                 files.push(FileEntry {
                     path,
                     size: len,
-                    sha256: hex(&reader.hasher.finalize()),
+                    sha256: hex(&match sha256 {
+                        Some(whole) => whole,
+                        None => spooled.hasher.unwrap_or_default().finalize().into(),
+                    }),
                     source,
                     redactions: r,
                     cut_from_bytes,
@@ -1150,6 +1288,7 @@ fn write_archive(
             }
             Job::Finish(mut m) => {
                 m.files = files;
+                m.failed.append(&mut changed);
                 m.redactions = redactions;
                 let bytes = serde_json::to_vec_pretty(&m)
                     .map_err(|e| BundleError::Archive(std::io::Error::other(e)))?;
@@ -1177,3 +1316,5 @@ fn write_archive(
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+mod plan;

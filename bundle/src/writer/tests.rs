@@ -304,6 +304,76 @@ async fn the_size_cap_cuts_logs_to_their_newest_lines_and_leaves_the_rest_out() 
     assert!(m.content_bytes <= cap && m.content_bytes > cap - 200);
 }
 
+/// Paths longer than a `tar` header holds, sizes on and off its 512-byte blocks, empty
+/// files and files of several of the archive's buffers, from a file and from the other
+/// producers: all come out whole and as the manifest says (hashed as they were spooled).
+#[tokio::test]
+async fn entries_of_any_path_length_and_size_come_out_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    // Lines of 61 bytes, the last one whole (a log's last line gets its newline).
+    let big: Vec<u8> = (0..(3 * ARCHIVE_BUFFER / 61 + 1) * 61)
+        .map(|i| {
+            if i % 61 == 60 {
+                b'\n'
+            } else {
+                b'a' + (i % 26) as u8
+            }
+        })
+        .collect();
+    std::fs::write(dir.path().join("big.log"), &big).unwrap();
+    let long = format!("logs/{}/{}.log", "d".repeat(120), "f".repeat(90));
+    let mut parts = vec![
+        Part::log_file(long.clone(), dir.path().join("big.log")),
+        Part::produced("empty.log", "p", async { Ok(Vec::new()) }),
+    ];
+    let mut want = BTreeMap::from([(long, big), ("empty.log".to_string(), Vec::new())]);
+    for n in [1usize, 511, 512, 513, 1024] {
+        let text: Vec<u8> = std::iter::repeat_n(b'x', n - 1).chain([b'\n']).collect();
+        let path = format!("sized/{n}.log");
+        want.insert(path.clone(), text.clone());
+        parts.push(Part::produced(path, "p", async move { Ok(text) }));
+    }
+    let (m, archive) = build(parts, 1 << 30).await;
+    check_against_manifest(&archive, &m);
+    let mut got = unpack(&archive);
+    got.remove("manifest.json");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (path, bytes) in &want {
+        assert!(&got[path] == bytes, "{path} differs");
+    }
+}
+
+/// A log large enough to be planned (not spooled) and cut by the size cap: written out
+/// first, then cut at a line start keeping its newest lines, redacted, as its manifest
+/// says.
+#[tokio::test]
+async fn a_planned_log_cut_by_the_cap_keeps_its_newest_lines_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..8000)
+        .map(|i| format!("line {i:05} user=app password=PlantCut{i} ..........\n"))
+        .collect();
+    assert!(text.len() as u64 > 4 * plan::PLAN_MIN_BYTES);
+    let path = dir.path().join("big.log");
+    std::fs::write(&path, &text).unwrap();
+    let cap = 100 * 1024;
+    let (m, archive) = build(vec![Part::log_file("big.log", &path)], cap).await;
+    check_against_manifest(&archive, &m);
+    let entry = file(&m, "big.log");
+    assert!(entry.cut_from_bytes.is_some());
+    assert!(entry.size <= cap && entry.size > cap - 200);
+    let out = String::from_utf8(unpack(&archive)["big.log"].clone()).unwrap();
+    assert!(!out.contains("PlantCut"));
+    assert!(out.starts_with("line "), "cut at a line start");
+    assert!(
+        out.ends_with("line 07999 user=app password=<redacted> ..........\n"),
+        "{}",
+        &out[out.len() - 80..]
+    );
+}
+
 #[tokio::test]
 async fn long_lines_are_cut_and_never_passed_on_unseen() {
     let mut text = "a".repeat(MAX_LINE + 10);
@@ -403,7 +473,7 @@ async fn a_log_read_in_chunks_is_redacted_as_line_by_line() {
         );
         assert_eq!(file(&m, p).redactions, r.count, "{p}");
     }
-    assert!(text.len() > 8 * CHUNK_BYTES);
+    assert!(text.len() > 8 * READ_BYTES);
 }
 
 /// A thread of `in_background` runs at nice +10 below its caller and, where the kernel
