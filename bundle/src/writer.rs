@@ -174,19 +174,27 @@ enum Job {
     Entry {
         path: String,
         source: String,
-        spool: PathBuf,
-        offset: u64,
+        body: Body,
         len: u64,
-        /// A log file's plan: the entry is read from the log again, not from `spool`.
-        plan: Option<Box<plan::LogPlan>>,
-        /// The entry's SHA-256 when it is the whole spool file (hashed as it was
-        /// written); else the archive's thread hashes the entry as it copies it.
-        sha256: Option<Digest256>,
         redactions: u64,
         cut_from_bytes: Option<u64>,
         incomplete: Option<String>,
     },
     Finish(Box<Manifest>),
+}
+
+/// Where an entry's bytes are read from by the archive's thread.
+enum Body {
+    /// Its spool file from `offset`, removed once archived. `sha256` is the entry's when
+    /// it is the whole file (hashed as it was written); else the archive's thread hashes
+    /// the entry as it copies it (a log the size cap cut).
+    Spool {
+        path: PathBuf,
+        offset: u64,
+        sha256: Option<Digest256>,
+    },
+    /// A log file read again by its plan, whole (see `plan`).
+    Plan(Box<plan::LogPlan>),
 }
 
 /// Builds the bundle of `parts`, streaming the archive's bytes into `sink` as they are
@@ -422,14 +430,19 @@ async fn drive(
             continue;
         };
         total += len;
+        let body = match plan {
+            Some(plan) => Body::Plan(plan),
+            None => Body::Spool {
+                path: spool,
+                offset,
+                sha256: whole_sha256,
+            },
+        };
         let job = Job::Entry {
             path,
             source,
-            spool,
-            offset,
+            body,
             len,
-            plan,
-            sha256: whole_sha256,
             redactions: spooled.redactions,
             cut_from_bytes,
             incomplete: spooled.error.map(clean).or(changed),
@@ -1151,6 +1164,26 @@ fn archive_error(e: std::io::Error) -> BundleError {
     }
 }
 
+/// Appends `len` bytes of `reader` to `tar` as the entry `path`; returns how many bytes
+/// it gave (fewer when it ended early: the archive is then broken, the caller's error
+/// ends it) and, when `hash`, the hasher that saw them.
+fn append_entry<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    len: u64,
+    reader: impl Read,
+    hash: bool,
+) -> Result<(u64, Option<Sha256>), BundleError> {
+    let mut counted = Hashing {
+        inner: reader.take(len),
+        hasher: hash.then(Sha256::new),
+        bytes: 0,
+    };
+    tar.append_data(&mut header(len), path, &mut counted)
+        .map_err(archive_error)?;
+    Ok((counted.bytes, counted.hasher))
+}
+
 fn header(len: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_size(len);
@@ -1160,8 +1193,8 @@ fn header(len: u64) -> tar::Header {
     h
 }
 
-/// The blocking side: appends each spooled part (hashing it when its reading did not),
-/// then the manifest.
+/// The blocking side: appends each part, from its spool or by its plan (hashing it when
+/// its reading did not), then the manifest.
 fn write_archive(
     mut jobs: mpsc::Receiver<Job>,
     sink: mpsc::Sender<Vec<u8>>,
@@ -1196,94 +1229,64 @@ fn write_archive(
             Job::Entry {
                 path,
                 source,
-                spool: _,
-                offset,
+                body,
                 len,
-                plan: Some(plan),
-                sha256: _,
                 redactions: r,
                 cut_from_bytes,
                 incomplete,
             } => {
-                let mut reader = plan::PlanReader::new(plan);
-                let mut counted = Hashing {
-                    inner: (&mut reader).take(len),
-                    hasher: None,
-                    bytes: 0,
+                let (sha256, changed_why) = match body {
+                    Body::Spool {
+                        path: spool,
+                        offset,
+                        sha256,
+                    } => {
+                        let spool_error = |e| BundleError::Spool(spool.clone(), e);
+                        let mut f = std::fs::File::open(&spool).map_err(spool_error)?;
+                        f.seek(std::io::SeekFrom::Start(offset))
+                            .map_err(spool_error)?;
+                        let reader = std::io::BufReader::with_capacity(ARCHIVE_BUFFER, f);
+                        let (bytes, hasher) =
+                            append_entry(&mut tar, &path, len, reader, sha256.is_none())?;
+                        if bytes != len {
+                            // The spool is ours alone; a short one means the disk lost data.
+                            return Err(spool_error(std::io::Error::other(format!(
+                                "{bytes} bytes where {len} were written"
+                            ))));
+                        }
+                        let _ = std::fs::remove_file(&spool);
+                        let sha256 = sha256.unwrap_or_else(|| {
+                            hasher.map(|h| h.finalize().into()).unwrap_or_default()
+                        });
+                        (sha256, None)
+                    }
+                    Body::Plan(plan) => {
+                        let mut reader = plan::PlanReader::new(plan);
+                        let (bytes, _) = append_entry(&mut tar, &path, len, &mut reader, false)?;
+                        if bytes != len {
+                            return Err(BundleError::Archive(std::io::Error::other(format!(
+                                "{path}: {bytes} bytes where the plan made {len}"
+                            ))));
+                        }
+                        (reader.sha256(), reader.changed)
+                    }
                 };
-                tar.append_data(&mut header(len), &path, &mut counted)
-                    .map_err(archive_error)?;
-                if counted.bytes != len {
-                    return Err(BundleError::Archive(std::io::Error::other(format!(
-                        "{path}: {} bytes where the plan made {len}",
-                        counted.bytes
-                    ))));
-                }
-                debug_assert_eq!(offset, 0);
                 redactions += r;
-                files.push(FileEntry {
-                    path,
-                    size: len,
-                    sha256: hex(&reader.sha256()),
-                    source,
-                    redactions: r,
-                    cut_from_bytes,
-                    incomplete: reader.changed.clone().or(incomplete),
-                });
-                if let Some(why) = reader.changed {
+                if let Some(why) = &changed_why {
                     changed.push(FailedStep {
-                        path: files.last().map(|f| f.path.clone()).unwrap_or_default(),
-                        source: files.last().map(|f| f.source.clone()).unwrap_or_default(),
-                        error: why,
+                        path: path.clone(),
+                        source: source.clone(),
+                        error: why.clone(),
                     });
                 }
-            }
-            Job::Entry {
-                path,
-                source,
-                spool,
-                offset,
-                len,
-                plan: None,
-                sha256,
-                redactions: r,
-                cut_from_bytes,
-                incomplete,
-            } => {
-                let spool_error = |e| BundleError::Spool(spool.clone(), e);
-                let mut f = std::fs::File::open(&spool).map_err(spool_error)?;
-                f.seek(std::io::SeekFrom::Start(offset))
-                    .map_err(spool_error)?;
-                let mut spooled = Hashing {
-                    inner: std::io::BufReader::with_capacity(ARCHIVE_BUFFER, f).take(len),
-                    hasher: sha256.is_none().then(Sha256::new),
-                    bytes: 0,
-                };
-                tar.append_data(&mut header(len), &path, &mut spooled)
-                    .map_err(archive_error)?;
-                if spooled.bytes != len {
-                    // The spool is ours alone; a short one means the disk lost data.
-                    return Err(BundleError::Spool(
-                        spool.clone(),
-                        std::io::Error::other(format!(
-                            "{} bytes where {len} were written",
-                            spooled.bytes
-                        )),
-                    ));
-                }
-                let _ = std::fs::remove_file(&spool);
-                redactions += r;
                 files.push(FileEntry {
                     path,
                     size: len,
-                    sha256: hex(&match sha256 {
-                        Some(whole) => whole,
-                        None => spooled.hasher.unwrap_or_default().finalize().into(),
-                    }),
+                    sha256: hex(&sha256),
                     source,
                     redactions: r,
                     cut_from_bytes,
-                    incomplete,
+                    incomplete: changed_why.or(incomplete),
                 });
             }
             Job::Finish(mut m) => {

@@ -374,6 +374,68 @@ async fn a_planned_log_cut_by_the_cap_keeps_its_newest_lines_redacted() {
     );
 }
 
+/// A planned log rewritten in place before the archive's thread reads it again (the
+/// window the plan leaves; timed here by handing the archive's writer its job after the
+/// change): its entry keeps its declared size and ends with a note, nothing of the new
+/// bytes comes out, and the manifest marks the entry incomplete, lists the change as a
+/// failed step and hashes what came out.
+#[test]
+fn a_planned_log_that_changes_before_its_turn_is_recorded_as_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..8000)
+        .map(|i| format!("line {i:05} user=app password=PlantOld{i} ..........\n"))
+        .collect();
+    let path = dir.path().join("changing.log");
+    std::fs::write(&path, &text).unwrap();
+    let plan = match plan::plan_log_file(&path, &AtomicBool::new(false)).unwrap() {
+        plan::Planned::Plan { plan, .. } => plan,
+        _ => panic!("a log this size is planned"),
+    };
+    let len = plan.size;
+    let rewritten = "2026 LOG: rewritten password=PlantNew and more\n".repeat(text.len() / 40);
+    std::fs::write(&path, &rewritten.as_bytes()[..text.len() / 2]).unwrap();
+
+    let (jobs_tx, jobs_rx) = mpsc::channel(4);
+    let (sink_tx, mut sink_rx) = mpsc::channel::<Vec<u8>>(CHANNEL_CHUNKS);
+    let writer = std::thread::spawn(move || write_archive(jobs_rx, sink_tx, 3));
+    jobs_tx
+        .blocking_send(Job::Entry {
+            path: "changing.log".into(),
+            source: path.display().to_string(),
+            body: Body::Plan(plan),
+            len,
+            redactions: 8000,
+            cut_from_bytes: None,
+            incomplete: None,
+        })
+        .ok()
+        .unwrap();
+    jobs_tx
+        .blocking_send(Job::Finish(Box::new(Manifest {
+            content_bytes: len,
+            max_bytes: 1 << 30,
+            ..Manifest::default()
+        })))
+        .ok()
+        .unwrap();
+    let mut archive = Vec::new();
+    while let Some(chunk) = sink_rx.blocking_recv() {
+        archive.extend_from_slice(&chunk);
+    }
+    let m = writer.join().unwrap().unwrap();
+    check_against_manifest(&archive, &m);
+    let entry = file(&m, "changing.log");
+    assert_eq!(entry.size, len, "the entry keeps its declared size");
+    assert!(entry
+        .incomplete
+        .as_deref()
+        .is_some_and(|w| w.contains("changed")));
+    assert!(failed(&m, "changing.log").error.contains("changed"));
+    let out = String::from_utf8_lossy(&unpack(&archive)["changing.log"]).into_owned();
+    assert!(!out.contains("Plant"), "a secret came out");
+    assert!(out.contains("this file changed while the bundle read it"));
+}
+
 #[tokio::test]
 async fn long_lines_are_cut_and_never_passed_on_unseen() {
     let mut text = "a".repeat(MAX_LINE + 10);
