@@ -85,6 +85,12 @@ struct Pattern {
 enum Needs {
     /// One of these words, ASCII-case-insensitively.
     Words(&'static [&'static str]),
+    /// As `Words`, but many words alike: a block is searched for them by a search of its
+    /// own. Teddy (the SIMD search) packs words into a few buckets by their first bytes;
+    /// the ten AWS prefixes in one search with the other fifteen words took 0.52 s per
+    /// GiB of `bundle-bench`'s logs, apart 0.08 s beside 0.29 s for the rest (the same
+    /// lines found; one core of an AMD EPYC, Teddy on AVX2).
+    WordsApart(&'static [&'static str]),
     /// A run of [`BASE64_RUN`] base64 characters.
     Base64Run,
 }
@@ -141,7 +147,7 @@ static PATTERNS: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
         ),
         // AWS access key ids (20 characters; shorter look-alikes too).
         p(
-            Needs::Words(&[
+            Needs::WordsApart(&[
                 "akia", "asia", "agpa", "aida", "aroa", "anpa", "anva", "aipa", "abia", "acca",
             ]),
             r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA|ABIA|ACCA)[A-Z0-9]{12,}\b",
@@ -274,8 +280,9 @@ static ANY: LazyLock<RegexSet> = LazyLock::new(|| {
 struct KeyWords {
     /// ASCII-case-insensitive, for one line.
     search: AhoCorasick,
-    /// Case-sensitive, for a block lower-cased first (see [`LogRedactor::block`]).
-    lower: LowerSearch,
+    /// Case-sensitive, for a block lower-cased first (see [`LogRedactor::block`]): the
+    /// words of `Needs::Words` in the first, each `Needs::WordsApart`'s in one of its own.
+    lower: Vec<LowerSearch>,
     /// For each word (by its pattern id in `search`), the patterns that need it (bit i:
     /// `PATTERNS[i]`).
     patterns: Vec<u64>,
@@ -289,9 +296,22 @@ static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
     let mut words: Vec<&str> = vec![PEM_BEGIN_WORD];
     let mut patterns = vec![0u64];
     let mut base64_run = 0;
+    let mut groups: Vec<Vec<&str>> = vec![vec![PEM_BEGIN_WORD]];
     for (i, p) in PATTERNS.iter().enumerate() {
         match p.needs {
-            Needs::Words(ws) => {
+            Needs::Words(ws) | Needs::WordsApart(ws) => {
+                let group = match p.needs {
+                    Needs::WordsApart(_) => {
+                        groups.push(Vec::new());
+                        groups.len() - 1
+                    }
+                    _ => 0,
+                };
+                for w in ws {
+                    if !groups[group].contains(w) {
+                        groups[group].push(*w);
+                    }
+                }
                 for w in ws {
                     let at = match words.iter().position(|x| x == w) {
                         Some(at) => at,
@@ -316,19 +336,24 @@ static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
     // The words are lower case already (a test checks): over lower-cased text, a
     // case-sensitive search finds the same, and can use the SIMD searcher (Teddy) where
     // the processor has it.
-    let lower = match aho_corasick::packed::Config::new()
-        .builder()
-        .extend(&words)
-        .build()
-    {
-        Some(packed) => LowerSearch::Packed(packed),
-        None => LowerSearch::Automaton(
-            AhoCorasick::builder()
-                .kind(Some(AhoCorasickKind::DFA))
-                .build(&words)
-                .unwrap_or_else(|e| panic!("redaction key words: {e}")),
-        ),
-    };
+    let lower = groups
+        .iter()
+        .map(|words| {
+            match aho_corasick::packed::Config::new()
+                .builder()
+                .extend(words)
+                .build()
+            {
+                Some(packed) => LowerSearch::Packed(packed),
+                None => LowerSearch::Automaton(
+                    AhoCorasick::builder()
+                        .kind(Some(AhoCorasickKind::DFA))
+                        .build(words)
+                        .unwrap_or_else(|e| panic!("redaction key words: {e}")),
+                ),
+            }
+        })
+        .collect();
     KeyWords {
         search,
         lower,
@@ -451,19 +476,24 @@ impl LogRedactor {
     fn block_lowered(&mut self, block: &[u8], lowered: &[u8], out: &mut Vec<u8>) {
         let mut pos = 0;
         // The next hit of each search at or after `pos` (searched again once passed).
-        let mut word: Option<usize> = None;
+        let searches = &KEY_WORDS.lower;
+        let mut words: Vec<Option<usize>> = vec![None; searches.len()];
         let mut run: Option<usize> = None;
         while pos < block.len() {
             let suspect = if self.in_private_key {
                 pos
             } else {
-                if word.is_none_or(|w| w < pos) {
-                    word = Some(KEY_WORDS.lower.find(lowered, pos).unwrap_or(block.len()));
+                let mut first = block.len();
+                for (word, search) in words.iter_mut().zip(searches) {
+                    if word.is_none_or(|w| w < pos) {
+                        *word = Some(search.find(lowered, pos).unwrap_or(block.len()));
+                    }
+                    first = first.min(word.unwrap_or(block.len()));
                 }
                 if run.is_none_or(|r| r < pos) {
                     run = Some(base64_run(block, pos).unwrap_or(block.len()));
                 }
-                let first = word.unwrap_or(block.len()).min(run.unwrap_or(block.len()));
+                let first = first.min(run.unwrap_or(block.len()));
                 if first >= block.len() {
                     out.extend_from_slice(&block[pos..]);
                     return;
@@ -785,6 +815,40 @@ mod tests {
         assert!(!inside.passes_unchanged("MIIsecret\n"));
     }
 
+    /// Every word search of the block path (each `Needs::WordsApart` has one of its
+    /// own) finds its pattern's secrets: a block holding one such line among clean ones
+    /// comes out as line by line does, redacted.
+    #[test]
+    fn the_block_path_finds_what_every_word_search_needs() {
+        // (line, whether something in it is redacted)
+        let lines = [
+            ("x password=PlantB1", true),
+            ("key id AKIAPLANTBLOCK234567 used", true),
+            ("ASIAPLANTBLOCK2345678", true),
+            ("asiaplantblock234567: the pattern wants upper case", false),
+            ("wJalrXUtnFEMI/K7MDENG/PlantB2SecretEXAMP", true),
+            ("dbvm-enroll-PlantB3", true),
+            ("Authorization: Bearer PlantB4abcdef", true),
+            ("postgres://app:PlantB5@db:5432/x", true),
+        ];
+        for (line, redacted) in lines {
+            let block = format!("2026-12-05 LOG: clean\n{line}\nclean again\n");
+            let mut want = Vec::new();
+            let mut by_line = LogRedactor::default();
+            for l in block.lines() {
+                by_line.push_line(l.as_bytes(), true, &mut want);
+            }
+            let mut got = Vec::new();
+            let mut r = LogRedactor::default();
+            assert!(r.block(block.as_bytes(), &mut got));
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want)
+            );
+            assert_eq!(r.count > 0, redacted, "{line}");
+        }
+    }
+
     /// Lines made of the patterns' pieces, deterministic (a small LCG: the test needs
     /// no crate).
     fn mixed_lines(n: usize) -> Vec<String> {
@@ -864,7 +928,7 @@ mod tests {
     fn the_prefilter_agrees_with_the_patterns() {
         assert!(PATTERNS.len() <= 64, "the candidate sets are 64-bit masks");
         for p in PATTERNS.iter() {
-            if let Needs::Words(ws) = p.needs {
+            if let Needs::Words(ws) | Needs::WordsApart(ws) = p.needs {
                 for w in ws {
                     assert_eq!(
                         *w,
