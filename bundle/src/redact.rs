@@ -298,33 +298,30 @@ static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
     let mut base64_run = 0;
     let mut groups: Vec<Vec<&str>> = vec![vec![PEM_BEGIN_WORD]];
     for (i, p) in PATTERNS.iter().enumerate() {
-        match p.needs {
-            Needs::Words(ws) | Needs::WordsApart(ws) => {
-                let group = match p.needs {
-                    Needs::WordsApart(_) => {
-                        groups.push(Vec::new());
-                        groups.len() - 1
-                    }
-                    _ => 0,
-                };
-                for w in ws {
-                    if !groups[group].contains(w) {
-                        groups[group].push(*w);
-                    }
-                }
-                for w in ws {
-                    let at = match words.iter().position(|x| x == w) {
-                        Some(at) => at,
-                        None => {
-                            words.push(w);
-                            patterns.push(0);
-                            words.len() - 1
-                        }
-                    };
-                    patterns[at] |= 1 << i;
-                }
+        let (ws, group) = match p.needs {
+            Needs::Words(ws) => (ws, 0),
+            Needs::WordsApart(ws) => {
+                groups.push(Vec::new());
+                (ws, groups.len() - 1)
             }
-            Needs::Base64Run => base64_run |= 1 << i,
+            Needs::Base64Run => {
+                base64_run |= 1 << i;
+                continue;
+            }
+        };
+        for w in ws {
+            if !groups[group].contains(w) {
+                groups[group].push(*w);
+            }
+            let at = match words.iter().position(|x| x == w) {
+                Some(at) => at,
+                None => {
+                    words.push(w);
+                    patterns.push(0);
+                    words.len() - 1
+                }
+            };
+            patterns[at] |= 1 << i;
         }
     }
     // Constant words; a failure fails every test.
