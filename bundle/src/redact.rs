@@ -92,7 +92,7 @@ enum Needs {
     /// lines found; one core of an AMD EPYC, Teddy on AVX2).
     WordsApart(&'static [&'static str]),
     /// As `Words`, each occurrence followed by an assignment: past name characters
-    /// (`[A-Za-z0-9_.-]`), an optional quote and blanks, a `:` or `=` (see [`assigned`]).
+    /// (`[A-Za-z0-9_.-]`), an optional quote and blanks, a `:` or `=` (see [`Assigned`]).
     /// A `key=value` pattern's key word is one: PostgreSQL's most common error ("duplicate
     /// key value violates unique constraint \"orders_pkey\"", "Key (id)=(7) already
     /// exists") has the word and no assignment. Passing such occurrences over took the
@@ -420,6 +420,7 @@ impl LowerSearch {
     /// assignment) at the same place, is passed over. The searches are leftmost, so
     /// every word starting before a passed-over one was reported before it.
     fn find(&self, text: &[u8], mut from: usize) -> Option<usize> {
+        let mut assigned = Assigned::default();
         loop {
             let m = match &self.search {
                 Search::Packed(s) => s.find_in(text, aho_corasick::Span::from(from..text.len())),
@@ -428,7 +429,7 @@ impl LowerSearch {
                 }
             }?;
             let at = m.start();
-            if !self.words[m.pattern().as_usize()].1 || self.wanted_at(text, at) {
+            if !self.words[m.pattern().as_usize()].1 || self.wanted_at(text, at, &mut assigned) {
                 return Some(at);
             }
             from = at + 1;
@@ -436,23 +437,69 @@ impl LowerSearch {
     }
 
     /// Whether a word of this search starts at `at` in `text` and is wanted there.
-    fn wanted_at(&self, text: &[u8], at: usize) -> bool {
+    fn wanted_at(&self, text: &[u8], at: usize, assigned: &mut Assigned) -> bool {
         self.words.iter().any(|&(w, assigned_only)| {
-            text[at..].starts_with(w.as_bytes()) && (!assigned_only || assigned(text, at + w.len()))
+            text[at..].starts_with(w.as_bytes())
+                && (!assigned_only || assigned.after(text, at + w.len()))
         })
     }
 }
 
-/// Whether `text` at `at` goes on as a `key=value` pattern's key does after its key word:
-/// name characters (`[A-Za-z0-9_.-]*`), an optional quote (`["']?`), blanks (`\s*`, ASCII),
-/// then `:` or `=`. Exact for ASCII text: none of the steps can give back a character
-/// the next one wants (so the patterns' backtracking finds nothing more).
+/// Whether a text at a place goes on as a `key=value` pattern's key does after its key
+/// word: name characters (`[A-Za-z0-9_.-]*`), an optional quote (`["']?`), blanks (`\s*`,
+/// ASCII), then `:` or `=`. Exact for ASCII text: none of the steps can give back a
+/// character the next one wants (so the patterns' backtracking finds nothing more).
+///
+/// Asked about many places in one text, it stays linear: every place inside a run of
+/// name characters reaches the same end of it, so the answer for the last run is kept.
+/// Without that, a line of key words ("keykeykey…", 60 KB) took 1.4 s in the block path:
+/// a scan to the run's end for each of its 20,000 words.
+#[derive(Default)]
+struct Assigned {
+    /// The last place asked about, the end of its run of name characters, the answer.
+    last: Option<(usize, usize, bool)>,
+    /// Runs scanned (the tests count them).
+    #[cfg(test)]
+    scans: usize,
+}
+
+impl Assigned {
+    fn after(&mut self, text: &[u8], at: usize) -> bool {
+        if let Some((from, end, answer)) = self.last {
+            if (from..=end).contains(&at) {
+                return answer;
+            }
+        }
+        #[cfg(test)]
+        {
+            self.scans += 1;
+        }
+        let end = name_end(text, at);
+        let answer = assignment_at(text, end);
+        self.last = Some((at, end, answer));
+        answer
+    }
+}
+
+/// [`Assigned`] at one place.
+#[cfg(test)]
 fn assigned(text: &[u8], at: usize) -> bool {
+    assignment_at(text, name_end(text, at))
+}
+
+/// Where the run of name characters (`[A-Za-z0-9_.-]`) from `at` in `text` ends.
+fn name_end(text: &[u8], at: usize) -> usize {
+    text[at..]
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
+        .map_or(text.len(), |i| at + i)
+}
+
+/// Whether `text` at `at`, past its name characters, has an optional quote, blanks and
+/// `:` or `=` (the rest of [`Assigned`]).
+fn assignment_at(text: &[u8], at: usize) -> bool {
     let mut i = at;
     let next = |i: usize| text.get(i).copied();
-    while next(i).is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
-        i += 1;
-    }
     if matches!(next(i), Some(b'"' | b'\'')) {
         i += 1;
     }
@@ -468,9 +515,10 @@ fn assigned(text: &[u8], at: usize) -> bool {
 fn candidates(line: &str) -> u64 {
     let kw = &*KEY_WORDS;
     let mut set = 0;
+    let mut assigned = Assigned::default();
     for m in kw.search.find_overlapping_iter(line) {
         let word = m.pattern().as_usize();
-        if kw.assigned_only[word] && !assigned(line.as_bytes(), m.end()) {
+        if kw.assigned_only[word] && !assigned.after(line.as_bytes(), m.end()) {
             continue;
         }
         set |= kw.patterns[word];
@@ -973,6 +1021,19 @@ mod tests {
             tried[usize::from(want)] += 1;
         }
         assert!(tried[0] > 1000 && tried[1] > 1000, "{tried:?}");
+        // Linear over many places in one text: a run of key words is scanned once.
+        let text = "key".repeat(20_000) + " value";
+        let mut a = Assigned::default();
+        for at in (3..=text.len() - 6).step_by(3) {
+            assert!(!a.after(text.as_bytes(), at));
+        }
+        assert_eq!(a.scans, 1);
+        let text = "key=1 ".repeat(1000);
+        let mut a = Assigned::default();
+        for at in (3..text.len()).step_by(6) {
+            assert!(a.after(text.as_bytes(), at));
+        }
+        assert_eq!(a.scans, 1000);
         // From the middle of a text, as the searches call it.
         assert!(assigned(b"xx_password\" = 'y'", 7));
         assert!(!assigned(b"duplicate key value", 13));
