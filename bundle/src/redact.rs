@@ -317,8 +317,8 @@ const SHORT_WORD: usize = 4;
 static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
     let mut words: Vec<&str> = vec![PEM_BEGIN_WORD];
     let mut patterns = vec![0u64];
-    // Whether some pattern needs the word without an assignment.
-    let mut plain = vec![true];
+    // Whether every pattern that needs the word needs it assigned (the PEM word: none).
+    let mut assigned_only = vec![false];
     let mut base64_run = 0;
     // The words of `Words` and `Assigned`: of SHORT_WORD bytes or more, shorter.
     let mut groups: Vec<Vec<&str>> = vec![vec![PEM_BEGIN_WORD], Vec::new()];
@@ -344,15 +344,14 @@ static KEY_WORDS: LazyLock<KeyWords> = LazyLock::new(|| {
                 None => {
                     words.push(w);
                     patterns.push(0);
-                    plain.push(false);
+                    assigned_only.push(true);
                     words.len() - 1
                 }
             };
             patterns[at] |= 1 << i;
-            plain[at] |= !matches!(p.needs, Needs::Assigned(_));
+            assigned_only[at] &= matches!(p.needs, Needs::Assigned(_));
         }
     }
-    let assigned_only: Vec<bool> = plain.iter().map(|p| !p).collect();
     // Constant words; a failure fails every test.
     let search = AhoCorasick::builder()
         .ascii_case_insensitive(true)
