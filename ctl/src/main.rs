@@ -1229,9 +1229,10 @@ async fn bundle_list(ctx: &Ctx, json: bool) -> Result<Exit> {
             b.size,
         ));
     }
+    let n = list.bundles.len();
     text.push_str(&format!(
-        "{} bundles, {} bytes complete\n",
-        list.bundles.len(),
+        "{n} bundle{}, {} bytes complete\n",
+        if n == 1 { "" } else { "s" },
         list.total_bytes
     ));
     out(&text)?;
